@@ -1,0 +1,153 @@
+"""The backend contract: opaque bytes under plain keys.
+
+A backend knows nothing of chunks, manifests or refs. Everything above it
+(dedup, integrity, garbage collection) relies only on the guarantees written
+here, and :mod:`cas.testing.conformance` checks them on every implementation.
+
+Keys are ``/``-separated, relative, non-empty segments, none of them ``.`` or
+``..`` and none starting with ``.cas-tmp``. Implementations map a key to an
+object name (after their own prefix) in any way that keeps the order of
+:meth:`Backend.list`.
+
+Every implementation MUST give:
+
+* **Atomic whole-object writes.** A reader sees the old object, the new one,
+  or nothing, never a part.
+* **Read-after-write consistency** for put, get, stat, list and delete.
+* **Create-only writes.** ``put(key, data, if_absent=True)`` raises
+  :class:`~cas.errors.AlreadyExistsError` when the key exists, and then leaves
+  the existing object untouched. Two concurrent create-only writes of one key:
+  exactly one succeeds.
+* **Compare-and-swap** for small mutable objects. ``get_versioned`` returns
+  the data and an opaque token; ``put(key, data, if_match=token)`` succeeds
+  only if the object still has that token, else raises
+  :class:`~cas.errors.PreconditionFailedError`.
+* **Server-side modification times.** ``stat``, ``list`` and ``touch`` report
+  the time of the storage service, never of the client; garbage collection
+  compares those times with each other and with nothing else.
+* **Not-found mapping.** A missing key raises
+  :class:`~cas.errors.NotFoundError` (also a :class:`FileNotFoundError`).
+* **Transient faults** (throttling, timeouts, 5xx) raise
+  :class:`~cas.errors.BackendError` with ``is_transient=True``; a retry wrapper
+  retries only those. Permanent faults raise it with ``is_transient=False``.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..errors import InvalidKeyError
+
+TEMP_PREFIX = ".cas-tmp"
+_SEGMENT = re.compile(r"[^/\x00]+")
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What a backend knows of one object without reading it."""
+
+    key: str
+    size: int
+    #: Server-side modification time, seconds since the epoch.
+    mtime: float
+    #: Opaque version token for compare-and-swap; ``None`` when a listing
+    #: does not carry it.
+    token: str | None = None
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid backend key, else raise InvalidKeyError."""
+    if not key or key.startswith("/") or key.endswith("/"):
+        raise InvalidKeyError(f"invalid object key {key!r}: empty, or leading/trailing '/'")
+    for segment in key.split("/"):
+        if not _SEGMENT.fullmatch(segment) or segment in (".", ".."):
+            raise InvalidKeyError(f"invalid object key {key!r}: bad segment {segment!r}")
+        if segment.startswith(TEMP_PREFIX):
+            raise InvalidKeyError(f"invalid object key {key!r}: {TEMP_PREFIX!r} is reserved")
+    return key
+
+
+class Backend(ABC):
+    """Byte storage under keys. See the module docstring for the contract."""
+
+    #: Human-readable location, e.g. ``file:///data/store`` or ``s3://b/p``.
+    uri: str = ""
+
+    #: How many requests in parallel make sense; upper layers size their
+    #: thread pools from it.
+    concurrency: int = 8
+
+    @abstractmethod
+    def put(
+        self,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> None:
+        """Store ``data`` under ``key`` atomically.
+
+        ``if_absent`` makes the write create-only; ``if_match`` makes it a
+        compare-and-swap against a token from :meth:`get_versioned` or
+        :meth:`stat`. They MUST NOT both be given.
+        """
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the whole object. NotFoundError if missing."""
+
+    @abstractmethod
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """Return the object and its compare-and-swap token, read together."""
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """Return ``length`` bytes from ``start``; fewer only at the end of the object.
+
+        ``start`` past the end returns ``b""``. NotFoundError if missing.
+        """
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size, server-side modification time and token. NotFoundError if missing."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object whose key starts with ``prefix``, sorted by key.
+
+        ``prefix`` is a plain string prefix, not necessarily a whole segment.
+        Implementations page through the service transparently.
+        """
+
+    @abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete the given keys, in batches where the service allows. Missing keys are ignored."""
+
+    @abstractmethod
+    def touch(self, key: str) -> None:
+        """Set the modification time of ``key`` to the service's now. NotFoundError if missing."""
+
+    def exists(self, key: str) -> bool:
+        from ..errors import NotFoundError
+
+        try:
+            self.stat(key)
+        except NotFoundError:
+            return False
+        return True
+
+    def close(self) -> None:  # noqa: B027 - optional hook with a no-op default
+        """Release connections. The backend must not be used afterwards."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"

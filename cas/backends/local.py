@@ -1,0 +1,220 @@
+"""A folder on a local (or mounted) file system.
+
+Writes go to a temporary file beside the target, are fsynced, then moved into
+place: ``os.replace`` for plain writes, ``os.link`` for create-only writes
+(``link`` fails if the name exists, atomically), and a lock on the directory
+around the check-and-rename of compare-and-swap writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ..errors import (
+    AlreadyExistsError,
+    BackendError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionFailedError,
+)
+from .base import TEMP_PREFIX, Backend, ObjectInfo, check_key
+
+
+def _token(st: os.stat_result) -> str:
+    # A rename always brings a new inode, so the triple changes on every write.
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
+
+
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    return ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime, token=_token(st))
+
+
+class LocalBackend(Backend):
+    """Objects as files under ``root``; a key's segments are directories."""
+
+    concurrency = 4
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(root).absolute()
+        self.uri = self.root.as_uri()
+        self._fsync = fsync
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _write_temp(self, directory: Path, data: bytes | bytearray | memoryview) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        temp = directory / f"{TEMP_PREFIX}-{uuid.uuid4().hex}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self._fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return temp
+
+    def _sync_dir(self, directory: Path) -> None:
+        if not self._fsync:
+            return
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _os_error(err: OSError, key: str) -> BackendError:
+        transient = err.errno in (errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT)
+        return BackendError(f"local store: {err.strerror} for {key!r}", is_transient=transient)
+
+    # -- contract ----------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> None:
+        if if_absent and if_match is not None:
+            raise InvalidInputError("put: if_absent and if_match exclude each other")
+        path = self._path(key)
+        try:
+            temp = self._write_temp(path.parent, data)
+            try:
+                if if_absent:
+                    try:
+                        os.link(temp, path)
+                    except FileExistsError:
+                        raise AlreadyExistsError(f"object {key!r} already exists") from None
+                elif if_match is not None:
+                    with self._locked(path.parent):
+                        try:
+                            current = _token(path.stat())
+                        except FileNotFoundError:
+                            raise PreconditionFailedError(f"object {key!r} is gone") from None
+                        if current != if_match:
+                            raise PreconditionFailedError(f"object {key!r} changed since read")
+                        os.replace(temp, path)
+                else:
+                    os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+            self._sync_dir(path.parent)
+        except OSError as err:
+            raise self._os_error(err, key) from err
+
+    @contextlib.contextmanager
+    def _locked(self, directory: Path) -> Iterator[None]:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
+        except OSError as err:
+            raise self._os_error(err, key) from err
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                # The token of the open file: a concurrent rename cannot split data from token.
+                token = _token(os.fstat(f.fileno()))
+                return f.read(), token
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
+        except OSError as err:
+            raise self._os_error(err, key) from err
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if start < 0 or length < 0:
+            raise InvalidInputError(f"get_range: negative start or length for {key!r}")
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
+        except OSError as err:
+            raise self._os_error(err, key) from err
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
+        except OSError as err:
+            raise self._os_error(err, key) from err
+        if not os.path.isfile(self._path(key)):
+            raise NotFoundError(f"object {key!r} not found in {self.uri}")
+        return _info(key, st)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        directory, _, partial = prefix.rpartition("/")
+        start = self.root / directory if directory else self.root
+        base = f"{directory}/" if directory else ""
+        yield from self._walk(start, base, partial)
+
+    def _walk(self, directory: Path, base: str, partial: str) -> Iterator[ObjectInfo]:
+        try:
+            entries = list(os.scandir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        # Sort a directory as its name plus "/" so the walk yields keys in
+        # plain string order ("a.b" < "a/b"), which the contract promises.
+        keyed = []
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX) or not entry.name.startswith(partial):
+                continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            keyed.append((entry.name + "/" if is_dir else entry.name, is_dir, entry))
+        keyed.sort(key=lambda item: item[0])
+        for _, is_dir, entry in keyed:
+            if is_dir:
+                yield from self._walk(Path(entry.path), f"{base}{entry.name}/", "")
+            elif entry.is_file(follow_symlinks=False):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we listed
+                yield _info(base + entry.name, st)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            try:
+                self._path(key).unlink()
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+            except OSError as err:
+                raise self._os_error(err, key) from err
+
+    def touch(self, key: str) -> None:
+        try:
+            os.utime(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
+        except OSError as err:
+            raise self._os_error(err, key) from err

@@ -1,0 +1,71 @@
+"""BLAKE3-256 digests: the names of chunks, manifests and whole files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import blake3
+
+from .errors import InvalidInputError
+
+DIGEST_SIZE = 32
+HEX_LENGTH = DIGEST_SIZE * 2
+_HEX_CHARS = frozenset("0123456789abcdef")
+
+# Inputs at least this large are hashed with blake3's own threads; below it
+# the thread start-up costs more than it saves.
+_PARALLEL_THRESHOLD = 4 << 20
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Digest:
+    """A 32-byte BLAKE3 hash. Compares and hashes by value."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != DIGEST_SIZE:
+            raise InvalidInputError(f"a digest has {DIGEST_SIZE} bytes, got {len(self.raw)}")
+
+    @classmethod
+    def parse(cls, text: str) -> Digest:
+        """Parse 64 lower-case hex characters."""
+        if len(text) != HEX_LENGTH or not set(text) <= _HEX_CHARS:
+            raise InvalidInputError(f"not a BLAKE3 hex digest: {text!r}")
+        return cls(bytes.fromhex(text))
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> Digest:
+        """Hash ``data`` in one call."""
+        return cls(hash_bytes(data))
+
+    @property
+    def hex(self) -> str:
+        return self.raw.hex()
+
+    @property
+    def short(self) -> str:
+        """The first 12 hex characters, for messages and listings."""
+        return self.raw[:6].hex()
+
+    def __str__(self) -> str:
+        return self.hex
+
+
+def hash_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    """Return the 32-byte BLAKE3 of ``data``; blake3 releases the GIL meanwhile."""
+    threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_THRESHOLD else 1
+    return blake3.blake3(data, max_threads=threads).digest()
+
+
+class StreamingHasher:
+    """Incremental BLAKE3 over a sequence of buffers (e.g. a whole file)."""
+
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3(max_threads=1)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(data)
+
+    def digest(self) -> Digest:
+        return Digest(self._hasher.digest())

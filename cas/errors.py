@@ -1,0 +1,129 @@
+"""The one exception tree of cas.
+
+Every error cas raises derives from :class:`CasError`. Each class carries the
+exit code the CLI uses for it, so the CLI maps errors without a table of its
+own. "Not found" errors are also :class:`FileNotFoundError` and "already
+exists" errors are also :class:`FileExistsError`, so callers that only know
+the builtins still catch them.
+"""
+
+from __future__ import annotations
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTEGRITY = 3
+EXIT_BACKEND = 4
+
+
+class CasError(Exception):
+    """Root of every error raised by cas."""
+
+    exit_code: int = EXIT_FAILURE
+
+
+# --- bad input: the user can fix it by changing what they typed ---------------
+
+
+class InvalidInputError(CasError, ValueError):
+    """An argument is malformed: a key, a reference, a size, a path."""
+
+    exit_code = EXIT_USAGE
+
+
+class InvalidKeyError(InvalidInputError):
+    """A logical key or a backend object key does not follow the rules."""
+
+
+class InvalidRefError(InvalidInputError):
+    """A reference is not of the form KEY, KEY@N or KEY:TAG."""
+
+
+class UnsafePathError(InvalidInputError):
+    """A path would escape its tree: absolute, containing '..', or a link out."""
+
+
+class DestinationExistsError(InvalidInputError, FileExistsError):
+    """The destination of a restore exists and overwriting was not asked for."""
+
+
+class SourceError(InvalidInputError):
+    """The path to store is missing, unreadable or of an unsupported kind."""
+
+
+# --- not found -----------------------------------------------------------------
+
+
+class NotFoundError(CasError, FileNotFoundError):
+    """An object, key, version or tag does not exist."""
+
+    exit_code = EXIT_USAGE
+
+
+class RefNotFoundError(NotFoundError):
+    """A key, a version or a tag named by a reference does not exist."""
+
+
+# --- concurrency preconditions ---------------------------------------------------
+
+
+class AlreadyExistsError(CasError, FileExistsError):
+    """A create-only write found the key already present."""
+
+    exit_code = EXIT_USAGE
+
+
+class PreconditionFailedError(CasError):
+    """A compare-and-swap write lost: the object changed since it was read."""
+
+
+# --- the store itself --------------------------------------------------------------
+
+
+class StoreError(CasError):
+    """The store is not usable as it is."""
+
+    exit_code = EXIT_USAGE
+
+
+class NotAStoreError(StoreError):
+    """The location exists and holds something that is not a cas store."""
+
+
+class UnsupportedFormatError(StoreError):
+    """The store was written in a format version this cas does not read."""
+
+
+# --- integrity ---------------------------------------------------------------------
+
+
+class IntegrityError(CasError):
+    """Stored data does not match what its name or its manifest promises."""
+
+    exit_code = EXIT_INTEGRITY
+
+
+class CorruptObjectError(IntegrityError):
+    """An object cannot be decoded, or its hash does not match its name."""
+
+
+class MissingObjectError(IntegrityError, FileNotFoundError):
+    """An object that a manifest or a ref needs is missing from the store."""
+
+
+# --- backends ----------------------------------------------------------------------
+
+
+class BackendError(CasError):
+    """The storage service failed. ``is_transient`` says whether a retry may help."""
+
+    exit_code = EXIT_BACKEND
+
+    def __init__(self, message: str, *, is_transient: bool = False) -> None:
+        super().__init__(message)
+        self.is_transient = is_transient
+
+
+class ConfigurationError(CasError):
+    """The store location or its options are wrong (scheme, SDK, credentials)."""
+
+    exit_code = EXIT_USAGE
