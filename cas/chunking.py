@@ -1,0 +1,132 @@
+"""Content-defined chunking (FastCDC) over streams, in bounded memory.
+
+The cut points come from the compiled FastCDC of the ``fastcdc`` package. A
+file is read in blocks; every cut whose look-ahead window lies wholly inside
+the block is final, and the bytes after the last final cut are carried into
+the next block. The result is therefore the same as chunking the whole file
+at once, which is what makes dedup independent of the block size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastcdc.fastcdc_cy import fastcdc_cy
+
+from .errors import InvalidInputError
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# The compiled chunker's own limits (fastcdc_cy asserts them).
+_MIN_LIMITS = (64, 64 * MiB)
+_AVG_LIMITS = (256, 256 * MiB)
+_MAX_LIMITS = (1024, 1024 * MiB)
+
+
+class Readable(Protocol):
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkerParams:
+    """FastCDC sizes, fixed for the life of a store (they decide every chunk's hash)."""
+
+    min_size: int = 256 * KiB
+    avg_size: int = 1 * MiB
+    max_size: int = 4 * MiB
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("minimum", self.min_size, _MIN_LIMITS),
+            ("average", self.avg_size, _AVG_LIMITS),
+            ("maximum", self.max_size, _MAX_LIMITS),
+        )
+        for label, value, (low, high) in checks:
+            if not low <= value <= high:
+                raise InvalidInputError(
+                    f"chunk {label} size {value} is outside {low}..{high} bytes"
+                )
+        if not self.min_size <= self.avg_size <= self.max_size:
+            raise InvalidInputError(
+                f"chunk sizes must satisfy min <= avg <= max, got "
+                f"{self.min_size} / {self.avg_size} / {self.max_size}"
+            )
+
+    @classmethod
+    def from_average(cls, avg_size: int) -> ChunkerParams:
+        """The usual spread around an average: a quarter of it to four times it."""
+        return cls(
+            min_size=max(avg_size // 4, _MIN_LIMITS[0]),
+            avg_size=avg_size,
+            max_size=max(avg_size * 4, _MAX_LIMITS[0]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "algorithm": "fastcdc",
+            "min_size": self.min_size,
+            "avg_size": self.avg_size,
+            "max_size": self.max_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChunkerParams:
+        if data.get("algorithm") != "fastcdc":
+            raise InvalidInputError(f"unknown chunker {data.get('algorithm')!r}")
+        return cls(int(data["min_size"]), int(data["avg_size"]), int(data["max_size"]))
+
+    @property
+    def window(self) -> int:
+        """Bytes FastCDC looks at from a chunk start before it decides a cut."""
+        return max(64 * KiB, self.max_size)
+
+
+def cut_points(data: memoryview, params: ChunkerParams) -> Iterator[tuple[int, int]]:
+    """Yield (offset, length) of every chunk of ``data``, treating its end as the end of input."""
+    if len(data) == 0:
+        return
+    for chunk in fastcdc_cy(data, params.min_size, params.avg_size, params.max_size):
+        yield chunk.offset, chunk.length
+
+
+def iter_chunks(
+    stream: Readable,
+    params: ChunkerParams,
+    *,
+    block_size: int = 16 * MiB,
+    on_read: Callable[[memoryview], None] | None = None,
+) -> Iterator[memoryview]:
+    """Yield the chunks of ``stream`` as read-only views.
+
+    Each view stays valid as long as it is referenced (a new block is
+    allocated per read, never overwritten), so callers can hand views to
+    worker threads. ``on_read`` sees every byte once, in order, as it is read:
+    the place to feed a whole-file hash.
+    """
+    block_size = max(block_size, 2 * params.window)
+    carry = b""
+    eof = False
+    while not eof:
+        block = bytearray(block_size)
+        block[: len(carry)] = carry
+        filled = len(carry)
+        while filled < block_size:
+            view = memoryview(block)[filled:]
+            count = stream.readinto(view)
+            if not count:
+                eof = True
+                break
+            if on_read is not None:
+                on_read(view[:count])
+            filled += count
+        data = memoryview(block)[:filled].toreadonly()
+        next_start = filled
+        for offset, length in cut_points(data, params):
+            if not eof and offset + params.window > filled:
+                next_start = offset  # cut not final: redo it with the next block
+                break
+            yield data[offset : offset + length]
+        carry = bytes(data[next_start:])

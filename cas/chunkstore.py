@@ -1,0 +1,124 @@
+"""Chunks by hash: encode and store once; read, decode and verify before use."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import codec, layout
+from .backends.base import Backend, ObjectInfo
+from .digest import Digest, hash_bytes
+from .errors import AlreadyExistsError, CorruptObjectError, MissingObjectError, NotFoundError
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    digest: Digest
+    length: int
+    #: Stored bytes written by this call; 0 when the chunk was already there.
+    written: int
+
+
+class ChunkStore:
+    """Writes each chunk once (create-only) and verifies every chunk it reads.
+
+    ``refresh_after`` is the age (in seconds, on the backend's clock as seen
+    through object times) beyond which a reused chunk is touched, so that a
+    concurrent garbage collection sees it as recent; see docs/gc.md.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        level: int = codec.DEFAULT_LEVEL,
+        refresh_after: float | None = None,
+    ) -> None:
+        self.backend = backend
+        self.level = level
+        self.refresh_after = refresh_after
+
+    def put(
+        self,
+        data: bytes | memoryview,
+        *,
+        digest: Digest | None = None,
+        reference_time: float | None = None,
+    ) -> PutResult:
+        """Store one chunk unless present.
+
+        ``digest`` may be passed when the caller hashed ``data`` already;
+        ``reference_time`` is "now" on the backend's clock, for refreshes.
+        """
+        if digest is None:
+            digest = Digest(hash_bytes(data))
+        key = layout.chunk_key(digest)
+        try:
+            info = self.backend.stat(key)
+        except NotFoundError:
+            pass
+        else:
+            if self._refresh(info, reference_time):
+                return PutResult(digest, len(data), 0)
+        blob = codec.encode(data, self.level)
+        try:
+            self.backend.put(key, blob, if_absent=True)
+        except AlreadyExistsError:
+            # A concurrent writer stored the same bytes first; same name, same content.
+            return PutResult(digest, len(data), 0)
+        return PutResult(digest, len(data), len(blob))
+
+    def _refresh(self, info: ObjectInfo, reference_time: float | None) -> bool:
+        """Touch an old reused chunk; False if it vanished meanwhile (then store it again)."""
+        if self.refresh_after is None or reference_time is None:
+            return True
+        if reference_time - info.mtime > self.refresh_after:
+            try:
+                self.backend.touch(info.key)
+            except NotFoundError:
+                return False
+        return True
+
+    def get(self, digest: Digest, *, context: str = "") -> bytes:
+        """Return the verified raw bytes of a chunk.
+
+        ``context`` (e.g. "runs/a@3: file 'w.bin'") prefixes error messages so
+        that a failure names the version and the file as well as the chunk.
+        """
+        key = layout.chunk_key(digest)
+        where = f"{context}: chunk {digest.hex}" if context else f"chunk {digest.hex}"
+        try:
+            blob = self.backend.get(key)
+        except NotFoundError:
+            raise MissingObjectError(f"{where} is missing from the store") from None
+        raw = codec.decode(blob, name=where)
+        if hash_bytes(raw) != digest.raw:
+            raise CorruptObjectError(f"{where} is corrupt: its content does not match its hash")
+        return raw
+
+    def exists(self, digest: Digest) -> bool:
+        return self.backend.exists(layout.chunk_key(digest))
+
+    def list(self) -> Iterator[tuple[Digest, ObjectInfo]]:
+        """Every chunk object in the store, with its stored size and time."""
+        for info in self.backend.list(layout.CHUNKS):
+            digest = layout.digest_from_key(info.key)
+            if digest is not None:
+                yield digest, info
+
+
+class SeenSet:
+    """Digests already handled in one operation; thread-safe check-and-add."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def add(self, digest: Digest) -> bool:
+        """Add ``digest``; True if it was new."""
+        with self._lock:
+            if digest.raw in self._seen:
+                return False
+            self._seen.add(digest.raw)
+            return True

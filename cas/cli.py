@@ -1,0 +1,410 @@
+"""The ``cas`` command line. It talks only to :class:`cas.store.Store`.
+
+Exit codes: 0 success, 1 other failure, 2 bad input (usage, unknown ref,
+destination exists, not a store, unsafe path), 3 integrity failure (missing
+or corrupt data), 4 storage service failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from . import __version__
+from .chunking import ChunkerParams
+from .errors import CasError, InvalidInputError
+from .store import DEFAULT_STORE, Store, Version
+from .units import format_size, parse_size
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# -- output helpers -----------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+    elif text:
+        print(text)
+
+
+@contextmanager
+def _progress(args: argparse.Namespace, total: int | None, label: str) -> Iterator[Any]:
+    """A tqdm bar on stderr when it is a terminal; a no-op callback otherwise."""
+    if args.no_progress or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=label,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        yield bar.update
+
+
+def _tree_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            if not os.path.islink(full):
+                total += os.path.getsize(full)
+    return total
+
+
+def _version_line(v: Version) -> str:
+    extras = []
+    if v.tags:
+        extras.append("tags: " + ", ".join(v.tags))
+    if v.metrics:
+        extras.append(" ".join(f"{k}={val:g}" for k, val in sorted(v.metrics.items())))
+    if v.message:
+        extras.append(v.message)
+    tail = f"  {'  '.join(extras)}" if extras else ""
+    return f"{v.ref:<28} {v.created[:19].replace('T', ' ')}  {format_size(v.size):>10}{tail}"
+
+
+def _pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InvalidInputError(f"{what} must look like NAME=VALUE, got {item!r}")
+        out.append((name, value))
+    return out
+
+
+def _metrics(values: Sequence[str]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name, value in _pairs(values, "--metric"):
+        try:
+            number = float(value)
+        except ValueError:
+            raise InvalidInputError(f"--metric {name}: {value!r} is not a number") from None
+        metrics[name] = int(number) if number.is_integer() and "." not in value else number
+    return metrics
+
+
+def _metadata(values: Sequence[str]) -> dict[str, Any]:
+    # A value that parses as JSON keeps its type (numbers, lists, true); anything else is text.
+    meta: dict[str, Any] = {}
+    for name, value in _pairs(values, "--meta"):
+        try:
+            meta[name] = json.loads(value)
+        except ValueError:
+            meta[name] = value
+    return meta
+
+
+def _open(args: argparse.Namespace, *, create: bool = True) -> Store:
+    location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
+    return Store.open(location, create=create)
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
+    chunker = ChunkerParams.from_average(parse_size(args.chunk_avg)) if args.chunk_avg else None
+    store = Store.init(location, chunker=chunker)
+    params = store.config.chunker
+    _emit(
+        args,
+        {"store": store.backend.uri, "config": json.loads(store.config.to_bytes())},
+        f"initialised cas store at {store.backend.uri} (chunks {format_size(params.min_size)}"
+        f" / {format_size(params.avg_size)} / {format_size(params.max_size)})",
+    )
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    store = _open(args)
+    metrics, metadata = _metrics(args.metric), _metadata(args.meta)
+    total = _tree_size(args.path) if sys.stderr.isatty() and os.path.exists(args.path) else None
+    with _progress(args, total, "put") as progress:
+        version = store.put(
+            args.path,
+            args.key,
+            parents=args.parent,
+            tags=args.tag,
+            metrics=metrics,
+            metadata=metadata,
+            message=args.message or "",
+            progress=progress,
+        )
+    _emit(args, version.to_dict(), version.ref)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    store = _open(args, create=False)
+    total = store.show(args.ref).version.size if sys.stderr.isatty() else None
+    with _progress(args, total, "get") as progress:
+        version = store.get(args.ref, args.dest, force=args.force, progress=progress)
+    _emit(
+        args,
+        {**version.to_dict(), "dest": os.path.abspath(args.dest)},
+        f"{version.ref} -> {args.dest} ({format_size(version.size)}, verified)",
+    )
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = _open(args, create=False)
+    keys = store.list(args.prefix or "")
+    rows = [{"key": k.key, "versions": k.versions, "latest": k.latest.to_dict()} for k in keys]
+    text = "\n".join(
+        f"{k.key:<40} {k.versions:>4} version{'s' if k.versions != 1 else ' '}  "
+        f"latest @{k.latest.number}  {format_size(k.latest.size):>10}"
+        for k in keys
+    )
+    _emit(args, rows, text)
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    versions = _open(args, create=False).log(args.key)
+    _emit(args, [v.to_dict() for v in versions], "\n".join(_version_line(v) for v in versions))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    details = _open(args, create=False).show(args.ref)
+    v = details.version
+    entries = [
+        {
+            "path": e.path,
+            "type": e.type,
+            "mode": oct(e.mode),
+            "size": e.size,
+            **({"blake3": e.digest.hex, "chunks": len(e.chunks)} if e.digest else {}),
+            **({"target": e.target} if e.target else {}),
+        }
+        for e in details.entries
+    ]
+    lines = [
+        f"ref:      {v.ref}",
+        f"manifest: {v.manifest_id}",
+        f"created:  {v.created}",
+        f"kind:     {v.kind}, {v.files} files, {format_size(v.size)}",
+    ]
+    if v.parents:
+        lines.append(f"parents:  {', '.join(v.parents)}")
+    if v.tags:
+        lines.append(f"tags:     {', '.join(v.tags)}")
+    if v.metrics:
+        lines.append("metrics:  " + " ".join(f"{k}={x:g}" for k, x in sorted(v.metrics.items())))
+    if v.metadata:
+        lines.append("metadata: " + json.dumps(dict(v.metadata), sort_keys=True))
+    if v.message:
+        lines.append(f"message:  {v.message}")
+    lines.append("")
+    for e in details.entries:
+        suffix = {"dir": "/", "symlink": f" -> {e.target}"}.get(e.type, "")
+        size = format_size(e.size) if e.type == "file" else ""
+        lines.append(f"  {oct(e.mode)[2:]:>4} {size:>10}  {e.path}{suffix}")
+    _emit(args, {**v.to_dict(), "entries": entries}, "\n".join(lines))
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = _open(args, create=False)
+    if args.delete:
+        key = args.ref.partition("@")[0].partition(":")[0]
+        store.untag(key, args.tag)
+        _emit(args, {"key": key, "tag": args.tag, "deleted": True}, f"removed tag {key}:{args.tag}")
+        return 0
+    version = store.tag(args.ref, args.tag)
+    _emit(args, version.to_dict(), f"{version.key}:{args.tag} -> {version.ref}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _open(args, create=False)
+    if args.all:
+        if "@" in args.ref or ":" in args.ref:
+            raise InvalidInputError("--all takes a KEY, not KEY@N or KEY:TAG")
+        removed = store.delete_all(args.ref, force=args.force)
+    else:
+        removed = [store.delete(args.ref, force=args.force)]
+    _emit(
+        args,
+        [v.ref for v in removed],
+        "\n".join(f"deleted {v.ref}" for v in removed)
+        + "\n(space is reclaimed by `cas gc` once the grace period has passed)",
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    s = _open(args, create=False).stats()
+    text = "\n".join(
+        [
+            f"keys:              {s.keys}",
+            f"versions:          {s.versions}",
+            f"logical bytes:     {format_size(s.logical_bytes)}",
+            f"unique bytes:      {format_size(s.unique_bytes)}",
+            f"stored bytes:      {format_size(s.stored_bytes)}",
+            f"chunks:            {s.chunks} ({s.referenced_chunks} referenced)",
+            f"dedup ratio:       {s.dedup_ratio:.2f}x",
+            f"compression ratio: {s.compression_ratio:.2f}x",
+            f"overall:           {s.total_ratio:.2f}x",
+        ]
+    )
+    _emit(args, s.to_dict(), text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _open(args, create=False)
+    with _progress(args, None, "verify") as progress:
+        report = store.verify(deep=args.deep, progress=progress)
+    lines = [
+        f"checked {report.versions} versions, {report.chunks_referenced} chunks"
+        + (f" ({report.chunks_read} read and rehashed)" if report.deep else " (existence)")
+    ]
+    for damage in report.damaged:
+        files = ", ".join(damage.files)
+        lines.append(
+            f"DAMAGED {damage.ref}: {damage.problem}" + (f" (files: {files})" if files else "")
+        )
+    lines.append("ok" if report.ok else f"{len(report.damaged)} damaged versions")
+    _emit(args, report.to_dict(), "\n".join(lines))
+    return 0 if report.ok else 3
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        metavar="URI",
+        help=f"store location (path, file://, s3://, gs://, az://); "
+        f"default $CAS_STORE, else ./{DEFAULT_STORE}",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON"
+    )
+    common.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="never show progress bars",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="cas", parents=[common], description="Content-addressable artifact store for ML."
+    )
+    parser.add_argument("--version", action="version", version=f"cas {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("init", cmd_init, "create a store")
+    p.add_argument(
+        "--chunk-avg",
+        metavar="SIZE",
+        help="average chunk size (default 1MiB; min = avg/4, max = avg*4)",
+    )
+
+    p = add("put", cmd_put, "store a file or directory as the next version of KEY")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument(
+        "--parent",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="a version this one derives from (repeatable)",
+    )
+    p.add_argument("--tag", action="append", default=[], metavar="TAG", help="repeatable")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a number, e.g. loss=0.31 (repeatable)",
+    )
+    p.add_argument(
+        "--meta",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata; JSON values keep their type (repeatable)",
+    )
+    p.add_argument("--message", "-m", metavar="TEXT")
+
+    p = add("get", cmd_get, "restore REF (KEY, KEY@N or KEY:TAG) to DEST, verified")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+
+    p = add("ls", cmd_ls, "list keys")
+    p.add_argument("prefix", nargs="?", metavar="PREFIX")
+
+    p = add("log", cmd_log, "list the versions of KEY, newest first")
+    p.add_argument("key", metavar="KEY")
+
+    p = add("show", cmd_show, "show one version and its files")
+    p.add_argument("ref", metavar="REF")
+
+    p = add("tag", cmd_tag, "point TAG of the ref's key at REF (or --delete it)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("tag", metavar="TAG")
+    p.add_argument("--delete", action="store_true", help="remove the tag instead")
+
+    p = add("rm", cmd_rm, "delete a version (space returns at the next gc)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--force", action="store_true", help="also delete tagged versions and tags")
+    p.add_argument("--all", action="store_true", help="delete every version of KEY")
+
+    add("stats", cmd_stats, "sizes, chunk counts, dedup and compression ratios")
+
+    p = add("verify", cmd_verify, "check that every version's data is present (and intact)")
+    p.add_argument("--deep", action="store_true", help="read and rehash every chunk")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("store", "json", "no_progress"):
+        if not hasattr(args, name):
+            setattr(args, name, None if name == "store" else False)
+    try:
+        return int(args.handler(args))
+    except CasError as err:
+        print(f"cas: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("cas: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"cas: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

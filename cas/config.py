@@ -1,0 +1,108 @@
+"""The store's ``config`` object: format version, chunker, codec.
+
+Written once, create-only, when a store is initialised; every later open
+reads it and refuses a format it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec, layout
+from .backends.base import Backend
+from .backends.local import LocalBackend
+from .chunking import ChunkerParams
+from .errors import (
+    AlreadyExistsError,
+    NotAStoreError,
+    NotFoundError,
+    StoreError,
+    UnsupportedFormatError,
+)
+from .manifest import canonical_json
+from .refs import utc_now
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    chunker: ChunkerParams = field(default_factory=ChunkerParams)
+    zstd_level: int = codec.DEFAULT_LEVEL
+    store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: str = field(default_factory=utc_now)
+    format: int = layout.FORMAT_VERSION
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(
+            {
+                "format": self.format,
+                "id": self.store_id,
+                "created": self.created,
+                "chunker": self.chunker.to_dict(),
+                "codec": {"name": "zstd", "level": self.zstd_level},
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, where: str) -> StoreConfig:
+        try:
+            data: dict[str, Any] = json.loads(blob)
+            version = data["format"]
+        except (ValueError, KeyError, TypeError):
+            raise NotAStoreError(f"{where} has a config that is not a cas store config") from None
+        if version != layout.FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"{where} is a cas store of format {version!r}; this cas reads format "
+                f"{layout.FORMAT_VERSION} only (upgrade cas)"
+            )
+        try:
+            return cls(
+                chunker=ChunkerParams.from_dict(data["chunker"]),
+                zstd_level=int(data["codec"]["level"]),
+                store_id=str(data["id"]),
+                created=str(data["created"]),
+                format=version,
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise NotAStoreError(f"{where} has a malformed config ({err})") from None
+
+
+def _is_empty(backend: Backend) -> bool:
+    if isinstance(backend, LocalBackend):
+        root = backend.root
+        if root.exists() and not root.is_dir():
+            raise NotAStoreError(f"{root} is a file, not a cas store")
+        return not root.exists() or not any(root.iterdir())
+    return next(iter(backend.list("")), None) is None
+
+
+def load_config(backend: Backend, *, create: bool) -> StoreConfig:
+    """Read the config; when ``create`` and the location is empty, write a default one."""
+    try:
+        return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+    except NotFoundError:
+        pass
+    if not _is_empty(backend):
+        raise NotAStoreError(
+            f"{backend.uri} is not a cas store: it holds other files and no 'config'"
+        )
+    if not create:
+        raise NotAStoreError(f"{backend.uri} is not a cas store (no 'config'); run `cas init`")
+    return write_config(backend, StoreConfig(), exist_ok=True)
+
+
+def write_config(backend: Backend, config: StoreConfig, *, exist_ok: bool) -> StoreConfig:
+    """Create the config object; a concurrent creator's config wins if ``exist_ok``."""
+    if not _is_empty(backend) and not backend.exists(layout.CONFIG_KEY):
+        raise NotAStoreError(
+            f"cannot initialise {backend.uri}: it holds other files; use an empty location"
+        )
+    try:
+        backend.put(layout.CONFIG_KEY, config.to_bytes(), if_absent=True)
+    except AlreadyExistsError:
+        if not exist_ok:
+            raise StoreError(f"{backend.uri} is already a cas store") from None
+        return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+    return config

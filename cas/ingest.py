@@ -1,0 +1,210 @@
+"""Turning a file or a directory into stored chunks and manifest entries.
+
+The pipeline: the calling thread reads each file in large blocks, feeds the
+whole-file hash and cuts chunks (FastCDC); worker threads hash, compress and
+upload the chunks. A semaphore bounds the chunks in flight, so memory stays
+flat however large the files are. blake3 and zstd release the GIL, so the
+workers run in parallel with the reader.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chunking import ChunkerParams, iter_chunks
+from .chunkstore import ChunkStore, PutResult, SeenSet
+from .digest import Digest, StreamingHasher, hash_bytes
+from .errors import SourceError, UnsafePathError
+from .manifest import ArtifactKind, ChunkRef, Entry, check_entries, check_link_target
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceItem:
+    """One thing found under the path being stored."""
+
+    path: str  # relative POSIX path inside the artifact
+    absolute: Path
+    type: str  # "file", "dir" or "symlink"
+    mode: int
+    size: int = 0
+    target: str | None = None
+
+
+def scan(source: Path) -> tuple[ArtifactKind, list[SourceItem]]:
+    """Walk ``source`` without following links; return the artifact kind and its items."""
+    try:
+        st = source.lstat()
+    except FileNotFoundError:
+        raise SourceError(f"path to store does not exist: {source}") from None
+    except OSError as err:
+        raise SourceError(f"cannot read {source}: {err.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        _check_readable(source)
+        return "file", [SourceItem(source.name, source, "file", st.st_mode & 0o7777, st.st_size)]
+    if not stat.S_ISDIR(st.st_mode):
+        raise SourceError(f"path to store is not a regular file or a directory: {source}")
+    items: list[SourceItem] = []
+    _walk(source, "", items)
+    return "directory", items
+
+
+def _check_readable(path: Path) -> None:
+    if not os.access(path, os.R_OK):
+        raise SourceError(f"cannot read {path}: permission denied")
+
+
+def _walk(directory: Path, prefix: str, items: list[SourceItem]) -> None:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError as err:
+        raise SourceError(f"cannot list directory {directory}: {err.strerror}") from None
+    for entry in entries:
+        rel = f"{prefix}{entry.name}"
+        path = Path(entry.path)
+        st = entry.stat(follow_symlinks=False)
+        mode = st.st_mode & 0o7777
+        if entry.is_symlink():
+            target = os.readlink(path)
+            try:
+                check_link_target(rel, target)
+            except UnsafePathError:
+                raise SourceError(
+                    f"symlink {path} points outside the directory being stored ({target!r}); "
+                    "cas keeps links only within the artifact"
+                ) from None
+            items.append(SourceItem(rel, path, "symlink", mode, target=target))
+        elif entry.is_dir(follow_symlinks=False):
+            items.append(SourceItem(rel, path, "dir", mode))
+            _walk(path, rel + "/", items)
+        elif entry.is_file(follow_symlinks=False):
+            _check_readable(path)
+            items.append(SourceItem(rel, path, "file", mode, st.st_size))
+        else:
+            raise SourceError(f"cannot store special file (device, socket or fifo): {path}")
+
+
+@dataclass
+class IngestStats:
+    chunks: int = 0
+    new_chunks: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, result: PutResult) -> None:
+        with self._lock:
+            self.chunks += 1
+            if result.written:
+                self.new_chunks += 1
+                self.bytes_written += result.written
+
+
+class Ingestor:
+    """Stores the chunks of many files through one bounded pool of workers."""
+
+    def __init__(
+        self,
+        chunks: ChunkStore,
+        params: ChunkerParams,
+        *,
+        workers: int,
+        reference_time: Callable[[], float | None] = lambda: None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.params = params
+        self.workers = workers
+        self.reference_time = reference_time
+        self.progress = progress
+        self.stats = IngestStats()
+        self._seen = SeenSet()
+        # Each in-flight chunk holds at most max_size bytes plus its encoding.
+        self._slots = threading.BoundedSemaphore(workers * 2 + 2)
+
+    def run(self, items: list[SourceItem]) -> tuple[Entry, ...]:
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-put") as pool:
+            pending: list[tuple[SourceItem, Digest | None, list[Future[ChunkRef]]]] = []
+            try:
+                for item in items:
+                    if item.type == "file":
+                        whole, futures = self._submit_file(pool, item)
+                        pending.append((item, whole, futures))
+                    else:
+                        pending.append((item, None, []))
+                return tuple(self._entry(item, whole, fs) for item, whole, fs in pending)
+            except BaseException:
+                for _, _, futures in pending:
+                    for future in futures:
+                        future.cancel()
+                raise
+
+    def _submit_file(
+        self, pool: ThreadPoolExecutor, item: SourceItem
+    ) -> tuple[Digest, list[Future[ChunkRef]]]:
+        hasher = StreamingHasher()
+        futures: list[Future[ChunkRef]] = []
+        try:
+            with open(item.absolute, "rb") as stream:
+                for view in iter_chunks(stream, self.params, on_read=self._reader(hasher)):
+                    self._slots.acquire()
+                    try:
+                        future = pool.submit(self._store_chunk, view)
+                    except BaseException:
+                        self._slots.release()
+                        raise
+                    future.add_done_callback(lambda _f: self._slots.release())
+                    futures.append(future)
+        except OSError as err:
+            raise SourceError(f"cannot read {item.absolute}: {err.strerror}") from None
+        return hasher.digest(), futures
+
+    def _reader(self, hasher: StreamingHasher) -> Callable[[memoryview], None]:
+        def on_read(view: memoryview) -> None:
+            hasher.update(view)
+            with self.stats._lock:
+                self.stats.bytes_read += len(view)
+            if self.progress is not None:
+                self.progress(len(view))
+
+        return on_read
+
+    def _store_chunk(self, view: memoryview) -> ChunkRef:
+        digest = Digest(hash_bytes(view))
+        if self._seen.add(digest):
+            result = self.chunks.put(view, digest=digest, reference_time=self.reference_time())
+        else:
+            result = PutResult(digest, len(view), 0)
+        self.stats.record(result)
+        return ChunkRef(digest, len(view))
+
+    @staticmethod
+    def _entry(item: SourceItem, whole: Digest | None, futures: list[Future[ChunkRef]]) -> Entry:
+        if item.type == "file":
+            chunks = tuple(f.result() for f in futures)
+            size = sum(c.length for c in chunks)
+            if size != item.size:
+                raise SourceError(
+                    f"{item.absolute} changed while it was read ({item.size} -> {size} bytes)"
+                )
+            return Entry(item.path, "file", item.mode, size, whole, chunks)
+        if item.type == "symlink":
+            return Entry(item.path, "symlink", item.mode, target=item.target)
+        return Entry(item.path, "dir", item.mode)
+
+
+def iter_files(entries: tuple[Entry, ...]) -> Iterator[Entry]:
+    return (e for e in entries if e.type == "file")
+
+
+def build_entries(items: list[SourceItem], ingestor: Ingestor) -> tuple[Entry, ...]:
+    entries = ingestor.run(items)
+    check_entries(entries)
+    return entries

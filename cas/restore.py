@@ -1,0 +1,166 @@
+"""Writing a version back to disk: verified, all or nothing.
+
+Everything is written into a staging path beside the destination and moved
+into place only after every chunk and every whole-file hash checked out. A
+failure, or an interrupt, leaves the destination exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+from .backends.base import TEMP_PREFIX
+from .chunkstore import ChunkStore
+from .digest import StreamingHasher
+from .errors import CorruptObjectError, DestinationExistsError, SourceError
+from .manifest import ChunkRef, Entry, Manifest, check_entries
+
+ProgressFn = Callable[[int], None]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class Restorer:
+    def __init__(
+        self, chunks: ChunkStore, *, workers: int, progress: ProgressFn | None = None
+    ) -> None:
+        self.chunks = chunks
+        self.workers = workers
+        self.progress = progress
+
+    def restore(self, manifest: Manifest, dest: Path, *, label: str, force: bool = False) -> None:
+        """Write ``manifest`` to ``dest``. ``label`` (e.g. "key@3") prefixes error messages."""
+        check_entries(manifest.entries)
+        dest = Path(os.path.abspath(dest))
+        if os.path.lexists(dest) and not force:
+            raise DestinationExistsError(
+                f"destination {dest} already exists; choose another or pass --force"
+            )
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SourceError(f"cannot create {dest.parent}: {err.strerror}") from None
+        staging = dest.parent / f"{TEMP_PREFIX}-{uuid.uuid4().hex}"
+        try:
+            if manifest.kind == "file":
+                (entry,) = manifest.entries
+                self._write_files([(entry, staging)], label)
+            else:
+                self._write_tree(manifest.entries, staging, label)
+            self._move_into_place(staging, dest)
+        except BaseException:
+            _remove(staging)
+            raise
+
+    def _write_tree(self, entries: tuple[Entry, ...], root: Path, label: str) -> None:
+        root.mkdir(mode=0o700)
+        dirs = [e for e in entries if e.type == "dir"]
+        for entry in dirs:
+            (root / entry.path).mkdir(parents=True, exist_ok=True)
+        files = [e for e in entries if e.type == "file"]
+        for entry in files:
+            (root / entry.path).parent.mkdir(parents=True, exist_ok=True)
+        self._write_files([(e, root / e.path) for e in files], label)
+        # Links last: nothing is ever written through one (check_entries
+        # refuses paths below a link, this keeps it so while we write).
+        for entry in entries:
+            if entry.type == "symlink":
+                link = root / entry.path
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(entry.target or "", link)
+        # Directory modes last, deepest first, so a read-only directory does
+        # not stop us filling it.
+        for entry in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
+            os.chmod(root / entry.path, entry.mode)
+        os.chmod(root, 0o755)
+
+    def _write_files(self, targets: list[tuple[Entry, Path]], label: str) -> None:
+        """Fetch chunks of all files through one bounded window, write them in order."""
+        window: deque[tuple[Entry, bool, Future[bytes]]] = deque()
+        limit = self.workers * 2 + 2
+        handles: dict[str, tuple[BinaryIO, StreamingHasher]] = {}
+
+        def tasks() -> Iterator[tuple[Entry, ChunkRef, bool]]:
+            for entry, _ in targets:
+                last = len(entry.chunks) - 1
+                for index, chunk in enumerate(entry.chunks):
+                    yield entry, chunk, index == last
+
+        paths = {entry.path: path for entry, path in targets}
+        try:
+            for entry, path in targets:
+                handles[entry.path] = (open(path, "wb"), StreamingHasher())  # noqa: SIM115
+                if not entry.chunks:
+                    self._finish(entry, path, handles.pop(entry.path), label)
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-get") as pool:
+                pending = tasks()
+                for entry, chunk, is_last in pending:
+                    context = f"{label}: file {entry.path!r}"
+                    future = pool.submit(self.chunks.get, chunk.digest, context=context)
+                    window.append((entry, is_last, future))
+                    if len(window) >= limit:
+                        self._drain_one(window, handles, paths, label)
+                while window:
+                    self._drain_one(window, handles, paths, label)
+        finally:
+            for future in (f for _, _, f in window):
+                future.cancel()
+            for handle, _ in handles.values():
+                handle.close()
+
+    def _drain_one(
+        self,
+        window: deque[tuple[Entry, bool, Future[bytes]]],
+        handles: dict[str, tuple[BinaryIO, StreamingHasher]],
+        paths: dict[str, Path],
+        label: str,
+    ) -> None:
+        entry, is_last, future = window.popleft()
+        raw = future.result()
+        handle, hasher = handles[entry.path]
+        handle.write(raw)
+        hasher.update(raw)
+        if self.progress is not None:
+            self.progress(len(raw))
+        if is_last:
+            self._finish(entry, paths[entry.path], handles.pop(entry.path), label)
+
+    @staticmethod
+    def _finish(
+        entry: Entry, path: Path, handle: tuple[BinaryIO, StreamingHasher], label: str
+    ) -> None:
+        stream, hasher = handle
+        stream.close()
+        if hasher.digest() != entry.digest:
+            raise CorruptObjectError(
+                f"{label}: file {entry.path!r} does not match its recorded BLAKE3 after restore"
+            )
+        os.chmod(path, entry.mode)
+
+    @staticmethod
+    def _move_into_place(staging: Path, dest: Path) -> None:
+        if not os.path.lexists(dest):
+            os.rename(staging, dest)
+            return
+        # --force: move the old one aside first, so a failure between the two
+        # renames still leaves one complete copy under a temporary name.
+        aside = dest.parent / f"{TEMP_PREFIX}-old-{uuid.uuid4().hex}"
+        os.rename(dest, aside)
+        try:
+            os.rename(staging, dest)
+        except BaseException:
+            os.rename(aside, dest)
+            raise
+        _remove(aside)

@@ -1,0 +1,436 @@
+"""The Store facade: what the CLI and library users talk to.
+
+A put writes chunks, then the manifest, then creates the version ref
+only-if-absent. That last write is the commit point: a crash before it leaves
+only unreferenced objects, which garbage collection reclaims.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import layout
+from .backends import Backend, open_backend
+from .chunking import ChunkerParams
+from .chunkstore import ChunkStore
+from .config import StoreConfig, load_config, write_config
+from .digest import Digest
+from .errors import (
+    AlreadyExistsError,
+    CasError,
+    CorruptObjectError,
+    InvalidInputError,
+    MissingObjectError,
+    NotFoundError,
+    RefNotFoundError,
+)
+from .ingest import Ingestor, build_entries, scan
+from .manifest import Entry, Manifest, Parent, canonical_json, check_metric
+from .refs import Refs, VersionRef, utc_now
+from .restore import Restorer
+from .verify import VerifyReport, iter_live_versions, verify_store
+
+ProgressFn = Callable[[int], None]
+DEFAULT_STORE = ".cas"
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One committed version of a key, as users see it."""
+
+    key: str
+    number: int
+    manifest_id: str
+    created: str
+    kind: str
+    size: int
+    files: int
+    parents: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.key}@{self.number}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "key": self.key,
+            "version": self.number,
+            "manifest": self.manifest_id,
+            "created": self.created,
+            "kind": self.kind,
+            "size": self.size,
+            "files": self.files,
+            "parents": list(self.parents),
+            "tags": list(self.tags),
+            "metrics": dict(self.metrics),
+            "metadata": dict(self.metadata),
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Details:
+    """A version and the entries of its manifest."""
+
+    version: Version
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySummary:
+    key: str
+    versions: int
+    latest: Version
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    keys: int
+    versions: int
+    logical_bytes: int  # sum of the sizes of all live versions
+    unique_bytes: int  # raw bytes of the distinct chunks they reference
+    stored_bytes: int  # bytes of every object under chunks/ and manifests/
+    chunks: int  # chunk objects in the store
+    referenced_chunks: int
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.unique_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def total_ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "keys": self.keys,
+            "versions": self.versions,
+            "logical_bytes": self.logical_bytes,
+            "unique_bytes": self.unique_bytes,
+            "stored_bytes": self.stored_bytes,
+            "chunks": self.chunks,
+            "referenced_chunks": self.referenced_chunks,
+            "dedup_ratio": round(self.dedup_ratio, 4),
+            "compression_ratio": round(self.compression_ratio, 4),
+            "total_ratio": round(self.total_ratio, 4),
+        }
+
+
+class Store:
+    """A cas store on any backend. Thread-safe for concurrent puts and gets."""
+
+    def __init__(self, backend: Backend, config: StoreConfig, *, workers: int | None = None):
+        self.backend = backend
+        self.config = config
+        self.refs = Refs(backend)
+        self.chunks = ChunkStore(backend, level=config.zstd_level)
+        self.workers = workers or backend.concurrency
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, location: str | os.PathLike[str], *, create: bool = True, **options: Any
+    ) -> Store:
+        """Open a store; create it with default settings if ``create`` and the location is empty."""
+        backend = open_backend(location, **options)
+        return cls(backend, load_config(backend, create=create))
+
+    @classmethod
+    def init(
+        cls,
+        location: str | os.PathLike[str],
+        *,
+        chunker: ChunkerParams | None = None,
+        **options: Any,
+    ) -> Store:
+        """Create a new store; fails if the location already holds one."""
+        backend = open_backend(location, **options)
+        config = StoreConfig(chunker=chunker or ChunkerParams())
+        return cls(backend, write_config(backend, config, exist_ok=False))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing -----------------------------------------------------------------
+
+    def put(
+        self,
+        path: str | os.PathLike[str],
+        key: str,
+        *,
+        parents: Iterable[str] = (),
+        tags: Iterable[str] = (),
+        metrics: Mapping[str, float] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        message: str = "",
+        progress: ProgressFn | None = None,
+    ) -> Version:
+        """Store a file or a directory as the next version of ``key``."""
+        layout.check_key(key)
+        tags = tuple(dict.fromkeys(layout.check_tag(t) for t in tags))
+        metrics = {name: check_metric(name, value) for name, value in (metrics or {}).items()}
+        metadata = dict(metadata or {})
+        try:
+            canonical_json(metadata)
+        except (TypeError, ValueError) as err:
+            raise InvalidInputError(f"metadata is not JSON-serialisable: {err}") from None
+        resolved = tuple(self._parent(p) for p in parents)
+        kind, items = scan(Path(path))
+
+        ingestor = Ingestor(
+            self.chunks, self.config.chunker, workers=self.workers, progress=progress
+        )
+        entries = build_entries(items, ingestor)
+        manifest = Manifest(
+            key=key,
+            kind=kind,
+            created=utc_now(),
+            entries=entries,
+            parents=resolved,
+            tags=tags,
+            metrics=metrics,
+            metadata=metadata,
+            message=message,
+        )
+        manifest_id = self._write_manifest(manifest)
+        ref = self.refs.create_next(key, manifest_id)  # the commit point
+        for tag in tags:
+            self.refs.set_tag(key, tag, ref.number)
+        return self._version(ref, manifest, tags)
+
+    def _write_manifest(self, manifest: Manifest) -> Digest:
+        blob = manifest.to_bytes()
+        manifest_id = Digest.of(blob)
+        # An existing manifest of that name holds identical bytes.
+        with contextlib.suppress(AlreadyExistsError):
+            self.backend.put(layout.manifest_key(manifest_id), blob, if_absent=True)
+        return manifest_id
+
+    def _parent(self, text: str) -> Parent:
+        ref = self.resolve(text)
+        assert ref.manifest_id is not None
+        return Parent(ref.key, ref.number, ref.manifest_id)
+
+    # -- reading -----------------------------------------------------------------
+
+    def resolve(self, text: str) -> VersionRef:
+        """Turn ``KEY``, ``KEY@N`` or ``KEY:TAG`` into a live version ref."""
+        reference = layout.parse_ref(text)
+        if reference.tag is not None:
+            number = self.refs.read_tag(reference.key, reference.tag)
+            ref = self.refs.read_version(reference.key, number)
+            if ref.deleted:
+                raise RefNotFoundError(f"tag {text} points at deleted version {number}")
+            return ref
+        if reference.version is not None:
+            ref = self.refs.read_version(reference.key, reference.version)
+            if ref.deleted:
+                raise RefNotFoundError(f"version {text} was deleted")
+            return ref
+        return self.refs.latest(reference.key)
+
+    def load_manifest(self, manifest_id: Digest) -> Manifest:
+        key = layout.manifest_key(manifest_id)
+        try:
+            blob = self.backend.get(key)
+        except NotFoundError:
+            raise MissingObjectError(f"manifest {manifest_id.hex} is missing") from None
+        if Digest.of(blob) != manifest_id:
+            raise CorruptObjectError(f"manifest {manifest_id.hex} does not match its hash")
+        return Manifest.from_bytes(blob, name=f"manifest {manifest_id.hex}")
+
+    def get(
+        self,
+        ref: str,
+        dest: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> Version:
+        """Restore a version to ``dest`` (a file path or a directory), verified."""
+        version_ref = self.resolve(ref)
+        assert version_ref.manifest_id is not None
+        manifest = self.load_manifest(version_ref.manifest_id)
+        restorer = Restorer(self.chunks, workers=self.workers, progress=progress)
+        label = f"{version_ref.key}@{version_ref.number}"
+        restorer.restore(manifest, Path(dest), label=label, force=force)
+        return self._version(version_ref, manifest)
+
+    def show(self, ref: str) -> Details:
+        version_ref = self.resolve(ref)
+        assert version_ref.manifest_id is not None
+        manifest = self.load_manifest(version_ref.manifest_id)
+        return Details(self._version(version_ref, manifest), manifest.entries)
+
+    def log(self, key: str) -> builtins.list[Version]:
+        """Live versions of ``key``, newest first."""
+        layout.check_key(key)
+        tags = self._tags_by_version(key)
+        out = []
+        for ref in self.refs.live_versions(key, newest_first=True):
+            assert ref.manifest_id is not None
+            out.append(self._version(ref, self.load_manifest(ref.manifest_id), tags=tags))
+        if not out:
+            raise RefNotFoundError(f"key {key!r} has no versions")
+        return out
+
+    def list(self, prefix: str = "") -> builtins.list[KeySummary]:
+        """Keys under ``prefix`` that have live versions, with their latest version."""
+        out = []
+        for key, numbers in self.refs.iter_keys(prefix):
+            del numbers  # read each ref below: some may be tombstones
+            live = list(self.refs.live_versions(key, newest_first=True))
+            if live:
+                assert live[0].manifest_id is not None
+                manifest = self.load_manifest(live[0].manifest_id)
+                out.append(KeySummary(key, len(live), self._version(live[0], manifest)))
+        return out
+
+    # -- tags and deletion ---------------------------------------------------------
+
+    def tag(self, ref: str, tag: str) -> Version:
+        """Point ``tag`` of the ref's key at that version (moving it if it exists)."""
+        layout.check_tag(tag)
+        version_ref = self.resolve(ref)
+        self.refs.set_tag(version_ref.key, tag, version_ref.number)
+        return self.show(f"{version_ref.key}@{version_ref.number}").version
+
+    def untag(self, key: str, tag: str) -> None:
+        layout.check_key(key)
+        self.refs.read_tag(key, layout.check_tag(tag))  # NotFound if absent
+        self.refs.remove_tag(key, tag)
+
+    def delete(self, ref: str, *, force: bool = False) -> Version:
+        """Delete one version. A tagged version needs ``force``, which drops its tags too.
+
+        Space comes back at the next garbage collection after the grace period.
+        """
+        version_ref = self.resolve(ref)
+        version = self.show(f"{version_ref.key}@{version_ref.number}").version
+        if version.tags and not force:
+            raise InvalidInputError(
+                f"{version.ref} is tagged ({', '.join(version.tags)}); "
+                "pass --force to delete it and its tags"
+            )
+        for tag in version.tags:
+            self.refs.remove_tag(version.key, tag)
+        self.refs.mark_deleted(version_ref)
+        return version
+
+    def delete_all(self, key: str, *, force: bool = False) -> builtins.list[Version]:
+        layout.check_key(key)
+        versions = self.log(key)
+        tagged = [v for v in versions if v.tags]
+        if tagged and not force:
+            raise InvalidInputError(
+                f"{key} has tagged versions ({', '.join(v.ref for v in tagged)}); "
+                "pass --force to delete them and their tags"
+            )
+        return [self.delete(v.ref, force=True) for v in versions]
+
+    # -- store-wide ----------------------------------------------------------------
+
+    def stats(self) -> Stats:
+        keys: set[str] = set()
+        versions = logical = 0
+        referenced: dict[bytes, int] = {}
+        for ref in iter_live_versions(self.refs):
+            assert ref.manifest_id is not None
+            manifest = self.load_manifest(ref.manifest_id)
+            keys.add(ref.key)
+            versions += 1
+            logical += manifest.size
+            for entry in manifest.entries:
+                for chunk in entry.chunks:
+                    referenced[chunk.digest.raw] = chunk.length
+        stored = chunk_count = 0
+        for _, info in self.chunks.list():
+            stored += info.size
+            chunk_count += 1
+        stored += sum(info.size for info in self.backend.list(layout.MANIFESTS))
+        return Stats(
+            keys=len(keys),
+            versions=versions,
+            logical_bytes=logical,
+            unique_bytes=sum(referenced.values()),
+            stored_bytes=stored,
+            chunks=chunk_count,
+            referenced_chunks=len(referenced),
+        )
+
+    def verify(self, *, deep: bool = False, progress: ProgressFn | None = None) -> VerifyReport:
+        return verify_store(
+            self.refs,
+            self.chunks,
+            self.load_manifest,
+            deep=deep,
+            workers=self.workers,
+            progress=progress,
+        )
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _tags_by_version(self, key: str) -> dict[int, builtins.list[str]]:
+        out: dict[int, builtins.list[str]] = {}
+        for tag, number in sorted(self.refs.tags(key).items()):
+            out.setdefault(number, []).append(tag)
+        return out
+
+    def _version(
+        self,
+        ref: VersionRef,
+        manifest: Manifest,
+        tags: Iterable[str] | dict[int, builtins.list[str]] | None = None,
+    ) -> Version:
+        if tags is None:
+            tags = self._tags_by_version(ref.key)
+        current = tags.get(ref.number, []) if isinstance(tags, dict) else list(tags)
+        assert ref.manifest_id is not None
+        return Version(
+            key=ref.key,
+            number=ref.number,
+            manifest_id=ref.manifest_id.hex,
+            created=ref.created,
+            kind=manifest.kind,
+            size=manifest.size,
+            files=manifest.file_count,
+            parents=tuple(f"{p.key}@{p.version}" for p in manifest.parents),
+            tags=tuple(current),
+            metrics=dict(manifest.metrics),
+            metadata=dict(manifest.metadata),
+            message=manifest.message,
+        )
+
+
+def open(
+    location: str | os.PathLike[str] | None = None, *, create: bool = True, **options: Any
+) -> Store:
+    """Open a store: a path or URI, else ``$CAS_STORE``, else ``./.cas``."""
+    if location is None:
+        location = os.environ.get("CAS_STORE") or DEFAULT_STORE
+    return Store.open(location, create=create, **options)
+
+
+__all__ = ["CasError", "Details", "KeySummary", "Stats", "Store", "Version", "open"]
