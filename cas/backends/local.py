@@ -117,6 +117,8 @@ class LocalBackend(Backend):
             finally:
                 temp.unlink(missing_ok=True)
             self._sync_dir(path.parent)
+        except AlreadyExistsError:
+            raise  # also a FileExistsError, so an OSError: keep it out of the clause below
         except OSError as err:
             raise self._os_error(err, key) from err
 

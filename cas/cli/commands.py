@@ -1,9 +1,4 @@
-"""The ``cas`` command line. It talks only to :class:`cas.store.Store`.
-
-Exit codes: 0 success, 1 other failure, 2 bad input (usage, unknown ref,
-destination exists, not a store, unsafe path), 3 integrity failure (missing
-or corrupt data), 4 storage service failure, 130 interrupted.
-"""
+"""The core commands: init, put, get, ls, log, show, tag, rm, stats, verify."""
 
 from __future__ import annotations
 
@@ -11,110 +6,22 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Callable
 
-from . import __version__
-from .chunking import ChunkerParams
-from .errors import CasError, InvalidInputError
-from .store import DEFAULT_STORE, Store, Version
-from .units import format_size, parse_size
-
-Handler = Callable[[argparse.Namespace], int]
-
-
-# -- output helpers -----------------------------------------------------------------
-
-
-def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
-    elif text:
-        print(text)
-
-
-@contextmanager
-def _progress(args: argparse.Namespace, total: int | None, label: str) -> Iterator[Any]:
-    """A tqdm bar on stderr when it is a terminal; a no-op callback otherwise."""
-    if args.no_progress or not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
-
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=label,
-        file=sys.stderr,
-        leave=False,
-        dynamic_ncols=True,
-    ) as bar:
-        yield bar.update
-
-
-def _tree_size(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            if not os.path.islink(full):
-                total += os.path.getsize(full)
-    return total
-
-
-def _version_line(v: Version) -> str:
-    extras = []
-    if v.tags:
-        extras.append("tags: " + ", ".join(v.tags))
-    if v.metrics:
-        extras.append(" ".join(f"{k}={val:g}" for k, val in sorted(v.metrics.items())))
-    if v.message:
-        extras.append(v.message)
-    tail = f"  {'  '.join(extras)}" if extras else ""
-    return f"{v.ref:<28} {v.created[:19].replace('T', ' ')}  {format_size(v.size):>10}{tail}"
-
-
-def _pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:
-    out = []
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise InvalidInputError(f"{what} must look like NAME=VALUE, got {item!r}")
-        out.append((name, value))
-    return out
-
-
-def _metrics(values: Sequence[str]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    for name, value in _pairs(values, "--metric"):
-        try:
-            number = float(value)
-        except ValueError:
-            raise InvalidInputError(f"--metric {name}: {value!r} is not a number") from None
-        metrics[name] = int(number) if number.is_integer() and "." not in value else number
-    return metrics
-
-
-def _metadata(values: Sequence[str]) -> dict[str, Any]:
-    # A value that parses as JSON keeps its type (numbers, lists, true); anything else is text.
-    meta: dict[str, Any] = {}
-    for name, value in _pairs(values, "--meta"):
-        try:
-            meta[name] = json.loads(value)
-        except ValueError:
-            meta[name] = value
-    return meta
-
-
-def _open(args: argparse.Namespace, *, create: bool = True) -> Store:
-    location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
-    return Store.open(location, create=create)
-
+from ..chunking import ChunkerParams
+from ..errors import InvalidInputError
+from ..store import DEFAULT_STORE, Store
+from ..units import format_size, parse_size
+from .common import (
+    Handler,
+    emit,
+    open_store,
+    parse_metadata,
+    parse_metrics,
+    progress,
+    tree_size,
+    version_line,
+)
 
 # -- commands -------------------------------------------------------------------------
 
@@ -124,7 +31,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     chunker = ChunkerParams.from_average(parse_size(args.chunk_avg)) if args.chunk_avg else None
     store = Store.init(location, chunker=chunker)
     params = store.config.chunker
-    _emit(
+    emit(
         args,
         {"store": store.backend.uri, "config": json.loads(store.config.to_bytes())},
         f"initialised cas store at {store.backend.uri} (chunks {format_size(params.min_size)}"
@@ -134,10 +41,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_put(args: argparse.Namespace) -> int:
-    store = _open(args)
-    metrics, metadata = _metrics(args.metric), _metadata(args.meta)
-    total = _tree_size(args.path) if sys.stderr.isatty() and os.path.exists(args.path) else None
-    with _progress(args, total, "put") as progress:
+    store = open_store(args)
+    metrics, metadata = parse_metrics(args.metric), parse_metadata(args.meta)
+    total = tree_size(args.path) if sys.stderr.isatty() and os.path.exists(args.path) else None
+    with progress(args, total, "put") as on_progress:
         version = store.put(
             args.path,
             args.key,
@@ -146,18 +53,18 @@ def cmd_put(args: argparse.Namespace) -> int:
             metrics=metrics,
             metadata=metadata,
             message=args.message or "",
-            progress=progress,
+            progress=on_progress,
         )
-    _emit(args, version.to_dict(), version.ref)
+    emit(args, version.to_dict(), version.ref)
     return 0
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    store = _open(args, create=False)
+    store = open_store(args, create=False)
     total = store.show(args.ref).version.size if sys.stderr.isatty() else None
-    with _progress(args, total, "get") as progress:
-        version = store.get(args.ref, args.dest, force=args.force, progress=progress)
-    _emit(
+    with progress(args, total, "get") as on_progress:
+        version = store.get(args.ref, args.dest, force=args.force, progress=on_progress)
+    emit(
         args,
         {**version.to_dict(), "dest": os.path.abspath(args.dest)},
         f"{version.ref} -> {args.dest} ({format_size(version.size)}, verified)",
@@ -166,7 +73,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    store = _open(args, create=False)
+    store = open_store(args, create=False)
     keys = store.list(args.prefix or "")
     rows = [{"key": k.key, "versions": k.versions, "latest": k.latest.to_dict()} for k in keys]
     text = "\n".join(
@@ -174,18 +81,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
         f"latest @{k.latest.number}  {format_size(k.latest.size):>10}"
         for k in keys
     )
-    _emit(args, rows, text)
+    emit(args, rows, text)
     return 0
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    versions = _open(args, create=False).log(args.key)
-    _emit(args, [v.to_dict() for v in versions], "\n".join(_version_line(v) for v in versions))
+    versions = open_store(args, create=False).log(args.key)
+    emit(args, [v.to_dict() for v in versions], "\n".join(version_line(v) for v in versions))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    details = _open(args, create=False).show(args.ref)
+    details = open_store(args, create=False).show(args.ref)
     v = details.version
     entries = [
         {
@@ -219,31 +126,31 @@ def cmd_show(args: argparse.Namespace) -> int:
         suffix = {"dir": "/", "symlink": f" -> {e.target}"}.get(e.type, "")
         size = format_size(e.size) if e.type == "file" else ""
         lines.append(f"  {oct(e.mode)[2:]:>4} {size:>10}  {e.path}{suffix}")
-    _emit(args, {**v.to_dict(), "entries": entries}, "\n".join(lines))
+    emit(args, {**v.to_dict(), "entries": entries}, "\n".join(lines))
     return 0
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
-    store = _open(args, create=False)
+    store = open_store(args, create=False)
     if args.delete:
         key = args.ref.partition("@")[0].partition(":")[0]
         store.untag(key, args.tag)
-        _emit(args, {"key": key, "tag": args.tag, "deleted": True}, f"removed tag {key}:{args.tag}")
+        emit(args, {"key": key, "tag": args.tag, "deleted": True}, f"removed tag {key}:{args.tag}")
         return 0
     version = store.tag(args.ref, args.tag)
-    _emit(args, version.to_dict(), f"{version.key}:{args.tag} -> {version.ref}")
+    emit(args, version.to_dict(), f"{version.key}:{args.tag} -> {version.ref}")
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    store = _open(args, create=False)
+    store = open_store(args, create=False)
     if args.all:
         if "@" in args.ref or ":" in args.ref:
             raise InvalidInputError("--all takes a KEY, not KEY@N or KEY:TAG")
         removed = store.delete_all(args.ref, force=args.force)
     else:
         removed = [store.delete(args.ref, force=args.force)]
-    _emit(
+    emit(
         args,
         [v.ref for v in removed],
         "\n".join(f"deleted {v.ref}" for v in removed)
@@ -253,7 +160,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    s = _open(args, create=False).stats()
+    s = open_store(args, create=False).stats()
     text = "\n".join(
         [
             f"keys:              {s.keys}",
@@ -267,14 +174,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"overall:           {s.total_ratio:.2f}x",
         ]
     )
-    _emit(args, s.to_dict(), text)
+    emit(args, s.to_dict(), text)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    store = _open(args, create=False)
-    with _progress(args, None, "verify") as progress:
-        report = store.verify(deep=args.deep, progress=progress)
+    store = open_store(args, create=False)
+    with progress(args, None, "verify") as on_progress:
+        report = store.verify(deep=args.deep, progress=on_progress)
     lines = [
         f"checked {report.versions} versions, {report.chunks_referenced} chunks"
         + (f" ({report.chunks_read} read and rehashed)" if report.deep else " (existence)")
@@ -285,43 +192,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"DAMAGED {damage.ref}: {damage.problem}" + (f" (files: {files})" if files else "")
         )
     lines.append("ok" if report.ok else f"{len(report.damaged)} damaged versions")
-    _emit(args, report.to_dict(), "\n".join(lines))
+    emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.ok else 3
 
 
-# -- parser --------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--store",
-        default=argparse.SUPPRESS,
-        metavar="URI",
-        help=f"store location (path, file://, s3://, gs://, az://); "
-        f"default $CAS_STORE, else ./{DEFAULT_STORE}",
-    )
-    common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON"
-    )
-    common.add_argument(
-        "--no-progress",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="never show progress bars",
-    )
-
-    parser = argparse.ArgumentParser(
-        prog="cas", parents=[common], description="Content-addressable artifact store for ML."
-    )
-    parser.add_argument("--version", action="version", version=f"cas {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
-        p.set_defaults(handler=handler)
-        return p
-
+def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    """Add the core commands to the parser through ``add(name, handler, help)``."""
     p = add("init", cmd_init, "create a store")
     p.add_argument(
         "--chunk-avg",
@@ -384,27 +260,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("verify", cmd_verify, "check that every version's data is present (and intact)")
     p.add_argument("--deep", action="store_true", help="read and rehash every chunk")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("store", "json", "no_progress"):
-        if not hasattr(args, name):
-            setattr(args, name, None if name == "store" else False)
-    try:
-        return int(args.handler(args))
-    except CasError as err:
-        print(f"cas: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        print("cas: interrupted", file=sys.stderr)
-        return 130
-    except OSError as err:
-        print(f"cas: error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,85 @@
+"""The ``cas`` command line. It talks only to :class:`cas.store.Store`.
+
+Exit codes: 0 success, 1 other failure, 2 bad input (usage, unknown ref,
+destination exists, not a store, unsafe path), 3 integrity failure (missing
+or corrupt data), 4 storage service failure, 130 interrupted.
+
+Each command module exposes ``register(add)``; this module builds the parser
+from them and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import CasError
+from ..store import DEFAULT_STORE
+from . import commands
+from .common import Handler
+
+COMMAND_MODULES = [commands]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        metavar="URI",
+        help=f"store location (path, file://, s3://, gs://, az://); "
+        f"default $CAS_STORE, else ./{DEFAULT_STORE}",
+    )
+    common.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print machine-readable JSON"
+    )
+    common.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="never show progress bars",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="cas", parents=[common], description="Content-addressable artifact store for ML."
+    )
+    parser.add_argument("--version", action="version", version=f"cas {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    for module in COMMAND_MODULES:
+        module.register(add)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("store", "json", "no_progress"):
+        if not hasattr(args, name):
+            setattr(args, name, None if name == "store" else False)
+    try:
+        return int(args.handler(args))
+    except CasError as err:
+        print(f"cas: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: not an error of ours.
+        sys.stdout = None  # type: ignore[assignment]
+        return 0
+    except KeyboardInterrupt:
+        print("cas: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        print(f"cas: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

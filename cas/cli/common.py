@@ -1,0 +1,114 @@
+"""Helpers shared by the command modules: output, progress bars, argument parsing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import InvalidInputError
+from ..store import DEFAULT_STORE, Store, Version
+from ..units import format_size
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# -- output helpers -----------------------------------------------------------------
+
+
+def emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+    elif text:
+        print(text)
+
+
+@contextmanager
+def progress(args: argparse.Namespace, total: int | None, label: str) -> Iterator[Any]:
+    """A tqdm bar on stderr when it is a terminal; a no-op callback otherwise."""
+    if args.no_progress or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=label,
+        file=sys.stderr,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        yield bar.update
+
+
+def tree_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(root, name)
+            if not os.path.islink(full):
+                total += os.path.getsize(full)
+    return total
+
+
+def version_line(v: Version) -> str:
+    extras = []
+    if v.tags:
+        extras.append("tags: " + ", ".join(v.tags))
+    if v.metrics:
+        extras.append(" ".join(f"{k}={val:g}" for k, val in sorted(v.metrics.items())))
+    if v.message:
+        extras.append(v.message)
+    tail = f"  {'  '.join(extras)}" if extras else ""
+    return f"{v.ref:<28} {v.created[:19].replace('T', ' ')}  {format_size(v.size):>10}{tail}"
+
+
+def pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InvalidInputError(f"{what} must look like NAME=VALUE, got {item!r}")
+        out.append((name, value))
+    return out
+
+
+def parse_metrics(values: Sequence[str]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name, value in pairs(values, "--metric"):
+        try:
+            number = float(value)
+        except ValueError:
+            raise InvalidInputError(f"--metric {name}: {value!r} is not a number") from None
+        metrics[name] = int(number) if number.is_integer() and "." not in value else number
+    return metrics
+
+
+def parse_metadata(values: Sequence[str]) -> dict[str, Any]:
+    # A value that parses as JSON keeps its type (numbers, lists, true); anything else is text.
+    meta: dict[str, Any] = {}
+    for name, value in pairs(values, "--meta"):
+        try:
+            meta[name] = json.loads(value)
+        except ValueError:
+            meta[name] = value
+    return meta
+
+
+def _open(args: argparse.Namespace, *, create: bool = True) -> Store:
+    location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
+    return Store.open(location, create=create)
+
+
+def open_store(args: argparse.Namespace, *, create: bool = True) -> Store:
+    location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
+    return Store.open(location, create=create)
