@@ -1,0 +1,3 @@
+"""Shared pytest configuration. Fixture modules are registered as plugins below."""
+
+pytest_plugins = ["backend_fixtures"]
