@@ -63,6 +63,10 @@ class Manifest:
     metrics: Mapping[str, float] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     message: str = ""
+    # Typed artifact record (type, job, algorithm, ...; see cas/artifact.py).
+    # Optional in the JSON: written only when non-empty, so manifests made
+    # before it existed, and their ids, stay exactly as they were.
+    artifact: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -76,7 +80,7 @@ class Manifest:
         return _compressor.compress(canonical_json(self.to_dict()))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema": SCHEMA_VERSION,
             "key": self.key,
             "kind": self.kind,
@@ -91,6 +95,9 @@ class Manifest:
             "message": self.message,
             "entries": [_entry_to_dict(e) for e in self.entries],
         }
+        if self.artifact:
+            out["artifact"] = dict(self.artifact)
+        return out
 
     @classmethod
     def from_bytes(cls, blob: bytes, *, name: str = "manifest") -> Manifest:
@@ -119,6 +126,7 @@ class Manifest:
                 metadata=dict(data["metadata"]),
                 message=str(data["message"]),
                 entries=tuple(_entry_from_dict(e) for e in data["entries"]),
+                artifact=dict(data.get("artifact") or {}),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None

@@ -5,14 +5,21 @@ the commit point of a put, and two writers racing for N both succeed, one of
 them with N+1. Deleting a version overwrites its ref with a tombstone instead
 of removing it, so a number is never handed out twice. Tags are small
 mutable objects ``refs/<key>/@t/<tag>`` naming a version number.
+
+A version ref may also carry a ``summary``: the manifest's metadata without
+its file list (see :mod:`cas.artifact`), so that log, find and lineage read
+refs only. It is written in the same create-only write as the ref, so it is
+exactly as committed as the version; refs without one stay valid and readers
+fall back to the manifest.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
 from . import layout
 from .backends.base import Backend
@@ -31,6 +38,9 @@ class VersionRef:
     number: int
     manifest_id: Digest | None  # None: deleted
     created: str
+    # None: not recorded (older refs, or too large), read the manifest instead.
+    # Left out of == and hash: it is derived from the manifest, and a dict is unhashable.
+    summary: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
     def deleted(self) -> bool:
@@ -61,8 +71,13 @@ class Refs:
         try:
             data = json.loads(blob)
             manifest = data.get("manifest")
+            summary = data.get("summary") if manifest else None
             return VersionRef(
-                key, number, Digest.parse(manifest) if manifest else None, str(data["created"])
+                key,
+                number,
+                Digest.parse(manifest) if manifest else None,
+                str(data["created"]),
+                summary if isinstance(summary, dict) else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
@@ -82,19 +97,24 @@ class Refs:
             return ref
         raise RefNotFoundError(f"key {key!r} has no versions")
 
-    def create_next(self, key: str, manifest_id: Digest) -> VersionRef:
+    def create_next(
+        self, key: str, manifest_id: Digest, *, summary: Mapping[str, Any] | None = None
+    ) -> VersionRef:
         """Commit a new version: create ``refs/<key>/@v/<N>`` only if absent, N = last + 1."""
         numbers = self.version_numbers(key)
         number = (numbers[-1] if numbers else 0) + 1
         created = utc_now()
-        body = canonical_json({"manifest": manifest_id.hex, "created": created})
+        fields: dict[str, Any] = {"manifest": manifest_id.hex, "created": created}
+        if summary is not None:
+            fields["summary"] = dict(summary)
+        body = canonical_json(fields)
         while True:
             try:
                 self.backend.put(layout.version_key(key, number), body, if_absent=True)
             except AlreadyExistsError:
                 number += 1  # another writer took it: the next one is ours to try
                 continue
-            return VersionRef(key, number, manifest_id, created)
+            return VersionRef(key, number, manifest_id, created, fields.get("summary"))
 
     def mark_deleted(self, ref: VersionRef) -> None:
         body = canonical_json({"manifest": None, "created": ref.created, "deleted": utc_now()})

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout
+from .artifact import ArtifactInfo, Summary
 from .backends import Backend, open_backend
 from .chunking import ChunkerParams
 from .chunkstore import ChunkStore
@@ -56,10 +57,23 @@ class Version:
     metrics: Mapping[str, float] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     message: str = ""
+    artifact: Mapping[str, Any] = field(default_factory=dict)  # typed fields that are set
 
     @property
     def ref(self) -> str:
         return f"{self.key}@{self.number}"
+
+    @property
+    def info(self) -> ArtifactInfo:
+        """The typed artifact record of this version (type, job, metrics, lineage...)."""
+        return ArtifactInfo.from_record(
+            self.artifact,
+            metrics=self.metrics,
+            created=self.created,
+            version=self.number,
+            parents=self.parents,
+            tags=self.tags,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +90,7 @@ class Version:
             "metrics": dict(self.metrics),
             "metadata": dict(self.metadata),
             "message": self.message,
+            "artifact": dict(self.artifact),
         }
 
 
@@ -186,9 +201,18 @@ class Store:
         metadata: Mapping[str, Any] | None = None,
         message: str = "",
         progress: ProgressFn | None = None,
+        info: ArtifactInfo | None = None,
     ) -> Version:
-        """Store a file or a directory as the next version of ``key``."""
+        """Store a file or a directory as the next version of ``key``.
+
+        ``info`` adds typed metadata (type, job, algorithm...); its metrics,
+        parents and tags join those given here, which win on a conflict.
+        """
         layout.check_key(key)
+        if info is not None:
+            parents = (*info.parents, *parents)
+            tags = (*info.tags, *tags)
+            metrics = {**info.metrics, **(metrics or {})}
         tags = tuple(dict.fromkeys(layout.check_tag(t) for t in tags))
         metrics = {name: check_metric(name, value) for name, value in (metrics or {}).items()}
         metadata = dict(metadata or {})
@@ -196,7 +220,7 @@ class Store:
             canonical_json(metadata)
         except (TypeError, ValueError) as err:
             raise InvalidInputError(f"metadata is not JSON-serialisable: {err}") from None
-        resolved = tuple(self._parent(p) for p in parents)
+        resolved = tuple(dict.fromkeys(self._parent(p) for p in parents))
         kind, items = scan(Path(path))
 
         ingestor = Ingestor(
@@ -213,9 +237,11 @@ class Store:
             metrics=metrics,
             metadata=metadata,
             message=message,
+            artifact=info.record() if info is not None else {},
         )
         manifest_id = self._write_manifest(manifest)
-        ref = self.refs.create_next(key, manifest_id)  # the commit point
+        summary = Summary.of_manifest(manifest).for_ref()
+        ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
         for tag in tags:
             self.refs.set_tag(key, tag, ref.number)
         return self._version(ref, manifest, tags)
@@ -290,8 +316,7 @@ class Store:
         tags = self._tags_by_version(key)
         out = []
         for ref in self.refs.live_versions(key, newest_first=True):
-            assert ref.manifest_id is not None
-            out.append(self._version(ref, self.load_manifest(ref.manifest_id), tags=tags))
+            out.append(self._version(ref, self.summary(ref), tags=tags))
         if not out:
             raise RefNotFoundError(f"key {key!r} has no versions")
         return out
@@ -303,9 +328,8 @@ class Store:
             del numbers  # read each ref below: some may be tombstones
             live = list(self.refs.live_versions(key, newest_first=True))
             if live:
-                assert live[0].manifest_id is not None
-                manifest = self.load_manifest(live[0].manifest_id)
-                out.append(KeySummary(key, len(live), self._version(live[0], manifest)))
+                latest = self._version(live[0], self.summary(live[0]))
+                out.append(KeySummary(key, len(live), latest))
         return out
 
     # -- tags and deletion ---------------------------------------------------------
@@ -398,12 +422,21 @@ class Store:
             out.setdefault(number, []).append(tag)
         return out
 
+    def summary(self, ref: VersionRef) -> Summary:
+        """What queries need of a version: from its ref when recorded there, else its manifest."""
+        summary = Summary.from_ref(ref.summary)
+        if summary is None:
+            assert ref.manifest_id is not None
+            summary = Summary.of_manifest(self.load_manifest(ref.manifest_id))
+        return summary
+
     def _version(
         self,
         ref: VersionRef,
-        manifest: Manifest,
+        source: Manifest | Summary,
         tags: Iterable[str] | dict[int, builtins.list[str]] | None = None,
     ) -> Version:
+        summary = source if isinstance(source, Summary) else Summary.of_manifest(source)
         if tags is None:
             tags = self._tags_by_version(ref.key)
         current = tags.get(ref.number, []) if isinstance(tags, dict) else list(tags)
@@ -413,14 +446,15 @@ class Store:
             number=ref.number,
             manifest_id=ref.manifest_id.hex,
             created=ref.created,
-            kind=manifest.kind,
-            size=manifest.size,
-            files=manifest.file_count,
-            parents=tuple(f"{p.key}@{p.version}" for p in manifest.parents),
+            kind=summary.kind,
+            size=summary.size,
+            files=summary.files,
+            parents=summary.parents,
             tags=tuple(current),
-            metrics=dict(manifest.metrics),
-            metadata=dict(manifest.metadata),
-            message=manifest.message,
+            metrics=dict(summary.metrics),
+            metadata=dict(summary.metadata),
+            message=summary.message,
+            artifact=dict(summary.artifact),
         )
 
 
