@@ -1,0 +1,181 @@
+"""Content-defined chunking: streaming gives the whole-buffer boundaries, and params are checked."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from helpers import KiB, MiB, random_bytes, text_bytes
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cas.chunking import ChunkerParams, cut_points, iter_chunks
+from cas.errors import InvalidInputError
+
+TINY = ChunkerParams(min_size=64, avg_size=256, max_size=1024)
+SMALL = ChunkerParams.from_average(16 * KiB)
+
+
+class TrickleReader:
+    """A stream that hands out at most ``step`` bytes per read, like a slow pipe."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._step = step
+        self.reads = 0
+
+    def readinto(self, buffer: memoryview) -> int:
+        self.reads += 1
+        n = min(len(buffer), self._step, len(self._data) - self._pos)
+        buffer[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def whole(data: bytes, params: ChunkerParams) -> list[tuple[int, int]]:
+    return list(cut_points(memoryview(data), params))
+
+
+def streamed(
+    data: bytes, params: ChunkerParams, *, block_size: int, step: int | None = None
+) -> list[tuple[int, int]]:
+    stream = TrickleReader(data, step) if step else io.BytesIO(data)
+    out, offset = [], 0
+    for view in iter_chunks(stream, params, block_size=block_size):
+        out.append((offset, len(view)))
+        offset += len(view)
+    return out
+
+
+def mixed_data(size: int, seed: int) -> bytes:
+    """Random, text-like and constant runs: cut points of every kind."""
+    third = size // 3
+    return random_bytes(third, seed) + text_bytes(third, seed) + b"\0" * (size - 2 * third)
+
+
+@pytest.mark.parametrize("params", [TINY, SMALL], ids=["tiny", "small"])
+@pytest.mark.parametrize("block_size", [1, 4 * KiB, 100_000, 1 * MiB])
+def test_streaming_matches_whole_buffer(params: ChunkerParams, block_size: int) -> None:
+    data = mixed_data(3 * MiB + 12345, seed=block_size)
+    expected = whole(data, params)
+    assert len(expected) > 20, "the data must span many chunks for this test to mean anything"
+    assert streamed(data, params, block_size=block_size) == expected
+
+
+def test_streaming_with_short_reads_matches_whole_buffer() -> None:
+    data = mixed_data(700 * KiB + 3, seed=7)
+    reader = TrickleReader(data, 997)
+    offsets = []
+    offset = 0
+    for view in iter_chunks(reader, SMALL, block_size=1):
+        offsets.append((offset, len(view)))
+        offset += len(view)
+    assert reader.reads > 700  # the reader really was consulted in small pieces
+    assert offsets == whole(data, SMALL)
+
+
+def test_streaming_default_params_across_several_blocks() -> None:
+    # Default params: window 4 MiB, so blocks are at least 8 MiB; 21 MiB spans three.
+    params = ChunkerParams()
+    data = random_bytes(21 * MiB + 5, seed=3)
+    expected = whole(data, params)
+    assert streamed(data, params, block_size=1) == expected
+    assert sum(n for _, n in expected) == len(data)
+
+
+def test_chunks_cover_the_input_in_order_and_respect_sizes() -> None:
+    data = mixed_data(2 * MiB, seed=11)
+    views = list(iter_chunks(io.BytesIO(data), SMALL, block_size=1))
+    assert b"".join(bytes(v) for v in views) == data
+    *body, last = [len(v) for v in views]
+    assert all(SMALL.min_size <= n <= SMALL.max_size for n in body)
+    assert 0 < last <= SMALL.max_size
+    # Constant data has no content-defined cut: every chunk but the last is max size.
+    zeros = list(iter_chunks(io.BytesIO(b"\0" * (5 * SMALL.max_size + 1)), SMALL))
+    assert [len(v) for v in zeros] == [SMALL.max_size] * 5 + [1]
+
+
+def test_views_stay_valid_after_later_reads() -> None:
+    data = random_bytes(1 * MiB, seed=5)
+    views = list(iter_chunks(TrickleReader(data, 4096), TINY, block_size=1))
+    # All views were kept while reading continued: none was overwritten by a later block.
+    assert b"".join(bytes(v) for v in views) == data
+    assert all(v.readonly for v in views)
+
+
+def test_on_read_sees_every_byte_once_in_order() -> None:
+    data = mixed_data(900 * KiB, seed=2)
+    seen = bytearray()
+    list(iter_chunks(io.BytesIO(data), SMALL, block_size=1, on_read=seen.extend))
+    assert bytes(seen) == data
+
+
+@pytest.mark.parametrize("size", [1, 63, 64, 1000, SMALL.min_size - 1, SMALL.min_size])
+def test_input_up_to_the_minimum_is_one_chunk(size: int) -> None:
+    data = random_bytes(size, seed=size)
+    params = TINY if size <= 64 else SMALL
+    views = list(iter_chunks(io.BytesIO(data), params))
+    assert [bytes(v) for v in views] == [data]
+    assert whole(data, params) == [(0, size)]
+
+
+def test_empty_input_has_no_chunks() -> None:
+    assert list(iter_chunks(io.BytesIO(b""), SMALL)) == []
+    assert whole(b"", SMALL) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(0, 300 * KiB),
+    seed=st.integers(0, 2**32),
+    step=st.sampled_from([None, 1, 511, 4096, 65536]),
+    kind=st.sampled_from(["random", "text", "mixed"]),
+)
+def test_streaming_matches_whole_buffer_for_any_input(
+    size: int, seed: int, step: int | None, kind: str
+) -> None:
+    if kind == "random":
+        data = random_bytes(size, seed)
+    elif kind == "text":
+        data = text_bytes(size, seed)
+    else:
+        data = mixed_data(size, seed)
+    if step == 1:
+        data = data[: 20 * KiB]  # byte-by-byte reads are slow; keep the input short
+    assert streamed(data, TINY, block_size=1, step=step) == whole(data, TINY)
+
+
+def test_params_defaults_and_from_average() -> None:
+    default = ChunkerParams()
+    assert (default.min_size, default.avg_size, default.max_size) == (256 * KiB, MiB, 4 * MiB)
+    p = ChunkerParams.from_average(64 * KiB)
+    assert (p.min_size, p.avg_size, p.max_size) == (16 * KiB, 64 * KiB, 256 * KiB)
+    assert ChunkerParams.from_dict(p.to_dict()) == p
+    assert p.to_dict()["algorithm"] == "fastcdc"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"min_size": 32, "avg_size": 256, "max_size": 1024}, "minimum"),
+        ({"min_size": 64, "avg_size": 100, "max_size": 1024}, "average"),
+        ({"min_size": 64, "avg_size": 256, "max_size": 512}, "maximum"),
+        ({"min_size": 64, "avg_size": 256, "max_size": 2 * 1024**3}, "maximum"),
+        ({"min_size": 4096, "avg_size": 1024, "max_size": 8192}, "min <= avg <= max"),
+        ({"min_size": 1024, "avg_size": 8192, "max_size": 4096}, "min <= avg <= max"),
+    ],
+)
+def test_params_validation(kwargs: dict[str, int], words: str) -> None:
+    with pytest.raises(InvalidInputError, match=words):
+        ChunkerParams(**kwargs)
+
+
+def test_params_validation_from_average_and_dict() -> None:
+    with pytest.raises(InvalidInputError):
+        ChunkerParams.from_average(100)
+    with pytest.raises(InvalidInputError, match="unknown chunker"):
+        ChunkerParams.from_dict({"algorithm": "rabin", "min_size": 1, "avg_size": 2, "max_size": 3})
+    # InvalidInputError is also a ValueError, for callers that only know the builtins.
+    with pytest.raises(ValueError, match="average"):
+        ChunkerParams(min_size=64, avg_size=10**10, max_size=10**10)
