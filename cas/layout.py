@@ -77,7 +77,7 @@ def parse_ref(text: str) -> Reference:
     try:
         if "@" in text:
             key, _, number = text.rpartition("@")
-            if not number.isdigit() or int(number) < 1:
+            if not (number.isascii() and number.isdigit()) or int(number) < 1:
                 raise InvalidRefError(
                     f"invalid reference {text!r}: version after '@' must be a number >= 1"
                 )
