@@ -14,6 +14,9 @@ Every implementation MUST give:
 * **Atomic whole-object writes.** A reader sees the old object, the new one,
   or nothing, never a part.
 * **Read-after-write consistency** for put, get, stat, list and delete.
+* **Durability.** A plain or compare-and-swap put is durable when it returns;
+  a create-only put is durable at the latest when :meth:`Backend.flush`
+  returns.
 * **Create-only writes.** ``put(key, data, if_absent=True)`` raises
   :class:`~cas.errors.AlreadyExistsError` when the key exists, and then leaves
   the existing object untouched. Two concurrent create-only writes of one key:
@@ -130,6 +133,16 @@ class Backend(ABC):
     @abstractmethod
     def touch(self, key: str) -> None:
         """Set the modification time of ``key`` to the service's now. NotFoundError if missing."""
+
+    def flush(self) -> None:  # noqa: B027 - most services are durable on return
+        """Make every create-only put that has returned durable.
+
+        A backend may defer part of the durability work of create-only writes
+        (a local folder defers the directory fsync) so that many of them run
+        in parallel; callers flush before a write that must not become
+        durable without them, such as a version ref that names them.
+        Services that acknowledge only durable writes need nothing here.
+        """
 
     def exists(self, key: str) -> bool:
         from ..errors import NotFoundError

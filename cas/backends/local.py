@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -44,6 +45,9 @@ class LocalBackend(Backend):
         self.root = Path(root).absolute()
         self.uri = self.root.as_uri()
         self._fsync = fsync
+        # Directories holding create-only renames whose fsync flush() still owes.
+        self._unsynced: set[Path] = set()
+        self._unsynced_lock = threading.Lock()
 
     # -- helpers -----------------------------------------------------------------
 
@@ -121,6 +125,17 @@ class LocalBackend(Backend):
             raise  # also a FileExistsError, so an OSError: keep it out of the clause below
         except OSError as err:
             raise self._os_error(err, key) from err
+
+    def flush(self) -> None:
+        with self._unsynced_lock:
+            pending, self._unsynced = self._unsynced, set()
+        try:
+            for directory in sorted(pending):
+                self._sync_dir(directory)
+        except OSError as err:
+            with self._unsynced_lock:
+                self._unsynced |= pending
+            raise self._os_error(err, str(err.filename)) from err
 
     @contextlib.contextmanager
     def _locked(self, directory: Path) -> Iterator[None]:
