@@ -158,7 +158,7 @@ class Refs:
         numbers: list[int] = []
         for info in self.backend.list(layout.REFS + prefix):
             parsed = layout.parse_ref_key(info.key)
-            if parsed is None or parsed.version is None:
+            if parsed is None or parsed.version is None or not parsed.key.startswith(prefix):
                 continue
             if parsed.key != current:
                 if current is not None:
