@@ -65,7 +65,7 @@ def test_canonical_json_is_sorted_compact_utf8() -> None:
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_canonical_json_refuses_non_finite(bad: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not JSON compliant"):
         canonical_json({"x": bad})
 
 
