@@ -25,6 +25,7 @@ from botocore.config import Config
 from ..errors import (
     AlreadyExistsError,
     BackendError,
+    CasError,
     ConfigurationError,
     InvalidInputError,
     NotFoundError,
@@ -119,6 +120,8 @@ class S3Backend(Backend):
 
     def _fail(self, err: Exception, key: str | None, *, if_absent: bool = False,
               if_match: bool = False) -> NoReturn:  # fmt: skip
+        if isinstance(err, CasError):
+            raise err  # already mapped, e.g. an InvalidKeyError from inside a try
         where = f"{self.uri}/{key}" if key is not None else self.uri
         if isinstance(err, bexc.NoCredentialsError | bexc.PartialCredentialsError):
             raise ConfigurationError(
