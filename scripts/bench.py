@@ -1,0 +1,505 @@
+"""Benchmark cas against ``tar | zstd -3 -T2``, restic and a plain copy on synthetic ML artifacts.
+
+Run from the repository root (the virtualenv provides numpy and cas)::
+
+    .venv/bin/python scripts/bench.py                          # full run (~1.6 GB), 3 repeats
+    .venv/bin/python scripts/bench.py --scale 0.1 --repeat 1   # quick smoke test (~165 MB)
+    .venv/bin/python scripts/bench.py --tools tar,restic,copy  # without cas
+    .venv/bin/python scripts/bench.py --rss-scaling --tools cas  # + 256 MiB / 1 GiB / 4 GiB files
+    .venv/bin/python scripts/bench.py --json bench-out/bench.json
+
+The data (see ``bench_data.py``) is generated once, deterministically, under
+``--workdir`` (default ``/tmp/cas-bench``) and reused while its manifest
+matches. Every version directory (3 series x 5 versions) is ingested in order
+by each tool, one timed subprocess per version; then every version is
+restored into a fresh directory (timed) and checked file by file against the
+SHA-256 recorded at generation. Ingest and restore MB/s are total logical
+bytes (10^6) over the summed wall time of those subprocesses.
+
+* Stored bytes: apparent size of every file in the tool's repository or
+  archive directory (what an object store would bill); ``on disk`` is the
+  allocated size (``du``). The restic cache lives outside its repository and
+  counts for nothing.
+* Peak RSS: ``/usr/bin/time -f %M`` (GNU time: ``ru_maxrss`` from ``wait4``)
+  around each tool's command. For a ``bash -c 'tar | zstd'`` pipeline this is
+  the largest single process among the shell and its waited-for children (not
+  their sum). Reported is the maximum over all of a tool's ingest and restore
+  runs. (``os.wait4`` from this script itself would overstate it: on exec,
+  Linux carries the forking Python process's high-water mark into the child.)
+* The page cache cannot be dropped without root: the source data is read once
+  before measuring so every tool reads it from a warm cache, and ``sync`` runs
+  (untimed) after every command so one tool's write-back does not land on the
+  next one's clock. Time spent in a tool's own fsync calls is counted.
+* With ``--repeat N`` every tool runs N times on fresh repositories
+  (interleaved) and medians are reported: the machine may be shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_data import (
+    Dataset,
+    FileInfo,
+    Version,
+    generate_dataset,
+    hash_tree,
+    write_big_file,
+)
+
+MB = 1_000_000
+ROOT = Path(__file__).resolve().parent.parent
+ALL_TOOLS = ("cas", "tar", "restic", "copy")
+RSS_SIZES = (256 << 20, 1 << 30, 4 << 30)
+
+LogFn = Callable[[str], None]
+
+# GNU time reports the wait4() ru_maxrss of the command it forks from its own small
+# process. os.wait4() straight from this (large) Python process would not do: on exec
+# Linux folds the forking process's high-water mark into the child's ru_maxrss.
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else ""
+
+
+@dataclass
+class Run:
+    seconds: float
+    maxrss_kib: int
+    stdout: str
+
+
+class ToolError(RuntimeError):
+    pass
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> Run:
+    """Run ``cmd`` under GNU time; its wall time and peak RSS (KiB)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with tempfile.NamedTemporaryFile("r") as rss:
+            timed = [TIME, "-f", "%M", "-o", rss.name, *cmd] if TIME else cmd
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                timed, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env
+            )
+            _pid, status, usage = os.wait4(proc.pid, 0)
+            seconds = time.perf_counter() - t0
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            maxrss = int(rss.read().split()[-1]) if TIME else usage.ru_maxrss
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        if proc.returncode != 0:
+            tail = err.read().decode(errors="replace")[-3000:]
+            raise ToolError(f"{' '.join(cmd)!r} exited {proc.returncode}:\n{stdout[-2000:]}{tail}")
+    return Run(seconds, maxrss, stdout)
+
+
+def sync() -> None:
+    os.sync()
+
+
+def tree_bytes(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of every file under ``path``."""
+    apparent = allocated = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+# --------------------------------------------------------------------------- tools
+
+
+class Tool:
+    """One way of storing versions: ``ingest`` returns a handle that ``restore`` takes."""
+
+    name = ""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+
+    def init(self) -> None:
+        self.repo.mkdir(parents=True)
+
+    def ingest(self, v: Version) -> tuple[Run, str]:
+        raise NotImplementedError
+
+    def restore(self, handle: str, v: Version, dest: Path) -> tuple[Run, Path]:
+        """Restore into ``dest`` (absent); return the directory that holds the files."""
+        raise NotImplementedError
+
+
+def cas_command() -> list[str]:
+    script = ROOT / ".venv" / "bin" / "cas"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "cas"]
+
+
+class Cas(Tool):
+    name = "cas"
+
+    def _cas(self, *args: str) -> list[str]:
+        return [*cas_command(), "--store", str(self.repo), "--no-progress", *args]
+
+    def init(self) -> None:
+        self.repo.parent.mkdir(parents=True, exist_ok=True)
+        run(self._cas("init"))
+
+    def ingest(self, v: Version) -> tuple[Run, str]:
+        key = f"bench/{v.series}"
+        r = run(self._cas("put", str(v.path), key))
+        found = re.findall(rf"{re.escape(key)}@\d+", r.stdout)
+        if not found:
+            raise ToolError(f"cas put printed no {key}@N:\n{r.stdout[-2000:]}")
+        return r, found[-1]
+
+    def restore(self, handle: str, v: Version, dest: Path) -> tuple[Run, Path]:
+        return run(self._cas("get", handle, str(dest))), dest
+
+
+class TarZstd(Tool):
+    name = "tar"
+
+    def ingest(self, v: Version) -> tuple[Run, str]:
+        out = self.repo / f"{v.series}-v{v.number}.tar.zst"
+        script = 'tar -C "$1" -cf - "$2" | zstd -3 -T2 -q -f -o "$3"'
+        cmd = ["bash", "-o", "pipefail", "-c", script, "-", str(v.path.parent), v.path.name]
+        return run([*cmd, str(out)]), str(out)
+
+    def restore(self, handle: str, v: Version, dest: Path) -> tuple[Run, Path]:
+        dest.mkdir(parents=True)
+        script = 'zstd -d -q -c "$1" | tar -C "$2" -xf -'
+        return run(["bash", "-o", "pipefail", "-c", script, "-", handle, str(dest)]), dest / (
+            v.path.name
+        )
+
+
+class Restic(Tool):
+    name = "restic"
+
+    def __init__(self, repo: Path) -> None:
+        super().__init__(repo)
+        self.env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=str(repo))
+        self.cache = repo.parent / f"{repo.name}-cache"
+
+    def _restic(self, *args: str) -> list[str]:
+        return ["restic", "--cache-dir", str(self.cache), *args]
+
+    def init(self) -> None:
+        self.repo.parent.mkdir(parents=True, exist_ok=True)
+        run(self._restic("init", "--repository-version", "2"), self.env)
+
+    def ingest(self, v: Version) -> tuple[Run, str]:
+        tag = f"{v.series}-v{v.number}"
+        r = run(
+            self._restic("backup", "--json", "--host", "bench", "--tag", tag, str(v.path)), self.env
+        )
+        for line in reversed(r.stdout.splitlines()):
+            if '"summary"' in line:
+                return r, str(json.loads(line)["snapshot_id"])
+        raise ToolError(f"restic backup printed no summary:\n{r.stdout[-2000:]}")
+
+    def restore(self, handle: str, v: Version, dest: Path) -> tuple[Run, Path]:
+        r = run(self._restic("restore", handle, "--target", str(dest)), self.env)
+        return r, dest / v.path.relative_to("/")
+
+
+class Copy(Tool):
+    name = "copy"
+
+    def ingest(self, v: Version) -> tuple[Run, str]:
+        out = self.repo / v.series / f"v{v.number}"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return run(["cp", "-r", str(v.path), str(out)]), str(out)
+
+    def restore(self, handle: str, v: Version, dest: Path) -> tuple[Run, Path]:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        return run(["cp", "-r", handle, str(dest)]), dest
+
+
+TOOL_CLASSES: dict[str, type[Tool]] = {c.name: c for c in (Cas, TarZstd, Restic, Copy)}
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Result:
+    tool: str
+    logical_bytes: int
+    ingest_s: float = 0.0
+    restore_s: float = 0.0
+    stored_bytes: int = 0
+    disk_bytes: int = 0
+    ingest_rss_mib: float = 0.0
+    restore_rss_mib: float = 0.0
+    per_version: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def ingest_mbs(self) -> float:
+        return self.logical_bytes / MB / self.ingest_s
+
+    @property
+    def restore_mbs(self) -> float:
+        return self.logical_bytes / MB / self.restore_s
+
+    @property
+    def ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return max(self.ingest_rss_mib, self.restore_rss_mib)
+
+
+def verify(got: dict[str, FileInfo], want: dict[str, FileInfo], what: str) -> None:
+    if got != want:
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        bad = sorted(k for k in set(got) & set(want) if got[k] != want[k])[:5]
+        raise ToolError(f"{what}: restored files differ: missing={missing} extra={extra} bad={bad}")
+
+
+def bench_tool(name: str, data: Dataset, scratch: Path, log: LogFn) -> Result:
+    for p in (scratch / name, scratch / f"{name}-cache", scratch / f"restore-{name}"):
+        shutil.rmtree(p, ignore_errors=True)
+    tool = TOOL_CLASSES[name](scratch / name)
+    tool.init()
+    sync()
+    res = Result(name, data.logical_bytes)
+    handles: list[str] = []
+    for v in data.versions:
+        r, handle = tool.ingest(v)
+        sync()
+        handles.append(handle)
+        stored = tree_bytes(tool.repo)[0]
+        res.ingest_s += r.seconds
+        res.ingest_rss_mib = max(res.ingest_rss_mib, r.maxrss_kib / 1024)
+        res.per_version.append(
+            {
+                "version": f"{v.series}/v{v.number}",
+                "logical_bytes": v.logical_bytes,
+                "ingest_s": r.seconds,
+                "ingest_rss_mib": r.maxrss_kib / 1024,
+                "stored_after": stored,
+            }
+        )
+        log(f"    {name} put {v.series}/v{v.number}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
+    res.stored_bytes, res.disk_bytes = tree_bytes(tool.repo)
+    for i, (v, handle) in enumerate(zip(data.versions, handles, strict=True)):
+        dest = scratch / f"restore-{name}" / f"{v.series}-v{v.number}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        r, where = tool.restore(handle, v, dest)
+        sync()
+        verify(hash_tree(where), v.files, f"{name} {v.series}/v{v.number}")
+        shutil.rmtree(dest)
+        res.restore_s += r.seconds
+        res.restore_rss_mib = max(res.restore_rss_mib, r.maxrss_kib / 1024)
+        res.per_version[i].update(restore_s=r.seconds, restore_rss_mib=r.maxrss_kib / 1024)
+        log(f"    {name} get {v.series}/v{v.number}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
+    shutil.rmtree(scratch / f"restore-{name}", ignore_errors=True)
+    return res
+
+
+def median_result(runs: list[Result]) -> dict[str, float]:
+    keys = ["ingest_mbs", "restore_mbs", "stored_bytes", "disk_bytes", "ratio"]
+    keys += ["ingest_rss_mib", "restore_rss_mib", "peak_rss_mib", "ingest_s", "restore_s"]
+    return {k: statistics.median(float(getattr(r, k)) for r in runs) for k in keys}
+
+
+def rss_scaling(workdir: Path, scale: float, log: LogFn) -> list[dict[str, float]]:
+    """Put and get single files of growing size through cas; peak RSS of each."""
+    rows = []
+    for size in RSS_SIZES:
+        total = max(1 << 20, int(size * scale))
+        path = workdir / "big" / f"weights-{total}.safetensors"
+        log(f"  big file {human(total)}: generating (streaming)")
+        info = write_big_file(path, total)
+        store = workdir / "scratch" / "cas-big"
+        shutil.rmtree(store, ignore_errors=True)
+        tool = Cas(store)
+        tool.init()
+        sync()
+        put = run(tool._cas("put", str(path), "bench/big"))
+        sync()
+        handle = re.findall(r"bench/big@\d+", put.stdout)[-1]
+        dest = workdir / "scratch" / "big-restored"
+        shutil.rmtree(dest, ignore_errors=True)
+        get = run(tool._cas("get", handle, str(dest)))
+        sync()
+        restored = dest if dest.is_file() else dest / path.name
+        verify({"f": hash_tree(restored.parent)[restored.name]}, {"f": info}, "big file")
+        stored = tree_bytes(store)[0]
+        shutil.rmtree(dest)
+        shutil.rmtree(store)
+        row = {
+            "file_bytes": float(info.size),
+            "put_mbs": info.size / MB / put.seconds,
+            "put_rss_mib": put.maxrss_kib / 1024,
+            "get_mbs": info.size / MB / get.seconds,
+            "get_rss_mib": get.maxrss_kib / 1024,
+            "stored_bytes": float(stored),
+        }
+        log(f"    {json.dumps({k: round(x, 1) for k, x in row.items()})}")
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+class Log:
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+        self.t0 = time.monotonic()
+
+    def __call__(self, msg: str, always: bool = False) -> None:
+        if always or self.verbose:
+            print(f"[{time.monotonic() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def report(data: Dataset, med: dict[str, dict[str, float]], repeat: int) -> str:
+    lines = [
+        f"logical data: {human(data.logical_bytes)} ({data.logical_bytes / MB:.0f} MB) in "
+        f"{len(data.versions)} versions, scale {data.scale}; medians of {repeat} run(s)",
+        "",
+        f"{'tool':<8}{'ingest MB/s':>12}{'restore MB/s':>13}{'stored':>12}{'on disk':>12}"
+        f"{'logical/stored':>16}{'peak RSS MiB':>14}",
+    ]
+    for name, m in med.items():
+        lines.append(
+            f"{name:<8}{m['ingest_mbs']:>12.1f}{m['restore_mbs']:>13.1f}"
+            f"{human(m['stored_bytes']):>12}{human(m['disk_bytes']):>12}"
+            f"{m['ratio']:>16.2f}{m['peak_rss_mib']:>14.1f}"
+        )
+    if "cas" in med:
+        c = med["cas"]
+        lines += ["", "cas vs      ingest x   restore x   stored (cas/other)"]
+        for name, m in med.items():
+            if name != "cas":
+                lines.append(
+                    f"  {name:<8}{c['ingest_mbs'] / m['ingest_mbs']:>9.2f}"
+                    f"{c['restore_mbs'] / m['restore_mbs']:>12.2f}"
+                    f"{c['stored_bytes'] / m['stored_bytes']:>13.3f}"
+                )
+        if "restic" in med:
+            r = med["restic"]
+            checks = [
+                ("ingest >= 4x restic", c["ingest_mbs"] >= 4 * r["ingest_mbs"]),
+                ("restore >= 4x restic", c["restore_mbs"] >= 4 * r["restore_mbs"]),
+                ("stored <= restic", c["stored_bytes"] <= r["stored_bytes"]),
+                ("peak RSS <= 200 MB", c["peak_rss_mib"] * 1.048576 <= 200),
+            ]
+            lines += [
+                "",
+                "targets: " + ", ".join(f"{n}: {'ok' if ok else 'MISSED'}" for n, ok in checks),
+            ]
+    return "\n".join(lines)
+
+
+def report_rss(rows: list[dict[str, float]]) -> str:
+    lines = [
+        "",
+        "cas peak RSS as files grow (one file per store)",
+        f"{'file':>10}{'put MB/s':>10}{'put RSS MiB':>13}{'get MB/s':>10}{'get RSS MiB':>13}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{human(r['file_bytes']):>10}{r['put_mbs']:>10.1f}{r['put_rss_mib']:>13.1f}"
+            f"{r['get_mbs']:>10.1f}{r['get_rss_mib']:>13.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cas-bench")
+    ap.add_argument(
+        "--tools", default=",".join(ALL_TOOLS), help="comma-separated subset of %(default)s"
+    )
+    ap.add_argument("--scale", type=float, default=1.0, help="data size factor (0.1 = smoke test)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool; medians are reported")
+    ap.add_argument(
+        "--rss-scaling", action="store_true", help="also 256 MiB/1 GiB/4 GiB files through cas"
+    )
+    ap.add_argument("--json", type=Path, help="write every number to this file")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no per-version progress")
+    args = ap.parse_args(argv)
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    unknown = set(tools) - set(ALL_TOOLS)
+    if unknown:
+        ap.error(f"unknown tools: {sorted(unknown)}")
+    if "restic" in tools and shutil.which("restic") is None:
+        print("restic not installed: skipping it", file=sys.stderr)
+        tools.remove("restic")
+    log = Log(not args.quiet)
+    started = time.monotonic()
+    workdir: Path = args.workdir.resolve()
+    log(f"data under {workdir} (scale {args.scale})", always=True)
+    data = generate_dataset(
+        workdir / f"data-{args.scale:g}", args.scale, log=lambda m: log(m, True)
+    )
+    log("reading the source data once (warms the page cache, checks hashes)", always=True)
+    for v in data.versions:
+        verify(hash_tree(v.path), v.files, f"source {v.series}/v{v.number}")
+    scratch = workdir / "scratch"
+    runs: dict[str, list[Result]] = {t: [] for t in tools}
+    for i in range(args.repeat):
+        for name in tools:
+            log(f"run {i + 1}/{args.repeat}: {name}", always=True)
+            res = bench_tool(name, data, scratch, log)
+            log(
+                f"  {name}: ingest {res.ingest_mbs:.1f} MB/s, restore {res.restore_mbs:.1f} MB/s, "
+                f"stored {human(res.stored_bytes)}, peak RSS {res.peak_rss_mib:.1f} MiB",
+                always=True,
+            )
+            runs[name].append(res)
+            shutil.rmtree(scratch / name, ignore_errors=True)
+            shutil.rmtree(scratch / f"{name}-cache", ignore_errors=True)
+    med = {t: median_result(r) for t, r in runs.items()}
+    out = report(data, med, args.repeat)
+    rows = rss_scaling(workdir, args.scale, lambda m: log(m, True)) if args.rss_scaling else []
+    if rows:
+        out += "\n" + report_rss(rows)
+    elapsed = time.monotonic() - started
+    print(out + f"\n\ntotal wall time: {elapsed:.0f} s")
+    if args.json:
+        doc = {
+            "scale": args.scale,
+            "repeat": args.repeat,
+            "logical_bytes": data.logical_bytes,
+            "versions": [f"{v.series}/v{v.number}" for v in data.versions],
+            "median": med,
+            "runs": {t: [asdict(r) for r in rs] for t, rs in runs.items()},
+            "rss_scaling": rows,
+            "wall_s": elapsed,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
