@@ -97,23 +97,31 @@ def iter_chunks(
     params: ChunkerParams,
     *,
     block_size: int = 16 * MiB,
+    size_hint: int | None = None,
     on_read: Callable[[memoryview], None] | None = None,
 ) -> Iterator[memoryview]:
     """Yield the chunks of ``stream`` as read-only views.
 
     Each view stays valid as long as it is referenced (a new block is
     allocated per read, never overwritten), so callers can hand views to
-    worker threads. ``on_read`` sees every byte once, in order, as it is read:
-    the place to feed a whole-file hash.
+    worker threads. ``size_hint`` (the expected length) keeps small files from
+    costing a whole block each; a wrong hint only costs an extra read.
+    ``on_read`` sees every byte once, in order, as it is read: the place to
+    feed a whole-file hash.
     """
     block_size = max(block_size, 2 * params.window)
     carry = b""
     eof = False
+    consumed = 0
     while not eof:
-        block = bytearray(block_size)
+        size = block_size
+        if size_hint is not None:
+            # +1 so that a file of exactly the hinted size sees its end in this block.
+            size = min(block_size, len(carry) + max(size_hint - consumed, 0) + 1)
+        block = bytearray(size)
         block[: len(carry)] = carry
         filled = len(carry)
-        while filled < block_size:
+        while filled < size:
             view = memoryview(block)[filled:]
             count = stream.readinto(view)
             if not count:
@@ -122,6 +130,7 @@ def iter_chunks(
             if on_read is not None:
                 on_read(view[:count])
             filled += count
+            consumed += count
         data = memoryview(block)[:filled].toreadonly()
         next_start = filled
         for offset, length in cut_points(data, params):

@@ -127,7 +127,7 @@ class Ingestor:
         self.stats = IngestStats()
         self._seen = SeenSet()
         # Each in-flight chunk holds at most max_size bytes plus its encoding.
-        self._slots = threading.BoundedSemaphore(workers * 2 + 2)
+        self._slots = threading.BoundedSemaphore(min(workers * 2 + 2, 24))
 
     def run(self, items: list[SourceItem]) -> tuple[Entry, ...]:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-put") as pool:
@@ -153,7 +153,10 @@ class Ingestor:
         futures: list[Future[ChunkRef]] = []
         try:
             with open(item.absolute, "rb") as stream:
-                for view in iter_chunks(stream, self.params, on_read=self._reader(hasher)):
+                chunks = iter_chunks(
+                    stream, self.params, size_hint=item.size, on_read=self._reader(hasher)
+                )
+                for view in chunks:
                     self._slots.acquire()
                     try:
                         future = pool.submit(self._store_chunk, view)
