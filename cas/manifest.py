@@ -17,7 +17,7 @@ from typing import Any, Literal
 import zstandard
 
 from .digest import Digest
-from .errors import CorruptObjectError, UnsafePathError
+from .errors import CorruptObjectError, InvalidInputError, UnsafePathError
 
 SCHEMA_VERSION = 1
 EntryType = Literal["file", "dir", "symlink"]
@@ -145,7 +145,7 @@ def canonical_json(value: Any) -> bytes:
 
 def check_metric(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
+        raise InvalidInputError(f"metric {name!r} must be a finite number, got {value!r}")
     return value
 
 
