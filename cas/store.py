@@ -324,7 +324,7 @@ class Store:
     def list(self, prefix: str = "") -> builtins.list[KeySummary]:
         """Keys under ``prefix`` that have live versions, with their latest version."""
         out = []
-        for key, numbers in self.refs.iter_keys(prefix):
+        for key, numbers in sorted(self.refs.iter_keys(prefix)):
             del numbers  # read each ref below: some may be tombstones
             live = list(self.refs.live_versions(key, newest_first=True))
             if live:
