@@ -22,6 +22,7 @@ from .common import (
     tree_size,
     version_line,
 )
+from .workflow_commands import add_artifact_arguments, artifact_from_args
 
 # -- commands -------------------------------------------------------------------------
 
@@ -42,7 +43,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_put(args: argparse.Namespace) -> int:
     store = open_store(args)
+    info, file_metadata, file_message = artifact_from_args(args)
     metrics, metadata = parse_metrics(args.metric), parse_metadata(args.meta)
+    metadata = {**file_metadata, **metadata}
     total = tree_size(args.path) if sys.stderr.isatty() and os.path.exists(args.path) else None
     with progress(args, total, "put") as on_progress:
         version = store.put(
@@ -52,8 +55,9 @@ def cmd_put(args: argparse.Namespace) -> int:
             tags=args.tag,
             metrics=metrics,
             metadata=metadata,
-            message=args.message or "",
+            message=args.message or file_message,
             progress=on_progress,
+            info=info,
         )
     emit(args, version.to_dict(), version.ref)
     return 0
@@ -231,6 +235,7 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
         help="metadata; JSON values keep their type (repeatable)",
     )
     p.add_argument("--message", "-m", metavar="TEXT")
+    add_artifact_arguments(p)
 
     p = add("get", cmd_get, "restore REF (KEY, KEY@N or KEY:TAG) to DEST, verified")
     p.add_argument("ref", metavar="REF")

@@ -62,6 +62,8 @@ def tree_size(path: str) -> int:
 
 def version_line(v: Version) -> str:
     extras = []
+    if v.artifact.get("type"):
+        extras.append(f"[{v.artifact['type']}]")
     if v.tags:
         extras.append("tags: " + ", ".join(v.tags))
     if v.metrics:
