@@ -131,6 +131,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
 def diff_text(report: DiffReport) -> str:
     lines = [f"--- {report.old}", f"+++ {report.new}"]
     marks = {"added": "A", "removed": "D", "changed": "M"}
@@ -158,8 +162,7 @@ def diff_text(report: DiffReport) -> str:
             lines.append("       header __metadata__ changed")
     for name, (old, new) in sorted(report.metrics.items()):
         if old != new:
-            show = lambda x: "-" if x is None else f"{x:g}"  # noqa: E731
-            lines.append(f"metric {name}: {show(old)} -> {show(new)}")
+            lines.append(f"metric {name}: {_number(old)} -> {_number(new)}")
     counts = ", ".join(f"{len(report.of_status(s))} {s}" for s in ("added", "removed", "changed"))
     lines.append(f"files: {counts}, {report.unchanged} unchanged")
     lines.append(
