@@ -179,3 +179,27 @@ def test_params_validation_from_average_and_dict() -> None:
     # InvalidInputError is also a ValueError, for callers that only know the builtins.
     with pytest.raises(ValueError, match="average"):
         ChunkerParams(min_size=64, avg_size=10**10, max_size=10**10)
+
+
+@pytest.mark.parametrize("params", [TINY, SMALL, ChunkerParams()], ids=["tiny", "small", "default"])
+@pytest.mark.parametrize("hint_delta", [0, 1, -1, 1000, -1000, "zero", "half"])
+def test_size_hint_never_changes_boundaries_and_stays_cheap(
+    params: ChunkerParams, hint_delta: int | str
+) -> None:
+    # A file can grow or shrink between the scan that gave its size and the read:
+    # the hint is then wrong, which may cost a read or two but never the result
+    # (nor one tiny block per byte, which would be quadratic).
+    data = mixed_data(600 * KiB + 17, seed=8)
+    if hint_delta == "zero":
+        hint = 0
+    elif hint_delta == "half":
+        hint = len(data) // 2
+    else:
+        hint = len(data) + int(hint_delta)
+    reader = TrickleReader(data, len(data))
+    out, offset = [], 0
+    for view in iter_chunks(reader, params, size_hint=hint):
+        out.append((offset, len(view)))
+        offset += len(view)
+    assert out == whole(data, params)
+    assert reader.reads <= 6, f"{reader.reads} reads for a {len(data)}-byte input"

@@ -354,3 +354,20 @@ def test_put_refuses_links_out_of_the_tree(store: Store, tree: Path) -> None:
 def test_context_manager(tmp_path: Path, tree: Path) -> None:
     with cas.open(tmp_path / "s") as store:
         assert store.put(tree, "k").number == 1
+
+
+@pytest.mark.timeout(60)
+def test_file_that_grew_after_the_scan_is_refused_promptly(tmp_path: Path) -> None:
+    # The scan's size is only a hint for reading; a file that grew (a checkpoint
+    # still being written) must be reported, not read a byte per block.
+    from cas.chunking import ChunkerParams
+    from cas.chunkstore import ChunkStore
+    from cas.ingest import Ingestor, SourceItem
+
+    src = tmp_path / "growing.bin"
+    src.write_bytes(random_bytes(3 * 1024 * KiB, 4))
+    backend = cas.open(tmp_path / "s").backend
+    ingestor = Ingestor(ChunkStore(backend), ChunkerParams(), workers=2)
+    item = SourceItem("growing.bin", src, "file", 0o644, size=1000)
+    with pytest.raises(SourceError, match="changed while it was read"):
+        ingestor.run([item])
