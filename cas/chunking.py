@@ -115,9 +115,10 @@ def iter_chunks(
     consumed = 0
     while not eof:
         size = block_size
-        if size_hint is not None:
-            # +1 so that a file of exactly the hinted size sees its end in this block.
-            size = min(block_size, len(carry) + max(size_hint - consumed, 0) + 1)
+        if size_hint is not None and consumed <= size_hint:
+            # +1 so that a file of exactly the hinted size sees its end in this block;
+            # once more than the hint was read, the hint is wrong: use whole blocks.
+            size = min(block_size, len(carry) + size_hint - consumed + 1)
         block = bytearray(size)
         block[: len(carry)] = carry
         filled = len(carry)
