@@ -139,8 +139,8 @@ class ArtifactInfo:
             _check_text(name, getattr(self, name))
         object.__setattr__(self, "metrics", check_metrics(self.metrics))
         object.__setattr__(self, "labels", check_labels(self.labels))
-        object.__setattr__(self, "parents", _check_strings("parents", list(self.parents)))
-        object.__setattr__(self, "tags", _check_strings("tags", list(self.tags)))
+        object.__setattr__(self, "parents", _check_strings("parents", self.parents))
+        object.__setattr__(self, "tags", _check_strings("tags", self.tags))
         if self.created is not None and not isinstance(self.created, str):
             raise InvalidInputError(f"created must be RFC 3339 text, got {self.created!r}")
         if self.version is not None and (
@@ -184,8 +184,8 @@ class ArtifactInfo:
             metrics=data.get("metrics") or {},
             created=data.get("created"),
             version=data.get("version"),
-            parents=tuple(data.get("parents") or ()),
-            tags=tuple(data.get("tags") or ()),
+            parents=data.get("parents") or (),
+            tags=data.get("tags") or (),
             labels=data.get("labels") or {},
         )
 
