@@ -18,6 +18,12 @@ class PutResult:
     length: int
     #: Stored bytes written by this call; 0 when the chunk was already there.
     written: int
+    #: A lower bound of the chunk's modification time after this call, on the
+    #: backend's clock (None without a reference time): what a put must keep
+    #: younger than the grace period of garbage collection.
+    mtime: float | None = None
+    #: When this call touched an existing chunk: its modification time before.
+    prior_mtime: float | None = None
 
 
 class ChunkStore:
@@ -59,26 +65,34 @@ class ChunkStore:
         except NotFoundError:
             pass
         else:
-            if self._refresh(info, reference_time):
-                return PutResult(digest, len(data), 0)
+            times = self._refresh(info, reference_time)
+            if times is not None:
+                return PutResult(digest, len(data), 0, *times)
         blob = codec.encode(data, self.level)
         try:
             self.backend.put(key, blob, if_absent=True)
         except AlreadyExistsError:
-            # A concurrent writer stored the same bytes first; same name, same content.
-            return PutResult(digest, len(data), 0)
-        return PutResult(digest, len(data), len(blob))
+            # A concurrent writer stored the same bytes first (after our stat,
+            # so after reference_time); same name, same content.
+            return PutResult(digest, len(data), 0, reference_time)
+        return PutResult(digest, len(data), len(blob), reference_time)
 
-    def _refresh(self, info: ObjectInfo, reference_time: float | None) -> bool:
-        """Touch an old reused chunk; False if it vanished meanwhile (then store it again)."""
+    def _refresh(
+        self, info: ObjectInfo, reference_time: float | None
+    ) -> tuple[float, float | None] | None:
+        """Touch an old reused chunk; None if it vanished meanwhile (then store it again).
+
+        Returns (lower bound of its mtime now, its mtime before a touch or None).
+        """
         if self.refresh_after is None or reference_time is None:
-            return True
+            return info.mtime, None
         if reference_time - info.mtime > self.refresh_after:
             try:
                 self.backend.touch(info.key)
             except NotFoundError:
-                return False
-        return True
+                return None
+            return reference_time, info.mtime
+        return info.mtime, None
 
     def get(self, digest: Digest, *, context: str = "") -> bytes:
         """Return the verified raw bytes of a chunk.

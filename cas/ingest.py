@@ -118,8 +118,11 @@ class Ingestor:
         workers: int,
         reference_time: Callable[[], float | None] = lambda: None,
         progress: ProgressFn | None = None,
+        observer: Callable[[PutResult], None] | None = None,
     ) -> None:
         self.chunks = chunks
+        # Told of every chunk stored or reused, for garbage-collection safety.
+        self.observer = observer
         self.params = params
         self.workers = workers
         self.reference_time = reference_time
@@ -183,6 +186,8 @@ class Ingestor:
         digest = Digest(hash_bytes(view))
         if self._seen.add(digest):
             result = self.chunks.put(view, digest=digest, reference_time=self.reference_time())
+            if self.observer is not None:
+                self.observer(result)
         else:
             result = PutResult(digest, len(view), 0)
         self.stats.record(result)

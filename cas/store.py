@@ -31,7 +31,8 @@ from .errors import (
     NotFoundError,
     RefNotFoundError,
 )
-from .ingest import Ingestor, build_entries, scan
+from .gcprotocol import SYSTEM_CLOCK, Clock, ConcurrentCollectionError, WriteSession
+from .ingest import Ingestor, SourceItem, build_entries, scan
 from .manifest import Entry, Manifest, Parent, canonical_json, check_metric
 from .refs import Refs, VersionRef, utc_now
 from .restore import Restorer
@@ -39,6 +40,8 @@ from .verify import VerifyReport, iter_live_versions, verify_store
 
 ProgressFn = Callable[[int], None]
 DEFAULT_STORE = ".cas"
+#: A put that loses a reused chunk to a concurrent collection starts over this often.
+PUT_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,8 @@ class Store:
         self.refs = Refs(backend)
         self.chunks = ChunkStore(backend, level=config.zstd_level)
         self.workers = workers or backend.concurrency
+        #: Local elapsed time for garbage-collection safety; tests inject a fake one.
+        self.clock: Clock = SYSTEM_CLOCK
 
     # -- opening -----------------------------------------------------------------
 
@@ -223,28 +228,64 @@ class Store:
         resolved = tuple(dict.fromkeys(self._parent(p) for p in parents))
         kind, items = scan(Path(path))
 
-        ingestor = Ingestor(
-            self.chunks, self.config.chunker, workers=self.workers, progress=progress
-        )
-        entries = build_entries(items, ingestor)
-        manifest = Manifest(
-            key=key,
-            kind=kind,
-            created=utc_now(),
-            entries=entries,
-            parents=resolved,
-            tags=tags,
-            metrics=metrics,
-            metadata=metadata,
-            message=message,
-            artifact=info.record() if info is not None else {},
-        )
-        manifest_id = self._write_manifest(manifest)
-        summary = Summary.of_manifest(manifest).for_ref()
-        ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
+        def build(entries: tuple[Entry, ...]) -> Manifest:
+            return Manifest(
+                key=key,
+                kind=kind,
+                created=utc_now(),
+                entries=entries,
+                parents=resolved,
+                tags=tags,
+                metrics=metrics,
+                metadata=metadata,
+                message=message,
+                artifact=info.record() if info is not None else {},
+            )
+
+        for attempt in range(1, PUT_ATTEMPTS + 1):
+            try:
+                ref, manifest = self._store_version(key, items, build, progress)
+                break
+            except ConcurrentCollectionError:
+                # A collection removed a chunk this put was reusing, before
+                # anything was committed; a new attempt uploads it again.
+                if attempt == PUT_ATTEMPTS:
+                    raise
         for tag in tags:
             self.refs.set_tag(key, tag, ref.number)
         return self._version(ref, manifest, tags)
+
+    def _store_version(
+        self,
+        key: str,
+        items: builtins.list[SourceItem],
+        build: Callable[[tuple[Entry, ...]], Manifest],
+        progress: ProgressFn | None,
+    ) -> tuple[VersionRef, Manifest]:
+        """Chunks, then the manifest, then the ref; garbage collection cannot take
+        what the ref names (see docs/gc.md and :mod:`cas.gcprotocol`)."""
+        session = WriteSession(self.backend, clock=self.clock, workers=self.workers).start()
+        try:
+            chunks = ChunkStore(
+                self.backend, level=self.config.zstd_level, refresh_after=session.refresh_after
+            )
+            ingestor = Ingestor(
+                chunks,
+                self.config.chunker,
+                workers=self.workers,
+                progress=progress,
+                reference_time=session.reference_time,
+                observer=session.observe,
+            )
+            manifest = build(build_entries(items, ingestor))
+            manifest_id = self._write_manifest(manifest)
+            session.adopt(layout.manifest_key(manifest_id))
+            session.before_commit()
+            summary = Summary.of_manifest(manifest).for_ref()
+            ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
+        finally:
+            session.close()
+        return ref, manifest
 
     def _write_manifest(self, manifest: Manifest) -> Digest:
         blob = manifest.to_bytes()
