@@ -101,11 +101,14 @@ def timed(label: str, fn: Callable[[], Any]) -> tuple[str, float, Any]:
     return label, time.perf_counter() - start, result
 
 
-def run_queries(store: Store) -> list[tuple[str, float, Any]]:
+def run_queries(store: Store, versions: int, keys: int) -> list[tuple[str, float, Any]]:
+    """Time each query on a store made by :func:`build_store` with the same sizes."""
     from cas.lineage import lineage
     from cas.query import Condition, Query, find
 
-    middle = "runs/run-050/ckpt"
+    middle = f"runs/run-{keys // 2:03d}/ckpt"
+    job = f"run-{keys // 2:03d}"
+    per_key = max(1, versions // keys)
     return [
         timed("log one key", lambda: store.log(middle)),
         timed("ls", lambda: store.list()),
@@ -120,8 +123,8 @@ def run_queries(store: Store) -> list[tuple[str, float, Any]]:
             ),
         ),
         timed("find --tag best", lambda: find(store, Query(tags=("best",)))),
-        timed("find --meta job=run-050", lambda: find(store, Query(meta=(("job", "run-050"),)))),
-        timed("lineage (store-wide)", lambda: lineage(store, f"{middle}@50")),
+        timed(f"find --meta job={job}", lambda: find(store, Query(meta=(("job", job),)))),
+        timed("lineage (store-wide)", lambda: lineage(store, f"{middle}@{per_key // 2}")),
     ]
 
 
@@ -137,7 +140,7 @@ def main() -> int:
         start = time.perf_counter()
         store = build_store(root, args.versions, args.keys)
         build = time.perf_counter() - start
-        results = run_queries(store)
+        results = run_queries(store, args.versions, args.keys)
     finally:
         if not args.store:
             shutil.rmtree(root, ignore_errors=True)
