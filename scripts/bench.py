@@ -40,6 +40,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -49,6 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -107,6 +109,13 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> Run:
     return Run(seconds, maxrss, stdout)
 
 
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 def sync() -> None:
     os.sync()
 
@@ -144,16 +153,17 @@ class Tool:
         raise NotImplementedError
 
 
-def cas_command() -> list[str]:
+def default_cas_command() -> str:
     script = ROOT / ".venv" / "bin" / "cas"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cas"]
+    return str(script) if script.exists() else f"{sys.executable} -m cas"
 
 
 class Cas(Tool):
     name = "cas"
+    command: ClassVar[list[str]] = []
 
     def _cas(self, *args: str) -> list[str]:
-        return [*cas_command(), "--store", str(self.repo), "--no-progress", *args]
+        return [*self.command, "--store", str(self.repo), "--no-progress", *args]
 
     def init(self) -> None:
         self.repo.parent.mkdir(parents=True, exist_ok=True)
@@ -338,13 +348,13 @@ def rss_scaling(workdir: Path, scale: float, log: LogFn) -> list[dict[str, float
         sync()
         handle = re.findall(r"bench/big@\d+", put.stdout)[-1]
         dest = workdir / "scratch" / "big-restored"
-        shutil.rmtree(dest, ignore_errors=True)
+        remove(dest)
         get = run(tool._cas("get", handle, str(dest)))
         sync()
         restored = dest if dest.is_file() else dest / path.name
         verify({"f": hash_tree(restored.parent)[restored.name]}, {"f": info}, "big file")
         stored = tree_bytes(store)[0]
-        shutil.rmtree(dest)
+        remove(dest)
         shutil.rmtree(store)
         row = {
             "file_bytes": float(info.size),
@@ -394,7 +404,7 @@ def report(data: Dataset, med: dict[str, dict[str, float]], repeat: int) -> str:
             f"{human(m['stored_bytes']):>12}{human(m['disk_bytes']):>12}"
             f"{m['ratio']:>16.2f}{m['peak_rss_mib']:>14.1f}"
         )
-    if "cas" in med:
+    if "cas" in med and len(med) > 1:
         c = med["cas"]
         lines += ["", "cas vs      ingest x   restore x   stored (cas/other)"]
         for name, m in med.items():
@@ -444,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--rss-scaling", action="store_true", help="also 256 MiB/1 GiB/4 GiB files through cas"
     )
+    ap.add_argument(
+        "--cas-command",
+        default=default_cas_command(),
+        help="how to run cas (default %(default)s); e.g. 'python -m cas' with PYTHONPATH "
+        "pointing at an exported commit, to measure a fixed version",
+    )
     ap.add_argument("--json", type=Path, help="write every number to this file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-version progress")
     args = ap.parse_args(argv)
@@ -455,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         print("restic not installed: skipping it", file=sys.stderr)
         tools.remove("restic")
     log = Log(not args.quiet)
+    Cas.command = shlex.split(args.cas_command)
     started = time.monotonic()
     workdir: Path = args.workdir.resolve()
     log(f"data under {workdir} (scale {args.scale})", always=True)
@@ -479,26 +496,40 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch / name, ignore_errors=True)
             shutil.rmtree(scratch / f"{name}-cache", ignore_errors=True)
     med = {t: median_result(r) for t, r in runs.items()}
-    out = report(data, med, args.repeat)
-    rows = rss_scaling(workdir, args.scale, lambda m: log(m, True)) if args.rss_scaling else []
-    if rows:
-        out += "\n" + report_rss(rows)
-    elapsed = time.monotonic() - started
-    print(out + f"\n\ntotal wall time: {elapsed:.0f} s")
-    if args.json:
+    print(report(data, med, args.repeat), flush=True)
+    rows: list[dict[str, float]] = []
+    if args.rss_scaling:
+        write_json(args.json, data, med, runs, rows, started)
+        rows = rss_scaling(workdir, args.scale, lambda m: log(m, True))
+        print(report_rss(rows))
+    print(f"\nload average (1/5/15 min): {os.getloadavg()}")
+    print(f"total wall time: {time.monotonic() - started:.0f} s")
+    write_json(args.json, data, med, runs, rows, started)
+    return 0
+
+
+def write_json(
+    path: Path | None,
+    data: Dataset,
+    med: dict[str, dict[str, float]],
+    runs: dict[str, list[Result]],
+    rows: list[dict[str, float]],
+    started: float,
+) -> None:
+    if path:
         doc = {
-            "scale": args.scale,
-            "repeat": args.repeat,
+            "scale": data.scale,
+            "repeat": max((len(r) for r in runs.values()), default=0),
             "logical_bytes": data.logical_bytes,
             "versions": [f"{v.series}/v{v.number}" for v in data.versions],
             "median": med,
             "runs": {t: [asdict(r) for r in rs] for t, rs in runs.items()},
             "rss_scaling": rows,
-            "wall_s": elapsed,
+            "wall_s": time.monotonic() - started,
+            "loadavg": os.getloadavg(),
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1))
-    return 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":
