@@ -68,6 +68,7 @@ class AzureBackend(Backend):
         concurrency: int = 16,
         api_version: str | None = None,
         page_size: int = 5000,
+        max_attempts: int = 4,
     ) -> None:
         self.container_name = container
         self.prefix = prefix.strip("/")
@@ -84,7 +85,11 @@ class AzureBackend(Backend):
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        kwargs: dict[str, Any] = {"transport": RequestsTransport(session=session)}
+        kwargs: dict[str, Any] = {
+            "transport": RequestsTransport(session=session),
+            # The SDK retries throttling, 5xx and connection errors with backoff.
+            "retry_total": max(max_attempts - 1, 0),
+        }
         if api_version:
             kwargs["api_version"] = api_version
         connection_string = connection_string or os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
@@ -337,7 +342,7 @@ def from_uri(uri: str, **options: Any) -> AzureBackend:
             f"not an Azure location: {uri!r}; expected az://container[/prefix]"
         )
     merged: dict[str, Any] = {**dict(parse_qsl(parts.query)), **options}
-    for name in ("concurrency", "page_size"):
+    for name in ("concurrency", "page_size", "max_attempts"):
         if name in merged:
             merged[name] = int(merged[name])
     known = {
@@ -347,6 +352,7 @@ def from_uri(uri: str, **options: Any) -> AzureBackend:
         "concurrency",
         "api_version",
         "page_size",
+        "max_attempts",
     }
     unknown = set(merged) - known
     if unknown:

@@ -24,6 +24,7 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.auth.transport.requests import AuthorizedSession
 from google.cloud import storage
+from google.cloud.storage.retry import DEFAULT_RETRY
 
 from ..errors import (
     AlreadyExistsError,
@@ -64,13 +65,18 @@ class GCSBackend(Backend):
         concurrency: int = 16,
         touch: str | None = None,
         timeout: float = 60.0,
+        retry_timeout: float = 60.0,
     ) -> None:
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self._root = f"{self.prefix}/" if self.prefix else ""
         self.uri = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
         self.concurrency = concurrency
-        self._timeout = timeout
+        # Every call takes the same per-request timeout and retry policy: the
+        # library's own retries throttling, 5xx and connection errors with
+        # backoff, for at most retry_timeout seconds (0: no retries).
+        retry = DEFAULT_RETRY.with_timeout(retry_timeout) if retry_timeout > 0 else None
+        self._call: dict[str, Any] = {"timeout": timeout, "retry": retry}
         emulator = emulator_host or os.environ.get("STORAGE_EMULATOR_HOST")
         if emulator and "://" not in emulator:
             emulator = f"http://{emulator}"
@@ -192,7 +198,7 @@ class GCSBackend(Backend):
                 bytes(data),
                 content_type="application/octet-stream",
                 if_generation_match=generation,
-                timeout=self._timeout,
+                **self._call,
             )
         except Exception as err:
             self._fail(err, key, if_absent=if_absent, if_match=if_match is not None, writing=True)
@@ -203,7 +209,7 @@ class GCSBackend(Backend):
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         blob = self._bucket.blob(self._name(key))
         try:
-            data: bytes = blob.download_as_bytes(timeout=self._timeout)
+            data: bytes = blob.download_as_bytes(**self._call)
         except Exception as err:
             self._fail(err, key)
         # The generation comes from the headers of that same download.
@@ -220,7 +226,7 @@ class GCSBackend(Backend):
         blob = self._bucket.blob(self._name(key))
         try:
             data: bytes = blob.download_as_bytes(
-                start=start, end=start + length - 1, checksum=None, timeout=self._timeout
+                start=start, end=start + length - 1, checksum=None, **self._call
             )
         except gexc.RequestRangeNotSatisfiable:
             return b""  # 416: the range starts at or past the end
@@ -231,7 +237,7 @@ class GCSBackend(Backend):
     def stat(self, key: str) -> ObjectInfo:
         name = self._name(key)
         try:
-            blob = self._bucket.get_blob(name, timeout=self._timeout)
+            blob = self._bucket.get_blob(name, **self._call)
         except Exception as err:
             self._fail(err, key)
         if blob is None:
@@ -246,7 +252,7 @@ class GCSBackend(Backend):
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         blobs = self._client.list_blobs(
-            self._bucket, prefix=self._root + prefix, fields=_LIST_FIELDS, timeout=self._timeout
+            self._bucket, prefix=self._root + prefix, fields=_LIST_FIELDS, **self._call
         )
         try:
             for blob in blobs:
@@ -271,7 +277,7 @@ class GCSBackend(Backend):
 
     def _delete_one(self, name: str) -> None:
         try:
-            self._bucket.blob(name).delete(timeout=self._timeout)
+            self._bucket.blob(name).delete(**self._call)
         except gexc.NotFound:
             pass
         except Exception as err:
@@ -285,14 +291,14 @@ class GCSBackend(Backend):
                 # Any metadata change makes GCS set `updated` to its own now;
                 # the value only has to differ from the previous one.
                 blob.metadata = {"cas-touched": str(time.time_ns())}
-                blob.patch(timeout=self._timeout)
+                blob.patch(**self._call)
                 return
             self._rewrite_onto_itself(name)
         except Exception as err:
             self._fail(err, key)
 
     def _rewrite_onto_itself(self, name: str) -> None:
-        source = self._bucket.get_blob(name, timeout=self._timeout)
+        source = self._bucket.get_blob(name, **self._call)
         if source is None:
             raise NotFoundError(f"object {self.uri}/{name[len(self._root) :]} not found")
         target = self._bucket.blob(name)
@@ -306,7 +312,7 @@ class GCSBackend(Backend):
                     token=token,
                     if_generation_match=source.generation,
                     if_source_generation_match=source.generation,
-                    timeout=self._timeout,
+                    **self._call,
                 )
                 if token is None:
                     break
@@ -319,7 +325,7 @@ class GCSBackend(Backend):
     def create_bucket(self, location: str | None = None) -> None:
         """Create the bucket (in ``location``, else the service default); fine if it exists."""
         try:
-            self._client.create_bucket(self.bucket_name, location=location, timeout=self._timeout)
+            self._client.create_bucket(self.bucket_name, location=location, **self._call)
         except gexc.Conflict:
             return
         except Exception as err:
@@ -342,9 +348,18 @@ def from_uri(uri: str, **options: Any) -> GCSBackend:
     merged: dict[str, Any] = {**dict(parse_qsl(parts.query)), **options}
     if "concurrency" in merged:
         merged["concurrency"] = int(merged["concurrency"])
-    if "timeout" in merged:
-        merged["timeout"] = float(merged["timeout"])
-    known = {"project", "emulator_host", "endpoint_url", "concurrency", "touch", "timeout"}
+    for name in ("timeout", "retry_timeout"):
+        if name in merged:
+            merged[name] = float(merged[name])
+    known = {
+        "project",
+        "emulator_host",
+        "endpoint_url",
+        "concurrency",
+        "touch",
+        "timeout",
+        "retry_timeout",
+    }
     unknown = set(merged) - known
     if unknown:
         raise ConfigurationError(

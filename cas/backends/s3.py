@@ -14,12 +14,15 @@ import builtins
 import contextlib
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
 import boto3
 import botocore.exceptions as bexc
+import botocore.loaders
+import botocore.session
 from botocore.config import Config
 
 from ..errors import (
@@ -55,6 +58,23 @@ _REGION = {
     "AuthorizationHeaderMalformed",
     "IllegalLocationConstraintException",
 }
+
+
+# Parsing botocore's service model is most of the cost of a new client; a
+# shared loader keeps the parsed model. Sessions stay per backend, so each
+# resolves credentials and region from the environment of its own time.
+_loader: Any = None
+_loader_lock = threading.Lock()
+
+
+def _session(profile: str | None) -> boto3.session.Session:
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = botocore.loaders.create_loader()
+    core = botocore.session.get_session()
+    core.register_component("data_loader", _loader)
+    return boto3.session.Session(botocore_session=core, profile_name=profile)
 
 
 def _split(uri: str) -> tuple[str, str, dict[str, str]]:
@@ -103,10 +123,13 @@ class S3Backend(Backend):
             connect_timeout=10,
             read_timeout=60,
         )
-        session = boto3.session.Session(profile_name=profile)
-        self.region = region or session.region_name or ("us-east-1" if self.endpoint_url else None)
         try:
-            # One client per backend: botocore clients are thread-safe, sessions are not.
+            # One client per backend, shared by all threads: botocore clients are
+            # thread-safe (sessions are not, and stay private to this call).
+            session = _session(profile)
+            self.region = region or session.region_name
+            if self.region is None and self.endpoint_url:
+                self.region = "us-east-1"
             self._client: Any = session.client(
                 "s3", region_name=self.region, endpoint_url=self.endpoint_url, config=config
             )
@@ -195,7 +218,10 @@ class S3Backend(Backend):
             conditions["IfMatch"] = if_match
         view = memoryview(data).cast("B")
         try:
-            if len(view) >= self.multipart_threshold:
+            # Compare-and-swap is for small objects and stays a single PutObject
+            # (up to 5 GiB): If-Match on CompleteMultipartUpload is newer, and
+            # not every S3 implementation checks it there.
+            if len(view) >= self.multipart_threshold and if_match is None:
                 self._put_multipart(name, view, conditions)
             else:
                 body = bytes(view)
