@@ -171,10 +171,12 @@ def write_settings(backend: Backend, grace: float) -> GcSettings:
 
 
 def running_collections(backend: Backend) -> Iterator[tuple[str, float]]:
-    """(marker key, deletion window) of every collection that looks alive."""
+    """(marker key, deletion window) of every collection that may delete something."""
     for info in backend.list(RUNS):
         try:
             data = json.loads(backend.get(info.key))
+            if data.get("dry_run") is True:
+                continue  # a dry run deletes nothing
             window = float(data.get("window", DEFAULT_WINDOW))
         except NotFoundError:
             continue  # it finished while we listed: its deletions are over

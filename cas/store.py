@@ -31,7 +31,15 @@ from .errors import (
     NotFoundError,
     RefNotFoundError,
 )
-from .gcprotocol import SYSTEM_CLOCK, Clock, ConcurrentCollectionError, WriteSession
+from .gc import GcReport, collect
+from .gcprotocol import (
+    SYSTEM_CLOCK,
+    Clock,
+    ConcurrentCollectionError,
+    GcSettings,
+    WriteSession,
+    write_settings,
+)
 from .ingest import Ingestor, SourceItem, build_entries, scan
 from .manifest import Entry, Manifest, Parent, canonical_json, check_metric
 from .refs import Refs, VersionRef, utc_now
@@ -445,15 +453,54 @@ class Store:
             referenced_chunks=len(referenced),
         )
 
-    def verify(self, *, deep: bool = False, progress: ProgressFn | None = None) -> VerifyReport:
+    def verify(
+        self,
+        *,
+        deep: bool = False,
+        sample: float | None = None,
+        repair: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> VerifyReport:
+        """Check every version; ``deep`` rehashes every chunk, ``sample`` a percentage of them.
+
+        ``repair`` moves corrupt chunks to quarantine/ so that putting the
+        same content again heals the versions the report lists.
+        """
         return verify_store(
             self.refs,
             self.chunks,
             self.load_manifest,
             deep=deep,
+            sample=sample,
+            repair=repair,
             workers=self.workers,
             progress=progress,
         )
+
+    def gc(
+        self,
+        *,
+        grace: float | None = None,
+        dry_run: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> GcReport:
+        """Delete chunks and manifests no version needs, older than ``grace`` seconds.
+
+        Safe while others put, as long as ``grace`` is at least the store's
+        setting (the default when None); see docs/gc.md.
+        """
+        return collect(
+            self.backend,
+            grace=grace,
+            dry_run=dry_run,
+            workers=self.workers,
+            clock=self.clock,
+            progress=progress,
+        )
+
+    def set_gc_grace(self, seconds: float) -> GcSettings:
+        """Set the grace that writers refresh against and collections default to."""
+        return write_settings(self.backend, seconds)
 
     # -- helpers -------------------------------------------------------------------
 

@@ -1,25 +1,37 @@
-"""Integrity checks over a whole store.
+"""Integrity checks over a whole store, and the repair of corrupt chunks.
 
 ``verify`` reads every version ref and its manifest and checks, with one
 listing of ``chunks/``, that every referenced chunk exists. ``deep`` also
-reads, decodes and rehashes every referenced chunk, in parallel. The report
-names every damaged version and the files in it that are affected.
+reads, decodes and rehashes every referenced chunk, in parallel; ``sample``
+does that for a random share of them only. The report names every damaged
+version and the files in it that are affected.
+
+``repair`` moves each corrupt chunk out of the way, to ``quarantine/``: it
+is never deleted silently, and once its name is free, putting the same
+content again (any file that contains it) stores a good copy and heals every
+version that needs it. The report lists those versions.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
+from . import layout
 from .chunkstore import ChunkStore
 from .digest import Digest
-from .errors import CasError
+from .errors import CasError, IntegrityError, InvalidInputError, MissingObjectError, NotFoundError
 from .manifest import Manifest
 from .refs import Refs, VersionRef
 
 ProgressFn = Callable[[int], None]
+#: Where repair puts corrupt chunks; outside chunks/, so gc never sees them.
+QUARANTINE = "quarantine/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +53,12 @@ class VerifyReport:
     corrupt_chunks: tuple[str, ...] = ()
     damaged: tuple[Damage, ...] = ()
     deep: bool = False
+    #: Percentage of chunks read when sampling, else None.
+    sample: float | None = None
+    #: Corrupt chunk hex -> the quarantine key it was moved to.
+    quarantined: tuple[tuple[str, str], ...] = ()
+    #: Versions that heal when the content of their damaged files is put again.
+    reput: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -50,6 +68,7 @@ class VerifyReport:
         return {
             "ok": self.ok,
             "deep": self.deep,
+            "sample": self.sample,
             "versions": self.versions,
             "manifests": self.manifests,
             "chunks_referenced": self.chunks_referenced,
@@ -59,6 +78,8 @@ class VerifyReport:
             "damaged": [
                 {"ref": d.ref, "problem": d.problem, "files": list(d.files)} for d in self.damaged
             ],
+            "quarantined": [{"chunk": c, "moved_to": k} for c, k in self.quarantined],
+            "reput": list(self.reput),
         }
 
 
@@ -80,20 +101,48 @@ def iter_live_versions(refs: Refs) -> Iterator[VersionRef]:
                 yield ref
 
 
+def _versions(refs: Refs, damaged: dict[str, Damage]) -> Iterator[VersionRef]:
+    """Live versions; a ref that cannot be read is recorded as damage, not raised."""
+    for key, numbers in refs.iter_keys():
+        for number in numbers:
+            label = f"{key}@{number}"
+            try:
+                ref = refs.read_version(key, number)
+            except IntegrityError as err:
+                damaged[label] = Damage(label, f"ref: {err}")
+                continue
+            except NotFoundError:
+                continue  # removed while we listed
+            if not ref.deleted:
+                yield ref
+
+
 def verify_store(
     refs: Refs,
     chunks: ChunkStore,
     load_manifest: Callable[[Digest], Manifest],
     *,
     deep: bool = False,
+    sample: float | None = None,
+    repair: bool = False,
     workers: int = 4,
     progress: ProgressFn | None = None,
+    rng: random.Random | None = None,
 ) -> VerifyReport:
+    """Check the store; ``sample`` (a percentage) reads that share of chunks.
+
+    ``repair`` needs ``deep`` or ``sample``: only reading a chunk shows that
+    it is corrupt.
+    """
+    if sample is not None and not 0 < sample <= 100:
+        raise InvalidInputError(f"--sample takes a percentage in (0, 100], got {sample:g}")
+    if repair and not deep and sample is None:
+        raise InvalidInputError("--repair needs --deep or --sample: only reading finds corruption")
     usage = _Usage()
     damaged: dict[str, Damage] = {}
     versions = 0
     manifests: set[bytes] = set()
-    for ref in iter_live_versions(refs):
+    for ref in _versions(refs, damaged):
         versions += 1
         label = f"{ref.key}@{ref.number}"
         assert ref.manifest_id is not None
@@ -110,22 +159,15 @@ def verify_store(
     present = {digest.raw for digest, _ in chunks.list()}
     missing = [raw for raw in usage.by_chunk if raw not in present]
     corrupt: list[bytes] = []
-    read = 0
-    if deep:
+    to_read: list[bytes] = []
+    if deep or sample is not None:
         to_read = [raw for raw in usage.by_chunk if raw in present]
-        read = len(to_read)
-
-        def check(raw: bytes) -> bytes | None:
-            try:
-                data = chunks.get(Digest(raw))
-            except CasError:
-                return raw
-            if progress is not None:
-                progress(len(data))
-            return None
-
-        with ThreadPoolExecutor(workers, thread_name_prefix="cas-verify") as pool:
-            corrupt = [raw for raw in pool.map(check, to_read) if raw is not None]
+        if sample is not None and sample < 100:
+            count = math.ceil(len(to_read) * sample / 100)
+            to_read = (rng or random.Random()).sample(to_read, count)
+        found = _read_all(chunks, to_read, workers, progress)
+        corrupt = [raw for raw, problem in found if problem == "corrupt"]
+        missing += [raw for raw, problem in found if problem == "missing"]
 
     for problem, raws in (("missing chunk", missing), ("corrupt chunk", corrupt)):
         for raw in raws:
@@ -135,13 +177,74 @@ def verify_store(
                 text = old.problem if old else f"{problem} {raw.hex()}"
                 damaged[label] = Damage(label, text, files)
 
+    quarantined: list[tuple[str, str]] = []
+    reput: set[str] = set()
+    if repair:
+        for raw in corrupt:
+            moved = quarantine_chunk(chunks, Digest(raw))
+            if moved is not None:
+                quarantined.append((raw.hex(), moved))
+        # A missing chunk heals the same way as a quarantined one.
+        for raw in (*missing, *corrupt):
+            reput.update(label for label, _ in usage.by_chunk[raw])
+
     return VerifyReport(
         versions=versions,
         manifests=len(manifests),
         chunks_referenced=len(usage.by_chunk),
-        chunks_read=read,
+        chunks_read=len(to_read),
         missing_chunks=tuple(sorted(r.hex() for r in missing)),
         corrupt_chunks=tuple(sorted(r.hex() for r in corrupt)),
         damaged=tuple(damaged[k] for k in sorted(damaged)),
-        deep=deep,
+        deep=deep or sample is not None,
+        sample=sample,
+        quarantined=tuple(sorted(quarantined)),
+        reput=tuple(sorted(reput)),
     )
+
+
+def _read_all(
+    chunks: ChunkStore, raws: list[bytes], workers: int, progress: ProgressFn | None
+) -> list[tuple[bytes, str]]:
+    """Read and rehash chunks in parallel; (digest, "corrupt" | "missing") for the bad ones."""
+
+    def check(raw: bytes) -> tuple[bytes, str] | None:
+        try:
+            data = chunks.get(Digest(raw))
+        except MissingObjectError:
+            return raw, "missing"  # removed after the listing
+        except IntegrityError:
+            return raw, "corrupt"
+        if progress is not None:
+            progress(len(data))
+        return None
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cas-verify") as pool:
+        return [bad for bad in pool.map(check, raws) if bad is not None]
+
+
+def quarantine_chunk(chunks: ChunkStore, digest: Digest) -> str | None:
+    """Move a corrupt chunk to ``quarantine/``; its key, or None if it was gone or is fine now.
+
+    The stored bytes are copied first and the chunk deleted only after it
+    is read and found corrupt once more, so a good copy that a concurrent put
+    stored meanwhile is left alone.
+    """
+    backend = chunks.backend
+    key = layout.chunk_key(digest)
+    try:
+        blob = backend.get(key)
+    except NotFoundError:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = f"{QUARANTINE}{key}.{stamp}"
+    backend.put(target, blob)
+    try:
+        chunks.get(digest)
+    except MissingObjectError:
+        return target
+    except IntegrityError:
+        backend.delete([key])
+        return target
+    backend.delete([target])  # healed meanwhile: nothing to move
+    return None

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from .. import __version__
 from ..errors import CasError
 from ..store import DEFAULT_STORE
-from . import commands, workflow_commands
+from . import commands, gc_commands, workflow_commands
 from .common import Handler
 
-COMMAND_MODULES = [commands, workflow_commands]
+COMMAND_MODULES = [commands, workflow_commands, gc_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -185,7 +185,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args, create=False)
     with progress(args, None, "verify") as on_progress:
-        report = store.verify(deep=args.deep, progress=on_progress)
+        report = store.verify(
+            deep=args.deep, sample=args.sample, repair=args.repair, progress=on_progress
+        )
     lines = [
         f"checked {report.versions} versions, {report.chunks_referenced} chunks"
         + (f" ({report.chunks_read} read and rehashed)" if report.deep else " (existence)")
@@ -194,6 +196,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         files = ", ".join(damage.files)
         lines.append(
             f"DAMAGED {damage.ref}: {damage.problem}" + (f" (files: {files})" if files else "")
+        )
+    for chunk, moved_to in report.quarantined:
+        lines.append(f"quarantined corrupt chunk {chunk} -> {moved_to}")
+    if report.reput:
+        lines.append(
+            "to heal, put the content of the damaged files again (any key will do): "
+            + ", ".join(report.reput)
         )
     lines.append("ok" if report.ok else f"{len(report.damaged)} damaged versions")
     emit(args, report.to_dict(), "\n".join(lines))
@@ -265,3 +274,14 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
 
     p = add("verify", cmd_verify, "check that every version's data is present (and intact)")
     p.add_argument("--deep", action="store_true", help="read and rehash every chunk")
+    p.add_argument(
+        "--sample",
+        type=float,
+        metavar="PERCENT",
+        help="read and rehash a random PERCENT of the chunks (implies reading)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --deep or --sample: move corrupt chunks to quarantine/ so a new put heals them",
+    )
