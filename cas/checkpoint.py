@@ -331,8 +331,11 @@ class CheckpointManager:
         key: str | None = None,
         framework: Literal["auto", "torch", "numpy"] = "auto",
         info: ArtifactInfo | None = None,
+        parent: str | None = None,
     ) -> None:
         self.store = store
+        #: What the run's first checkpoint derives from (a dataset, a base model).
+        self.parent = parent
         self.run = run
         self.key = layout.check_key(key or f"runs/{run}/checkpoint")
         self.framework = framework
@@ -357,7 +360,7 @@ class CheckpointManager:
         try:
             parent: str | None = self.store.log(self.key)[0].ref
         except RefNotFoundError:
-            parent = None
+            parent = self.parent
         metrics = {**(metrics or {}), "step": step}
         helper = save_state_dict if self._is_torch(state) else save_arrays
         return helper(
