@@ -109,12 +109,23 @@ class Refs:
             fields["summary"] = dict(summary)
         body = canonical_json(fields)
         while True:
+            object_key = layout.version_key(key, number)
             try:
-                self.backend.put(layout.version_key(key, number), body, if_absent=True)
+                self.backend.put(object_key, body, if_absent=True)
             except AlreadyExistsError:
-                number += 1  # another writer took it: the next one is ours to try
-                continue
+                # A retried request whose first attempt succeeded sees its own
+                # write: the body (with its microsecond timestamp) says so.
+                if not self._holds(object_key, body):
+                    number += 1  # another writer took it: the next one is ours to try
+                    continue
+            self.backend.flush()  # the commit is durable before anyone is told of it
             return VersionRef(key, number, manifest_id, created, fields.get("summary"))
+
+    def _holds(self, object_key: str, body: bytes) -> bool:
+        try:
+            return self.backend.get(object_key) == body
+        except NotFoundError:
+            return False
 
     def mark_deleted(self, ref: VersionRef) -> None:
         body = canonical_json({"manifest": None, "created": ref.created, "deleted": utc_now()})
