@@ -145,9 +145,9 @@ def read_settings(backend: Backend, *, with_time: bool = False) -> GcSettings:
 
 def write_settings(backend: Backend, grace: float) -> GcSettings:
     """Set the grace writers use; compare-and-swap so concurrent changes are not lost."""
-    if not math.isfinite(grace) or grace < 1:
+    if not math.isfinite(grace) or grace <= 0:
         raise InvalidInputError(
-            "the store's grace must be at least 1 second; "
+            "the store's grace must be more than 0 seconds; "
             "for one collection without writers use `cas gc --grace 0`"
         )
     while True:
@@ -167,7 +167,16 @@ def write_settings(backend: Backend, grace: float) -> GcSettings:
                 backend.put(SETTINGS_KEY, body, if_match=token)
         except (PreconditionFailedError, FileExistsError):
             continue  # someone else changed it meanwhile: apply ours on top
-        return read_settings(backend, with_time=True)
+        break
+    # A put writes its marker before it reads the setting, so if no marker
+    # exists now, no put can still be working with the old value: the floor
+    # is not needed (a put starting from here on reads the new one).
+    if next(iter(backend.list(PUTS)), None) is None:
+        with contextlib.suppress(PreconditionFailedError, NotFoundError):
+            _, token = backend.get_versioned(SETTINGS_KEY)
+            body = canonical_json({"grace": grace, "previous": None, "set": utc_now()})
+            backend.put(SETTINGS_KEY, body, if_match=token)
+    return read_settings(backend, with_time=True)
 
 
 def running_collections(backend: Backend) -> Iterator[tuple[str, float]]:

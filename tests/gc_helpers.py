@@ -1,0 +1,253 @@
+"""Shared pieces of the garbage-collection tests: clocks, a hookable backend, worlds.
+
+A *world* is a backend plus the clock that times it and a grace period that
+suits its modification-time resolution. On the in-memory backend the clock
+is fake: time moves only when a test moves it, so every interleaving is
+replayed exactly. On the other backends time is real, the grace is short,
+and "advance" sleeps; the same tests then check the same invariants, though
+which of the safe paths a race takes may differ (``world.deterministic``).
+
+``GC_BACKENDS`` (env ``CAS_GC_BACKENDS``, default ``memory,local``) lists the
+kinds to run; the cloud kinds (``s3``, ``gcs``, ``azure``) use the backend
+fixtures of ``backend_fixtures.py`` unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cas.backends.base import Backend, ObjectInfo
+from cas.chunking import ChunkerParams
+from cas.config import StoreConfig, write_config
+from cas.gcprotocol import Clock
+from cas.store import Store
+
+GC_BACKENDS = [k for k in os.environ.get("CAS_GC_BACKENDS", "memory,local").split(",") if k]
+#: Real-clock grace per kind: many times the service's mtime resolution
+#: (S3 and Azure stamp whole seconds), yet short enough to wait out in a test.
+REAL_GRACE = {"local": 1.0, "s3": 6.0, "gcs": 3.0, "azure": 6.0}
+#: How coarse each kind's modification times are (S3 and Azure: whole seconds).
+RESOLUTION = {"memory": 0.001, "local": 0.01, "s3": 1.1, "gcs": 0.01, "azure": 1.1}
+#: Small chunks: a few hundred KiB give files of many chunks.
+PARAMS = ChunkerParams.from_average(16 * 1024)
+
+
+class FakeClock(Clock):
+    """Time that moves only when told. Also the MemoryBackend's clock (``time``)."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+        #: Called with the duration before a sleep advances time; may block.
+        self.on_sleep: Callable[[float], None] | None = None
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep(seconds)
+        self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class RealClock(Clock):
+    """The system clock, with the same hooks as FakeClock."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+        self.on_sleep: Callable[[float], None] | None = None
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep(seconds)
+        time.sleep(seconds)
+
+    def advance(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+@dataclass
+class _Hook:
+    op: str
+    when: str  # "before" or "after"
+    match: Callable[[str], bool]
+    action: Callable[[str], None]
+    once: bool
+    thread_prefix: str | None
+    fired: int = 0
+
+
+class HookedBackend(Backend):
+    """Delegates to another backend, running test code before or after chosen calls."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.uri = inner.uri
+        self.concurrency = inner.concurrency
+        self._hooks: list[_Hook] = []
+        self._lock = threading.Lock()
+
+    def on(
+        self,
+        op: str,
+        match: Callable[[str], bool],
+        action: Callable[[str], None],
+        *,
+        when: str = "before",
+        once: bool = True,
+        thread_prefix: str | None = None,
+    ) -> _Hook:
+        hook = _Hook(op, when, match, action, once, thread_prefix)
+        self._hooks.append(hook)
+        return hook
+
+    def clear(self) -> None:
+        self._hooks.clear()
+
+    def _fire(self, op: str, when: str, keys: Iterable[str]) -> None:
+        thread = threading.current_thread().name
+        for key in keys:
+            for hook in list(self._hooks):
+                if hook.op != op or hook.when != when or not hook.match(key):
+                    continue
+                if hook.thread_prefix is not None and not thread.startswith(hook.thread_prefix):
+                    continue
+                with self._lock:
+                    if hook.once and hook.fired:
+                        continue
+                    hook.fired += 1
+                hook.action(key)
+
+    def put(
+        self,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        if_absent: bool = False,
+        if_match: str | None = None,
+    ) -> None:
+        self._fire("put", "before", [key])
+        self.inner.put(key, data, if_absent=if_absent, if_match=if_match)
+        self._fire("put", "after", [key])
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        return self.inner.get_versioned(key)
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        return self.inner.get_range(key, start, length)
+
+    def stat(self, key: str) -> ObjectInfo:
+        self._fire("stat", "before", [key])
+        info = self.inner.stat(key)
+        self._fire("stat", "after", [key])
+        return info
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        self._fire("delete", "before", keys)
+        self.inner.delete(keys)
+        self._fire("delete", "after", keys)
+
+    def touch(self, key: str) -> None:
+        self._fire("touch", "before", [key])
+        self.inner.touch(key)
+        self._fire("touch", "after", [key])
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
+@dataclass
+class World:
+    kind: str
+    backend: HookedBackend
+    clock: FakeClock | RealClock
+    grace: float
+    deterministic: bool
+    stores: list[Store] = field(default_factory=list)
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    def tick(self) -> None:
+        """Let enough time pass that the next write gets a later modification time."""
+        self.clock.advance(RESOLUTION[self.kind])
+
+    def store(self, *, workers: int = 2) -> Store:
+        """A store on this world's backend, whose writers use the world's grace."""
+        config = write_config(self.backend, StoreConfig(chunker=PARAMS), exist_ok=True)
+        store = Store(self.backend, config, workers=workers)
+        store.clock = self.clock
+        if not self.stores:
+            store.set_gc_grace(self.grace)
+        self.stores.append(store)
+        return store
+
+
+def make_world(kind: str, backend: Backend | None) -> World:
+    if kind == "memory":
+        from cas.backends import MemoryBackend
+
+        fake = FakeClock()
+        inner: Backend = MemoryBackend(clock=fake.time)
+        return World(kind, HookedBackend(inner), fake, grace=600.0, deterministic=True)
+    assert backend is not None
+    return World(kind, HookedBackend(backend), RealClock(), REAL_GRACE[kind], False)
+
+
+def random_bytes(size: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def chunk_keys(store: Store, ref: str) -> list[str]:
+    """Keys of the chunks of one version, in file order."""
+    from cas import layout
+
+    details = store.show(ref)
+    return [layout.chunk_key(c.digest) for e in details.entries for c in e.chunks]
+
+
+def live_objects(store: Store) -> tuple[set[str], set[str]]:
+    """(chunk keys, manifest keys) that live versions reference."""
+    from cas import layout
+    from cas.verify import iter_live_versions
+
+    chunks: set[str] = set()
+    manifests: set[str] = set()
+    for ref in iter_live_versions(store.refs):
+        assert ref.manifest_id is not None
+        manifests.add(layout.manifest_key(ref.manifest_id))
+        for entry in store.load_manifest(ref.manifest_id).entries:
+            chunks.update(layout.chunk_key(c.digest) for c in entry.chunks)
+    return chunks, manifests
+
+
+def stored_keys(backend: Backend, prefix: str) -> set[str]:
+    return {info.key for info in backend.list(prefix)}
