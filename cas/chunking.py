@@ -58,6 +58,12 @@ class ChunkerParams:
     @classmethod
     def from_average(cls, avg_size: int) -> ChunkerParams:
         """The usual spread around an average: a quarter of it to four times it."""
+        low, high = _AVG_LIMITS[0] * 4, _MAX_LIMITS[1] // 4
+        if not low <= avg_size <= high:
+            raise InvalidInputError(
+                f"average chunk size {avg_size} bytes is outside {low}..{high} "
+                "(the minimum is a quarter of it and the maximum four times it)"
+            )
         return cls(
             min_size=max(avg_size // 4, _MIN_LIMITS[0]),
             avg_size=avg_size,

@@ -219,10 +219,45 @@ def check_entries(entries: tuple[Entry, ...]) -> None:
         if entry.type == "symlink":
             check_link_target(entry.path, entry.target or "")
             links.add(entry.path)
-    # Nothing may sit below a symlink: writing it would follow the link, and
-    # chains of links can leave the tree even when each one alone does not.
+    # Nothing may sit below a symlink: writing it would follow the link.
     for entry in entries:
         parts = entry.path.split("/")
         for depth in range(1, len(parts)):
             if "/".join(parts[:depth]) in links:
                 raise UnsafePathError(f"path {entry.path!r} lies below a symlink in artifact")
+    # Each link alone stays inside, but a chain can still leave the tree
+    # ("a/b -> ../.." then "z -> a/b/.."): resolve every link through the others.
+    targets = {e.path: e.target or "" for e in entries if e.type == "symlink"}
+    for path, target in targets.items():
+        _resolve_inside(targets, path.split("/")[:-1], target, path, 0)
+
+
+_MAX_LINK_HOPS = 40  # as the kernel's own limit on nested links
+
+
+def _resolve_inside(
+    links: Mapping[str, str], base: list[str], target: str, origin: str, hops: int
+) -> list[str]:
+    """Resolve ``target`` from directory ``base`` through the artifact's own links.
+
+    Returns the resolved path as parts; raises UnsafePathError if any step goes
+    above the root of the artifact or the links loop.
+    """
+    if hops > _MAX_LINK_HOPS:
+        raise UnsafePathError(f"symlink {origin!r} is part of a loop of links")
+    parts = list(base)
+    for component in target.split("/"):
+        if component in ("", "."):
+            continue
+        if component == "..":
+            if not parts:
+                raise UnsafePathError(
+                    f"symlink {origin!r} leads outside the artifact through other links"
+                )
+            parts.pop()
+            continue
+        parts.append(component)
+        joined = "/".join(parts)
+        if joined in links:
+            parts = _resolve_inside(links, parts[:-1], links[joined], origin, hops + 1)
+    return parts

@@ -23,6 +23,9 @@ from .errors import CorruptObjectError, DestinationExistsError, SourceError
 from .manifest import ChunkRef, Entry, Manifest, check_entries
 
 ProgressFn = Callable[[int], None]
+# setuid, setgid and sticky bits are dropped: a store is not trusted to hand
+# out privileges, least of all to a restore run as root.
+_SAFE_MODE_BITS = 0o777
 
 
 def _remove(path: Path) -> None:
@@ -83,7 +86,7 @@ class Restorer:
         # Directory modes last, deepest first, so a read-only directory does
         # not stop us filling it.
         for entry in sorted(dirs, key=lambda e: e.path.count("/"), reverse=True):
-            os.chmod(root / entry.path, entry.mode)
+            os.chmod(root / entry.path, entry.mode & _SAFE_MODE_BITS)
         os.chmod(root, 0o755)
 
     def _write_files(self, targets: list[tuple[Entry, Path]], label: str) -> None:
@@ -147,7 +150,7 @@ class Restorer:
             raise CorruptObjectError(
                 f"{label}: file {entry.path!r} does not match its recorded BLAKE3 after restore"
             )
-        os.chmod(path, entry.mode)
+        os.chmod(path, entry.mode & _SAFE_MODE_BITS)
 
     @staticmethod
     def _move_into_place(staging: Path, dest: Path) -> None:

@@ -169,13 +169,16 @@ def verify_store(
         corrupt = [raw for raw, problem in found if problem == "corrupt"]
         missing += [raw for raw, problem in found if problem == "missing"]
 
-    for problem, raws in (("missing chunk", missing), ("corrupt chunk", corrupt)):
+    # Per damaged version: the chunks behind each kind of problem, and the files hit.
+    found_by_label: dict[str, dict[str, set[str]]] = {}
+    files_by_label: dict[str, set[str]] = {}
+    for problem, raws in (("missing", missing), ("corrupt", corrupt)):
         for raw in raws:
             for label, path in usage.by_chunk[raw]:
-                old = damaged.get(label)
-                files = tuple(sorted({*(old.files if old else ()), path}))
-                text = old.problem if old else f"{problem} {raw.hex()}"
-                damaged[label] = Damage(label, text, files)
+                found_by_label.setdefault(label, {}).setdefault(problem, set()).add(raw.hex())
+                files_by_label.setdefault(label, set()).add(path)
+    for label, problems in found_by_label.items():
+        damaged[label] = Damage(label, _describe(problems), tuple(sorted(files_by_label[label])))
 
     quarantined: list[tuple[str, str]] = []
     reput: set[str] = set()
@@ -248,3 +251,15 @@ def quarantine_chunk(chunks: ChunkStore, digest: Digest) -> str | None:
         return target
     backend.delete([target])  # healed meanwhile: nothing to move
     return None
+
+
+def _describe(problems: dict[str, set[str]]) -> str:
+    """'missing chunk <h>' for one chunk; counts and the first hash for several."""
+    parts = []
+    for problem in ("missing", "corrupt"):
+        hashes = sorted(problems.get(problem, ()))
+        if len(hashes) == 1:
+            parts.append(f"{problem} chunk {hashes[0]}")
+        elif hashes:
+            parts.append(f"{len(hashes)} {problem} chunks (first {hashes[0]})")
+    return ", ".join(parts)

@@ -204,7 +204,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             "to heal, put the content of the damaged files again (any key will do): "
             + ", ".join(report.reput)
         )
-    lines.append("ok" if report.ok else f"{len(report.damaged)} damaged versions")
+    count = len(report.damaged)
+    lines.append("ok" if report.ok else f"{count} damaged version{'s' if count != 1 else ''}")
     emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.ok else 3
 
