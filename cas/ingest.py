@@ -38,8 +38,12 @@ class SourceItem:
     target: str | None = None
 
 
-def scan(source: Path) -> tuple[ArtifactKind, list[SourceItem]]:
-    """Walk ``source`` without following links; return the artifact kind and its items."""
+def scan(source: Path, *, skip: Path | None = None) -> tuple[ArtifactKind, list[SourceItem]]:
+    """Walk ``source`` without following links; return the artifact kind and its items.
+
+    ``skip`` is a directory left out wherever it appears: the store itself,
+    when it lives inside the tree being stored (``cas put .`` next to ./.cas).
+    """
     try:
         st = source.lstat()
     except FileNotFoundError:
@@ -52,7 +56,7 @@ def scan(source: Path) -> tuple[ArtifactKind, list[SourceItem]]:
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(f"path to store is not a regular file or a directory: {source}")
     items: list[SourceItem] = []
-    _walk(source, "", items)
+    _walk(source, "", items, skip.resolve() if skip is not None else None)
     return "directory", items
 
 
@@ -61,7 +65,7 @@ def _check_readable(path: Path) -> None:
         raise SourceError(f"cannot read {path}: permission denied")
 
 
-def _walk(directory: Path, prefix: str, items: list[SourceItem]) -> None:
+def _walk(directory: Path, prefix: str, items: list[SourceItem], skip: Path | None) -> None:
     try:
         entries = sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as err:
@@ -82,8 +86,10 @@ def _walk(directory: Path, prefix: str, items: list[SourceItem]) -> None:
                 ) from None
             items.append(SourceItem(rel, path, "symlink", mode, target=target))
         elif entry.is_dir(follow_symlinks=False):
+            if skip is not None and path.resolve() == skip:
+                continue
             items.append(SourceItem(rel, path, "dir", mode))
-            _walk(path, rel + "/", items)
+            _walk(path, rel + "/", items, skip)
         elif entry.is_file(follow_symlinks=False):
             _check_readable(path)
             items.append(SourceItem(rel, path, "file", mode, st.st_size))

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import layout
 from .artifact import ArtifactInfo, Summary
-from .backends import Backend, open_backend
+from .backends import Backend, LocalBackend, open_backend
 from .chunking import ChunkerParams
 from .chunkstore import ChunkStore
 from .config import StoreConfig, load_config, write_config
@@ -129,6 +129,9 @@ class Stats:
     stored_bytes: int  # bytes of every object under chunks/ and manifests/
     chunks: int  # chunk objects in the store
     referenced_chunks: int
+    # stored bytes of the chunks and manifests live versions reference: what
+    # the store would hold after a full garbage collection
+    live_bytes: int = 0
 
     @property
     def dedup_ratio(self) -> float:
@@ -151,6 +154,7 @@ class Stats:
             "stored_bytes": self.stored_bytes,
             "chunks": self.chunks,
             "referenced_chunks": self.referenced_chunks,
+            "live_bytes": self.live_bytes,
             "dedup_ratio": round(self.dedup_ratio, 4),
             "compression_ratio": round(self.compression_ratio, 4),
             "total_ratio": round(self.total_ratio, 4),
@@ -234,7 +238,8 @@ class Store:
         except (TypeError, ValueError) as err:
             raise InvalidInputError(f"metadata is not JSON-serialisable: {err}") from None
         resolved = tuple(dict.fromkeys(self._parent(p) for p in parents))
-        kind, items = scan(Path(path))
+        own_root = self.backend.root if isinstance(self.backend, LocalBackend) else None
+        kind, items = scan(Path(path), skip=own_root)
 
         def build(entries: tuple[Entry, ...]) -> Manifest:
             return Manifest(
@@ -429,20 +434,25 @@ class Store:
         keys: set[str] = set()
         versions = logical = 0
         referenced: dict[bytes, int] = {}
+        live_manifests: set[str] = set()
         for ref in iter_live_versions(self.refs):
             assert ref.manifest_id is not None
             manifest = self.load_manifest(ref.manifest_id)
+            live_manifests.add(layout.manifest_key(ref.manifest_id))
             keys.add(ref.key)
             versions += 1
             logical += manifest.size
             for entry in manifest.entries:
                 for chunk in entry.chunks:
                     referenced[chunk.digest.raw] = chunk.length
-        stored = chunk_count = 0
-        for _, info in self.chunks.list():
+        stored = chunk_count = live = 0
+        for digest, info in self.chunks.list():
             stored += info.size
             chunk_count += 1
-        stored += sum(info.size for info in self.backend.list(layout.MANIFESTS))
+            live += info.size if digest.raw in referenced else 0
+        for info in self.backend.list(layout.MANIFESTS):
+            stored += info.size
+            live += info.size if info.key in live_manifests else 0
         return Stats(
             keys=len(keys),
             versions=versions,
@@ -451,6 +461,7 @@ class Store:
             stored_bytes=stored,
             chunks=chunk_count,
             referenced_chunks=len(referenced),
+            live_bytes=live,
         )
 
     def verify(

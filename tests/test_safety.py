@@ -73,3 +73,14 @@ def test_restore_drops_setuid_setgid_and_sticky_bits(tmp_path: Path) -> None:
 def test_chunk_average_out_of_range_names_the_average() -> None:
     with pytest.raises(InvalidInputError, match="average chunk size 314572800"):
         ChunkerParams.from_average(300 * 1024 * 1024)
+
+
+def test_putting_the_directory_that_holds_the_store_leaves_the_store_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.bin").write_bytes(b"weights" * 1000)
+    store = cas.open()  # ./.cas, inside the tree being stored
+    store.put(tmp_path, "project")
+    paths = {entry.path for entry in store.show("project").entries}
+    assert paths == {"model.bin"}
