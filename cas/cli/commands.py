@@ -171,7 +171,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"versions:          {s.versions}",
             f"logical bytes:     {format_size(s.logical_bytes)}",
             f"unique bytes:      {format_size(s.unique_bytes)}",
-            f"stored bytes:      {format_size(s.stored_bytes)}",
+            f"stored bytes:      {format_size(s.stored_bytes)}"
+            f" ({format_size(s.live_bytes)} needed by live versions)",
             f"chunks:            {s.chunks} ({s.referenced_chunks} referenced)",
             f"dedup ratio:       {s.dedup_ratio:.2f}x",
             f"compression ratio: {s.compression_ratio:.2f}x",
