@@ -1,0 +1,310 @@
+"""Bad input on the command line: a clear one-line message and exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import build_sample_tree, ok, run_cas, small_store, snapshot
+
+import cas
+from cas import layout
+from cas.digest import Digest
+from cas.manifest import Entry, Manifest
+from cas.refs import utc_now
+
+
+def assert_usage_error(proc, *words: str) -> None:  # type: ignore[no-untyped-def]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("cas: error: ") or "usage:" in proc.stderr, proc.stderr
+    for word in words:
+        assert word in proc.stderr, (word, proc.stderr)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[Path, Path]:
+    store = tmp_path / "store"
+    s = small_store(store)
+    tree = build_sample_tree(tmp_path / "tree")
+    s.put(tree, "k", tags=["best"])
+    return store, tree
+
+
+def versions(store: Path, key: str = "k") -> list[int]:
+    return [v.number for v in cas.open(store, create=False).log(key)]
+
+
+# -- put ------------------------------------------------------------------------------
+
+
+def test_missing_path(env: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = env
+    proc = run_cas("put", tmp_path / "no-such-dir", "k", store=store)
+    assert_usage_error(proc, "does not exist", "no-such-dir")
+    assert versions(store) == [1]
+
+
+def test_unreadable_path(env: tuple[Path, Path], tmp_path: Path) -> None:
+    store, tree = env
+    secret = tree / "secret.bin"
+    secret.write_bytes(b"top secret")
+    secret.chmod(0)
+    try:
+        if os.access(secret, os.R_OK):
+            pytest.skip("running as root: chmod 000 does not stop root from reading")
+        proc = run_cas("put", secret, "k", store=store)
+        assert_usage_error(proc, "cannot read", "secret.bin")
+        proc = run_cas("put", tree, "k", store=store)
+        assert_usage_error(proc, "cannot read", "secret.bin")
+        assert versions(store) == [1]
+    finally:
+        secret.chmod(0o600)
+
+
+def test_special_files_and_escaping_links_are_refused(
+    env: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store, tree = env
+    os.mkfifo(tree / "pipe")
+    assert_usage_error(run_cas("put", tree, "k", store=store), "special file", "pipe")
+    (tree / "pipe").unlink()
+    (tree / "escape").symlink_to("../../outside")
+    assert_usage_error(run_cas("put", tree, "k", store=store), "outside", "escape")
+    assert versions(store) == [1]
+
+
+@pytest.mark.parametrize(
+    "key", ["bad key", "a//b", "/abs", "trailing/", "../up", "a/./b", "k@1", "k:tag", "ü"]
+)
+def test_malformed_key_on_put(env: tuple[Path, Path], key: str) -> None:
+    store, tree = env
+    assert_usage_error(run_cas("put", tree, key, store=store), "invalid")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--tag", "123"], ["invalid tag"]),
+        (["--tag", "a b"], ["invalid tag"]),
+        (["--metric", "loss"], ["NAME=VALUE"]),
+        (["--metric", "loss=low"], ["not a number"]),
+        (["--metric", "loss=nan"], ["finite"]),
+        (["--metric", "loss=inf"], ["finite"]),
+        (["--meta", "novalue"], ["NAME=VALUE"]),
+        (["--meta", "x=NaN"], ["JSON"]),
+        (["--parent", "k@9"], ["k@9"]),
+        (["--parent", "nothing"], ["nothing"]),
+        (["--parent", "k:nope"], ["k:nope"]),
+        (["--parent", "k@x"], ["invalid reference"]),
+    ],
+)
+def test_bad_put_options(env: tuple[Path, Path], args: list[str], words: list[str]) -> None:
+    store, tree = env
+    assert_usage_error(run_cas("put", tree, "k", *args, store=store), *words)
+    assert versions(store) == [1]
+
+
+# -- references ------------------------------------------------------------------------
+
+
+BAD_REFS = ["k@", "k@0", "k@x", "k@-1", "k@1:best", "k:", "k:12", "bad key", "a//b", "@1", "k@²"]
+
+
+@pytest.mark.parametrize("ref", BAD_REFS)
+def test_malformed_ref_on_get(env: tuple[Path, Path], tmp_path: Path, ref: str) -> None:
+    store, _ = env
+    assert_usage_error(run_cas("get", ref, tmp_path / "out", store=store), "invalid")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ref", ["k@0", "k:12", "a//b@1"])
+def test_malformed_ref_on_other_commands(env: tuple[Path, Path], ref: str) -> None:
+    store, _ = env
+    for args in (
+        ["show", ref],
+        ["rm", ref],
+        ["tag", ref, "t"],
+        ["put", env[1], "k", "--parent", ref],
+    ):
+        assert_usage_error(run_cas(*args, store=store), "invalid")
+    assert versions(store) == [1]
+
+
+@pytest.mark.parametrize(
+    ("ref", "words"),
+    [
+        ("nothing", ["nothing", "no versions"]),
+        ("k@7", ["k@7", "does not exist"]),
+        ("k:nope", ["k:nope", "does not exist"]),
+        ("other/key@1", ["other/key@1"]),
+    ],
+)
+def test_unknown_key_version_tag(
+    env: tuple[Path, Path], tmp_path: Path, ref: str, words: list[str]
+) -> None:
+    store, _ = env
+    out = tmp_path / "out"
+    assert_usage_error(run_cas("get", ref, out, store=store), *words)
+    assert not out.exists()
+    assert_usage_error(run_cas("show", ref, store=store), *words)
+    if ref.startswith("k"):
+        assert_usage_error(run_cas("rm", ref, store=store), *words)
+        assert_usage_error(run_cas("tag", ref, "t", store=store), *words)
+    else:
+        assert_usage_error(run_cas("log", ref.partition("@")[0], store=store), "no versions")
+    assert versions(store) == [1]
+
+
+def test_deleted_version_and_untag_unknown(env: tuple[Path, Path], tmp_path: Path) -> None:
+    store, tree = env
+    cas.open(store).put(tree, "k")
+    ok(run_cas("rm", "k@2", store=store))
+    assert_usage_error(run_cas("get", "k@2", tmp_path / "o", store=store), "k@2")
+    assert_usage_error(run_cas("tag", "k", "nope", "--delete", store=store), "k:nope")
+    assert_usage_error(run_cas("rm", "k@1", "--all", store=store), "--all")
+    assert_usage_error(run_cas("log", "bad key", store=store), "invalid")
+
+
+# -- destinations and stores ------------------------------------------------------------------
+
+
+def test_dest_exists(env: tuple[Path, Path], tmp_path: Path) -> None:
+    store, _ = env
+    for dest in (tmp_path / "dir", tmp_path / "file", tmp_path / "link"):
+        if dest.name == "dir":
+            dest.mkdir()
+            (dest / "keep").write_text("keep")
+        elif dest.name == "file":
+            dest.write_text("keep")
+        else:
+            dest.symlink_to("nowhere")
+        before = snapshot(dest) if not dest.is_symlink() else os.readlink(dest)
+        assert_usage_error(run_cas("get", "k", dest, store=store), "already exists", dest.name)
+        after = snapshot(dest) if not dest.is_symlink() else os.readlink(dest)
+        assert after == before
+
+
+def test_store_that_is_not_a_store(tmp_path: Path) -> None:
+    folder = tmp_path / "not-a-store"
+    folder.mkdir()
+    (folder / "data.csv").write_text("a,b\n")
+    tree = build_sample_tree(tmp_path / "tree")
+    for args in (["put", tree, "k"], ["get", "k", tmp_path / "o"], ["ls"], ["log", "k"],
+                 ["stats"], ["verify"], ["init"]):  # fmt: skip
+        assert_usage_error(run_cas(*args, store=folder), "not-a-store")
+    assert sorted(os.listdir(folder)) == ["data.csv"]
+    # A file where the store should be.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_usage_error(run_cas("put", tree, "k", store=afile), "afile")
+    assert afile.read_text() == "x"
+
+
+def test_store_with_a_foreign_config(tmp_path: Path) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config").write_text("this is not json")
+    assert_usage_error(run_cas("ls", store=folder), "config")
+    (folder / "config").write_text('{"format": 99}')
+    assert_usage_error(run_cas("ls", store=folder), "format")
+
+
+def test_bad_init_options(tmp_path: Path) -> None:
+    assert_usage_error(run_cas("init", "--chunk-avg", "10", store=tmp_path / "a"), "chunk")
+    assert_usage_error(run_cas("init", "--chunk-avg", "lots", store=tmp_path / "b"), "size")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
+
+
+def test_unknown_scheme(tmp_path: Path) -> None:
+    assert_usage_error(run_cas("ls", store="ftp://host/x"), "scheme")
+
+
+def test_argparse_errors_exit_2(env: tuple[Path, Path]) -> None:
+    store, _ = env
+    for args in (["put"], ["get", "k"], ["frobnicate"], ["ls", "--bogus"]):
+        proc = run_cas(*args, store=store)
+        assert proc.returncode == 2, args
+        assert "usage:" in proc.stderr
+
+
+# -- malicious manifests ---------------------------------------------------------------------
+
+
+def plant(store_root: Path, key: str, entries: tuple[Entry, ...], kind: str = "directory") -> str:
+    """Commit a hand-made manifest, as an attacker with write access to the store could."""
+    store = cas.open(store_root, create=False)
+    manifest = Manifest(key=key, kind=kind, created=utc_now(), entries=entries)  # type: ignore[arg-type]
+    blob = manifest.to_bytes()
+    manifest_id = Digest.of(blob)
+    store.backend.put(layout.manifest_key(manifest_id), blob)
+    ref = store.refs.create_next(key, manifest_id)
+    return f"{key}@{ref.number}"
+
+
+def a_real_file_entry(store_root: Path, path: str) -> Entry:
+    entry = next(e for e in cas.open(store_root).show("k@1").entries if e.path == "weights.bin")
+    return Entry(path, "file", 0o644, entry.size, entry.digest, entry.chunks)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("absolute", ["absolute"]),
+        ("dotdot", [".."]),
+        ("nested-dotdot", [".."]),
+        ("link-up", ["outside"]),
+        ("link-absolute", ["outside"]),
+        ("link-deep-up", ["outside"]),
+        ("below-link", ["below a symlink"]),
+        ("file-kind-dotdot", [".."]),
+        ("duplicate", ["twice"]),
+    ],
+)
+def test_malicious_manifest_is_refused(
+    env: tuple[Path, Path], tmp_path: Path, name: str, words: list[str]
+) -> None:
+    store, _ = env
+    arena = tmp_path / "arena"
+    (arena / "inside").mkdir(parents=True)
+    victim = arena / "victim"
+    dest = arena / "inside" / "dest"
+    file_entry = a_real_file_entry
+    entries = {
+        "absolute": (file_entry(store, str(victim)),),
+        "dotdot": (file_entry(store, "../victim"),),
+        "nested-dotdot": (Entry("a", "dir", 0o755), file_entry(store, "a/../../../victim")),
+        "link-up": (Entry("l", "symlink", 0o777, target="../../victim"),),
+        "link-absolute": (Entry("l", "symlink", 0o777, target=str(victim)),),
+        "link-deep-up": (
+            Entry("a", "dir", 0o755),
+            Entry("a/l", "symlink", 0o777, target="b/../../.."),
+        ),
+        "below-link": (
+            Entry("up", "symlink", 0o777, target="."),
+            file_entry(store, "up/x"),
+        ),
+        "file-kind-dotdot": (file_entry(store, "../victim"),),
+        "duplicate": (file_entry(store, "a"), file_entry(store, "a")),
+    }[name]
+    ref = plant(store, "evil", entries, kind="file" if name == "file-kind-dotdot" else "directory")
+    before = sorted(p.relative_to(arena).as_posix() for p in arena.rglob("*"))
+    for args in (["get", ref, dest], ["get", "evil", dest, "--force"]):
+        proc = run_cas(*args, store=store)
+        assert_usage_error(proc, *words)
+        assert not victim.exists()
+        assert not os.path.lexists(dest)
+        assert sorted(p.relative_to(arena).as_posix() for p in arena.rglob("*")) == before
+
+
+def test_malicious_manifest_does_not_affect_honest_versions(
+    env: tuple[Path, Path], tmp_path: Path
+) -> None:
+    store, tree = env
+    plant(store, "k", (Entry("l", "symlink", 0o777, target="/etc"),))
+    assert_usage_error(run_cas("get", "k", tmp_path / "evil", store=store), "outside")
+    ok(run_cas("get", "k@1", tmp_path / "honest", store=store))
+    assert snapshot(tmp_path / "honest") == snapshot(tree)
+    assert not (tmp_path / "evil").exists()
