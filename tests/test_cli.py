@@ -365,3 +365,34 @@ def test_progress_flag_and_quiet_stderr(store: Path, tree: Path, tmp_path: Path)
         assert proc.stderr == ""
         proc = ok(run_cas("get", "k", tmp_path / f"o{len(extra)}", *extra, store=store))
         assert proc.stderr == ""
+
+
+def test_get_of_a_tree_with_more_files_than_open_file_limit(store: Path, tmp_path: Path) -> None:
+    # Datasets are often thousands of shards; a restore must not hold one open file
+    # per file of the tree (the usual limit is 1024; here it is lowered to 128).
+    import resource
+    import subprocess
+
+    from helpers import CAS, cas_env
+
+    src = tmp_path / "shards"
+    src.mkdir()
+    for i in range(400):
+        (src / f"shard-{i:04d}.txt").write_text(f"shard {i}\n" * (i % 7 + 1))
+    put(store, src, "data/shards")
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    dest = tmp_path / "restored"
+    proc = subprocess.run(
+        [*CAS, "--store", str(store), "get", "data/shards", str(dest)],
+        env=cas_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit_files,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(dest) == snapshot(src)
