@@ -236,14 +236,16 @@ class Collector:
         safe = settings.safe_grace(report.started)
         if grace == 0:
             report.unsafe = (
-                "grace 0 deletes unreferenced objects however recent: a put running now "
-                "may lose chunks and commit a damaged version. Use it only when nothing writes"
+                "grace 0 is unsafe with concurrent writers: it deletes unreferenced objects "
+                "however recent, so a put running now may commit a damaged version. "
+                "Use it only when nothing writes to the store"
             )
         elif grace < safe:
             report.unsafe = (
-                f"grace {grace:g}s is shorter than the {safe:g}s writers of this store refresh "
-                "against (gc/settings): a put running now may lose chunks. Use it only when "
-                "nothing writes, or set the store's grace first (cas gc --set-grace)"
+                f"grace {grace:g}s is unsafe with concurrent writers: it is shorter than the "
+                f"{safe:g}s they refresh against (gc/settings), so a put running now may lose "
+                "chunks. Use it only when nothing writes, or set the store's grace first "
+                "(cas gc --set-grace)"
             )
 
     def mark(self) -> None:
