@@ -308,3 +308,30 @@ def test_malicious_manifest_does_not_affect_honest_versions(
     ok(run_cas("get", "k@1", tmp_path / "honest", store=store))
     assert snapshot(tmp_path / "honest") == snapshot(tree)
     assert not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("dest", [".", "..", "project"])
+def test_forced_get_never_replaces_a_folder_holding_the_store(tmp_path: Path, dest: str) -> None:
+    # `cas get KEY . --force` in a project that keeps its store in ./.cas (the
+    # default) must not move the project, store included, aside and delete it.
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("print('hi')\n")
+    src = project / "model.bin"
+    src.write_bytes(b"weights" * 1000)
+    ok(run_cas("put", src, "m", cwd=project))
+    assert (project / ".cas" / "config").is_file()
+    if dest == "project":  # from outside, naming the store explicitly
+        proc = run_cas("get", "m", dest, "--force", cwd=tmp_path, store=project / ".cas")
+    else:
+        proc = run_cas("get", "m", dest, "--force", cwd=project)
+    assert_usage_error(proc, "store")
+    assert (project / ".cas" / "config").is_file(), "the store was deleted"
+    assert (project / "train.py").read_text() == "print('hi')\n"
+    assert [v["ref"] for v in json_log(project)] == ["m@1"]
+
+
+def json_log(cwd: Path) -> list[dict]:  # type: ignore[type-arg]
+    import json
+
+    return json.loads(ok(run_cas("log", "m", "--json", cwd=cwd)).stdout)
