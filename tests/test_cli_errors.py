@@ -75,6 +75,23 @@ def test_special_files_and_escaping_links_are_refused(
     assert versions(store) == [1]
 
 
+def test_file_name_that_is_not_utf8(env: tuple[Path, Path]) -> None:
+    # Linux allows any bytes in a name; a manifest holds UTF-8 text. Such a name must be
+    # reported as bad input (or stored faithfully), never crash the put with a traceback.
+    store, tree = env
+    odd = os.path.join(os.fsencode(tree), b"bad\xffname.bin")
+    with open(odd, "wb") as f:
+        f.write(b"data")
+    proc = run_cas("put", tree, "k", store=store)
+    if proc.returncode == 0:  # stored: then it must come back under the same bytes
+        out = tree.parent / "out"
+        ok(run_cas("get", "k", out, store=store))
+        assert b"bad\xffname.bin" in os.listdir(os.fsencode(out))
+    else:
+        assert_usage_error(proc, "name.bin")
+        assert versions(store) == [1]
+
+
 @pytest.mark.parametrize(
     "key", ["bad key", "a//b", "/abs", "trailing/", "../up", "a/./b", "k@1", "k:tag", "ü"]
 )
