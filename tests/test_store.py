@@ -371,3 +371,33 @@ def test_file_that_grew_after_the_scan_is_refused_promptly(tmp_path: Path) -> No
     item = SourceItem("growing.bin", src, "file", 0o644, size=1000)
     with pytest.raises(SourceError, match="changed while it was read"):
         ingestor.run([item])
+
+
+def test_empty_directory_and_empty_file_artifacts(store: Store, tmp_path: Path) -> None:
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    v = store.put(empty_dir, "empty/dir")
+    assert (v.kind, v.files, v.size) == ("directory", 0, 0)
+    store.get("empty/dir", tmp_path / "d")
+    assert (tmp_path / "d").is_dir()
+    assert list((tmp_path / "d").iterdir()) == []
+    empty_file = tmp_path / "zero.bin"
+    empty_file.write_bytes(b"")
+    v = store.put(empty_file, "empty/file")
+    assert (v.kind, v.files, v.size) == ("file", 1, 0)
+    store.get("empty/file", tmp_path / "f")
+    assert (tmp_path / "f").read_bytes() == b""
+
+
+def test_verify_report_names_damaged_versions(store: Store, tree: Path, tmp_path: Path) -> None:
+    from cas import layout
+
+    store.put(tree, "a")
+    store.put(tree / "sub" / "notes.txt", "b")
+    entry = next(e for e in store.show("a").entries if e.path == "weights.bin")
+    (tmp_path / "store" / layout.chunk_key(entry.chunks[0].digest)).unlink()
+    report = store.verify()
+    assert not report.ok
+    assert report.missing_chunks == (entry.chunks[0].digest.hex,)
+    assert [(d.ref, d.files) for d in report.damaged] == [("a@1", ("weights.bin",))]
+    assert report.to_dict()["damaged"][0]["ref"] == "a@1"
