@@ -231,3 +231,17 @@ def test_api_get_raises_integrity_errors(setup: tuple[Path, Store, Path], tmp_pa
     assert isinstance(info.value, IntegrityError)
     assert not (tmp_path / "a").exists()
     assert temp_leftovers(tmp_path) == []
+
+
+def test_putting_the_same_data_again_restores_a_missing_chunk(
+    setup: tuple[Path, Store, Path], tmp_path: Path
+) -> None:
+    root, store, src = setup
+    digest = chunk_of(store, "runs/exp@1", "weights.bin", index=1)
+    damage(root, digest, "missing")
+    assert run_cas("verify", store=root).returncode == 3
+    ok(run_cas("put", src, "runs/exp", store=root))  # uploads what is missing
+    assert (root / layout.chunk_key(digest)).is_file()
+    ok(run_cas("verify", "--deep", store=root))
+    ok(run_cas("get", "runs/exp@1", tmp_path / "healed", store=root))
+    assert snapshot(tmp_path / "healed") == snapshot(src)
