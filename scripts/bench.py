@@ -14,7 +14,9 @@ matches. Every version directory (3 series x 5 versions) is ingested in order
 by each tool, one timed subprocess per version; then every version is
 restored into a fresh directory (timed) and checked file by file against the
 SHA-256 recorded at generation. Ingest and restore MB/s are total logical
-bytes (10^6) over the summed wall time of those subprocesses.
+bytes (10^6) over the summed wall time of those subprocesses. The report has
+a per-version table (stored bytes each version added, put MB/s), a table per
+tool, cas's ratios against the others and the targets against restic.
 
 * Stored bytes: apparent size of every file in the tool's repository or
   archive directory (what an object store would bill); ``on disk`` is the
@@ -248,6 +250,17 @@ TOOL_CLASSES: dict[str, type[Tool]] = {c.name: c for c in (Cas, TarZstd, Restic,
 
 
 @dataclass
+class VersionRun:
+    version: str
+    logical_bytes: int
+    ingest_s: float
+    ingest_rss_mib: float
+    stored_after: int
+    restore_s: float = 0.0
+    restore_rss_mib: float = 0.0
+
+
+@dataclass
 class Result:
     tool: str
     logical_bytes: int
@@ -257,7 +270,7 @@ class Result:
     disk_bytes: int = 0
     ingest_rss_mib: float = 0.0
     restore_rss_mib: float = 0.0
-    per_version: list[dict[str, object]] = field(default_factory=list)
+    per_version: list[VersionRun] = field(default_factory=list)
 
     @property
     def ingest_mbs(self) -> float:
@@ -299,15 +312,9 @@ def bench_tool(name: str, data: Dataset, scratch: Path, log: LogFn) -> Result:
         stored = tree_bytes(tool.repo)[0]
         res.ingest_s += r.seconds
         res.ingest_rss_mib = max(res.ingest_rss_mib, r.maxrss_kib / 1024)
-        res.per_version.append(
-            {
-                "version": f"{v.series}/v{v.number}",
-                "logical_bytes": v.logical_bytes,
-                "ingest_s": r.seconds,
-                "ingest_rss_mib": r.maxrss_kib / 1024,
-                "stored_after": stored,
-            }
-        )
+        rss = r.maxrss_kib / 1024
+        vname = f"{v.series}/v{v.number}"
+        res.per_version.append(VersionRun(vname, v.logical_bytes, r.seconds, rss, stored))
         log(f"    {name} put {v.series}/v{v.number}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
     res.stored_bytes, res.disk_bytes = tree_bytes(tool.repo)
     for i, (v, handle) in enumerate(zip(data.versions, handles, strict=True)):
@@ -319,7 +326,8 @@ def bench_tool(name: str, data: Dataset, scratch: Path, log: LogFn) -> Result:
         shutil.rmtree(dest)
         res.restore_s += r.seconds
         res.restore_rss_mib = max(res.restore_rss_mib, r.maxrss_kib / 1024)
-        res.per_version[i].update(restore_s=r.seconds, restore_rss_mib=r.maxrss_kib / 1024)
+        res.per_version[i].restore_s = r.seconds
+        res.per_version[i].restore_rss_mib = r.maxrss_kib / 1024
         log(f"    {name} get {v.series}/v{v.number}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
     shutil.rmtree(scratch / f"restore-{name}", ignore_errors=True)
     return res
@@ -429,6 +437,22 @@ def report(data: Dataset, med: dict[str, dict[str, float]], repeat: int) -> str:
     return "\n".join(lines)
 
 
+def report_versions(data: Dataset, runs: dict[str, list[Result]]) -> str:
+    """Stored bytes each version added (first run), and median put MB/s per version."""
+    tools = [t for t, r in runs.items() if r]
+    head = f"{'version':<15}{'MB':>7}" + "".join(f"{t + ' +MB':>12}{'MB/s':>7}" for t in tools)
+    lines = ["", "per version: stored bytes added, put MB/s (median)", head]
+    for i, v in enumerate(data.versions):
+        row = f"{v.series + '/v' + str(v.number):<15}{v.logical_bytes / MB:>7.1f}"
+        for t in tools:
+            pv = [r.per_version for r in runs[t]]
+            added = pv[0][i].stored_after - (pv[0][i - 1].stored_after if i else 0)
+            secs = statistics.median(p[i].ingest_s for p in pv)
+            row += f"{added / MB:>12.1f}{v.logical_bytes / MB / secs:>7.0f}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def report_rss(rows: list[dict[str, float]]) -> str:
     lines = [
         "",
@@ -496,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(scratch / name, ignore_errors=True)
             shutil.rmtree(scratch / f"{name}-cache", ignore_errors=True)
     med = {t: median_result(r) for t, r in runs.items()}
+    print(report_versions(data, runs))
     print(report(data, med, args.repeat), flush=True)
     rows: list[dict[str, float]] = []
     if args.rss_scaling:
