@@ -1,9 +1,15 @@
 """Chunk encoding: a 12-byte header, then the payload.
 
 Header: ``b"CAS"``, one codec byte, the raw length as little-endian u64. Any
-reader can decode a chunk from its bytes alone, without its manifest.
+reader can decode a chunk from its bytes alone, without its manifest; a
+delta chunk (codec 3) also needs its base, whose hash follows the header.
 Incompressible chunks are stored raw: a cheap zstd probe on a sample decides
 before the whole chunk is compressed, so random data costs almost nothing.
+
+Codecs 2 and 3 are for tensor data (see :mod:`cas.floatcodec`): byte-grouped
+elements, and the XOR of a chunk with its base chunk, byte-grouped. Both are
+chosen by the writer, which knows the element type; this module only
+encodes what it is told and decodes whatever it is given.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from enum import IntEnum
 
 import zstandard
 
-from .errors import CorruptObjectError
+from . import floatcodec
+from .errors import CorruptObjectError, InvalidInputError
 
 MAGIC = b"CAS"
 HEADER = struct.Struct("<3sBQ")
@@ -33,6 +40,17 @@ _KEEP_RATIO = 0.99
 class Codec(IntEnum):
     RAW = 0
     ZSTD = 1
+    #: Byte-grouped elements (payload: see cas/floatcodec.py).
+    GROUPED = 2
+    #: XOR with a base chunk, byte-grouped; the base's hash follows the header.
+    DELTA = 3
+
+
+#: What follows the header of a delta chunk: the BLAKE3 of its base's raw bytes.
+BASE = struct.Struct("<32s")
+#: Default limit of a store's delta chains: a chunk is rebuilt from at most
+#: this many chunk reads (itself and its bases).
+DEFAULT_DELTA_READS = 8
 
 
 _local = threading.local()
@@ -75,8 +93,50 @@ def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> 
     return HEADER.pack(MAGIC, Codec.RAW, len(view)) + bytes(view)
 
 
-def decode(blob: bytes, *, name: str = "chunk") -> bytes:
-    """Return the raw bytes of a stored chunk; CorruptObjectError names ``name`` on failure."""
+def encode_grouped(
+    data: bytes | bytearray | memoryview, itemsize: int, layout: floatcodec.Layout
+) -> bytes:
+    """The stored form of a chunk of ``itemsize``-byte elements, byte-grouped.
+
+    Falls back to raw when grouping does not shrink the chunk.
+    """
+    view = memoryview(data).cast("B")
+    payload = floatcodec.encode(view, itemsize, layout)
+    if len(payload) >= len(view):
+        return HEADER.pack(MAGIC, Codec.RAW, len(view)) + bytes(view)
+    return HEADER.pack(MAGIC, Codec.GROUPED, len(view)) + payload
+
+
+def encode_delta(
+    data: bytes | bytearray | memoryview,
+    base: bytes | bytearray | memoryview,
+    base_digest: bytes,
+    itemsize: int,
+) -> bytes:
+    """The stored form of ``data`` as its XOR with ``base`` (same length), byte-grouped.
+
+    Plain byte grouping, not a float layout: an XOR of two close floats has
+    zeros where exponents agree, which plain grouping collects in one stream.
+    """
+    view = memoryview(data).cast("B")
+    payload = floatcodec.encode(floatcodec.xor(view, base), itemsize, floatcodec.Layout.PLAIN)
+    return HEADER.pack(MAGIC, Codec.DELTA, len(view)) + BASE.pack(base_digest) + payload
+
+
+def delta_base(blob: bytes) -> bytes | None:
+    """The raw hash of a delta chunk's base, or None for a chunk that needs none."""
+    if len(blob) >= HEADER.size and blob[:3] == MAGIC and blob[3] == Codec.DELTA:
+        if len(blob) < HEADER.size + BASE.size:
+            raise CorruptObjectError("delta chunk header is truncated")
+        return bytes(blob[HEADER.size : HEADER.size + BASE.size])
+    return None
+
+
+def decode(blob: bytes, *, name: str = "chunk", base: bytes | None = None) -> bytes:
+    """Return the raw bytes of a stored chunk; CorruptObjectError names ``name`` on failure.
+
+    ``base`` is the raw bytes of the base of a delta chunk (see :func:`delta_base`).
+    """
     if len(blob) < HEADER.size:
         raise CorruptObjectError(f"{name}: truncated ({len(blob)} bytes, header is {HEADER.size})")
     magic, codec, raw_length = HEADER.unpack_from(blob)
@@ -90,6 +150,17 @@ def decode(blob: bytes, *, name: str = "chunk") -> bytes:
             raw = _decompressor().decompress(payload, max_output_size=raw_length)
         except zstandard.ZstdError as err:
             raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
+    elif codec == Codec.GROUPED:
+        raw = floatcodec.decode(payload, raw_length, name=name)
+    elif codec == Codec.DELTA:
+        if base is None:
+            raise InvalidInputError(f"{name}: a delta chunk needs its base to be decoded")
+        if len(base) != raw_length:
+            raise CorruptObjectError(
+                f"{name}: delta base holds {len(base)} bytes, the chunk {raw_length}"
+            )
+        grouped = floatcodec.decode(payload[BASE.size :], raw_length, name=name)
+        raw = floatcodec.xor(grouped, base)
     else:
         raise CorruptObjectError(f"{name}: unknown codec id {codec}")
     if len(raw) != raw_length:

@@ -1,0 +1,233 @@
+"""Byte grouping for arrays of fixed-size elements, and XOR deltas: pure, bytes in, bytes out.
+
+Float weights barely compress as they are: each element mixes a
+low-entropy exponent with near-random mantissa bits. Splitting the bytes of
+every element into separate streams puts the exponents together, where an
+entropy coder shrinks them to under 3 bits, and leaves the mantissa streams
+nearly as they are. Each stream is compressed with zstd tuned to be almost a
+pure Huffman coder (matches are rare in weights and, when found, cost more
+than they save), or kept raw when that is smaller.
+
+The layouts (docs/format.md has them bit by bit):
+
+* ``PLAIN``: stream ``i`` holds byte ``i`` of every element. Any element size;
+  used for XOR deltas and for dtypes without a finer layout.
+* ``BF16``: 16-bit words with 8 exponent and 7 mantissa bits. The high
+  stream holds bits 12..5 (the 6 low exponent bits and the 2 top mantissa
+  bits), the low stream bits 15..13 then 4..0 (the sign, the 2 high exponent
+  bits, the other 5 mantissa bits). The Huffman coder of the high stream
+  then models the top mantissa bits together with the exponent they depend
+  on, and the sign, a coin flip, leaves the exponent's stream: 0.004 of raw
+  size better on real weights than plain grouping with the sign moved out.
+* ``FP16``: 16-bit words with 5 exponent and 10 mantissa bits: the high
+  stream holds bits 14..7 (the exponent and the 3 top mantissa bits), the low
+  stream bit 15 then bits 6..0 (the sign moved out of the exponent byte).
+* ``FP32``: the upper half of each word as ``BF16``, then byte 1, then byte 0.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from enum import IntEnum
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from .errors import CorruptObjectError
+
+
+class Layout(IntEnum):
+    PLAIN = 0
+    BF16 = 1
+    FP16 = 2
+    FP32 = 3
+
+
+#: Element size of each layout (PLAIN takes it from the payload header).
+LAYOUT_ITEMSIZE = {Layout.BF16: 2, Layout.FP16: 2, Layout.FP32: 4}
+
+# Payload header: element size, layout, stream count; then per stream its
+# method (0 raw, 1 zstd) and stored length.
+_HEAD = struct.Struct("<BBB")
+_STREAM = struct.Struct("<BI")
+_RAW, _ZSTD = 0, 1
+
+# Almost a pure Huffman coder: the fast strategy with a tiny hash table finds
+# few matches, and a 128 KiB window keeps zstd's blocks (one Huffman table
+# each) at their largest. On MiniLM's bf16 exponents this gives 2.66 bits per
+# byte where level 1 gives 2.92 and level 3 3.27, and it runs faster.
+_PARAMS = zstandard.ZstdCompressionParameters(
+    strategy=zstandard.STRATEGY_FAST,
+    window_log=17,
+    hash_log=6,
+    chain_log=6,
+    search_log=1,
+    min_match=7,
+)
+_local = threading.local()
+
+U8 = npt.NDArray[np.uint8]
+U16 = npt.NDArray[np.uint16]
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # zstd contexts are not thread-safe: one per thread.
+    if not hasattr(_local, "compressor"):
+        _local.compressor = zstandard.ZstdCompressor(compression_params=_PARAMS)
+    return _local.compressor  # type: ignore[no-any-return]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor  # type: ignore[no-any-return]
+
+
+# -- the 16-bit split layouts ----------------------------------------------------------
+
+# Bit ``SHIFT`` of a word is bit 0 of its high-stream byte: the high stream
+# holds bits SHIFT+7..SHIFT, the low stream the bits above them (at its top)
+# and below them (at its bottom), in their order. Huffman coding does not care
+# where bits sit inside a byte, so this order is chosen for the fewest
+# operations, not for the ratio.
+_SHIFT = {Layout.BF16: 5, Layout.FP16: 7, Layout.FP32: 5}
+
+
+def _split16(x: U16, layout: Layout) -> tuple[U8, U8]:
+    """(high stream, low stream) of 16-bit words; see the module docstring."""
+    shift = _SHIFT[layout]
+    below = (1 << shift) - 1
+    high = (x >> shift).astype(np.uint8)
+    low = x >> 8
+    low &= 0xFF ^ below
+    low |= x & below
+    return high, low.astype(np.uint8)
+
+
+def _join16(high: U8, low: U8, layout: Layout) -> U16:
+    shift = _SHIFT[layout]
+    below = (1 << shift) - 1
+    word = high.astype(np.uint16)
+    word <<= shift
+    wide = low.astype(np.uint16)
+    above = wide & (0xFF ^ below)
+    above <<= 8
+    word |= above
+    wide &= below
+    word |= wide
+    return word
+
+
+# -- streams ---------------------------------------------------------------------------
+
+
+def _streams(data: memoryview, itemsize: int, layout: Layout) -> list[U8]:
+    if layout == Layout.PLAIN:
+        grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, itemsize)
+        return [np.ascontiguousarray(grid[:, i]) for i in range(itemsize)]
+    if layout in (Layout.BF16, Layout.FP16):
+        return list(_split16(np.frombuffer(data, dtype="<u2"), layout))
+    words = np.frombuffer(data, dtype="<u4")
+    high, low = _split16((words >> 16).astype(np.uint16), Layout.FP32)
+    grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, 4)
+    return [high, low, np.ascontiguousarray(grid[:, 1]), np.ascontiguousarray(grid[:, 0])]
+
+
+def _merge(streams: list[U8], itemsize: int, layout: Layout) -> bytes:
+    if layout == Layout.PLAIN:
+        grid = np.empty((len(streams[0]), itemsize), dtype=np.uint8)
+        for i, stream in enumerate(streams):
+            grid[:, i] = stream
+        return grid.tobytes()
+    if layout in (Layout.BF16, Layout.FP16):
+        return _join16(streams[0], streams[1], layout).tobytes()
+    grid = np.empty((len(streams[0]), 4), dtype=np.uint8)
+    grid.view("<u2")[:, 1] = _join16(streams[0], streams[1], Layout.FP32)
+    grid[:, 1] = streams[2]
+    grid[:, 0] = streams[3]
+    return grid.tobytes()
+
+
+def encode(data: bytes | bytearray | memoryview, itemsize: int, layout: Layout) -> bytes:
+    """The grouped payload of ``data``, whose length must be a multiple of ``itemsize``."""
+    view = memoryview(data).cast("B")
+    if layout != Layout.PLAIN and LAYOUT_ITEMSIZE[layout] != itemsize:
+        raise ValueError(f"layout {layout.name} needs {LAYOUT_ITEMSIZE[layout]}-byte elements")
+    if not 1 <= itemsize <= 255 or len(view) % itemsize:
+        raise ValueError(f"{len(view)} bytes are not whole {itemsize}-byte elements")
+    streams = _streams(view, itemsize, layout) if len(view) else []
+    parts = [_HEAD.pack(itemsize, layout, len(streams))]
+    bodies = []
+    compressor = _compressor()
+    for stream in streams:
+        packed = compressor.compress(stream.data)
+        if len(packed) < len(stream):
+            parts.append(_STREAM.pack(_ZSTD, len(packed)))
+            bodies.append(packed)
+        else:
+            parts.append(_STREAM.pack(_RAW, len(stream)))
+            bodies.append(stream.tobytes())
+    return b"".join(parts + bodies)
+
+
+def decode(payload: bytes | memoryview, raw_length: int, *, name: str = "chunk") -> bytes:
+    """The bytes a grouped payload stands for; CorruptObjectError naming ``name`` if damaged."""
+    view = memoryview(payload)
+    try:
+        itemsize, layout_id, count = _HEAD.unpack_from(view)
+        layout = Layout(layout_id)
+    except (struct.error, ValueError):
+        raise CorruptObjectError(f"{name}: byte-grouped header is damaged") from None
+    if layout == Layout.PLAIN:
+        expected = itemsize if raw_length else 0
+    else:
+        if itemsize != LAYOUT_ITEMSIZE[layout]:
+            raise CorruptObjectError(f"{name}: layout {layout.name} with {itemsize}-byte elements")
+        expected = (4 if layout == Layout.FP32 else 2) if raw_length else 0
+    if itemsize == 0 or raw_length % itemsize or count != expected:
+        raise CorruptObjectError(f"{name}: byte-grouped header does not fit {raw_length} bytes")
+    elements = raw_length // itemsize
+    offset = _HEAD.size + count * _STREAM.size
+    streams: list[U8] = []
+    for index in range(count):
+        try:
+            method, length = _STREAM.unpack_from(view, _HEAD.size + index * _STREAM.size)
+        except struct.error:
+            raise CorruptObjectError(f"{name}: byte-grouped header is truncated") from None
+        body = view[offset : offset + length]
+        offset += length
+        if len(body) != length:
+            raise CorruptObjectError(f"{name}: stream {index} is truncated")
+        streams.append(_stream(body, method, elements, name, index))
+    if offset != len(view):
+        raise CorruptObjectError(f"{name}: {len(view) - offset} stray bytes after the streams")
+    return _merge(streams, itemsize, layout) if count else b""
+
+
+def _stream(body: memoryview, method: int, elements: int, name: str, index: int) -> U8:
+    if method == _RAW:
+        raw: bytes | memoryview = body
+    elif method == _ZSTD:
+        try:
+            raw = _decompressor().decompress(body, max_output_size=elements)
+        except zstandard.ZstdError as err:
+            raise CorruptObjectError(f"{name}: stream {index} is damaged ({err})") from None
+    else:
+        raise CorruptObjectError(f"{name}: stream {index} has unknown method {method}")
+    if len(raw) != elements:
+        raise CorruptObjectError(f"{name}: stream {index} holds {len(raw)} bytes, not {elements}")
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def xor(data: bytes | bytearray | memoryview, base: bytes | bytearray | memoryview) -> bytes:
+    """``data`` XOR ``base``, byte by byte (equal lengths): a delta, or a delta undone."""
+    left = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+    right = np.frombuffer(memoryview(base).cast("B"), dtype=np.uint8)
+    if left.shape != right.shape:
+        raise ValueError(f"delta of {left.size} bytes against a base of {right.size}")
+    # Whole words where possible: eight times fewer steps than bytes.
+    if left.size % 8 == 0:
+        return np.bitwise_xor(left.view(np.uint64), right.view(np.uint64)).tobytes()
+    return np.bitwise_xor(left, right).tobytes()
