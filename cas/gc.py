@@ -6,7 +6,8 @@ The protocol (docs/gc.md explains why it is safe, and what it assumes):
    ``t0``, "now" on the backend's clock. Nothing older than
    ``threshold = t0 - grace`` may be in use by a put that has not committed.
 2. **Mark.** List ``refs/`` once; read every version ref and the manifest of
-   every live one; collect the chunks they name in a :class:`DigestSet`.
+   every live one; collect the chunks they name (with the delta bases their
+   entries list: a delta chunk needs them) in a :class:`DigestSet`.
    Tags add no roots: a tag names a version of its key, whose ref is itself
    a root, and deleting a version removes its tags first.
 3. **Sweep.** List ``manifests/`` and ``chunks/`` once each, streaming. An
@@ -49,7 +50,7 @@ from .gcprotocol import (
     marker_body,
     read_settings,
 )
-from .manifest import SCHEMA_VERSION
+from .manifest import SCHEMAS
 from .refs import Refs
 
 #: Candidates read again and deleted together.
@@ -166,16 +167,20 @@ def manifest_chunks(backend: Backend, manifest_id: Digest, label: str) -> list[b
         raise CorruptObjectError(f"{where} does not match its hash; {advice}")
     try:
         data = json.loads(zstandard.ZstdDecompressor().decompress(blob))
-        if data["schema"] != SCHEMA_VERSION:
+        if data["schema"] not in SCHEMAS:
             raise ValueError(f"unsupported schema {data['schema']!r}")
         out = []
         for entry in data["entries"]:
             if entry["type"] == "file":
-                for text, _length in entry["chunks"]:
-                    raw = bytes.fromhex(text)
-                    if len(raw) != DIGEST_SIZE:
-                        raise ValueError(f"bad chunk digest {text!r}")
-                    out.append(raw)
+                for chunk in entry["chunks"]:
+                    # A delta chunk lists its chain of bases third: each is
+                    # needed to decode it, so each is reachable.
+                    names = [chunk[0], *chunk[2]] if len(chunk) == 3 else [chunk[0]]
+                    for text in names:
+                        raw = bytes.fromhex(text)
+                        if len(raw) != DIGEST_SIZE:
+                            raise ValueError(f"bad chunk digest {text!r}")
+                        out.append(raw)
     except (zstandard.ZstdError, ValueError, KeyError, TypeError) as err:
         raise CorruptObjectError(f"{where} cannot be read ({err}); {advice}") from None
     return out

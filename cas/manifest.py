@@ -20,6 +20,11 @@ from .digest import Digest
 from .errors import CorruptObjectError, InvalidInputError, UnsafePathError
 
 SCHEMA_VERSION = 1
+#: The schema of a manifest with delta chunks, whose entries list their bases:
+#: a reader that knows only schema 1 refuses it cleanly instead of
+#: misreading a chunk entry. Manifests without deltas keep schema 1 (and ids).
+DELTA_SCHEMA = 2
+SCHEMAS = (SCHEMA_VERSION, DELTA_SCHEMA)
 EntryType = Literal["file", "dir", "symlink"]
 ArtifactKind = Literal["file", "directory"]
 
@@ -28,6 +33,10 @@ ArtifactKind = Literal["file", "directory"]
 class ChunkRef:
     digest: Digest
     length: int
+    #: For a chunk stored as a delta: its base, the base's base, and so on
+    #: down to a chunk stored whole. Recorded so that garbage collection
+    #: keeps the chain alive from manifests alone, whoever else uses it.
+    bases: tuple[Digest, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +89,9 @@ class Manifest:
         return _compressor.compress(canonical_json(self.to_dict()))
 
     def to_dict(self) -> dict[str, Any]:
+        deltas = any(c.bases for e in self.entries for c in e.chunks)
         out = {
-            "schema": SCHEMA_VERSION,
+            "schema": DELTA_SCHEMA if deltas else SCHEMA_VERSION,
             "key": self.key,
             "kind": self.kind,
             "created": self.created,
@@ -110,7 +120,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, name: str = "manifest") -> Manifest:
         schema = data.get("schema") if isinstance(data, Mapping) else None
-        if schema != SCHEMA_VERSION:
+        if schema not in SCHEMAS:
             raise CorruptObjectError(f"{name}: unsupported manifest schema {schema!r}")
         try:
             return cls(
@@ -155,16 +165,30 @@ def _entry_to_dict(entry: Entry) -> dict[str, Any]:
         assert entry.digest is not None
         out["size"] = entry.size
         out["blake3"] = entry.digest.hex
-        out["chunks"] = [[c.digest.hex, c.length] for c in entry.chunks]
+        out["chunks"] = [_chunk_to_list(c) for c in entry.chunks]
     elif entry.type == "symlink":
         out["target"] = entry.target
     return out
 
 
+def _chunk_to_list(chunk: ChunkRef) -> list[Any]:
+    if chunk.bases:
+        return [chunk.digest.hex, chunk.length, [b.hex for b in chunk.bases]]
+    return [chunk.digest.hex, chunk.length]
+
+
+def _chunk_from_list(item: Any) -> ChunkRef:
+    """``[hash, length]``, or ``[hash, length, [base, ...]]`` for a delta chunk."""
+    if not isinstance(item, list) or len(item) not in (2, 3):
+        raise ValueError(f"chunk entry {item!r} is not [hash, length(, bases)]")
+    bases = tuple(Digest.parse(h) for h in item[2]) if len(item) == 3 else ()
+    return ChunkRef(Digest.parse(item[0]), int(item[1]), bases)
+
+
 def _entry_from_dict(data: Mapping[str, Any]) -> Entry:
     kind = data["type"]
     if kind == "file":
-        chunks = tuple(ChunkRef(Digest.parse(h), int(n)) for h, n in data["chunks"])
+        chunks = tuple(_chunk_from_list(c) for c in data["chunks"])
         return Entry(
             path=str(data["path"]),
             type="file",

@@ -1,9 +1,10 @@
 """Integrity checks over a whole store, and the repair of corrupt chunks.
 
 ``verify`` reads every version ref and its manifest and checks, with one
-listing of ``chunks/``, that every referenced chunk exists. ``deep`` also
-reads, decodes and rehashes every referenced chunk, in parallel; ``sample``
-does that for a random share of them only. The report names every damaged
+listing of ``chunks/``, that every referenced chunk exists, delta bases
+included. ``deep`` also reads, decodes and rehashes every referenced chunk,
+in parallel, a delta chunk through its whole chain; ``sample`` does that for
+a random share of them only. The report names every damaged
 version and the files in it that are affected.
 
 ``repair`` moves each corrupt chunk out of the way, to ``quarantine/``: it
@@ -155,6 +156,9 @@ def verify_store(
         for entry in manifest.entries:
             for chunk in entry.chunks:
                 usage.add(chunk.digest, label, entry.path)
+                # A delta chunk is only as good as its chain of bases.
+                for base in chunk.bases:
+                    usage.add(base, label, entry.path)
 
     present = {digest.raw for digest, _ in chunks.list()}
     missing = [raw for raw in usage.by_chunk if raw not in present]
