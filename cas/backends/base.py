@@ -83,6 +83,11 @@ class Backend(ABC):
     #: thread pools from it.
     concurrency: int = 8
 
+    #: Objects one listing request returns at most. 0 where a listing costs
+    #: about as much per object as a stat (a local folder, memory), so that a
+    #: put never lists to save requests there (see :mod:`cas.chunkindex`).
+    list_page_size: int = 0
+
     @abstractmethod
     def put(
         self,
@@ -142,6 +147,12 @@ class Backend(ABC):
         in parallel; callers flush before a write that must not become
         durable without them, such as a version ref that names them.
         Services that acknowledge only durable writes need nothing here.
+        """
+
+    def create_bucket(self) -> None:  # noqa: B027 - nothing to create for most backends
+        """Create the bucket or container the store lives in; fine if it exists.
+
+        Cloud backends override this; a folder is created by its first write.
         """
 
     def exists(self, key: str) -> bool:

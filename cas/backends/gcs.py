@@ -54,6 +54,8 @@ _TOUCH_MODES = ("patch", "rewrite")
 class GCSBackend(Backend):
     """Objects in one bucket under an optional name prefix."""
 
+    list_page_size = 1000  # objects.list answers up to 1,000 names per request
+
     def __init__(
         self,
         bucket: str,

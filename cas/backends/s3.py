@@ -87,6 +87,8 @@ def _split(uri: str) -> tuple[str, str, dict[str, str]]:
 class S3Backend(Backend):
     """Objects in one bucket under an optional key prefix."""
 
+    list_page_size = 1000  # ListObjectsV2 answers up to 1,000 keys per request
+
     def __init__(
         self,
         bucket: str,
