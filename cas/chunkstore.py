@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import codec, layout
 from .backends.base import Backend, ObjectInfo
-from .chunkindex import ChunkIndex
 from .digest import Digest, hash_bytes
 from .errors import AlreadyExistsError, CorruptObjectError, MissingObjectError, NotFoundError
+
+#: Longest chain of delta chunks a read follows. Writers keep chains far
+#: shorter (the store's delta setting); this only stops a damaged store
+#: from sending a read round in circles.
+MAX_CHAIN = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +45,10 @@ class ChunkStore:
         *,
         level: int = codec.DEFAULT_LEVEL,
         refresh_after: float | None = None,
-        index: ChunkIndex | None = None,
     ) -> None:
         self.backend = backend
         self.level = level
         self.refresh_after = refresh_after
-        #: A listing of the store's chunks that answers "is it there, how old"
-        #: instead of a stat per chunk; see :mod:`cas.chunkindex`.
-        self.index = index
 
     def put(
         self,
@@ -56,44 +56,28 @@ class ChunkStore:
         *,
         digest: Digest | None = None,
         reference_time: float | None = None,
+        encode: Callable[[], bytes] | None = None,
     ) -> PutResult:
         """Store one chunk unless present.
 
         ``digest`` may be passed when the caller hashed ``data`` already;
         ``reference_time`` is "now" on the backend's clock, for refreshes.
+        ``encode`` returns the stored form when the chunk must be written
+        (tensor chunks: byte-grouped or a delta); the default is the store's
+        zstd, decided per chunk. It runs only for chunks not already present.
         """
         if digest is None:
             digest = Digest(hash_bytes(data))
         key = layout.chunk_key(digest)
-        if self.index is None:
-            return self._put_checked(data, digest, key, reference_time)
-        listed = self.index.mtime(digest)
-        if listed is not None:
-            times = self._refresh(key, listed, reference_time)
-            if times is not None:
-                return PutResult(digest, len(data), 0, *times)
-        blob = codec.encode(data, self.level)
-        try:
-            self.backend.put(key, blob, if_absent=True)
-        except AlreadyExistsError:
-            # Stored by someone else since the listing, which may be older
-            # than reference_time: read its real time, as a stat would have.
-            return self._put_checked(data, digest, key, reference_time)
-        return PutResult(digest, len(data), len(blob), reference_time)
-
-    def _put_checked(
-        self, data: bytes | memoryview, digest: Digest, key: str, reference_time: float | None
-    ) -> PutResult:
-        """Stat the chunk; refresh it if present, else store it create-only."""
         try:
             info = self.backend.stat(key)
         except NotFoundError:
             pass
         else:
-            times = self._refresh(key, info.mtime, reference_time)
+            times = self._refresh(info, reference_time)
             if times is not None:
                 return PutResult(digest, len(data), 0, *times)
-        blob = codec.encode(data, self.level)
+        blob = encode() if encode is not None else codec.encode(data, self.level)
         try:
             self.backend.put(key, blob, if_absent=True)
         except AlreadyExistsError:
@@ -103,21 +87,21 @@ class ChunkStore:
         return PutResult(digest, len(data), len(blob), reference_time)
 
     def _refresh(
-        self, key: str, mtime: float, reference_time: float | None
+        self, info: ObjectInfo, reference_time: float | None
     ) -> tuple[float, float | None] | None:
         """Touch an old reused chunk; None if it vanished meanwhile (then store it again).
 
         Returns (lower bound of its mtime now, its mtime before a touch or None).
         """
         if self.refresh_after is None or reference_time is None:
-            return mtime, None
-        if reference_time - mtime > self.refresh_after:
+            return info.mtime, None
+        if reference_time - info.mtime > self.refresh_after:
             try:
-                self.backend.touch(key)
+                self.backend.touch(info.key)
             except NotFoundError:
                 return None
-            return reference_time, mtime
-        return mtime, None
+            return reference_time, info.mtime
+        return info.mtime, None
 
     def get(self, digest: Digest, *, context: str = "") -> bytes:
         """Return the verified raw bytes of a chunk.
@@ -125,15 +109,26 @@ class ChunkStore:
         ``context`` (e.g. "runs/a@3: file 'w.bin'") prefixes error messages so
         that a failure names the version and the file as well as the chunk.
         """
-        key = layout.chunk_key(digest)
         where = f"{context}: chunk {digest.hex}" if context else f"chunk {digest.hex}"
+        return self._get(digest, where, 0)
+
+    def _get(self, digest: Digest, where: str, depth: int) -> bytes:
+        """``get``, following a delta chunk down to its base: each link verified on its own."""
         try:
-            blob = self.backend.get(key)
+            blob = self.backend.get(layout.chunk_key(digest))
         except NotFoundError:
-            raise MissingObjectError(f"{where} is missing from the store") from None
-        raw = codec.decode(blob, name=where)
+            what = f"{where}: its delta base {digest.hex}" if depth else where
+            raise MissingObjectError(f"{what} is missing from the store") from None
+        base_raw = codec.delta_base(blob)
+        base = None
+        if base_raw is not None:
+            if depth >= MAX_CHAIN or base_raw == digest.raw:
+                raise CorruptObjectError(f"{where}: its chain of delta bases does not end")
+            base = self._get(Digest(base_raw), where, depth + 1)
+        name = f"{where} (delta base {digest.hex})" if depth else where
+        raw = codec.decode(blob, name=name, base=base)
         if hash_bytes(raw) != digest.raw:
-            raise CorruptObjectError(f"{where} is corrupt: its content does not match its hash")
+            raise CorruptObjectError(f"{name} is corrupt: its content does not match its hash")
         return raw
 
     def exists(self, digest: Digest) -> bool:

@@ -15,8 +15,10 @@ from . import codec, layout
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .chunking import ChunkerParams
+from .chunkstore import MAX_CHAIN
 from .errors import (
     AlreadyExistsError,
+    InvalidInputError,
     NotAStoreError,
     NotFoundError,
     StoreError,
@@ -33,17 +35,27 @@ class StoreConfig:
     store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: str = field(default_factory=utc_now)
     format: int = layout.FORMAT_VERSION
+    #: Longest delta chain writers make: reads to rebuild a chunk (1: no deltas).
+    max_delta_reads: int = codec.DEFAULT_DELTA_READS
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_delta_reads <= MAX_CHAIN:
+            raise InvalidInputError(
+                f"delta chains of {self.max_delta_reads} reads: choose 1 (no deltas) to {MAX_CHAIN}"
+            )
 
     def to_bytes(self) -> bytes:
-        return canonical_json(
-            {
-                "format": self.format,
-                "id": self.store_id,
-                "created": self.created,
-                "chunker": self.chunker.to_dict(),
-                "codec": {"name": "zstd", "level": self.zstd_level},
-            }
-        )
+        data: dict[str, Any] = {
+            "format": self.format,
+            "id": self.store_id,
+            "created": self.created,
+            "chunker": self.chunker.to_dict(),
+            "codec": {"name": "zstd", "level": self.zstd_level},
+        }
+        # Written only when set, so a default config stays as it always was.
+        if self.max_delta_reads != codec.DEFAULT_DELTA_READS:
+            data["delta"] = {"max_reads": self.max_delta_reads}
+        return canonical_json(data)
 
     @classmethod
     def from_bytes(cls, blob: bytes, where: str) -> StoreConfig:
@@ -64,6 +76,9 @@ class StoreConfig:
                 store_id=str(data["id"]),
                 created=str(data["created"]),
                 format=version,
+                max_delta_reads=int(
+                    (data.get("delta") or {}).get("max_reads", codec.DEFAULT_DELTA_READS)
+                ),
             )
         except (ValueError, KeyError, TypeError) as err:
             raise NotAStoreError(f"{where} has a malformed config ({err})") from None

@@ -1,7 +1,8 @@
 """Turning a file or a directory into stored chunks and manifest entries.
 
 The pipeline: the calling thread reads each file in large blocks, feeds the
-whole-file hash and cuts chunks (FastCDC); worker threads hash, compress and
+whole-file hash and cuts chunks (FastCDC, or at tensor boundaries for a
+safetensors file: :mod:`cas.tensorwrite`); worker threads hash, compress and
 upload the chunks. A semaphore bounds the chunks in flight, so memory stays
 flat however large the files are. blake3 and zstd release the GIL, so the
 workers run in parallel with the reader.
@@ -14,7 +15,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .chunking import ChunkerParams, iter_chunks
@@ -22,6 +23,8 @@ from .chunkstore import ChunkStore, PutResult, SeenSet
 from .digest import Digest, StreamingHasher, hash_bytes
 from .errors import SourceError, UnsafePathError
 from .manifest import ArtifactKind, ChunkRef, Entry, check_entries, check_link_target
+from .tensors import Span
+from .tensorwrite import FilePlan, TensorWriter
 
 ProgressFn = Callable[[int], None]
 
@@ -125,8 +128,11 @@ class Ingestor:
         reference_time: Callable[[], float | None] = lambda: None,
         progress: ProgressFn | None = None,
         observer: Callable[[PutResult], None] | None = None,
+        tensors: TensorWriter | None = None,
     ) -> None:
         self.chunks = chunks
+        #: Tensor-aware chunking and codecs, and the delta chains of chunks.
+        self.tensors = tensors
         # Told of every chunk stored or reused, for garbage-collection safety.
         self.observer = observer
         self.params = params
@@ -162,13 +168,21 @@ class Ingestor:
         futures: list[Future[ChunkRef]] = []
         try:
             with open(item.absolute, "rb") as stream:
-                chunks = iter_chunks(
-                    stream, self.params, size_hint=item.size, on_read=self._reader(hasher)
-                )
-                for view in chunks:
+                plan = None
+                if self.tensors is not None:
+                    plan = self.tensors.plan(item.path, stream, item.size)
+                work: Iterator[tuple[memoryview, int, Span | None]]
+                if plan is not None:
+                    work = TensorWriter.read_spans(stream, plan.spans, self._reader(hasher))
+                else:
+                    chunks = iter_chunks(
+                        stream, self.params, size_hint=item.size, on_read=self._reader(hasher)
+                    )
+                    work = ((view, 0, None) for view in chunks)
+                for view, index, span in work:
                     self._slots.acquire()
                     try:
-                        future = pool.submit(self._store_chunk, view)
+                        future = pool.submit(self._store_chunk, view, index, span, plan)
                     except BaseException:
                         self._slots.release()
                         raise
@@ -188,10 +202,24 @@ class Ingestor:
 
         return on_read
 
-    def _store_chunk(self, view: memoryview) -> ChunkRef:
+    def _store_chunk(
+        self,
+        view: memoryview,
+        index: int = 0,
+        span: Span | None = None,
+        plan: FilePlan | None = None,
+    ) -> ChunkRef:
         digest = Digest(hash_bytes(view))
         if self._seen.add(digest):
-            result = self.chunks.put(view, digest=digest, reference_time=self.reference_time())
+            encode = None
+            if self.tensors is not None and span is not None and plan is not None:
+                encode = self.tensors.encoder(view, index, span, plan, digest)
+            reference = self.reference_time()
+            result = self.chunks.put(view, digest=digest, reference_time=reference, encode=encode)
+            if self.tensors is not None:
+                # A delta chunk, ours or found, needs its bases kept too.
+                chain = self.tensors.chains.settle(digest, bool(result.written))
+                self.tensors.keep(chain, reference, self.observer)
             if self.observer is not None:
                 self.observer(result)
         else:
@@ -199,10 +227,15 @@ class Ingestor:
         self.stats.record(result)
         return ChunkRef(digest, len(view))
 
-    @staticmethod
-    def _entry(item: SourceItem, whole: Digest | None, futures: list[Future[ChunkRef]]) -> Entry:
+    def _entry(
+        self, item: SourceItem, whole: Digest | None, futures: list[Future[ChunkRef]]
+    ) -> Entry:
         if item.type == "file":
             chunks = tuple(f.result() for f in futures)
+            if self.tensors is not None:
+                # Every chunk is settled now, those stored twice in this put too.
+                of = self.tensors.chains.of
+                chunks = tuple(replace(c, bases=of(c.digest)) for c in chunks)
             size = sum(c.length for c in chunks)
             if size != item.size:
                 raise SourceError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -17,8 +18,6 @@ from typing import Any
 from . import layout
 from .artifact import ArtifactInfo, Summary
 from .backends import Backend, LocalBackend, open_backend
-from .chunkindex import expected_chunks
-from .chunkindex import plan as plan_index
 from .chunking import ChunkerParams
 from .chunkstore import ChunkStore
 from .config import StoreConfig, load_config, write_config
@@ -46,6 +45,8 @@ from .manifest import Entry, Manifest, Parent, canonical_json, check_metric
 from .refs import Refs, VersionRef, utc_now
 from .restore import Restorer
 from .results import Details, KeySummary, Stats, Version
+from .tensors import find_file, read_tensor
+from .tensorwrite import TensorWriter
 from .verify import VerifyReport, iter_live_versions, verify_store
 
 ProgressFn = Callable[[int], None]
@@ -82,18 +83,15 @@ class Store:
         location: str | os.PathLike[str],
         *,
         chunker: ChunkerParams | None = None,
-        create_bucket: bool = False,
+        max_delta_reads: int | None = None,
         **options: Any,
     ) -> Store:
-        """Create a new store; fails if the location already holds one.
-
-        ``create_bucket`` first creates the bucket or container of a cloud
-        location (fine if it exists already).
-        """
+        """Create a new store; fails if the location already holds one."""
         backend = open_backend(location, **options)
-        if create_bucket:
-            backend.create_bucket()
         config = StoreConfig(chunker=chunker or ChunkerParams())
+        if max_delta_reads is not None:
+            # A chunk stored as a delta is rebuilt from at most this many reads.
+            config = dataclasses.replace(config, max_delta_reads=max_delta_reads)
         return cls(backend, write_config(backend, config, exist_ok=False))
 
     def close(self) -> None:
@@ -119,16 +117,12 @@ class Store:
         message: str = "",
         progress: ProgressFn | None = None,
         info: ArtifactInfo | None = None,
-        workers: int | None = None,
     ) -> Version:
         """Store a file or a directory as the next version of ``key``.
 
         ``info`` adds typed metadata (type, job, algorithm...); its metrics,
         parents and tags join those given here, which win on a conflict.
-        ``workers`` is the number of chunks hashed, compressed and uploaded
-        in parallel (default: the store's, from the backend's concurrency).
         """
-        workers = self._check_workers(workers)
         layout.check_key(key)
         if info is not None:
             parents = (*info.parents, *parents)
@@ -161,7 +155,7 @@ class Store:
 
         for attempt in range(1, PUT_ATTEMPTS + 1):
             try:
-                ref, manifest = self._store_version(key, items, build, progress, workers)
+                ref, manifest = self._store_version(key, items, build, progress, parents=resolved)
                 break
             except ConcurrentCollectionError:
                 # A collection removed a chunk this put was reusing, before
@@ -178,30 +172,31 @@ class Store:
         items: builtins.list[SourceItem],
         build: Callable[[tuple[Entry, ...]], Manifest],
         progress: ProgressFn | None,
-        workers: int,
+        *,
+        parents: tuple[Parent, ...] = (),
     ) -> tuple[VersionRef, Manifest]:
         """Chunks, then the manifest, then the ref; garbage collection cannot take
         what the ref names (see docs/gc.md and :mod:`cas.gcprotocol`)."""
-        session = WriteSession(self.backend, clock=self.clock, workers=workers).start()
-        index = None
+        session = WriteSession(self.backend, clock=self.clock, workers=self.workers).start()
         try:
-            # One listing of chunks/ instead of a stat per chunk, when cheaper.
-            sizes = (item.size for item in items if item.type == "file")
-            expected = expected_chunks(sizes, self.config.chunker)
-            index = plan_index(self.backend, expected, workers=workers)
             chunks = ChunkStore(
-                self.backend,
-                level=self.config.zstd_level,
-                refresh_after=session.refresh_after,
-                index=index,
+                self.backend, level=self.config.zstd_level, refresh_after=session.refresh_after
             )
             ingestor = Ingestor(
                 chunks,
                 self.config.chunker,
-                workers=workers,
+                workers=self.workers,
                 progress=progress,
                 reference_time=session.reference_time,
                 observer=session.observe,
+                tensors=TensorWriter(
+                    chunks,
+                    self.config.chunker,
+                    # Delta bases come from the parents' versions of the same files.
+                    parents=[(self.load_manifest(p.manifest_id), p.version) for p in parents],
+                    max_reads=self.config.max_delta_reads,
+                    level=self.config.zstd_level,
+                ),
             )
             manifest = build(build_entries(items, ingestor))
             manifest_id = self._write_manifest(manifest)
@@ -210,17 +205,8 @@ class Store:
             summary = Summary.of_manifest(manifest).for_ref()
             ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
         finally:
-            if index is not None:
-                index.close()
             session.close()
         return ref, manifest
-
-    def _check_workers(self, workers: int | None) -> int:
-        if workers is None:
-            return self.workers
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InvalidInputError(f"--jobs must be a whole number >= 1, not {workers!r}")
-        return workers
 
     def _write_manifest(self, manifest: Manifest) -> Digest:
         blob = manifest.to_bytes()
@@ -270,20 +256,28 @@ class Store:
         *,
         force: bool = False,
         progress: ProgressFn | None = None,
-        workers: int | None = None,
     ) -> Version:
-        """Restore a version to ``dest`` (a file path or a directory), verified.
-
-        ``workers`` is the number of chunks downloaded in parallel (default: the store's).
-        """
-        workers = self._check_workers(workers)
+        """Restore a version to ``dest`` (a file path or a directory), verified."""
         version_ref = self.resolve(ref)
         assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
-        restorer = Restorer(self.chunks, workers=workers, progress=progress)
+        restorer = Restorer(self.chunks, workers=self.workers, progress=progress)
         label = f"{version_ref.key}@{version_ref.number}"
         restorer.restore(manifest, Path(dest), label=label, force=force)
         return self._version(version_ref, manifest)
+
+    def read_tensor(self, ref: str, file: str | None, name: str) -> Any:
+        """One tensor of a stored safetensors file as a numpy array (BF16 as float32).
+
+        Fetches and verifies only the chunks that hold the header and the
+        tensor. ``file`` is the file's path in the version; for a one-file
+        artifact any name (or None) will do.
+        """
+        version_ref = self.resolve(ref)
+        assert version_ref.manifest_id is not None
+        manifest = self.load_manifest(version_ref.manifest_id)
+        label = f"{version_ref.key}@{version_ref.number}"
+        return read_tensor(self.chunks, find_file(manifest, file), name, label=label)
 
     def show(self, ref: str) -> Details:
         version_ref = self.resolve(ref)
@@ -372,6 +366,8 @@ class Store:
             for entry in manifest.entries:
                 for chunk in entry.chunks:
                     referenced[chunk.digest.raw] = chunk.length
+                    for base in chunk.bases:  # a delta's base is as long as the delta
+                        referenced[base.raw] = chunk.length
         stored = chunk_count = live = 0
         for digest, info in self.chunks.list():
             stored += info.size
