@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from . import codec, layout
 from .backends.base import Backend, ObjectInfo
+from .chunkindex import ChunkIndex
 from .digest import Digest, hash_bytes
 from .errors import AlreadyExistsError, CorruptObjectError, MissingObjectError, NotFoundError
 
@@ -45,10 +46,14 @@ class ChunkStore:
         *,
         level: int = codec.DEFAULT_LEVEL,
         refresh_after: float | None = None,
+        index: ChunkIndex | None = None,
     ) -> None:
         self.backend = backend
         self.level = level
         self.refresh_after = refresh_after
+        #: A listing of the store's chunks that answers "is it there, how old"
+        #: instead of a stat per chunk; see :mod:`cas.chunkindex`.
+        self.index = index
 
     def put(
         self,
@@ -69,12 +74,37 @@ class ChunkStore:
         if digest is None:
             digest = Digest(hash_bytes(data))
         key = layout.chunk_key(digest)
+        if self.index is None:
+            return self._put_checked(data, digest, key, reference_time, encode)
+        listed = self.index.mtime(digest)
+        if listed is not None:
+            times = self._refresh(key, listed, reference_time)
+            if times is not None:
+                return PutResult(digest, len(data), 0, *times)
+        blob = encode() if encode is not None else codec.encode(data, self.level)
+        try:
+            self.backend.put(key, blob, if_absent=True)
+        except AlreadyExistsError:
+            # Stored by someone else since the listing, which may be older
+            # than reference_time: read its real time, as a stat would have.
+            return self._put_checked(data, digest, key, reference_time, encode)
+        return PutResult(digest, len(data), len(blob), reference_time)
+
+    def _put_checked(
+        self,
+        data: bytes | memoryview,
+        digest: Digest,
+        key: str,
+        reference_time: float | None,
+        encode: Callable[[], bytes] | None = None,
+    ) -> PutResult:
+        """Stat the chunk; refresh it if present, else store it create-only."""
         try:
             info = self.backend.stat(key)
         except NotFoundError:
             pass
         else:
-            times = self._refresh(info, reference_time)
+            times = self._refresh(key, info.mtime, reference_time)
             if times is not None:
                 return PutResult(digest, len(data), 0, *times)
         blob = encode() if encode is not None else codec.encode(data, self.level)
@@ -87,21 +117,21 @@ class ChunkStore:
         return PutResult(digest, len(data), len(blob), reference_time)
 
     def _refresh(
-        self, info: ObjectInfo, reference_time: float | None
+        self, key: str, mtime: float, reference_time: float | None
     ) -> tuple[float, float | None] | None:
         """Touch an old reused chunk; None if it vanished meanwhile (then store it again).
 
         Returns (lower bound of its mtime now, its mtime before a touch or None).
         """
         if self.refresh_after is None or reference_time is None:
-            return info.mtime, None
-        if reference_time - info.mtime > self.refresh_after:
+            return mtime, None
+        if reference_time - mtime > self.refresh_after:
             try:
-                self.backend.touch(info.key)
+                self.backend.touch(key)
             except NotFoundError:
                 return None
-            return reference_time, info.mtime
-        return info.mtime, None
+            return reference_time, mtime
+        return mtime, None
 
     def get(self, digest: Digest, *, context: str = "") -> bytes:
         """Return the verified raw bytes of a chunk.

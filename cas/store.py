@@ -18,6 +18,8 @@ from typing import Any
 from . import layout
 from .artifact import ArtifactInfo, Summary
 from .backends import Backend, LocalBackend, open_backend
+from .chunkindex import expected_chunks
+from .chunkindex import plan as plan_index
 from .chunking import ChunkerParams
 from .chunkstore import ChunkStore
 from .config import StoreConfig, load_config, write_config
@@ -84,10 +86,17 @@ class Store:
         *,
         chunker: ChunkerParams | None = None,
         max_delta_reads: int | None = None,
+        create_bucket: bool = False,
         **options: Any,
     ) -> Store:
-        """Create a new store; fails if the location already holds one."""
+        """Create a new store; fails if the location already holds one.
+
+        ``create_bucket`` first creates the bucket or container of a cloud
+        location (fine if it exists already).
+        """
         backend = open_backend(location, **options)
+        if create_bucket:
+            backend.create_bucket()
         config = StoreConfig(chunker=chunker or ChunkerParams())
         if max_delta_reads is not None:
             # A chunk stored as a delta is rebuilt from at most this many reads.
@@ -117,12 +126,16 @@ class Store:
         message: str = "",
         progress: ProgressFn | None = None,
         info: ArtifactInfo | None = None,
+        workers: int | None = None,
     ) -> Version:
         """Store a file or a directory as the next version of ``key``.
 
         ``info`` adds typed metadata (type, job, algorithm...); its metrics,
         parents and tags join those given here, which win on a conflict.
+        ``workers`` is the number of chunks hashed, compressed and uploaded
+        in parallel (default: the store's, from the backend's concurrency).
         """
+        workers = self._check_workers(workers)
         layout.check_key(key)
         if info is not None:
             parents = (*info.parents, *parents)
@@ -155,7 +168,9 @@ class Store:
 
         for attempt in range(1, PUT_ATTEMPTS + 1):
             try:
-                ref, manifest = self._store_version(key, items, build, progress, parents=resolved)
+                ref, manifest = self._store_version(
+                    key, items, build, progress, workers, parents=resolved
+                )
                 break
             except ConcurrentCollectionError:
                 # A collection removed a chunk this put was reusing, before
@@ -172,20 +187,29 @@ class Store:
         items: builtins.list[SourceItem],
         build: Callable[[tuple[Entry, ...]], Manifest],
         progress: ProgressFn | None,
+        workers: int,
         *,
         parents: tuple[Parent, ...] = (),
     ) -> tuple[VersionRef, Manifest]:
         """Chunks, then the manifest, then the ref; garbage collection cannot take
         what the ref names (see docs/gc.md and :mod:`cas.gcprotocol`)."""
-        session = WriteSession(self.backend, clock=self.clock, workers=self.workers).start()
+        session = WriteSession(self.backend, clock=self.clock, workers=workers).start()
+        index = None
         try:
+            # One listing of chunks/ instead of a stat per chunk, when cheaper.
+            sizes = (item.size for item in items if item.type == "file")
+            expected = expected_chunks(sizes, self.config.chunker)
+            index = plan_index(self.backend, expected, workers=workers)
             chunks = ChunkStore(
-                self.backend, level=self.config.zstd_level, refresh_after=session.refresh_after
+                self.backend,
+                level=self.config.zstd_level,
+                refresh_after=session.refresh_after,
+                index=index,
             )
             ingestor = Ingestor(
                 chunks,
                 self.config.chunker,
-                workers=self.workers,
+                workers=workers,
                 progress=progress,
                 reference_time=session.reference_time,
                 observer=session.observe,
@@ -205,8 +229,17 @@ class Store:
             summary = Summary.of_manifest(manifest).for_ref()
             ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
         finally:
+            if index is not None:
+                index.close()
             session.close()
         return ref, manifest
+
+    def _check_workers(self, workers: int | None) -> int:
+        if workers is None:
+            return self.workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InvalidInputError(f"--jobs must be a whole number >= 1, not {workers!r}")
+        return workers
 
     def _write_manifest(self, manifest: Manifest) -> Digest:
         blob = manifest.to_bytes()
@@ -256,12 +289,17 @@ class Store:
         *,
         force: bool = False,
         progress: ProgressFn | None = None,
+        workers: int | None = None,
     ) -> Version:
-        """Restore a version to ``dest`` (a file path or a directory), verified."""
+        """Restore a version to ``dest`` (a file path or a directory), verified.
+
+        ``workers`` is the number of chunks downloaded in parallel (default: the store's).
+        """
+        workers = self._check_workers(workers)
         version_ref = self.resolve(ref)
         assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
-        restorer = Restorer(self.chunks, workers=self.workers, progress=progress)
+        restorer = Restorer(self.chunks, workers=workers, progress=progress)
         label = f"{version_ref.key}@{version_ref.number}"
         restorer.restore(manifest, Path(dest), label=label, force=force)
         return self._version(version_ref, manifest)
