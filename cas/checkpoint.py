@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from . import layout
 from .artifact import ArtifactInfo
 from .errors import ConfigurationError, InvalidInputError, RefNotFoundError
+from .tensors import parse_header
 
 if TYPE_CHECKING:
     from .store import Store, Version
@@ -114,26 +115,19 @@ def write_safetensors(
 def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """{name: (dtype, shape, bytes)} and ``__metadata__`` of a safetensors file."""
     with open(path, "rb") as stream:
-        raw = stream.read(8)
-        if len(raw) < 8:
-            raise InvalidInputError(f"{path}: not a safetensors file (too short)")
-        length = int.from_bytes(raw, "little")
-        size = os.fstat(stream.fileno()).st_size
-        if length > size - 8:
-            raise InvalidInputError(f"{path}: not a safetensors file (bad header length)")
+
+        def read(offset: int, length: int) -> bytes:
+            stream.seek(offset)
+            return stream.read(length)
+
         try:
-            header = json.loads(stream.read(length))
-        except ValueError as err:
+            header = parse_header(read, os.fstat(stream.fileno()).st_size)
+        except InvalidInputError as err:
             raise InvalidInputError(f"{path}: not a safetensors file ({err})") from None
-        base = 8 + length
         out: dict[str, Any] = {}
-        for name, spec in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = spec["data_offsets"]
-            stream.seek(base + begin)
-            out[name] = (spec["dtype"], tuple(spec["shape"]), stream.read(end - begin))
-        return out, dict(header.get("__metadata__") or {})
+        for info in header.tensors:
+            out[info.name] = (info.dtype, info.shape, read(info.start, info.end - info.start))
+        return out, dict(header.metadata or {})
 
 
 def _array_tensors(arrays: Mapping[str, Any]) -> Iterator[tuple[str, str, tuple[int, ...], bytes]]:

@@ -12,7 +12,6 @@ old version, ``new`` bytes are what the new version added to it.
 from __future__ import annotations
 
 import bisect
-import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,14 +20,12 @@ from typing import TYPE_CHECKING, Any
 from .chunkstore import ChunkStore
 from .digest import Digest, StreamingHasher
 from .manifest import Entry, Manifest
+from .tensors import TensorInfo, parse_header
 
 if TYPE_CHECKING:
     from .store import Store
 
 SAFETENSORS_SUFFIX = ".safetensors"
-# A header larger than this is not a plausible safetensors header (the
-# reference implementation caps it at 100 MB too).
-MAX_HEADER = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -177,34 +174,10 @@ class _ChunkCache:
         return data
 
 
-@dataclass(frozen=True)
-class _Tensor:
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute offsets in the file
-    end: int
-
-
-def read_safetensors_header(reader: _FileReader) -> tuple[dict[str, _Tensor], Any]:
+def read_safetensors_header(reader: _FileReader) -> tuple[dict[str, TensorInfo], Any]:
     """Tensors by name, and the ``__metadata__`` object, of a stored safetensors file."""
-    if reader.entry.size < 8:
-        raise ValueError("shorter than a safetensors header")
-    length = int.from_bytes(reader.read(0, 8), "little")
-    if length > MAX_HEADER or 8 + length > reader.entry.size:
-        raise ValueError(f"header length {length} does not fit the file")
-    header = json.loads(reader.read(8, length))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    base = 8 + length
-    tensors: dict[str, _Tensor] = {}
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = spec["data_offsets"]
-        if not 0 <= begin <= end or base + end > reader.entry.size:
-            raise ValueError(f"tensor {name!r} lies outside the file")
-        tensors[name] = _Tensor(str(spec["dtype"]), tuple(spec["shape"]), base + begin, base + end)
-    return tensors, header.get("__metadata__")
+    header = parse_header(reader.read, reader.entry.size)
+    return {t.name: t for t in header.tensors}, header.metadata
 
 
 def diff_safetensors(old: _FileReader, new: _FileReader) -> TensorDiff:
