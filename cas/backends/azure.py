@@ -22,7 +22,7 @@ import requests
 from azure.core import MatchConditions
 from azure.core import exceptions as aexc
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import BlobServiceClient, ExponentialRetry
 from urllib3.util.retry import Retry
 
 from ..errors import (
@@ -76,6 +76,7 @@ class AzureBackend(Backend):
         self.uri = f"az://{container}/{self.prefix}" if self.prefix else f"az://{container}"
         self.concurrency = concurrency
         self.page_size = page_size
+        self.list_page_size = page_size
         session = requests.Session()
         # Retries belong to the Azure pipeline (and to cas's retry wrapper), not to urllib3.
         adapter = _Adapter(
@@ -85,10 +86,19 @@ class AzureBackend(Backend):
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
+        self.max_attempts = max(max_attempts, 1)
         kwargs: dict[str, Any] = {
             "transport": RequestsTransport(session=session),
             # The SDK retries throttling, 5xx and connection errors with backoff.
-            "retry_total": max(max_attempts - 1, 0),
+            # Its default backoff (15 s, then 15 + 3^n) makes an unreachable
+            # service cost a minute and a half before the error; 1 s, 3 s, 5 s
+            # still lets a throttled account recover between attempts.
+            "retry_policy": ExponentialRetry(
+                initial_backoff=1,
+                increment_base=2,
+                retry_total=self.max_attempts - 1,
+                random_jitter_range=1,
+            ),
         }
         if api_version:
             kwargs["api_version"] = api_version
@@ -125,7 +135,9 @@ class AzureBackend(Backend):
         if isinstance(err, CasError):
             raise err  # already mapped, e.g. an InvalidKeyError from inside a try
         where = f"{self.uri}/{key}" if key is not None else self.uri
-        code = str(getattr(err, "error_code", "") or "")
+        # error_code is a str enum (StorageErrorCode) or a plain str: its value names it.
+        raw_code = getattr(err, "error_code", "") or ""
+        code = str(getattr(raw_code, "value", raw_code))
         status = int(getattr(err, "status_code", 0) or 0)
         if code == "ContainerNotFound":
             raise BackendError(
@@ -148,12 +160,17 @@ class AzureBackend(Backend):
             raise NotFoundError(f"object {where} not found") from err
         if isinstance(err, aexc.ClientAuthenticationError) or status in (401, 403):
             raise BackendError(
-                f"access denied to {where} ({code or status}): the identity needs the role "
-                "'Storage Blob Data Contributor' on the container or account, or use a "
-                "connection string / SAS that allows read, write, delete and list"
+                f"access denied to {where} ({code or status}): check the account key or SAS "
+                "in the connection string; a signed-in identity needs the role 'Storage Blob "
+                "Data Contributor' on the container or account, a SAS read, write, delete and list"
             ) from err
         if isinstance(err, aexc.ServiceRequestError | aexc.ServiceResponseError):
-            raise BackendError(f"cannot reach Azure for {where}: {err}", is_transient=True) from err
+            raise BackendError(
+                f"cannot reach Azure Blob Storage at {self._service.primary_endpoint} "
+                f"({self.max_attempts} attempts) for {where}: {err}; check the account URL or "
+                "connection string, and that the service is up and reachable",
+                is_transient=True,
+            ) from err
         if isinstance(err, aexc.HttpResponseError):
             transient = status >= 500 or status == 429 or code in _THROTTLED
             raise BackendError(

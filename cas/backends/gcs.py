@@ -88,6 +88,9 @@ class GCSBackend(Backend):
         self.touch_mode = touch or ("rewrite" if emulator else "patch")
         if self.touch_mode not in _TOUCH_MODES:
             raise ConfigurationError(f"touch must be one of {_TOUCH_MODES}, not {touch!r}")
+        self.retry_timeout = retry_timeout
+        #: Where requests go, for messages: the emulator, another endpoint, or Google's.
+        self.endpoint = emulator or endpoint_url or "https://storage.googleapis.com"
         self._client = self._make_client(project, emulator, endpoint_url)
         self._bucket = self._client.bucket(bucket)
 
@@ -163,8 +166,14 @@ class GCSBackend(Backend):
             ) from err
         if isinstance(err, gauth_exc.RefreshError):
             raise BackendError(f"Google credentials could not be refreshed: {err}") from err
-        if isinstance(err, _NETWORK):
-            raise BackendError(f"cannot reach GCS for {where}: {err}", is_transient=True) from err
+        cause = err.cause if isinstance(err, gexc.RetryError) else err
+        if isinstance(cause, _NETWORK):
+            tried = f"retried for {self.retry_timeout:g} s" if self.retry_timeout > 0 else "once"
+            raise BackendError(
+                f"cannot reach GCS at {self.endpoint} ({tried}) for {where}: {cause}; check "
+                "the endpoint (STORAGE_EMULATOR_HOST, endpoint_url), the network and proxies",
+                is_transient=True,
+            ) from err
         if isinstance(err, _TRANSIENT):
             raise BackendError(f"GCS busy for {where}: {err}", is_transient=True) from err
         if isinstance(err, gexc.GoogleAPICallError):

@@ -109,6 +109,7 @@ class S3Backend(Backend):
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.concurrency = concurrency
         self.multipart_threshold = multipart_threshold
+        self.max_attempts = max_attempts
         self.part_size = max(part_size, 5 * MiB)  # S3's minimum for all but the last part
         self.endpoint_url = (
             endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
@@ -154,8 +155,12 @@ class S3Backend(Backend):
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run on a machine with an instance role"
             ) from err
         if isinstance(err, bexc.EndpointConnectionError | bexc.ConnectionError):
-            target = self.endpoint_url or "S3"
-            raise BackendError(f"cannot reach {target}: {err}", is_transient=True) from err
+            target = self.endpoint_url or f"S3 in {self.region or 'the default region'}"
+            raise BackendError(
+                f"cannot reach {target} ({self.max_attempts} attempts) for {where}: {err}; "
+                "check the endpoint (endpoint_url, AWS_ENDPOINT_URL), the network and proxies",
+                is_transient=True,
+            ) from err
         if isinstance(err, bexc.ReadTimeoutError | bexc.ConnectTimeoutError):
             raise BackendError(f"timeout talking to S3 for {where}", is_transient=True) from err
         if not isinstance(err, bexc.ClientError):
