@@ -30,7 +30,7 @@ from .workflow_commands import add_artifact_arguments, artifact_from_args
 def cmd_init(args: argparse.Namespace) -> int:
     location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
     chunker = ChunkerParams.from_average(parse_size(args.chunk_avg)) if args.chunk_avg else None
-    store = Store.init(location, chunker=chunker)
+    store = Store.init(location, chunker=chunker, create_bucket=args.create_bucket)
     params = store.config.chunker
     emit(
         args,
@@ -58,6 +58,7 @@ def cmd_put(args: argparse.Namespace) -> int:
             message=args.message or file_message,
             progress=on_progress,
             info=info,
+            workers=args.jobs,
         )
     emit(args, version.to_dict(), version.ref)
     return 0
@@ -67,7 +68,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     store = open_store(args, create=False)
     total = store.show(args.ref).version.size if sys.stderr.isatty() else None
     with progress(args, total, "get") as on_progress:
-        version = store.get(args.ref, args.dest, force=args.force, progress=on_progress)
+        version = store.get(
+            args.ref, args.dest, force=args.force, progress=on_progress, workers=args.jobs
+        )
     emit(
         args,
         {**version.to_dict(), "dest": os.path.abspath(args.dest)},
@@ -211,6 +214,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 3
 
 
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def add_jobs_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=_jobs,
+        metavar="N",
+        help=f"{what} in parallel (default: 16 for cloud stores, 4 for folders)",
+    )
+
+
 def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
     """Add the core commands to the parser through ``add(name, handler, help)``."""
     p = add("init", cmd_init, "create a store")
@@ -218,6 +241,11 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
         "--chunk-avg",
         metavar="SIZE",
         help="average chunk size (default 1MiB; min = avg/4, max = avg*4)",
+    )
+    p.add_argument(
+        "--create-bucket",
+        action="store_true",
+        help="create the bucket or container of an s3://, gs:// or az:// store first",
     )
 
     p = add("put", cmd_put, "store a file or directory as the next version of KEY")
@@ -246,12 +274,14 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
         help="metadata; JSON values keep their type (repeatable)",
     )
     p.add_argument("--message", "-m", metavar="TEXT")
+    add_jobs_argument(p, "chunks hashed, compressed and uploaded")
     add_artifact_arguments(p)
 
     p = add("get", cmd_get, "restore REF (KEY, KEY@N or KEY:TAG) to DEST, verified")
     p.add_argument("ref", metavar="REF")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    add_jobs_argument(p, "chunks downloaded and checked")
 
     p = add("ls", cmd_ls, "list keys")
     p.add_argument("prefix", nargs="?", metavar="PREFIX")
