@@ -92,9 +92,7 @@ def test_file_name_that_is_not_utf8(env: tuple[Path, Path]) -> None:
         assert versions(store) == [1]
 
 
-@pytest.mark.parametrize(
-    "key", ["bad key", "a//b", "/abs", "trailing/", "../up", "a/./b", "k@1", "k:tag", "ü"]
-)
+@pytest.mark.parametrize("key", ["bad key", "a//b", "/abs", "../up", "k@1", "k:tag", "ü"])
 def test_malformed_key_on_put(env: tuple[Path, Path], key: str) -> None:
     store, tree = env
     assert_usage_error(run_cas("put", tree, key, store=store), "invalid")
@@ -126,7 +124,8 @@ def test_bad_put_options(env: tuple[Path, Path], args: list[str], words: list[st
 # -- references ------------------------------------------------------------------------
 
 
-BAD_REFS = ["k@", "k@0", "k@x", "k@-1", "k@1:best", "k:", "k:12", "bad key", "a//b", "@1", "k@²"]
+# The full syntax is unit-tested in test_layout.py; these go through the CLI.
+BAD_REFS = ["k@", "k@0", "k@x", "k@1:best", "k:12", "bad key", "@1", "k@²"]
 
 
 @pytest.mark.parametrize("ref", BAD_REFS)
@@ -308,12 +307,12 @@ def test_malicious_manifest_is_refused(
     }[name]
     ref = plant(store, "evil", entries, kind="file" if name == "file-kind-dotdot" else "directory")
     before = sorted(p.relative_to(arena).as_posix() for p in arena.rglob("*"))
-    for args in (["get", ref, dest], ["get", "evil", dest, "--force"]):
-        proc = run_cas(*args, store=store)
-        assert_usage_error(proc, *words)
-        assert not victim.exists()
-        assert not os.path.lexists(dest)
-        assert sorted(p.relative_to(arena).as_posix() for p in arena.rglob("*")) == before
+    # --force, the riskier form: DEST would be replaced if it existed.
+    proc = run_cas("get", ref, dest, "--force", store=store)
+    assert_usage_error(proc, *words)
+    assert not victim.exists()
+    assert not os.path.lexists(dest)
+    assert sorted(p.relative_to(arena).as_posix() for p in arena.rglob("*")) == before
 
 
 def test_malicious_manifest_does_not_affect_honest_versions(
