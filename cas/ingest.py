@@ -143,6 +143,9 @@ class Ingestor:
         self._seen = SeenSet()
         # Each in-flight chunk holds at most max_size bytes plus its encoding.
         self._slots = threading.BoundedSemaphore(min(workers * 2 + 2, 24))
+        # The first chunk that failed: reading stops there instead of sending
+        # every remaining chunk to a service that is down.
+        self._error: BaseException | None = None
 
     def run(self, items: list[SourceItem]) -> tuple[Entry, ...]:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-put") as pool:
@@ -182,15 +185,22 @@ class Ingestor:
                 for view, index, span in work:
                     self._slots.acquire()
                     try:
+                        if self._error is not None:
+                            raise self._error
                         future = pool.submit(self._store_chunk, view, index, span, plan)
                     except BaseException:
                         self._slots.release()
                         raise
-                    future.add_done_callback(lambda _f: self._slots.release())
+                    future.add_done_callback(self._done)
                     futures.append(future)
         except OSError as err:
             raise SourceError(f"cannot read {item.absolute}: {err.strerror}") from None
         return hasher.digest(), futures
+
+    def _done(self, future: Future[ChunkRef]) -> None:
+        if not future.cancelled() and self._error is None:
+            self._error = future.exception()
+        self._slots.release()
 
     def _reader(self, hasher: StreamingHasher) -> Callable[[memoryview], None]:
         def on_read(view: memoryview) -> None:
