@@ -222,7 +222,8 @@ def azurite_connection_string(endpoint: str) -> str:
     )
 
 
-def start_azurite() -> Server:
+def start_azurite(location: Path | None = None) -> Server:
+    """Azurite; its data in ``location`` if given, so that a restart finds it again."""
     binary = azurite_binary()
     if shutil.which("node") is None:
         raise ServerUnavailable("node is not on PATH: Azurite needs Node.js >= 20")
@@ -234,7 +235,7 @@ def start_azurite() -> Server:
             str(binary),
             "--blobHost", "127.0.0.1",
             "--blobPort", str(port),
-            "--location", str(workdir / "data"),
+            "--location", str(location or workdir / "data"),
             "--silent",
             "--disableTelemetry",
             "--skipApiVersionCheck",

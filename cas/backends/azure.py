@@ -166,7 +166,7 @@ class AzureBackend(Backend):
             ) from err
         if isinstance(err, aexc.ServiceRequestError | aexc.ServiceResponseError):
             raise BackendError(
-                f"cannot reach Azure Blob Storage at {self._service.primary_endpoint} "
+                f"cannot reach Azure Blob Storage at {self._service.primary_endpoint.rstrip('/')} "
                 f"({self.max_attempts} attempts) for {where}: {err}; check the account URL or "
                 "connection string, and that the service is up and reachable",
                 is_transient=True,
