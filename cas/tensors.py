@@ -121,9 +121,11 @@ def parse_header(read: Callable[[int, int], bytes], size: int) -> Header:
     length = int.from_bytes(read(0, 8), "little")
     if not 2 <= length <= MAX_HEADER or 8 + length > size:
         raise InvalidInputError(f"header length {length} does not fit the file")
-    text = read(8, length)
-    if text[:1] != b"{":
+    # One byte first: a binary file whose first bytes happen to look like a
+    # length must not cost a read of up to 100 MB.
+    if read(8, 1) != b"{":
         raise InvalidInputError("header is not a JSON object")
+    text = read(8, length)
     try:
         header = json.loads(text)
     except ValueError as err:
