@@ -37,7 +37,7 @@ from .gcprotocol import ConcurrentCollectionError
 from .manifest import Entry, Manifest
 from .tensors import Header, Piece, Span, StoredFile, chunk_keys, find_file, plan, sniff
 
-# Chunks up to this size are encoded whole to compare with their delta; for
+# Chunks up to twice this size are encoded whole to compare with their delta; for
 # larger ones a sample of this size estimates the whole encoding.
 _SAMPLE = 128 * 1024
 # A delta must beat the estimated whole encoding by this much: the estimate
