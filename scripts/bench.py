@@ -76,6 +76,9 @@ LogFn = Callable[[str], None]
 # process. os.wait4() straight from this (large) Python process would not do: on exec
 # Linux folds the forking process's high-water mark into the child's ru_maxrss.
 TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else ""
+# Tools run from here, so that "python -m cas" imports the cas on its PYTHONPATH or the
+# installed one, never a cas/ directory that happens to be in the current directory.
+NEUTRAL_CWD = tempfile.gettempdir()
 
 
 @dataclass
@@ -96,7 +99,7 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> Run:
             timed = [TIME, "-f", "%M", "-o", rss.name, *cmd] if TIME else cmd
             t0 = time.perf_counter()
             proc = subprocess.Popen(
-                timed, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env
+                timed, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=NEUTRAL_CWD
             )
             _pid, status, usage = os.wait4(proc.pid, 0)
             seconds = time.perf_counter() - t0
