@@ -218,6 +218,7 @@ class Store:
                     self.config.chunker,
                     # Delta bases come from the parents' versions of the same files.
                     parents=[(self.load_manifest(p.manifest_id), p.version) for p in parents],
+                    known=self._latest_manifest(key, parents),
                     max_reads=self.config.max_delta_reads,
                     level=self.config.zstd_level,
                 ),
@@ -233,6 +234,17 @@ class Store:
                 index.close()
             session.close()
         return ref, manifest
+
+    def _latest_manifest(self, key: str, parents: tuple[Parent, ...]) -> builtins.list[Manifest]:
+        """The manifest of the key's latest version unless a parent: what a new version
+        of a key most often reuses, so its chains spare a header read per reused chunk."""
+        try:
+            latest = self.refs.latest(key)
+        except RefNotFoundError:
+            return []
+        if latest.manifest_id is None or any(p.manifest_id == latest.manifest_id for p in parents):
+            return []
+        return [self.load_manifest(latest.manifest_id)]
 
     def _check_workers(self, workers: int | None) -> int:
         if workers is None:

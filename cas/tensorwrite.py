@@ -146,6 +146,7 @@ class TensorWriter:
         params: ChunkerParams,
         *,
         parents: Sequence[tuple[Manifest, int]] = (),
+        known: Sequence[Manifest] = (),
         max_reads: int = codec.DEFAULT_DELTA_READS,
         level: int = codec.DEFAULT_LEVEL,
     ) -> None:
@@ -156,6 +157,10 @@ class TensorWriter:
         self.level = level
         self.chains = Chains(chunks)
         for manifest, _ in self.parents:
+            self.chains.learn(manifest)
+        # Other live manifests (the key's latest version) only tell chains:
+        # a reused chunk they name costs no read of its header.
+        for manifest in known:
             self.chains.learn(manifest)
         self._kept = SeenSet()
 
