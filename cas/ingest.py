@@ -75,6 +75,13 @@ def _walk(directory: Path, prefix: str, items: list[SourceItem], skip: Path | No
         raise SourceError(f"cannot list directory {directory}: {err.strerror}") from None
     for entry in entries:
         rel = f"{prefix}{entry.name}"
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            # Manifests are UTF-8 JSON; a name that is not UTF-8 has no faithful form there.
+            raise SourceError(
+                f"cannot store {entry.path!r}: its name is not valid UTF-8; rename it first"
+            ) from None
         path = Path(entry.path)
         st = entry.stat(follow_symlinks=False)
         mode = st.st_mode & 0o7777

@@ -103,10 +103,11 @@ class Restorer:
 
         paths = {entry.path: path for entry, path in targets}
         try:
+            # Files open when their first chunk arrives, so about one is open
+            # at a time however many the tree holds; empty ones are made here.
             for entry, path in targets:
-                handles[entry.path] = (open(path, "wb"), StreamingHasher())  # noqa: SIM115
                 if not entry.chunks:
-                    self._finish(entry, path, handles.pop(entry.path), label)
+                    self._finish(entry, path, self._open(path), label)
             with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-get") as pool:
                 pending = tasks()
                 for entry, chunk, is_last in pending:
@@ -132,6 +133,8 @@ class Restorer:
     ) -> None:
         entry, is_last, future = window.popleft()
         raw = future.result()
+        if entry.path not in handles:
+            handles[entry.path] = self._open(paths[entry.path])
         handle, hasher = handles[entry.path]
         handle.write(raw)
         hasher.update(raw)
@@ -139,6 +142,10 @@ class Restorer:
             self.progress(len(raw))
         if is_last:
             self._finish(entry, paths[entry.path], handles.pop(entry.path), label)
+
+    @staticmethod
+    def _open(path: Path) -> tuple[BinaryIO, StreamingHasher]:
+        return open(path, "wb"), StreamingHasher()  # closed by _finish
 
     @staticmethod
     def _finish(

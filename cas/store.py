@@ -308,6 +308,7 @@ class Store:
         ``workers`` is the number of chunks downloaded in parallel (default: the store's).
         """
         workers = self._check_workers(workers)
+        self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
         assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
@@ -315,6 +316,17 @@ class Store:
         label = f"{version_ref.key}@{version_ref.number}"
         restorer.restore(manifest, Path(dest), label=label, force=force)
         return self._version(version_ref, manifest)
+
+    def _refuse_replacing_self(self, dest: Path) -> None:
+        """A forced restore replaces DEST whole: never when DEST holds this store."""
+        if not isinstance(self.backend, LocalBackend) or not os.path.lexists(dest):
+            return
+        target, root = dest.resolve(), self.backend.root.resolve()
+        if root == target or target in root.parents:
+            raise InvalidInputError(
+                f"destination {dest} holds this store ({root}); restoring there would "
+                "replace the store itself: choose another destination"
+            )
 
     def read_tensor(self, ref: str, file: str | None, name: str) -> Any:
         """One tensor of a stored safetensors file as a numpy array (BF16 as float32).
