@@ -10,7 +10,7 @@ import pytest
 
 import cas
 from cas.chunking import ChunkerParams
-from cas.errors import InvalidInputError, UnsafePathError
+from cas.errors import InvalidInputError, SourceError, UnsafePathError
 from cas.manifest import Entry, check_entries
 
 
@@ -84,3 +84,27 @@ def test_putting_the_directory_that_holds_the_store_leaves_the_store_out(
     store.put(tmp_path, "project")
     paths = {entry.path for entry in store.show("project").entries}
     assert paths == {"model.bin"}
+
+
+def test_unreadable_path_is_bad_input_even_for_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root reads any file whatever its mode, so deny access where cas asks for it.
+    import cas.ingest
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "ok.bin").write_bytes(b"fine")
+    secret = tree / "secret.bin"
+    secret.write_bytes(b"top secret")
+    real_access = os.access
+    monkeypatch.setattr(
+        cas.ingest.os,
+        "access",
+        lambda p, mode: Path(p).name != "secret.bin" and real_access(p, mode),
+    )
+    store = cas.open(tmp_path / "store")
+    for path in (secret, tree):
+        with pytest.raises(SourceError, match=r"cannot read .*secret\.bin"):
+            store.put(path, "k")
+    assert not list(store.backend.list("refs/"))
