@@ -415,3 +415,21 @@ def test_cli_rm_parent_gc_grace_0_child_restores(tmp_path: Path) -> None:
     ok(run_cas("get", "ft@2", tmp_path / "out", store=store_dir))
     assert (tmp_path / "out").read_bytes() == (tmp_path / "v2.safetensors").read_bytes()
     ok(run_cas("verify", "--deep", store=store_dir))
+
+
+def test_chunks_re_base_on_staggered_versions(tmp_path: Path) -> None:
+    # If every chunk reached the chain limit in the same version, that version
+    # would store every chunk against a distant root at once.
+    store = Store.init(tmp_path / "store", chunker=PARAMS, max_delta_reads=4)
+    fine_tune(store, tmp_path, versions=10)
+    rebased_per_version = []
+    previous = {c.digest: c for c in entry_chunks(store, "ft@1")}
+    for number in range(2, 11):
+        chunks = entry_chunks(store, f"ft@{number}")
+        deltas = [c for c in chunks if c.bases]
+        # Re-based: the base is not a chunk of the parent version.
+        rebased = [c for c in deltas if c.bases[0] not in previous]
+        rebased_per_version.append((len(rebased), len(deltas)))
+        previous = {c.digest: c for c in chunks}
+    assert any(count for count, _ in rebased_per_version)
+    assert all(count < total for count, total in rebased_per_version), rebased_per_version
