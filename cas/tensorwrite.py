@@ -61,6 +61,9 @@ class FilePlan:
     clock: int
 
 
+_NO_PARENTS = FilePlan([], {}, 0)
+
+
 class Chains:
     """The chain of delta bases of every chunk a put names; thread-safe."""
 
@@ -79,6 +82,11 @@ class Chains:
                     self._known.setdefault(chunk.digest.raw, chain)
                     for index, base in enumerate(chain):
                         self._known.setdefault(base.raw, chain[index + 1 :])
+
+    def named(self, digest: Digest) -> bool:
+        """Whether a manifest (or a chunk header) already told this chunk's chain."""
+        with self._lock:
+            return digest.raw in self._known
 
     def propose(self, digest: Digest, chain: tuple[Digest, ...]) -> None:
         """The chain of the encoding this put is about to write for ``digest``."""
@@ -225,7 +233,14 @@ class TensorWriter:
         """The stored form of a span, computed only if the chunk must be written."""
 
         def encode() -> bytes:
-            blob, chain = self._encode(view, index, span, file_plan)
+            if self.chains.named(digest):
+                # A live manifest names this chunk with the chain it had, yet it
+                # is missing (moved to quarantine, say): a chain other than that
+                # one would go unmarked once this put's version is deleted. A
+                # chunk with no base is safe under any recorded chain.
+                blob, chain = self._encode(view, index, span, _NO_PARENTS)
+            else:
+                blob, chain = self._encode(view, index, span, file_plan)
             self.chains.propose(digest, chain)
             return blob
 

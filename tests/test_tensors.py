@@ -433,3 +433,20 @@ def test_chunks_re_base_on_staggered_versions(tmp_path: Path) -> None:
         previous = {c.digest: c for c in chunks}
     assert any(count for count, _ in rebased_per_version)
     assert all(count < total for count, total in rebased_per_version), rebased_per_version
+
+
+def test_a_lost_delta_chunk_comes_back_whole_when_put_again(store: Store, tmp_path: Path) -> None:
+    # ft@2 names the chunk with its old chain; the copy put back must decode
+    # under that record alone, so it has no base at all.
+    paths = fine_tune(store, tmp_path, versions=2)
+    lost = next(c for c in entry_chunks(store, "ft@2") if c.bases)
+    (tmp_path / "store" / layout.chunk_key(lost.digest)).unlink()
+    assert not store.verify().ok
+    store.put(paths[1], "ft", parents=["ft@2"])
+    blob = store.backend.get(layout.chunk_key(lost.digest))
+    assert codec.delta_base(blob) is None
+    store.delete("ft@3")
+    store.gc(grace=0)
+    assert store.verify(deep=True).ok
+    store.get("ft@2", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == paths[1].read_bytes()
