@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from .artifact import ArtifactInfo
@@ -23,10 +24,16 @@ class Version:
     files: int
     parents: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    # Mappings are wrapped read-only and left out of the hash (a version is
+    # identified by its key, number and manifest; these only describe it).
+    metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
     message: str = ""
-    artifact: Mapping[str, Any] = field(default_factory=dict)  # typed fields that are set
+    artifact: Mapping[str, Any] = field(default_factory=dict, hash=False)  # typed fields set
+
+    def __post_init__(self) -> None:
+        for name in ("metrics", "metadata", "artifact"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     @property
     def ref(self) -> str:
