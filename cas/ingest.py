@@ -183,7 +183,9 @@ class Ingestor:
                     plan = self.tensors.plan(item.path, stream, item.size)
                 work: Iterator[tuple[memoryview, int, Span | None]]
                 if plan is not None:
-                    work = TensorWriter.read_spans(stream, plan.spans, self._reader(hasher))
+                    work = TensorWriter.read_spans(
+                        stream, plan.spans, self._reader(hasher), str(item.absolute)
+                    )
                 else:
                     chunks = iter_chunks(
                         stream, self.params, size_hint=item.size, on_read=self._reader(hasher)

@@ -32,7 +32,7 @@ from . import codec, layout
 from .chunking import ChunkerParams, Readable
 from .chunkstore import MAX_CHAIN, ChunkStore, PutResult, SeenSet
 from .digest import Digest
-from .errors import CasError, CorruptObjectError, NotFoundError
+from .errors import CasError, CorruptObjectError, NotFoundError, SourceError
 from .gcprotocol import ConcurrentCollectionError
 from .manifest import Entry, Manifest
 from .tensors import Header, Piece, Span, StoredFile, chunk_keys, find_file, plan, sniff
@@ -208,7 +208,10 @@ class TensorWriter:
 
     @staticmethod
     def read_spans(
-        stream: Readable, spans: list[Span], on_read: Callable[[memoryview], None]
+        stream: Readable,
+        spans: list[Span],
+        on_read: Callable[[memoryview], None],
+        name: str = "the file",
     ) -> Iterator[tuple[memoryview, int, Span]]:
         """(bytes, index, span) of each span, read in file order; a new buffer each."""
         for index, span in enumerate(spans):
@@ -224,6 +227,10 @@ class TensorWriter:
             yield view[:filled].toreadonly(), index, span
             if filled < span.length:
                 return  # the file shrank: the size check of the entry reports it
+        # The plan covers the size the file had when it was listed; bytes past
+        # it would be left out silently, where FastCDC would have read them.
+        if stream.readinto(memoryview(bytearray(1))):
+            raise SourceError(f"{name} grew while it was read; put it again once it is written")
 
     # -- the workers' side: how to store ---------------------------------------------------
 

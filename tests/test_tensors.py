@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,16 @@ from cas import codec, layout
 from cas.checkpoint import write_safetensors
 from cas.chunking import ChunkerParams
 from cas.digest import Digest
-from cas.errors import CorruptObjectError, InvalidInputError, MissingObjectError, NotFoundError
+from cas.errors import (
+    CorruptObjectError,
+    InvalidInputError,
+    MissingObjectError,
+    NotFoundError,
+    SourceError,
+)
 from cas.store import Store
 from cas.tensors import Span, chunk_keys, parse_header, plan, sniff
+from cas.tensorwrite import TensorWriter
 
 KiB = 1024
 PARAMS = ChunkerParams(min_size=16 * KiB, avg_size=64 * KiB, max_size=256 * KiB)
@@ -450,3 +458,10 @@ def test_a_lost_delta_chunk_comes_back_whole_when_put_again(store: Store, tmp_pa
     assert store.verify(deep=True).ok
     store.get("ft@2", tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == paths[1].read_bytes()
+
+
+def test_a_file_that_grows_while_read_is_refused() -> None:
+    stream = io.BytesIO(b"x" * 10)
+    spans = [Span(0, 4), Span(4, 4)]
+    with pytest.raises(SourceError, match="grew while it was read"):
+        list(TensorWriter.read_spans(stream, spans, lambda _view: None, "w.safetensors"))
