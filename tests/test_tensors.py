@@ -465,3 +465,17 @@ def test_a_file_that_grows_while_read_is_refused() -> None:
     spans = [Span(0, 4), Span(4, 4)]
     with pytest.raises(SourceError, match="grew while it was read"):
         list(TensorWriter.read_spans(stream, spans, lambda _view: None, "w.safetensors"))
+
+
+def test_cli_init_sets_the_delta_chain_limit(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    ok(run_cas("init", "--max-delta-reads", "2", "--json", store=store_dir))
+    config = json.loads((store_dir / "config").read_bytes())
+    assert config["delta"] == {"max_reads": 2}
+    assert Store.open(store_dir).config.max_delta_reads == 2
+    bad = run_cas("init", "--max-delta-reads", "0", store=tmp_path / "other")
+    assert bad.returncode == 2
+    assert "delta chains" in bad.stderr
+    # A default store's config is as it always was: no delta field.
+    ok(run_cas("init", store=tmp_path / "plain"))
+    assert "delta" not in json.loads((tmp_path / "plain" / "config").read_bytes())

@@ -30,7 +30,12 @@ from .workflow_commands import add_artifact_arguments, artifact_from_args
 def cmd_init(args: argparse.Namespace) -> int:
     location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
     chunker = ChunkerParams.from_average(parse_size(args.chunk_avg)) if args.chunk_avg else None
-    store = Store.init(location, chunker=chunker, create_bucket=args.create_bucket)
+    store = Store.init(
+        location,
+        chunker=chunker,
+        create_bucket=args.create_bucket,
+        max_delta_reads=args.max_delta_reads,
+    )
     params = store.config.chunker
     emit(
         args,
@@ -246,6 +251,12 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
         "--create-bucket",
         action="store_true",
         help="create the bucket or container of an s3://, gs:// or az:// store first",
+    )
+    p.add_argument(
+        "--max-delta-reads",
+        type=int,
+        metavar="N",
+        help="longest delta chain, in chunk reads to rebuild a chunk (default 8; 1: no deltas)",
     )
 
     p = add("put", cmd_put, "store a file or directory as the next version of KEY")
