@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 
 import blake3
@@ -69,3 +71,41 @@ class StreamingHasher:
 
     def digest(self) -> Digest:
         return Digest(self._hasher.digest())
+
+    def close(self) -> None:
+        """Release what the hasher holds; nothing for this one."""
+
+
+class BackgroundHasher(StreamingHasher):
+    """A StreamingHasher that hashes on a thread of its own.
+
+    blake3 releases the GIL while it hashes, so the whole-file hash of a
+    large file runs beside the reader that cuts its chunks instead of adding
+    to it. Buffers given to :meth:`update` must not change afterwards; at
+    most ``depth`` of them wait at a time. Call :meth:`digest` or
+    :meth:`close` to end the thread.
+    """
+
+    def __init__(self, depth: int = 4) -> None:
+        super().__init__()
+        self._queue: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(depth)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="cas-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            super().update(data)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._queue.put(data)
+
+    def digest(self) -> Digest:
+        self.close()
+        return super().digest()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()

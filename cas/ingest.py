@@ -20,13 +20,15 @@ from pathlib import Path
 
 from .chunking import ChunkerParams, iter_chunks
 from .chunkstore import ChunkStore, PutResult, SeenSet
-from .digest import Digest, StreamingHasher, hash_bytes
+from .digest import BackgroundHasher, Digest, StreamingHasher, hash_bytes
 from .errors import SourceError, UnsafePathError
 from .manifest import ArtifactKind, ChunkRef, Entry, check_entries, check_link_target
 from .tensors import Span
 from .tensorwrite import FilePlan, TensorWriter
 
 ProgressFn = Callable[[int], None]
+#: Files at least this large hash their whole content on a thread of their own.
+BACKGROUND_HASH_SIZE = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +176,18 @@ class Ingestor:
     def _submit_file(
         self, pool: ThreadPoolExecutor, item: SourceItem
     ) -> tuple[Digest, list[Future[ChunkRef]]]:
-        hasher = StreamingHasher()
+        # The whole-file hash of a large file runs on its own thread, beside
+        # the reading and cutting here, which are the put's critical path.
+        big = item.size >= BACKGROUND_HASH_SIZE
+        hasher = BackgroundHasher() if big else StreamingHasher()
+        try:
+            return self._submit_chunks(pool, item, hasher)
+        finally:
+            hasher.close()
+
+    def _submit_chunks(
+        self, pool: ThreadPoolExecutor, item: SourceItem, hasher: StreamingHasher
+    ) -> tuple[Digest, list[Future[ChunkRef]]]:
         futures: list[Future[ChunkRef]] = []
         try:
             with open(item.absolute, "rb") as stream:
