@@ -8,35 +8,32 @@ Run from the repository root (the virtualenv provides numpy and cas)::
     .venv/bin/python scripts/bench.py --rss-scaling --tools cas  # + 256 MiB / 1 GiB / 4 GiB files
     .venv/bin/python scripts/bench.py --json bench-out/bench.json
 
-The data (see ``bench_data.py``) is generated once, deterministically, under
-``--workdir`` (default ``/tmp/cas-bench``) and reused while its manifest
-matches. Every version directory (3 series x 5 versions) is ingested in order
-by each tool, one timed subprocess per version; then every version is
-restored into a fresh directory (timed) and checked file by file against the
-SHA-256 recorded at generation. Ingest and restore MB/s are total logical
-bytes (10^6) over the summed wall time of those subprocesses. The report has
-a per-version table (stored bytes each version added, put MB/s), a table per
-tool, cas's ratios against the others and the targets against restic.
+The data (see ``bench_data.py``, 3 series x 5 versions) is generated once,
+deterministically, under ``--workdir`` (default ``/tmp/cas-bench``) and reused
+while its manifest matches. Each round, every tool gets a fresh repository and
+ingests every version directory in order, one timed subprocess per version;
+then restores every version into a fresh directory (timed), checked file by
+file against the SHA-256 recorded at generation. The tools take turns version
+by version, so load from elsewhere on the machine falls on all of them alike.
+MB/s = logical bytes (10^6) / summed wall time of those subprocesses; ``CPU s``
+is their summed user + system time, which load on a shared machine disturbs
+far less than wall time. With ``--repeat N`` the report gives medians over N
+rounds, and cas's ratios are medians of the ratios within each round.
 
-* Stored bytes: apparent size of every file in the tool's repository or
-  archive directory (what an object store would bill); ``on disk`` is the
-  allocated size (``du``). The restic cache lives outside its repository and
-  counts for nothing.
-* Peak RSS: ``/usr/bin/time -f %M`` (GNU time: ``ru_maxrss`` from ``wait4``)
-  around each tool's command. For a ``bash -c 'tar | zstd'`` pipeline this is
-  the largest single process among the shell and its waited-for children (not
-  their sum). Reported is the maximum over all of a tool's ingest and restore
-  runs. (``os.wait4`` from this script itself would overstate it: on exec,
-  Linux carries the forking Python process's high-water mark into the child.)
+* Stored bytes: apparent size of every file in the repository or archive
+  directory (what an object store bills); ``on disk`` is allocated (``du``).
+  The restic cache lives outside its repository and counts for nothing.
+* Peak RSS: GNU ``/usr/bin/time`` (``ru_maxrss`` from ``wait4``) around each
+  command, max over a tool's runs. For ``bash -c 'tar | zstd'`` it is the
+  largest single process of the pipeline, not their sum. (``os.wait4`` from
+  this script would overstate it: on exec, Linux carries the forking Python
+  process's high-water mark into the child.)
 * The page cache cannot be dropped without root: the source data is read once
-  before measuring so every tool reads it from a warm cache, and ``sync`` runs
-  (untimed) after every command so one tool's write-back does not land on the
-  next one's clock. Time spent in a tool's own fsync calls is counted.
-* cas runs once untimed before each measured run (a tiny put and get), with
-  PYTHONDONTWRITEBYTECODE removed from its environment, so it is measured with
-  its bytecode cached, as an installed package is.
-* With ``--repeat N`` every tool runs N times on fresh repositories
-  (interleaved) and medians are reported: the machine may be shared and noisy.
+  before measuring (warm cache for every tool) and ``sync`` runs, untimed,
+  after every command. A tool's own fsync calls are timed.
+* cas runs once untimed before each round (a tiny put and get), without
+  PYTHONDONTWRITEBYTECODE, so it is measured with its bytecode cached, as an
+  installed package is.
 """
 
 from __future__ import annotations
@@ -61,10 +58,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import (
     Dataset,
-    FileInfo,
+    ToolError,
     Version,
     generate_dataset,
     hash_tree,
+    human,
+    remove,
+    tree_bytes,
+    verify,
     write_big_file,
 )
 
@@ -89,17 +90,14 @@ class Run:
     seconds: float
     maxrss_kib: int
     stdout: str
-
-
-class ToolError(RuntimeError):
-    pass
+    cpu_s: float = 0.0
 
 
 def run(cmd: list[str], env: dict[str, str] | None = None) -> Run:
-    """Run ``cmd`` under GNU time; its wall time and peak RSS (KiB)."""
+    """Run ``cmd`` under GNU time; its wall time, peak RSS (KiB) and CPU time (user + sys)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         with tempfile.NamedTemporaryFile("r") as rss:
-            timed = [TIME, "-f", "%M", "-o", rss.name, *cmd] if TIME else cmd
+            timed = [TIME, "-f", "%M %U %S", "-o", rss.name, *cmd] if TIME else cmd
             t0 = time.perf_counter()
             proc = subprocess.Popen(
                 timed, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=NEUTRAL_CWD
@@ -107,36 +105,22 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> Run:
             _pid, status, usage = os.wait4(proc.pid, 0)
             seconds = time.perf_counter() - t0
             proc.returncode = os.waitstatus_to_exitcode(status)
-            maxrss = int(rss.read().split()[-1]) if TIME else usage.ru_maxrss
+            if TIME:
+                kib, user, system = rss.read().splitlines()[-1].split()
+                maxrss, cpu = int(kib), float(user) + float(system)
+            else:
+                maxrss, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         if proc.returncode != 0:
             tail = err.read().decode(errors="replace")[-3000:]
             raise ToolError(f"{' '.join(cmd)!r} exited {proc.returncode}:\n{stdout[-2000:]}{tail}")
-    return Run(seconds, maxrss, stdout)
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    return Run(seconds, maxrss, stdout, cpu)
 
 
 def sync() -> None:
     os.sync()
-
-
-def tree_bytes(path: Path) -> tuple[int, int]:
-    """(apparent bytes, allocated bytes) of every file under ``path``."""
-    apparent = allocated = 0
-    for dirpath, _dirs, names in os.walk(path):
-        for name in names:
-            st = os.lstat(os.path.join(dirpath, name))
-            apparent += st.st_size
-            allocated += st.st_blocks * 512
-    return apparent, allocated
 
 
 # --------------------------------------------------------------------------- tools
@@ -281,9 +265,11 @@ class VersionRun:
     version: str
     logical_bytes: int
     ingest_s: float
+    ingest_cpu_s: float
     ingest_rss_mib: float
     stored_after: int
     restore_s: float = 0.0
+    restore_cpu_s: float = 0.0
     restore_rss_mib: float = 0.0
 
 
@@ -293,6 +279,8 @@ class Result:
     logical_bytes: int
     ingest_s: float = 0.0
     restore_s: float = 0.0
+    ingest_cpu_s: float = 0.0
+    restore_cpu_s: float = 0.0
     stored_bytes: int = 0
     disk_bytes: int = 0
     ingest_rss_mib: float = 0.0
@@ -316,54 +304,65 @@ class Result:
         return max(self.ingest_rss_mib, self.restore_rss_mib)
 
 
-def verify(got: dict[str, FileInfo], want: dict[str, FileInfo], what: str) -> None:
-    if got != want:
-        missing = sorted(set(want) - set(got))[:5]
-        extra = sorted(set(got) - set(want))[:5]
-        bad = sorted(k for k in set(got) & set(want) if got[k] != want[k])[:5]
-        raise ToolError(f"{what}: restored files differ: missing={missing} extra={extra} bad={bad}")
-
-
-def bench_tool(name: str, data: Dataset, scratch: Path, log: LogFn) -> Result:
-    for p in (scratch / name, scratch / f"{name}-cache", scratch / f"restore-{name}"):
-        shutil.rmtree(p, ignore_errors=True)
-    tool = TOOL_CLASSES[name](scratch / name)
-    tool.warm_up(scratch)
-    tool.init()
+def bench_round(tools: list[str], data: Dataset, scratch: Path, log: LogFn) -> dict[str, Result]:
+    """One run of every tool on fresh repositories. The tools take turns version by
+    version (in a rotating order), so load from elsewhere on the machine falls on all
+    of them alike."""
+    objs: dict[str, Tool] = {}
+    res = {name: Result(name, data.logical_bytes) for name in tools}
+    handles: dict[str, list[str]] = {name: [] for name in tools}
+    for name in tools:
+        for p in (scratch / name, scratch / f"{name}-cache", scratch / f"restore-{name}"):
+            remove(p)
+        objs[name] = TOOL_CLASSES[name](scratch / name)
+        objs[name].warm_up(scratch)
+        objs[name].init()
     sync()
-    res = Result(name, data.logical_bytes)
-    handles: list[str] = []
-    for v in data.versions:
-        r, handle = tool.ingest(v)
-        sync()
-        handles.append(handle)
-        stored = tree_bytes(tool.repo)[0]
-        res.ingest_s += r.seconds
-        res.ingest_rss_mib = max(res.ingest_rss_mib, r.maxrss_kib / 1024)
-        rss = r.maxrss_kib / 1024
+    for i, v in enumerate(data.versions):
         vname = f"{v.series}/v{v.number}"
-        res.per_version.append(VersionRun(vname, v.logical_bytes, r.seconds, rss, stored))
-        log(f"    {name} put {v.series}/v{v.number}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
-    res.stored_bytes, res.disk_bytes = tree_bytes(tool.repo)
-    for i, (v, handle) in enumerate(zip(data.versions, handles, strict=True)):
-        dest = scratch / f"restore-{name}" / f"{v.series}-v{v.number}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        r, where = tool.restore(handle, v, dest)
-        sync()
-        verify(hash_tree(where), v.files, f"{name} {v.series}/v{v.number}")
-        shutil.rmtree(dest)
-        res.restore_s += r.seconds
-        res.restore_rss_mib = max(res.restore_rss_mib, r.maxrss_kib / 1024)
-        res.per_version[i].restore_s = r.seconds
-        res.per_version[i].restore_rss_mib = r.maxrss_kib / 1024
-        log(f"    {name} get {v.series}/v{v.number}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
-    shutil.rmtree(scratch / f"restore-{name}", ignore_errors=True)
+        for name in tools[i % len(tools) :] + tools[: i % len(tools)]:
+            r, handle = objs[name].ingest(v)
+            sync()
+            handles[name].append(handle)
+            rss = r.maxrss_kib / 1024
+            x = res[name]
+            x.ingest_s += r.seconds
+            x.ingest_cpu_s += r.cpu_s
+            x.ingest_rss_mib = max(x.ingest_rss_mib, rss)
+            stored = tree_bytes(objs[name].repo)[0]
+            x.per_version.append(
+                VersionRun(vname, v.logical_bytes, r.seconds, r.cpu_s, rss, stored)
+            )
+            log(f"    {name} put {vname}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
+    for name in tools:
+        res[name].stored_bytes, res[name].disk_bytes = tree_bytes(objs[name].repo)
+    for i, v in enumerate(data.versions):
+        vname = f"{v.series}/v{v.number}"
+        for name in tools[i % len(tools) :] + tools[: i % len(tools)]:
+            dest = scratch / f"restore-{name}" / f"{v.series}-v{v.number}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            r, where = objs[name].restore(handles[name][i], v, dest)
+            sync()
+            verify(hash_tree(where), v.files, f"{name} {vname}")
+            remove(dest)
+            x = res[name]
+            x.restore_s += r.seconds
+            x.restore_cpu_s += r.cpu_s
+            x.restore_rss_mib = max(x.restore_rss_mib, r.maxrss_kib / 1024)
+            x.per_version[i].restore_s = r.seconds
+            x.per_version[i].restore_cpu_s = r.cpu_s
+            x.per_version[i].restore_rss_mib = r.maxrss_kib / 1024
+            log(f"    {name} get {vname}: {v.logical_bytes / MB / r.seconds:7.1f} MB/s")
+    for name in tools:
+        for p in (scratch / name, scratch / f"{name}-cache", scratch / f"restore-{name}"):
+            remove(p)
     return res
 
 
 def median_result(runs: list[Result]) -> dict[str, float]:
     keys = ["ingest_mbs", "restore_mbs", "stored_bytes", "disk_bytes", "ratio"]
     keys += ["ingest_rss_mib", "restore_rss_mib", "peak_rss_mib", "ingest_s", "restore_s"]
+    keys += ["ingest_cpu_s", "restore_cpu_s"]
     return {k: statistics.median(float(getattr(r, k)) for r in runs) for k in keys}
 
 
@@ -408,54 +407,58 @@ def rss_scaling(workdir: Path, scale: float, log: LogFn) -> list[dict[str, float
 # --------------------------------------------------------------------------- reporting
 
 
-class Log:
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-        self.t0 = time.monotonic()
+def make_log(verbose: bool) -> tuple[LogFn, LogFn]:
+    """(progress, info): progress lines only when verbose, info lines always; on stderr."""
+    t0 = time.monotonic()
 
-    def __call__(self, msg: str, always: bool = False) -> None:
-        if always or self.verbose:
-            print(f"[{time.monotonic() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+    def info(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+    return (info if verbose else lambda _msg: None), info
 
 
-def report(data: Dataset, med: dict[str, dict[str, float]], repeat: int) -> str:
+def ratio_vs(runs: dict[str, list[Result]], other: str, key: str) -> float:
+    """Median over repeats of cas's ``key`` over ``other``'s in the same repeat."""
+    return statistics.median(
+        float(getattr(c, key)) / float(getattr(o, key))
+        for c, o in zip(runs["cas"], runs[other], strict=True)
+    )
+
+
+def report(data: Dataset, med: dict[str, dict[str, float]], runs: dict[str, list[Result]]) -> str:
+    repeat = len(next(iter(runs.values())))
     lines = [
         f"logical data: {human(data.logical_bytes)} ({data.logical_bytes / MB:.0f} MB) in "
         f"{len(data.versions)} versions, scale {data.scale}; medians of {repeat} run(s)",
         "",
         f"{'tool':<8}{'ingest MB/s':>12}{'restore MB/s':>13}{'stored':>12}{'on disk':>12}"
-        f"{'logical/stored':>16}{'peak RSS MiB':>14}",
+        f"{'logical/stored':>16}{'peak RSS MiB':>14}{'CPU s put/get':>15}",
     ]
     for name, m in med.items():
         lines.append(
             f"{name:<8}{m['ingest_mbs']:>12.1f}{m['restore_mbs']:>13.1f}"
             f"{human(m['stored_bytes']):>12}{human(m['disk_bytes']):>12}"
             f"{m['ratio']:>16.2f}{m['peak_rss_mib']:>14.1f}"
+            f"{m['ingest_cpu_s']:>9.1f}/{m['restore_cpu_s']:<5.1f}"
         )
     if "cas" in med and len(med) > 1:
         c = med["cas"]
-        lines += ["", "cas vs      ingest x   restore x   stored (cas/other)"]
-        for name, m in med.items():
+        lines += [
+            "",
+            "cas vs      ingest x   restore x   stored (cas/other)  (medians of per-run ratios)",
+        ]
+        for name in med:
             if name != "cas":
                 lines.append(
-                    f"  {name:<8}{c['ingest_mbs'] / m['ingest_mbs']:>9.2f}"
-                    f"{c['restore_mbs'] / m['restore_mbs']:>12.2f}"
-                    f"{c['stored_bytes'] / m['stored_bytes']:>13.3f}"
+                    f"  {name:<8}{ratio_vs(runs, name, 'ingest_mbs'):>9.2f}"
+                    f"{ratio_vs(runs, name, 'restore_mbs'):>12.2f}"
+                    f"{ratio_vs(runs, name, 'stored_bytes'):>13.3f}"
                 )
         if "restic" in med:
-            r = med["restic"]
             checks = [
-                ("ingest >= 4x restic", c["ingest_mbs"] >= 4 * r["ingest_mbs"]),
-                ("restore >= 4x restic", c["restore_mbs"] >= 4 * r["restore_mbs"]),
-                ("stored <= restic", c["stored_bytes"] <= r["stored_bytes"]),
+                ("ingest >= 4x restic", ratio_vs(runs, "restic", "ingest_mbs") >= 4),
+                ("restore >= 4x restic", ratio_vs(runs, "restic", "restore_mbs") >= 4),
+                ("stored <= restic", ratio_vs(runs, "restic", "stored_bytes") <= 1),
                 ("peak RSS <= 200 MB", c["peak_rss_mib"] * 1.048576 <= 200),
             ]
             lines += [
@@ -522,65 +525,49 @@ def main(argv: list[str] | None = None) -> int:
     if "restic" in tools and shutil.which("restic") is None:
         print("restic not installed: skipping it", file=sys.stderr)
         tools.remove("restic")
-    log = Log(not args.quiet)
+    log, info = make_log(not args.quiet)
     Cas.command = shlex.split(args.cas_command)
     started = time.monotonic()
     workdir: Path = args.workdir.resolve()
-    log(f"data under {workdir} (scale {args.scale})", always=True)
-    data = generate_dataset(
-        workdir / f"data-{args.scale:g}", args.scale, log=lambda m: log(m, True)
-    )
-    log("reading the source data once (warms the page cache, checks hashes)", always=True)
+    info(f"data under {workdir} (scale {args.scale})")
+    data = generate_dataset(workdir / f"data-{args.scale:g}", args.scale, log=info)
+    info("reading the source data once (warms the page cache, checks hashes)")
     for v in data.versions:
         verify(hash_tree(v.path), v.files, f"source {v.series}/v{v.number}")
     scratch = workdir / "scratch"
     runs: dict[str, list[Result]] = {t: [] for t in tools}
     for i in range(args.repeat):
-        for name in tools:
-            log(f"run {i + 1}/{args.repeat}: {name}", always=True)
-            res = bench_tool(name, data, scratch, log)
-            log(
+        info(f"run {i + 1}/{args.repeat}: {', '.join(tools)}")
+        for name, res in bench_round(tools, data, scratch, log).items():
+            info(
                 f"  {name}: ingest {res.ingest_mbs:.1f} MB/s, restore {res.restore_mbs:.1f} MB/s, "
-                f"stored {human(res.stored_bytes)}, peak RSS {res.peak_rss_mib:.1f} MiB",
-                always=True,
+                f"stored {human(res.stored_bytes)}, peak RSS {res.peak_rss_mib:.1f} MiB"
             )
             runs[name].append(res)
-            shutil.rmtree(scratch / name, ignore_errors=True)
-            shutil.rmtree(scratch / f"{name}-cache", ignore_errors=True)
     med = {t: median_result(r) for t, r in runs.items()}
     print(report_versions(data, runs))
-    print(report(data, med, args.repeat), flush=True)
-    rows: list[dict[str, float]] = []
+    print(report(data, med, runs), flush=True)
+    doc: dict[str, object] = {
+        "scale": data.scale,
+        "repeat": args.repeat,
+        "logical_bytes": data.logical_bytes,
+        "versions": [f"{v.series}/v{v.number}" for v in data.versions],
+        "median": med,
+        "runs": {t: [asdict(r) for r in rs] for t, rs in runs.items()},
+    }
     if args.rss_scaling:
-        write_json(args.json, data, med, runs, rows, started)
-        rows = rss_scaling(workdir, args.scale, lambda m: log(m, True))
+        write_json(args.json, doc, started)
+        doc["rss_scaling"] = rows = rss_scaling(workdir, args.scale, info)
         print(report_rss(rows))
     print(f"\nload average (1/5/15 min): {os.getloadavg()}")
     print(f"total wall time: {time.monotonic() - started:.0f} s")
-    write_json(args.json, data, med, runs, rows, started)
+    write_json(args.json, doc, started)
     return 0
 
 
-def write_json(
-    path: Path | None,
-    data: Dataset,
-    med: dict[str, dict[str, float]],
-    runs: dict[str, list[Result]],
-    rows: list[dict[str, float]],
-    started: float,
-) -> None:
+def write_json(path: Path | None, doc: dict[str, object], started: float) -> None:
     if path:
-        doc = {
-            "scale": data.scale,
-            "repeat": max((len(r) for r in runs.values()), default=0),
-            "logical_bytes": data.logical_bytes,
-            "versions": [f"{v.series}/v{v.number}" for v in data.versions],
-            "median": med,
-            "runs": {t: [asdict(r) for r in rs] for t, rs in runs.items()},
-            "rss_scaling": rows,
-            "wall_s": time.monotonic() - started,
-            "loadavg": os.getloadavg(),
-        }
+        doc.update(wall_s=time.monotonic() - started, loadavg=os.getloadavg())
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=1))
 

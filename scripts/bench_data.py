@@ -422,3 +422,44 @@ def hash_tree(root: Path) -> dict[str, FileInfo]:
                     h.update(block)
             out[p.relative_to(root).as_posix()] = FileInfo(p.stat().st_size, h.hexdigest())
     return out
+
+
+# --------------------------------------------------------------------------- file trees
+
+
+class ToolError(RuntimeError):
+    """A tool failed, or what it restored differs from what it was given."""
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def tree_bytes(path: Path) -> tuple[int, int]:
+    """(apparent bytes, allocated bytes) of every file under ``path``."""
+    apparent = allocated = 0
+    for dirpath, _dirs, names in os.walk(path):
+        for name in names:
+            st = os.lstat(os.path.join(dirpath, name))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+    return apparent, allocated
+
+
+def verify(got: dict[str, FileInfo], want: dict[str, FileInfo], what: str) -> None:
+    if got != want:
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        bad = sorted(k for k in set(got) & set(want) if got[k] != want[k])[:5]
+        raise ToolError(f"{what}: restored files differ: missing={missing} extra={extra} bad={bad}")
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
