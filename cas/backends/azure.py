@@ -200,7 +200,8 @@ class AzureBackend(Backend):
         try:
             # Above max_single_put_size the SDK stages blocks and commits them
             # with the same condition: the blob still appears all at once.
-            self._container.upload_blob(name, bytes(data), max_concurrency=4, **conditions)
+            body = data if isinstance(data, bytes) else bytes(data)
+            self._container.upload_blob(name, body, max_concurrency=4, **conditions)
         except aexc.AzureError as err:
             self._fail(err, key, if_absent=if_absent, if_match=if_match is not None)
 

@@ -206,7 +206,7 @@ class GCSBackend(Backend):
             # Up to 8 MiB the library sends one multipart request; larger
             # objects go as a resumable upload, which is just as atomic.
             blob.upload_from_string(
-                bytes(data),
+                data if isinstance(data, bytes) else bytes(data),
                 content_type="application/octet-stream",
                 if_generation_match=generation,
                 **self._call,

@@ -231,7 +231,8 @@ class S3Backend(Backend):
             if len(view) >= self.multipart_threshold and if_match is None:
                 self._put_multipart(name, view, conditions)
             else:
-                body = bytes(view)
+                # Chunks arrive as bytes already: no copy of each one on its way out.
+                body = data if isinstance(data, bytes) else bytes(view)
                 self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **conditions)
         except (bexc.BotoCoreError, bexc.ClientError) as err:
             self._fail(err, key, if_absent=if_absent, if_match=if_match is not None)
