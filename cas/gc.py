@@ -384,29 +384,40 @@ class Collector:
 
         The listing may be minutes old; a put may have touched a candidate
         since. The delete goes out only if the reads are less than half the
-        deletion window old, the bound writers wait out (docs/gc.md).
+        deletion window old, the bound writers wait out (docs/gc.md). When a
+        slow service makes a batch miss that, its halves are tried afresh,
+        down to single objects; only an object whose own read and delete do
+        not fit is left for the next run.
         """
         tally = _Tally()
         began = self.clock.monotonic()
         doomed: list[ObjectInfo] = []
+        kept: list[ObjectInfo] = []
         for key in keys:
             try:
                 info = self.backend.stat(key)
             except NotFoundError:
                 continue
-            if info.mtime < self.report.threshold:
-                doomed.append(info)
-            else:
-                tally.kept += 1
-                tally.kept_bytes += info.size
-        if not doomed:
+            (doomed if info.mtime < self.report.threshold else kept).append(info)
+        if doomed and self.clock.monotonic() - began > self.report.window / 2:
+            if len(keys) == 1:
+                tally.deferred = 1
+                return tally
+            middle = len(keys) // 2
+            halves = (self._delete_batch(keys[:middle]), self._delete_batch(keys[middle:]))
+            for half in halves:
+                tally.deleted += half.deleted
+                tally.deleted_bytes += half.deleted_bytes
+                tally.kept += half.kept
+                tally.kept_bytes += half.kept_bytes
+                tally.deferred += half.deferred
             return tally
-        if self.clock.monotonic() - began > self.report.window / 2:
-            tally.deferred = len(doomed)
-            return tally
-        self.backend.delete([info.key for info in doomed])
+        if doomed:
+            self.backend.delete([info.key for info in doomed])
         tally.deleted = len(doomed)
         tally.deleted_bytes = sum(info.size for info in doomed)
+        tally.kept = len(kept)
+        tally.kept_bytes = sum(info.size for info in kept)
         return tally
 
     def _beat(self) -> None:
