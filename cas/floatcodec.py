@@ -27,12 +27,12 @@ The layouts (docs/format.md has them bit by bit):
 
 from __future__ import annotations
 
+import importlib
 import struct
 import threading
 from enum import IntEnum
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
 import zstandard
 
 from .errors import CorruptObjectError
@@ -68,8 +68,24 @@ _PARAMS = zstandard.ZstdCompressionParameters(
 )
 _local = threading.local()
 
-U8 = npt.NDArray[np.uint8]
-U16 = npt.NDArray[np.uint16]
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    U8 = npt.NDArray[np.uint8]
+    U16 = npt.NDArray[np.uint16]
+else:
+
+    class _LazyNumpy:
+        """numpy on first use: most commands never touch a tensor codec, and
+        importing numpy costs more than the rest of cas together."""
+
+        def __getattr__(self, name: str) -> Any:
+            module = importlib.import_module("numpy")
+            globals()["np"] = module
+            return getattr(module, name)
+
+    np = _LazyNumpy()
 
 
 def _compressor() -> zstandard.ZstdCompressor:
