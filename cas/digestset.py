@@ -79,7 +79,9 @@ class DigestSet:
 
     def compact(self) -> None:
         """Drop the slack a growing ``bytearray`` keeps (about 1/8) once adding is over."""
-        self._buckets = [bytearray(bytes(b)) for b in self._buckets]
+        # One bucket at a time, so the copy never doubles the whole set.
+        for index, bucket in enumerate(self._buckets):
+            self._buckets[index] = bytearray(bytes(bucket))
 
     @property
     def nbytes(self) -> int:
