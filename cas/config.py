@@ -120,4 +120,5 @@ def write_config(backend: Backend, config: StoreConfig, *, exist_ok: bool) -> St
         if not exist_ok:
             raise StoreError(f"{backend.uri} is already a cas store") from None
         return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+    backend.flush()
     return config

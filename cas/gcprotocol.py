@@ -167,6 +167,7 @@ def write_settings(backend: Backend, grace: float) -> GcSettings:
                 backend.put(SETTINGS_KEY, body, if_match=token)
         except (PreconditionFailedError, FileExistsError):
             continue  # someone else changed it meanwhile: apply ours on top
+        backend.flush()
         break
     # A put writes its marker before it reads the setting, so if no marker
     # exists now, no put can still be working with the old value: the floor

@@ -227,6 +227,7 @@ class Store:
             manifest_id = self._write_manifest(manifest)
             session.adopt(layout.manifest_key(manifest_id))
             session.before_commit()
+            self.backend.flush()  # chunks and manifest durable before the ref names them
             summary = Summary.of_manifest(manifest).for_ref()
             ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
         finally:
