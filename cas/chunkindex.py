@@ -112,6 +112,10 @@ class ChunkIndex:
             return raw[0] >> 4
         return raw[0]
 
+    def listed(self) -> bool:
+        """Whether this index answers for chunks; if not, ask the backend chunk by chunk."""
+        return True
+
     def mtime(self, digest: Digest) -> float | None:
         """The listed modification time of a chunk, or None if the listing did not show it.
 
@@ -157,6 +161,42 @@ class ChunkIndex:
         index._pool = pool
         index._futures = [pool.submit(_list_shard, backend, prefix) for prefix in prefixes]
         return index
+
+
+class DeferredIndex(ChunkIndex):
+    """:func:`plan` run in the background, so that its first listing request
+    overlaps the reading of the files instead of delaying the put."""
+
+    def __init__(self, backend: Backend, expected: int, *, workers: int) -> None:
+        super().__init__(1)
+        self._planner = ThreadPoolExecutor(1, thread_name_prefix="cas-list")
+        self._decision = self._planner.submit(plan, backend, expected, workers=workers)
+
+    def _inner(self) -> ChunkIndex | None:
+        return self._decision.result()
+
+    def listed(self) -> bool:
+        return self._inner() is not None
+
+    def mtime(self, digest: Digest) -> float | None:
+        inner = self._inner()
+        if inner is None:
+            raise RuntimeError("mtime() of an index that decided not to list: check listed()")
+        return inner.mtime(digest)
+
+    def close(self) -> None:
+        self._planner.shutdown(wait=True)
+        if self._decision.exception() is None:
+            inner = self._decision.result()
+            if inner is not None:
+                inner.close()
+
+
+def plan_in_background(backend: Backend, expected: int, *, workers: int) -> ChunkIndex | None:
+    """:func:`plan`, decided on a thread of its own; None at once where it would be None."""
+    if backend.list_page_size <= 0 or expected < 2:
+        return None
+    return DeferredIndex(backend, expected, workers=workers)
 
 
 def _list_shard(backend: Backend, prefix: str) -> _Shard:

@@ -74,7 +74,7 @@ class ChunkStore:
         if digest is None:
             digest = Digest(hash_bytes(data))
         key = layout.chunk_key(digest)
-        if self.index is None:
+        if self.index is None or not self.index.listed():
             return self._put_checked(data, digest, key, reference_time, encode)
         listed = self.index.mtime(digest)
         if listed is not None:

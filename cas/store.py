@@ -19,7 +19,7 @@ from . import layout
 from .artifact import ArtifactInfo, Summary
 from .backends import Backend, LocalBackend, open_backend
 from .chunkindex import expected_chunks
-from .chunkindex import plan as plan_index
+from .chunkindex import plan_in_background as plan_index
 from .chunking import ChunkerParams
 from .chunkstore import ChunkStore
 from .config import StoreConfig, load_config, write_config

@@ -16,7 +16,7 @@ from gc_helpers import FakeClock, random_bytes, write
 
 from cas import layout
 from cas.backends import MemoryBackend
-from cas.chunkindex import ChunkIndex, expected_chunks, plan
+from cas.chunkindex import ChunkIndex, expected_chunks, plan, plan_in_background
 from cas.chunking import ChunkerParams
 from cas.config import StoreConfig, write_config
 from cas.digest import Digest
@@ -79,6 +79,23 @@ def test_store_size_estimate_picks_the_cheaper_way() -> None:
     index.close()
     # Stores larger than the memory cap are never listed.
     assert plan(backend, 10**9, workers=4, max_listed=1_000) is None
+
+
+def test_the_plan_in_the_background_decides_the_same() -> None:
+    backend = paged(10)
+    present = fill(backend, 3_000)
+    assert plan_in_background(MemoryBackend(), 10_000, workers=2) is None
+    assert plan_in_background(backend, 1, workers=2) is None
+    small = plan_in_background(backend, 200, workers=2)
+    assert small is not None
+    assert not small.listed()  # a small put into a large store: a stat per chunk
+    small.close()
+    large = plan_in_background(backend, 5_000, workers=2)
+    assert large is not None
+    assert large.listed()
+    assert large.mtime(present[7]) == backend.stat(layout.chunk_key(present[7])).mtime
+    assert large.mtime(Digest(bytes(32))) is None
+    large.close()
 
 
 def test_a_failed_listing_fails_the_lookups_of_its_shard() -> None:
