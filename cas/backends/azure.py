@@ -34,7 +34,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import Backend, ObjectInfo, check_key
+from .base import Backend, ObjectInfo, check_key, is_valid_key
 
 _Adapter: type[requests.adapters.HTTPAdapter]
 try:  # the adapter azure-core itself mounts: larger socket reads for big downloads
@@ -254,7 +254,7 @@ class AzureBackend(Backend):
         try:
             for blob in blobs:
                 key = blob.name[len(self._root) :]
-                if not _valid(key):
+                if not is_valid_key(key):
                     continue  # e.g. a directory entry of a hierarchical-namespace account
                 yield ObjectInfo(
                     key=key,
@@ -342,14 +342,6 @@ def _default_credential() -> Any:
             "installed: pip install 'cas-store[azure]', or use a connection string"
         ) from err
     return DefaultAzureCredential()
-
-
-def _valid(key: str) -> bool:
-    try:
-        check_key(key)
-    except InvalidInputError:
-        return False
-    return True
 
 
 def from_uri(uri: str, **options: Any) -> AzureBackend:

@@ -73,6 +73,15 @@ def check_key(key: str) -> str:
     return key
 
 
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` is a valid backend key; listings use it to skip foreign objects."""
+    try:
+        check_key(key)
+    except InvalidKeyError:
+        return False
+    return True
+
+
 class Backend(ABC):
     """Byte storage under keys. See the module docstring for the contract."""
 

@@ -35,7 +35,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import Backend, ObjectInfo, check_key
+from .base import Backend, ObjectInfo, check_key, is_valid_key
 
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 _TRANSIENT = (
@@ -268,7 +268,7 @@ class GCSBackend(Backend):
         try:
             for blob in blobs:
                 key = blob.name[len(self._root) :]
-                if not _valid(key):
+                if not is_valid_key(key):
                     continue  # e.g. a "folder/" placeholder made by a console
                 yield self._info(key, blob)
         except Exception as err:
@@ -341,14 +341,6 @@ class GCSBackend(Backend):
             return
         except Exception as err:
             self._fail(err, None)
-
-
-def _valid(key: str) -> bool:
-    try:
-        check_key(key)
-    except InvalidInputError:
-        return False
-    return True
 
 
 def from_uri(uri: str, **options: Any) -> GCSBackend:

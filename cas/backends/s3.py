@@ -34,7 +34,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import Backend, ObjectInfo, check_key
+from .base import Backend, ObjectInfo, check_key, is_valid_key
 
 MiB = 1024 * 1024
 #: S3 DeleteObjects takes at most this many keys per request.
@@ -321,7 +321,7 @@ class S3Backend(Backend):
             for page in pages:
                 for item in page.get("Contents", ()):
                     key = item["Key"][len(self._root) :]
-                    if not _valid(key):
+                    if not is_valid_key(key):
                         continue  # e.g. a "folder/" marker made by a console
                     yield ObjectInfo(
                         key=key,
@@ -399,14 +399,6 @@ class S3Backend(Backend):
             self._fail(err, None)
         except bexc.BotoCoreError as err:
             self._fail(err, None)
-
-
-def _valid(key: str) -> bool:
-    try:
-        check_key(key)
-    except InvalidInputError:
-        return False
-    return True
 
 
 def from_uri(uri: str, **options: Any) -> S3Backend:
