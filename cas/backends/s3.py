@@ -24,6 +24,7 @@ import botocore.exceptions as bexc
 import botocore.loaders
 import botocore.session
 from botocore.config import Config
+from botocore.handlers import add_expect_header
 
 from ..errors import (
     AlreadyExistsError,
@@ -138,6 +139,11 @@ class S3Backend(Backend):
             )
         except (bexc.ProfileNotFound, bexc.InvalidRegionError, ValueError) as err:
             raise ConfigurationError(f"{self.uri}: {err}") from err
+        # boto3 sends every body with "Expect: 100-continue": one more round
+        # trip before each upload, waiting for the service to accept it. A
+        # chunk is small and almost always accepted (the put asked first
+        # whether it exists), so it goes at once; a refusal costs only its bytes.
+        self._client.meta.events.unregister("before-call.s3", add_expect_header)
 
     # -- error mapping ---------------------------------------------------------------
 
