@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,8 @@ class Store:
         what the ref names (see docs/gc.md and :mod:`cas.gcprotocol`)."""
         session = WriteSession(self.backend, clock=self.clock, workers=workers).start()
         index = None
+        # The latest version's manifest is read beside the files, not before them.
+        latest = ThreadPoolExecutor(1, thread_name_prefix="cas-latest")
         try:
             # One listing of chunks/ instead of a stat per chunk, when cheaper.
             sizes = (item.size for item in items if item.type == "file")
@@ -218,7 +221,7 @@ class Store:
                     self.config.chunker,
                     # Delta bases come from the parents' versions of the same files.
                     parents=[(self.load_manifest(p.manifest_id), p.version) for p in parents],
-                    known=self._latest_manifest(key, parents),
+                    known=latest.submit(self._latest_manifest, key, parents),
                     max_reads=self.config.max_delta_reads,
                     level=self.config.zstd_level,
                 ),
@@ -231,6 +234,7 @@ class Store:
             summary = Summary.of_manifest(manifest).for_ref()
             ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
         finally:
+            latest.shutdown(wait=True)
             if index is not None:
                 index.close()
             session.close()

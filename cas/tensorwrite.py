@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -71,7 +72,21 @@ class Chains:
         self.chunks = chunks
         self._known: dict[bytes, tuple[Digest, ...]] = {}
         self._pending: dict[bytes, tuple[Digest, ...]] = {}
+        self._later: list[Future[Sequence[Manifest]]] = []
         self._lock = threading.Lock()
+
+    def learn_later(self, manifests: Future[Sequence[Manifest]]) -> None:
+        """Manifests still being read: learned before the first header read they could spare."""
+        with self._lock:
+            self._later.append(manifests)
+
+    def _learn_pending(self) -> bool:
+        with self._lock:
+            pending, self._later = self._later, []
+        for future in pending:
+            for manifest in future.result():
+                self.learn(manifest)
+        return bool(pending)
 
     def learn(self, manifest: Manifest) -> None:
         """What a manifest records: each chunk's chain, and so each base's own chain."""
@@ -107,6 +122,9 @@ class Chains:
         """The chain of a stored chunk: known, or read from the headers along it."""
         with self._lock:
             known = self._known.get(digest.raw)
+        if known is None and self._learn_pending():
+            with self._lock:
+                known = self._known.get(digest.raw)
         if known is not None:
             return known
         chain: list[Digest] = []
@@ -154,7 +172,7 @@ class TensorWriter:
         params: ChunkerParams,
         *,
         parents: Sequence[tuple[Manifest, int]] = (),
-        known: Sequence[Manifest] = (),
+        known: Sequence[Manifest] | Future[Sequence[Manifest]] = (),
         max_reads: int = codec.DEFAULT_DELTA_READS,
         level: int = codec.DEFAULT_LEVEL,
     ) -> None:
@@ -167,9 +185,13 @@ class TensorWriter:
         for manifest, _ in self.parents:
             self.chains.learn(manifest)
         # Other live manifests (the key's latest version) only tell chains:
-        # a reused chunk they name costs no read of its header.
-        for manifest in known:
-            self.chains.learn(manifest)
+        # a reused chunk they name costs no read of its header. They may
+        # still be on their way (a Future), read while the put reads its files.
+        if isinstance(known, Future):
+            self.chains.learn_later(known)
+        else:
+            for manifest in known:
+                self.chains.learn(manifest)
         self._kept = SeenSet()
 
     # -- the reader's side: what to cut ------------------------------------------------
