@@ -142,6 +142,7 @@ def one_repeat(
 ) -> dict[str, float]:
     from boto3.s3.transfer import TransferConfig
 
+    from cas.chunking import ChunkerParams
     from cas.store import Store
 
     v1, v2 = Path(info["paths"]["v1"]), Path(info["paths"]["v2"])
@@ -151,15 +152,17 @@ def one_repeat(
     config = TransferConfig()  # boto3's defaults, as most code uses them
     out["upload_file"] = timed(lambda: client.upload_file(str(v1), "baseline", key, Config=config))
     dest = scratch / "restored.safetensors"
+    chunking = ["--chunk-avg", args.chunk_avg] if args.chunk_avg else []
     if args.cli:
-        cas_cli("--store", uri, "init", "--create-bucket")
+        cas_cli("--store", uri, "init", "--create-bucket", *chunking)
         jobs = ["--jobs", str(args.jobs)] if args.jobs else []
         out["cas put v1"] = timed(lambda: cas_cli("--store", uri, "put", str(v1), "ckpt", *jobs))
         out["cas put v2"] = timed(lambda: cas_cli("--store", uri, "put", str(v2), "ckpt", *jobs))
         out["cas get"] = timed(lambda: cas_cli("--store", uri, "get", "ckpt@1", str(dest), *jobs))
         store = Store.open(uri, create=False)
     else:
-        store = Store.init(uri, create_bucket=True)
+        chunker = ChunkerParams.from_average(parse_size(args.chunk_avg)) if args.chunk_avg else None
+        store = Store.init(uri, create_bucket=True, chunker=chunker)
         out["cas put v1"] = timed(lambda: store.put(v1, "ckpt", workers=args.jobs))
         out["cas put v2"] = timed(lambda: store.put(v2, "ckpt", workers=args.jobs))
         out["cas get"] = timed(lambda: store.get("ckpt@1", dest, workers=args.jobs))
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=None, help="cas workers (default: backend's)")
     parser.add_argument("--cli", action="store_true", help="time the cas command, not the API")
+    parser.add_argument("--chunk-avg", help="average chunk size of the cas store (default: cas's)")
     default_workdir = Path(tempfile.gettempdir()) / "cas-bench-s3"
     parser.add_argument("--workdir", type=Path, default=default_workdir)
     parser.add_argument("--json", type=Path, help="write the numbers here")
