@@ -34,7 +34,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import Backend, ObjectInfo, check_key, is_valid_key
+from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
 
 _Adapter: type[requests.adapters.HTTPAdapter]
 try:  # the adapter azure-core itself mounts: larger socket reads for big downloads
@@ -190,8 +190,7 @@ class AzureBackend(Backend):
         if_absent: bool = False,
         if_match: str | None = None,
     ) -> None:
-        if if_absent and if_match is not None:
-            raise InvalidInputError("put: if_absent and if_match exclude each other")
+        check_put_conditions(if_absent, if_match)
         name = self._name(key)
         conditions: dict[str, Any] = {"overwrite": not if_absent}
         if if_match is not None:

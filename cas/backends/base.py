@@ -42,7 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ..errors import InvalidKeyError
+from ..errors import InvalidInputError, InvalidKeyError
 
 TEMP_PREFIX = ".cas-tmp"
 _SEGMENT = re.compile(r"[^/\x00]+")
@@ -71,6 +71,12 @@ def check_key(key: str) -> str:
         if segment.startswith(TEMP_PREFIX):
             raise InvalidKeyError(f"invalid object key {key!r}: {TEMP_PREFIX!r} is reserved")
     return key
+
+
+def check_put_conditions(if_absent: bool, if_match: str | None) -> None:
+    """Refuse a put that asks to be both create-only and compare-and-swap."""
+    if if_absent and if_match is not None:
+        raise InvalidInputError("put: if_absent and if_match exclude each other")
 
 
 def is_valid_key(key: str) -> bool:

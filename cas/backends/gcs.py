@@ -35,7 +35,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import Backend, ObjectInfo, check_key, is_valid_key
+from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
 
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 _TRANSIENT = (
@@ -191,8 +191,7 @@ class GCSBackend(Backend):
         if_absent: bool = False,
         if_match: str | None = None,
     ) -> None:
-        if if_absent and if_match is not None:
-            raise InvalidInputError("put: if_absent and if_match exclude each other")
+        check_put_conditions(if_absent, if_match)
         blob = self._bucket.blob(self._name(key))
         generation: int | None = None
         if if_absent:

@@ -26,7 +26,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import TEMP_PREFIX, Backend, ObjectInfo, check_key
+from .base import TEMP_PREFIX, Backend, ObjectInfo, check_key, check_put_conditions
 
 
 def _token(st: os.stat_result) -> str:
@@ -133,8 +133,7 @@ class LocalBackend(Backend):
         if_absent: bool = False,
         if_match: str | None = None,
     ) -> None:
-        if if_absent and if_match is not None:
-            raise InvalidInputError("put: if_absent and if_match exclude each other")
+        check_put_conditions(if_absent, if_match)
         path = self._path(key)
         try:
             # Create-only writes (chunks, manifests, version refs) leave their

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import AlreadyExistsError, InvalidInputError, NotFoundError, PreconditionFailedError
-from .base import Backend, ObjectInfo, check_key
+from .base import Backend, ObjectInfo, check_key, check_put_conditions
 
 
 @dataclass(slots=True)
@@ -44,8 +44,7 @@ class MemoryBackend(Backend):
         if_match: str | None = None,
     ) -> None:
         check_key(key)
-        if if_absent and if_match is not None:
-            raise InvalidInputError("put: if_absent and if_match exclude each other")
+        check_put_conditions(if_absent, if_match)
         with self._lock:
             current = self._objects.get(key)
             if if_absent and current is not None:

@@ -35,7 +35,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import Backend, ObjectInfo, check_key, is_valid_key
+from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
 
 MiB = 1024 * 1024
 #: S3 DeleteObjects takes at most this many keys per request.
@@ -221,8 +221,7 @@ class S3Backend(Backend):
         if_absent: bool = False,
         if_match: str | None = None,
     ) -> None:
-        if if_absent and if_match is not None:
-            raise InvalidInputError("put: if_absent and if_match exclude each other")
+        check_put_conditions(if_absent, if_match)
         name = self._key(key)
         conditions: dict[str, str] = {}
         if if_absent:
