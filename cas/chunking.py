@@ -56,6 +56,17 @@ class ChunkerParams:
             )
 
     @classmethod
+    def for_object_store(cls) -> ChunkerParams:
+        """The default on object stores: 1 / 4 / 16 MiB.
+
+        There every chunk is a request, with its latency and its fee; four
+        times fewer of them is worth the coarser dedup inside files edited in
+        place. Tensors are still cut at their own boundaries, so a fine-tuned
+        checkpoint stores only its changed tensors either way.
+        """
+        return cls.from_average(4 * MiB)
+
+    @classmethod
     def from_average(cls, avg_size: int) -> ChunkerParams:
         """The usual spread around an average: a quarter of it to four times it."""
         low, high = _AVG_LIMITS[0] * 4, _MAX_LIMITS[1] // 4

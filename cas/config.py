@@ -93,6 +93,11 @@ def _is_empty(backend: Backend) -> bool:
     return next(iter(backend.list("")), None) is None
 
 
+def default_chunker(backend: Backend) -> ChunkerParams:
+    """Chunk sizes for a new store on ``backend`` when none are asked for."""
+    return ChunkerParams.for_object_store() if backend.remote else ChunkerParams()
+
+
 def load_config(backend: Backend, *, create: bool) -> StoreConfig:
     """Read the config; when ``create`` and the location is empty, write a default one."""
     try:
@@ -105,7 +110,7 @@ def load_config(backend: Backend, *, create: bool) -> StoreConfig:
         )
     if not create:
         raise NotAStoreError(f"{backend.uri} is not a cas store (no 'config'); run `cas init`")
-    return write_config(backend, StoreConfig(), exist_ok=True)
+    return write_config(backend, StoreConfig(chunker=default_chunker(backend)), exist_ok=True)
 
 
 def write_config(backend: Backend, config: StoreConfig, *, exist_ok: bool) -> StoreConfig:

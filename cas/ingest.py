@@ -10,6 +10,7 @@ workers run in parallel with the reader.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import threading
@@ -22,6 +23,7 @@ from .chunking import ChunkerParams, iter_chunks
 from .chunkstore import ChunkStore, PutResult, SeenSet
 from .digest import BackgroundHasher, Digest, StreamingHasher, hash_bytes
 from .errors import SourceError, UnsafePathError
+from .inflight import InFlight
 from .manifest import ArtifactKind, ChunkRef, Entry, check_entries, check_link_target
 from .tensors import Span
 from .tensorwrite import FilePlan, TensorWriter
@@ -150,8 +152,8 @@ class Ingestor:
         self.progress = progress
         self.stats = IngestStats()
         self._seen = SeenSet()
-        # Each in-flight chunk holds at most max_size bytes plus its encoding.
-        self._slots = threading.BoundedSemaphore(min(workers * 2 + 2, 24))
+        # Each in-flight chunk holds its bytes plus their encoding.
+        self._slots = InFlight(min(workers * 2 + 2, 24))
         # The first chunk that failed: reading stops there instead of sending
         # every remaining chunk to a service that is down.
         self._error: BaseException | None = None
@@ -205,24 +207,25 @@ class Ingestor:
                     )
                     work = ((view, 0, None) for view in chunks)
                 for view, index, span in work:
-                    self._slots.acquire()
+                    size = len(view)
+                    self._slots.acquire(size)
                     try:
                         if self._error is not None:
                             raise self._error
                         future = pool.submit(self._store_chunk, view, index, span, plan)
                     except BaseException:
-                        self._slots.release()
+                        self._slots.release(size)
                         raise
-                    future.add_done_callback(self._done)
+                    future.add_done_callback(functools.partial(self._done, size))
                     futures.append(future)
         except OSError as err:
             raise SourceError(f"cannot read {item.absolute}: {err.strerror}") from None
         return hasher.digest(), futures
 
-    def _done(self, future: Future[ChunkRef]) -> None:
+    def _done(self, size: int, future: Future[ChunkRef]) -> None:
         if not future.cancelled() and self._error is None:
             self._error = future.exception()
-        self._slots.release()
+        self._slots.release(size)
 
     def _reader(self, hasher: StreamingHasher) -> Callable[[memoryview], None]:
         def on_read(view: memoryview) -> None:

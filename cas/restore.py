@@ -20,6 +20,7 @@ from .backends.base import TEMP_PREFIX
 from .chunkstore import ChunkStore
 from .digest import StreamingHasher
 from .errors import CorruptObjectError, DestinationExistsError, SourceError
+from .inflight import InFlight
 from .manifest import ChunkRef, Entry, Manifest, check_entries
 
 ProgressFn = Callable[[int], None]
@@ -92,7 +93,8 @@ class Restorer:
     def _write_files(self, targets: list[tuple[Entry, Path]], label: str) -> None:
         """Fetch chunks of all files through one bounded window, write them in order."""
         window: deque[tuple[Entry, bool, Future[bytes]]] = deque()
-        limit = self.workers * 2 + 2
+        # Drained by this thread alone: it makes room itself before it asks.
+        room = InFlight(self.workers * 2 + 2)
         handles: dict[str, tuple[BinaryIO, StreamingHasher]] = {}
 
         def tasks() -> Iterator[tuple[Entry, ChunkRef, bool]]:
@@ -111,13 +113,14 @@ class Restorer:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-get") as pool:
                 pending = tasks()
                 for entry, chunk, is_last in pending:
+                    while room.full(chunk.length):
+                        self._drain_one(window, handles, paths, label, room)
+                    room.acquire(chunk.length)
                     context = f"{label}: file {entry.path!r}"
                     future = pool.submit(self.chunks.get, chunk.digest, context=context)
                     window.append((entry, is_last, future))
-                    if len(window) >= limit:
-                        self._drain_one(window, handles, paths, label)
                 while window:
-                    self._drain_one(window, handles, paths, label)
+                    self._drain_one(window, handles, paths, label, room)
         finally:
             for future in (f for _, _, f in window):
                 future.cancel()
@@ -130,9 +133,11 @@ class Restorer:
         handles: dict[str, tuple[BinaryIO, StreamingHasher]],
         paths: dict[str, Path],
         label: str,
+        room: InFlight,
     ) -> None:
         entry, is_last, future = window.popleft()
         raw = future.result()
+        room.release(len(raw))
         if entry.path not in handles:
             handles[entry.path] = self._open(paths[entry.path])
         handle, hasher = handles[entry.path]

@@ -23,7 +23,7 @@ from .chunkindex import expected_chunks
 from .chunkindex import plan_in_background as plan_index
 from .chunking import ChunkerParams
 from .chunkstore import ChunkStore
-from .config import StoreConfig, load_config, write_config
+from .config import StoreConfig, default_chunker, load_config, write_config
 from .digest import Digest
 from .errors import (
     AlreadyExistsError,
@@ -98,7 +98,7 @@ class Store:
         backend = open_backend(location, **options)
         if create_bucket:
             backend.create_bucket()
-        config = StoreConfig(chunker=chunker or ChunkerParams())
+        config = StoreConfig(chunker=chunker or default_chunker(backend))
         if max_delta_reads is not None:
             # A chunk stored as a delta is rebuilt from at most this many reads.
             config = dataclasses.replace(config, max_delta_reads=max_delta_reads)

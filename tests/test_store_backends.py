@@ -156,6 +156,23 @@ def test_rm_then_gc_reclaims_only_what_no_version_needs(store: Store, tmp_path: 
         store.get("k@1", tmp_path / "gone.bin")
 
 
+def test_a_new_store_takes_the_default_chunk_sizes_of_its_backend(
+    any_backend_uri: str, tmp_path: Path
+) -> None:
+    created = Store.open(any_backend_uri)  # created on first use
+    remote = created.backend.remote
+    assert remote == any(any_backend_uri.startswith(k) for k in ("s3:", "gs:", "az:"))
+    expected = ChunkerParams.for_object_store() if remote else ChunkerParams()
+    assert created.config.chunker == expected
+    if remote:
+        assert (expected.min_size, expected.avg_size, expected.max_size) == (
+            1 * MiB,
+            4 * MiB,
+            16 * MiB,
+        )
+    assert Store.open(any_backend_uri).config.chunker == expected  # fixed for good
+
+
 # A memory store lives in one process; the CLI runs in another.
 @pytest.mark.parametrize("any_backend_uri", ["local", *CLOUD_KINDS], indirect=True)
 def test_cli_with_jobs(any_backend_uri: str, tmp_path: Path) -> None:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import KiB, MiB, ok, random_bytes, run_cas
 
-from cas import layout
+from cas import inflight, layout
 from cas.backends import MemoryBackend
 from cas.chunking import ChunkerParams
 from cas.config import StoreConfig, write_config
 from cas.digest import BackgroundHasher, Digest, StreamingHasher
 from cas.errors import BackendError, InvalidInputError
+from cas.inflight import InFlight
 from cas.store import Store
 from cas.testing.faults import FaultyBackend
 
@@ -74,3 +78,82 @@ def test_a_put_stops_at_the_first_failed_chunk(tmp_path: Path) -> None:
         store.put(tmp_path / "w.bin", "k", workers=2)
     attempted = [k for k in backend.keys["put"] if k.startswith(layout.CHUNKS)]
     assert len(attempted) < 40, f"{len(attempted)} chunk uploads tried after the failure"
+
+
+def test_in_flight_waits_on_whichever_limit_comes_first() -> None:
+    room = InFlight(3, 100)
+    room.acquire(40)
+    room.acquire(40)
+    assert room.full(40)
+    assert not room.full(20)
+    room.acquire(20)
+    assert room.full(1)
+    assert room.held == (3, 100)
+    for size in (40, 40, 20):
+        room.release(size)
+    assert room.held == (0, 0)
+    room.acquire(500)  # larger than the byte limit: admitted, but alone
+    assert room.full(1)
+    released: list[int] = []
+    waiter = threading.Thread(target=lambda: (room.acquire(1), released.append(1)))
+    waiter.start()
+    time.sleep(0.05)
+    assert not released  # still waiting for the big one
+    room.release(500)
+    waiter.join(5)
+    assert released == [1]
+    with pytest.raises(ValueError, match="positive"):
+        InFlight(0, 1)
+
+
+class SlowChunks(MemoryBackend):
+    """Chunk reads and writes that take a while, counting how many run at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    def _slowly(self, key: str, call: Any) -> Any:
+        if not key.startswith(layout.CHUNKS):
+            return call()
+        with self._lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            time.sleep(0.01)
+            return call()
+        finally:
+            with self._lock:
+                self.active -= 1
+
+    def put(self, key: str, data: Any, **conditions: Any) -> Any:
+        return self._slowly(key, lambda: super(SlowChunks, self).put(key, data, **conditions))
+
+    def get(self, key: str) -> bytes:
+        return self._slowly(key, lambda: super(SlowChunks, self).get(key))  # type: ignore[no-any-return]
+
+
+def test_puts_and_gets_keep_a_bounded_number_of_bytes_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many workers, chunk bytes in flight stay under the byte limit."""
+    fixed = ChunkerParams(64 * KiB, 64 * KiB, 64 * KiB)
+    monkeypatch.setattr(inflight, "IN_FLIGHT_BYTES", 3 * 64 * KiB)
+    backend = SlowChunks()
+    store = Store(backend, write_config(backend, StoreConfig(chunker=fixed), exist_ok=True))
+    data = random_bytes(4 * MiB, 5)  # 64 chunks
+    (tmp_path / "w.bin").write_bytes(data)
+    store.put(tmp_path / "w.bin", "k", workers=8)
+    assert 2 <= backend.most <= 3, backend.most
+    backend.most = 0
+    store.get("k", tmp_path / "out.bin", workers=8)
+    assert 2 <= backend.most <= 3, backend.most
+    assert (tmp_path / "out.bin").read_bytes() == data
+    # Without the byte limit, the same put runs all eight workers at once.
+    monkeypatch.setattr(inflight, "IN_FLIGHT_BYTES", 1 << 30)
+    backend.most = 0
+    store.put(tmp_path / "w.bin", "k2", workers=8)  # dedups: no chunk writes,
+    store.get("k2", tmp_path / "out2.bin", workers=8)  # but every chunk is read
+    assert backend.most > 3, backend.most

@@ -57,6 +57,8 @@ def _quoted(etag: str) -> str:
 class AzureBackend(Backend):
     """Blobs in one container under an optional name prefix."""
 
+    remote = True
+
     def __init__(
         self,
         container: str,

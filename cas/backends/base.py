@@ -103,6 +103,12 @@ class Backend(ABC):
     #: put never lists to save requests there (see :mod:`cas.chunkindex`).
     list_page_size: int = 0
 
+    #: True where every object read or written is a network request, with its
+    #: latency and, on a cloud, its fee: upper layers then prefer fewer,
+    #: larger objects (a new store's default chunk size, see
+    #: :func:`cas.config.default_chunker`).
+    remote: bool = False
+
     @abstractmethod
     def put(
         self,

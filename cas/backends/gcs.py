@@ -55,6 +55,7 @@ class GCSBackend(Backend):
     """Objects in one bucket under an optional name prefix."""
 
     list_page_size = 1000  # objects.list answers up to 1,000 names per request
+    remote = True
 
     def __init__(
         self,

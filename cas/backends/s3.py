@@ -89,6 +89,7 @@ class S3Backend(Backend):
     """Objects in one bucket under an optional key prefix."""
 
     list_page_size = 1000  # ListObjectsV2 answers up to 1,000 keys per request
+    remote = True
 
     def __init__(
         self,

@@ -54,6 +54,7 @@ class FaultyBackend(Backend):
         self.uri = inner.uri
         self.concurrency = inner.concurrency
         self.list_page_size = inner.list_page_size
+        self.remote = inner.remote
         self.fail_on = frozenset(fail_on)
         self.prefix = prefix
         self.after = after
