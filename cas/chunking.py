@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fastcdc.fastcdc_cy import fastcdc_cy
-
 from .errors import InvalidInputError
 
 KiB = 1024
@@ -105,6 +103,11 @@ def cut_points(data: memoryview, params: ChunkerParams) -> Iterator[tuple[int, i
     """Yield (offset, length) of every chunk of ``data``, treating its end as the end of input."""
     if len(data) == 0:
         return
+    # Imported here, not at the top: the fastcdc package loads its own
+    # command line (click) when imported, which costs every cas command
+    # start-up time, and gets and tensor-cut puts never need it.
+    from fastcdc.fastcdc_cy import fastcdc_cy
+
     for chunk in fastcdc_cy(data, params.min_size, params.avg_size, params.max_size):
         yield chunk.offset, chunk.length
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import layout
 from .artifact import ArtifactInfo, Summary
@@ -34,7 +34,6 @@ from .errors import (
     NotFoundError,
     RefNotFoundError,
 )
-from .gc import GcReport, collect
 from .gcprotocol import (
     SYSTEM_CLOCK,
     Clock,
@@ -50,7 +49,12 @@ from .restore import Restorer
 from .results import Details, KeySummary, Stats, Version
 from .tensors import find_file, read_tensor
 from .tensorwrite import TensorWriter
-from .verify import VerifyReport, iter_live_versions, verify_store
+
+if TYPE_CHECKING:
+    # Imported where used: a put or a get needs neither, and each command
+    # pays for every module it imports at start-up.
+    from .gc import GcReport
+    from .verify import VerifyReport
 
 ProgressFn = Callable[[int], None]
 DEFAULT_STORE = ".cas"
@@ -423,6 +427,8 @@ class Store:
         versions = logical = 0
         referenced: dict[bytes, int] = {}
         live_manifests: set[str] = set()
+        from .verify import iter_live_versions
+
         for ref in iter_live_versions(self.refs):
             assert ref.manifest_id is not None
             manifest = self.load_manifest(ref.manifest_id)
@@ -467,6 +473,8 @@ class Store:
         ``repair`` moves corrupt chunks to quarantine/ so that putting the
         same content again heals the versions the report lists.
         """
+        from .verify import verify_store
+
         return verify_store(
             self.refs,
             self.chunks,
@@ -490,6 +498,8 @@ class Store:
         Safe while others put, as long as ``grace`` is at least the store's
         setting (the default when None); see docs/gc.md.
         """
+        from .gc import collect
+
         return collect(
             self.backend,
             grace=grace,

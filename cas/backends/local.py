@@ -9,10 +9,9 @@ around the check-and-rename of compare-and-swap writes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import fcntl
+import functools
 import os
 import threading
 import uuid
@@ -34,18 +33,20 @@ def _token(st: os.stat_result) -> str:
     return f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
 
 
+@functools.cache
 def _load_syncfs() -> Callable[[int], int] | None:
+    # On first use: ctypes is a noticeable share of a command's start-up,
+    # and only writes sync. The running process already has the C library
+    # loaded, so its own symbols are searched instead of finding libc's file.
+    import ctypes
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        func = libc.syncfs
+        func = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         return None
     func.argtypes = [ctypes.c_int]
     func.restype = ctypes.c_int
     return func
-
-
-_syncfs = _load_syncfs()
 
 
 def _sync_filesystem(root: Path) -> None:
@@ -54,12 +55,15 @@ def _sync_filesystem(root: Path) -> None:
     syncfs(2) where the C library has it (Linux); elsewhere sync(2), which
     does the same for every file system.
     """
-    if _syncfs is None:
+    syncfs = _load_syncfs()
+    if syncfs is None:
         os.sync()
         return
     fd = os.open(root, os.O_RDONLY)
     try:
-        if _syncfs(fd) != 0:
+        if syncfs(fd) != 0:
+            import ctypes
+
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), str(root))
     finally:

@@ -7,11 +7,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
-from ..gc import GcReport
 from ..gcprotocol import read_settings
 from ..units import format_duration, format_size, parse_duration
 from .common import Handler, emit, open_store
+
+if TYPE_CHECKING:
+    from ..gc import GcReport
 
 
 @contextmanager

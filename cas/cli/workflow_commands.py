@@ -7,16 +7,18 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..artifact import ARTIFACT_TYPES, ArtifactInfo
-from ..diff import DiffReport, diff
 from ..errors import InvalidInputError
-from ..lineage import lineage
-from ..prune import Policy, prune
-from ..query import Condition, Query, find
 from ..units import format_size
 from .common import Handler, emit, open_store, pairs, version_line
+
+if TYPE_CHECKING:
+    from ..diff import DiffReport
+
+# Each command imports its module when it runs: every command pays start-up
+# time for what the parser module imports.
 
 # -- put: typed artifact metadata ------------------------------------------------------
 
@@ -100,6 +102,8 @@ def artifact_from_args(args: argparse.Namespace) -> tuple[ArtifactInfo, dict[str
 
 
 def cmd_find(args: argparse.Namespace) -> int:
+    from ..query import Condition, Query, find
+
     store = open_store(args, create=False)
     query = Query(
         prefix=args.prefix or "",
@@ -118,6 +122,8 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
+    from ..lineage import lineage
+
     graph = lineage(open_store(args, create=False), args.ref, depth=args.depth)
     if args.dot is not None:
         dot = graph.to_dot() + "\n"
@@ -173,12 +179,16 @@ def diff_text(report: DiffReport) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from ..diff import diff
+
     report = diff(open_store(args, create=False), args.old, args.new)
     emit(args, report.to_dict(), diff_text(report))
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from ..prune import Policy, prune
+
     if "@" in args.key or ":" in args.key:
         raise InvalidInputError(f"prune takes a KEY, not a version or tag: {args.key!r}")
     policy = Policy(
