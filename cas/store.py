@@ -42,18 +42,15 @@ from .gcprotocol import (
     WriteSession,
     write_settings,
 )
-from .ingest import Ingestor, SourceItem, build_entries, scan
 from .manifest import Entry, Manifest, Parent, canonical_json, check_metric
 from .refs import Refs, VersionRef, utc_now
-from .restore import Restorer
 from .results import Details, KeySummary, Stats, Version
-from .tensors import find_file, read_tensor
-from .tensorwrite import TensorWriter
 
 if TYPE_CHECKING:
-    # Imported where used: a put or a get needs neither, and each command
-    # pays for every module it imports at start-up.
+    # Imported where used: each command pays at start-up for every module
+    # it imports, and a get needs none of the put's, nor a put the get's.
     from .gc import GcReport
+    from .ingest import SourceItem
     from .verify import VerifyReport
 
 ProgressFn = Callable[[int], None]
@@ -154,6 +151,8 @@ class Store:
         except (TypeError, ValueError) as err:
             raise InvalidInputError(f"metadata is not JSON-serialisable: {err}") from None
         resolved = tuple(dict.fromkeys(self._parent(p) for p in parents))
+        from .ingest import scan
+
         own_root = self.backend.root if isinstance(self.backend, LocalBackend) else None
         kind, items = scan(Path(path), skip=own_root)
 
@@ -198,6 +197,9 @@ class Store:
     ) -> tuple[VersionRef, Manifest]:
         """Chunks, then the manifest, then the ref; garbage collection cannot take
         what the ref names (see docs/gc.md and :mod:`cas.gcprotocol`)."""
+        from .ingest import Ingestor, build_entries
+        from .tensorwrite import TensorWriter
+
         session = WriteSession(self.backend, clock=self.clock, workers=workers).start()
         index = None
         # The latest version's manifest is read beside the files, not before them.
@@ -321,6 +323,8 @@ class Store:
         version_ref = self.resolve(ref)
         assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
+        from .restore import Restorer
+
         restorer = Restorer(self.chunks, workers=workers, progress=progress)
         label = f"{version_ref.key}@{version_ref.number}"
         restorer.restore(manifest, Path(dest), label=label, force=force)
@@ -348,6 +352,8 @@ class Store:
         assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
         label = f"{version_ref.key}@{version_ref.number}"
+        from .tensors import find_file, read_tensor
+
         return read_tensor(self.chunks, find_file(manifest, file), name, label=label)
 
     def show(self, ref: str) -> Details:
