@@ -76,6 +76,16 @@ class StreamingHasher:
         """Release what the hasher holds; nothing for this one."""
 
 
+#: Files at least this large hash their whole content on a thread of their own,
+#: on a put and on a get.
+BACKGROUND_HASH_SIZE = 32 << 20
+
+
+def hasher_for(size: int) -> StreamingHasher:
+    """The whole-file hasher for a file of ``size`` bytes; close it when done."""
+    return BackgroundHasher() if size >= BACKGROUND_HASH_SIZE else StreamingHasher()
+
+
 class BackgroundHasher(StreamingHasher):
     """A StreamingHasher that hashes on a thread of its own.
 

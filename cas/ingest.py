@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .chunking import ChunkerParams, iter_chunks
 from .chunkstore import ChunkStore, PutResult, SeenSet
-from .digest import BackgroundHasher, Digest, StreamingHasher, hash_bytes
+from .digest import Digest, StreamingHasher, hash_bytes, hasher_for
 from .errors import SourceError, UnsafePathError
 from .inflight import InFlight
 from .manifest import ArtifactKind, ChunkRef, Entry, check_entries, check_link_target
@@ -29,8 +29,6 @@ from .tensors import Span
 from .tensorwrite import FilePlan, TensorWriter
 
 ProgressFn = Callable[[int], None]
-#: Files at least this large hash their whole content on a thread of their own.
-BACKGROUND_HASH_SIZE = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +178,7 @@ class Ingestor:
     ) -> tuple[Digest, list[Future[ChunkRef]]]:
         # The whole-file hash of a large file runs on its own thread, beside
         # the reading and cutting here, which are the put's critical path.
-        big = item.size >= BACKGROUND_HASH_SIZE
-        hasher = BackgroundHasher() if big else StreamingHasher()
+        hasher = hasher_for(item.size)
         try:
             return self._submit_chunks(pool, item, hasher)
         finally:

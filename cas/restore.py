@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from .backends.base import TEMP_PREFIX
 from .chunkstore import ChunkStore
-from .digest import StreamingHasher
+from .digest import StreamingHasher, hasher_for
 from .errors import CorruptObjectError, DestinationExistsError, SourceError
 from .inflight import InFlight
 from .manifest import ChunkRef, Entry, Manifest, check_entries
@@ -109,7 +109,7 @@ class Restorer:
             # at a time however many the tree holds; empty ones are made here.
             for entry, path in targets:
                 if not entry.chunks:
-                    self._finish(entry, path, self._open(path), label)
+                    self._finish(entry, path, self._open(path, 0), label)
             with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-get") as pool:
                 pending = tasks()
                 for entry, chunk, is_last in pending:
@@ -124,8 +124,9 @@ class Restorer:
         finally:
             for future in (f for _, _, f in window):
                 future.cancel()
-            for handle, _ in handles.values():
+            for handle, hasher in handles.values():
                 handle.close()
+                hasher.close()
 
     def _drain_one(
         self,
@@ -139,7 +140,7 @@ class Restorer:
         raw = future.result()
         room.release(len(raw))
         if entry.path not in handles:
-            handles[entry.path] = self._open(paths[entry.path])
+            handles[entry.path] = self._open(paths[entry.path], entry.size)
         handle, hasher = handles[entry.path]
         handle.write(raw)
         hasher.update(raw)
@@ -149,16 +150,20 @@ class Restorer:
             self._finish(entry, paths[entry.path], handles.pop(entry.path), label)
 
     @staticmethod
-    def _open(path: Path) -> tuple[BinaryIO, StreamingHasher]:
-        return open(path, "wb"), StreamingHasher()  # closed by _finish
+    def _open(path: Path, size: int) -> tuple[BinaryIO, StreamingHasher]:
+        # A large file's hash runs on a thread of its own, beside the writes.
+        return open(path, "wb"), hasher_for(size)  # closed by _finish
 
     @staticmethod
     def _finish(
         entry: Entry, path: Path, handle: tuple[BinaryIO, StreamingHasher], label: str
     ) -> None:
         stream, hasher = handle
-        stream.close()
-        if hasher.digest() != entry.digest:
+        try:
+            stream.close()
+        finally:
+            digest = hasher.digest()  # which also ends a background hasher's thread
+        if digest != entry.digest:
             raise CorruptObjectError(
                 f"{label}: file {entry.path!r} does not match its recorded BLAKE3 after restore"
             )

@@ -15,7 +15,7 @@ from cas.backends import MemoryBackend
 from cas.chunking import ChunkerParams
 from cas.config import StoreConfig, write_config
 from cas.digest import BackgroundHasher, Digest, StreamingHasher
-from cas.errors import BackendError, InvalidInputError
+from cas.errors import BackendError, InvalidInputError, MissingObjectError
 from cas.inflight import InFlight
 from cas.store import Store
 from cas.testing.faults import FaultyBackend
@@ -157,3 +157,17 @@ def test_puts_and_gets_keep_a_bounded_number_of_bytes_in_flight(
     store.put(tmp_path / "w.bin", "k2", workers=8)  # dedups: no chunk writes,
     store.get("k2", tmp_path / "out2.bin", workers=8)  # but every chunk is read
     assert backend.most > 3, backend.most
+
+
+def test_a_failed_restore_of_a_large_file_leaves_no_hashing_thread(tmp_path: Path) -> None:
+    """Large files hash on a thread of their own on a get too; a failure must end it."""
+    store = Store.init(tmp_path / "store", chunker=PARAMS)
+    (tmp_path / "big.bin").write_bytes(random_bytes(40 * MiB, 6))
+    version = store.put(tmp_path / "big.bin", "k")
+    chunks = store.show(version.ref).entries[0].chunks
+    assert len(chunks) > 100
+    store.backend.delete([layout.chunk_key(chunks[len(chunks) // 2].digest)])
+    with pytest.raises(MissingObjectError, match=r"big\.bin"):
+        store.get("k", tmp_path / "out.bin", workers=2)
+    assert not (tmp_path / "out.bin").exists()
+    assert not [t for t in threading.enumerate() if t.name == "cas-hash"]
