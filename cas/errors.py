@@ -93,6 +93,14 @@ class UnsupportedFormatError(StoreError):
     """The store was written in a format version this cas does not read."""
 
 
+class ConcurrentCollectionError(CasError):
+    """A garbage collection removed an object a put was reusing; nothing was committed.
+
+    ``Store.put`` retries by itself; a caller that sees this error may run the
+    same put again. Exit code 1: nothing the user typed is wrong.
+    """
+
+
 # --- integrity ---------------------------------------------------------------------
 
 

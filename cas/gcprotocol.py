@@ -44,7 +44,13 @@ from . import layout
 from .backends.base import Backend
 from .chunkstore import PutResult
 from .digest import Digest
-from .errors import CasError, InvalidInputError, NotFoundError, PreconditionFailedError
+from .errors import (
+    CasError,
+    ConcurrentCollectionError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionFailedError,
+)
 from .manifest import canonical_json
 from .refs import utc_now
 
@@ -61,10 +67,6 @@ RENEW_FRACTION = 0.25
 #: Before the commit every object must be younger than this fraction of the grace.
 COMMIT_FRACTION = 0.75
 _MAX_ROUNDS = 8
-
-
-class ConcurrentCollectionError(CasError):
-    """A garbage collection removed an object a put was reusing; nothing was committed."""
 
 
 class Clock:

@@ -28,6 +28,7 @@ from .digest import Digest
 from .errors import (
     AlreadyExistsError,
     CasError,
+    ConcurrentCollectionError,
     CorruptObjectError,
     InvalidInputError,
     MissingObjectError,
@@ -37,7 +38,6 @@ from .errors import (
 from .gcprotocol import (
     SYSTEM_CLOCK,
     Clock,
-    ConcurrentCollectionError,
     GcSettings,
     WriteSession,
     write_settings,

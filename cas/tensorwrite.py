@@ -33,8 +33,13 @@ from . import codec, layout
 from .chunking import ChunkerParams, Readable
 from .chunkstore import MAX_CHAIN, ChunkStore, PutResult, SeenSet
 from .digest import Digest
-from .errors import CasError, CorruptObjectError, NotFoundError, SourceError
-from .gcprotocol import ConcurrentCollectionError
+from .errors import (
+    CasError,
+    ConcurrentCollectionError,
+    CorruptObjectError,
+    NotFoundError,
+    SourceError,
+)
 from .manifest import Entry, Manifest
 from .tensors import Header, Piece, Span, StoredFile, chunk_keys, find_file, plan, sniff
 

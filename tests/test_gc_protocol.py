@@ -26,8 +26,9 @@ from gc_helpers import (
 )
 
 from cas import layout
+from cas.errors import ConcurrentCollectionError
 from cas.gc import Collector, GcReport
-from cas.gcprotocol import PUTS, ConcurrentCollectionError
+from cas.gcprotocol import PUTS
 from cas.store import Store
 
 KiB = 1024

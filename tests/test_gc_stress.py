@@ -26,8 +26,8 @@ from gc_helpers import GC_BACKENDS, REAL_GRACE, live_objects, random_bytes, stor
 
 from cas import layout
 from cas.chunking import ChunkerParams
+from cas.errors import ConcurrentCollectionError
 from cas.gc import GcReport
-from cas.gcprotocol import ConcurrentCollectionError
 from cas.store import Store
 
 KiB = 1024
