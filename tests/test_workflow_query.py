@@ -74,6 +74,22 @@ def test_cli_log_shows_type_tags_and_metrics(
     assert "loss=0.2 step=300" in lines[1]
 
 
+def test_cli_show_prints_the_typed_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "w.bin").write_bytes(b"weights")
+    uri = str(tmp_path / "store")
+    args = ["--type", "model", "--job", "j-7", "--base-model", "bert", "--label", "team=nlp"]
+    assert main(["--store", uri, "put", str(tmp_path / "w.bin"), "m", *args]) == 0
+    capsys.readouterr()
+    assert main(["--store", uri, "show", "m"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    artifact = next(line for line in lines if line.startswith("artifact:"))
+    assert artifact.split()[1] == "type=model"
+    assert {"job=j-7", "base_model=bert"} <= set(artifact.split())
+    assert "labels:   team=nlp" in lines
+
+
 def test_catalog_has_every_live_version_with_current_tags(store: Store) -> None:
     everything = catalog(store)
     assert len(everything) == 7

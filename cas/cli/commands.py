@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from ..chunking import ChunkerParams
 from ..errors import InvalidInputError
@@ -123,6 +123,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"created:  {v.created}",
         f"kind:     {v.kind}, {v.files} files, {format_size(v.size)}",
     ]
+    # The typed fields set at put (--type, --job...): scalars on one line, type first.
+    fields = sorted(v.artifact.items(), key=lambda item: item[0] != "type")
+    scalars = [f"{name}={value}" for name, value in fields if not isinstance(value, Mapping)]
+    if scalars:
+        lines.append("artifact: " + " ".join(scalars))
+    for name, value in fields:
+        if isinstance(value, Mapping) and value:
+            pairs = " ".join(f"{k}={x}" for k, x in sorted(value.items()))
+            lines.append(f"{name + ':':<9} {pairs}")
     if v.parents:
         lines.append(f"parents:  {', '.join(v.parents)}")
     if v.tags:
