@@ -81,14 +81,12 @@ class ChunkStore:
             times = self._refresh(key, listed, reference_time)
             if times is not None:
                 return PutResult(digest, len(data), 0, *times)
-        blob = encode() if encode is not None else codec.encode(data, self.level)
-        try:
-            self.backend.put(key, blob, if_absent=True)
-        except AlreadyExistsError:
+        stored = self._create(data, digest, key, reference_time, encode)
+        if stored is None:
             # Stored by someone else since the listing, which may be older
             # than reference_time: read its real time, as a stat would have.
             return self._put_checked(data, digest, key, reference_time, encode)
-        return PutResult(digest, len(data), len(blob), reference_time)
+        return stored
 
     def _put_checked(
         self,
@@ -107,13 +105,27 @@ class ChunkStore:
             times = self._refresh(key, info.mtime, reference_time)
             if times is not None:
                 return PutResult(digest, len(data), 0, *times)
+        stored = self._create(data, digest, key, reference_time, encode)
+        if stored is None:
+            # A concurrent writer stored the same bytes first (after our stat,
+            # so after reference_time); same name, same content.
+            return PutResult(digest, len(data), 0, reference_time)
+        return stored
+
+    def _create(
+        self,
+        data: bytes | memoryview,
+        digest: Digest,
+        key: str,
+        reference_time: float | None,
+        encode: Callable[[], bytes] | None,
+    ) -> PutResult | None:
+        """Encode and store the chunk create-only; None if it exists already."""
         blob = encode() if encode is not None else codec.encode(data, self.level)
         try:
             self.backend.put(key, blob, if_absent=True)
         except AlreadyExistsError:
-            # A concurrent writer stored the same bytes first (after our stat,
-            # so after reference_time); same name, same content.
-            return PutResult(digest, len(data), 0, reference_time)
+            return None
         return PutResult(digest, len(data), len(blob), reference_time)
 
     def _refresh(

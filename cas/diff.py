@@ -113,11 +113,7 @@ class _FileReader:
         self.entry = entry
         self.cache = cache
         self.label = label
-        self.starts: list[int] = []
-        offset = 0
-        for chunk in entry.chunks:
-            self.starts.append(offset)
-            offset += chunk.length
+        self.starts = entry.chunk_offsets()
 
     def covering(self, start: int, end: int) -> tuple[int, int]:
         """Indexes [first, last] of the chunks holding bytes [start, end)."""

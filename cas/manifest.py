@@ -51,6 +51,14 @@ class Entry:
     chunks: tuple[ChunkRef, ...] = ()
     target: str | None = None  # symlink target, relative
 
+    def chunk_offsets(self) -> list[int]:
+        """Where each chunk starts in the file, in order (for bisecting a byte range)."""
+        offsets, position = [], 0
+        for chunk in self.chunks:
+            offsets.append(position)
+            position += chunk.length
+        return offsets
+
 
 @dataclass(frozen=True, slots=True)
 class Parent:

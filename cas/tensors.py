@@ -299,11 +299,7 @@ class StoredFile:
         self.chunks = chunks
         self.entry = entry
         self.label = label
-        self.starts: list[int] = []
-        offset = 0
-        for chunk in entry.chunks:
-            self.starts.append(offset)
-            offset += chunk.length
+        self.starts = entry.chunk_offsets()
         self._last: tuple[int, bytes] | None = None
 
     def read(self, start: int, length: int) -> bytes:

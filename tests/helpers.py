@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from cas import layout
 from cas.chunking import ChunkerParams
 from cas.digest import Digest
 from cas.store import Store
+from cas.testing.faults import FaultyBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -168,3 +170,23 @@ def build_sample_tree(root: Path, seed: int = 0) -> Path:
     (root / "latest").symlink_to("weights.bin")
     (root / "sub" / "up").symlink_to("../run.sh")
     return root
+
+
+def rerun_after_failed_put(store: Store, source: Path, key: str) -> tuple[set[str], set[str]]:
+    """After a put of ``source`` failed half-way: check what it left, then put it again.
+
+    Every chunk object the failed put left must be whole (decode to its
+    name), and the re-run must upload exactly the chunks still missing.
+    Returns (chunk keys the version needs, chunk keys that were left).
+    """
+    left = {info.key for info in store.backend.list(layout.CHUNKS)}
+    for name in left:
+        digest = layout.digest_from_key(name)
+        assert digest is not None
+        store.chunks.get(digest)
+    counted = FaultyBackend(store.backend)
+    Store(counted, store.config, workers=2).put(source, key)
+    uploaded = {k for k in counted.keys["put"] if k.startswith(layout.CHUNKS)}
+    needed = {layout.chunk_key(c.digest) for e in store.show(key).entries for c in e.chunks}
+    assert uploaded == needed - left
+    return needed, left

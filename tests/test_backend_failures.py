@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import servers
 from backend_fixtures import CLOUD_KINDS, unique_name
-from helpers import KiB, MiB, ok, random_bytes, run_cas
+from helpers import KiB, MiB, ok, random_bytes, rerun_after_failed_put, run_cas
 
 from cas import layout
 from cas.backends import Backend, open_backend
@@ -364,16 +364,7 @@ def test_server_stopped_mid_put_then_restarted(tmp_path: Path) -> None:
         with pytest.raises(RefNotFoundError):
             store.log("ckpt")
         assert store.verify(deep=True).ok
-        present = {i.key for i in store.backend.list(layout.CHUNKS)}
-        for key in present:  # nothing half-written: every chunk object is whole
-            digest = layout.digest_from_key(key)
-            assert digest is not None
-            store.chunks.get(digest)
-        counted = FaultyBackend(store.backend)
-        Store(counted, store.config, workers=2).put(tmp_path / "w.bin", "ckpt")
-        uploaded = {k for k in counted.keys["put"] if k.startswith(layout.CHUNKS)}
-        needed = {layout.chunk_key(c.digest) for e in store.show("ckpt").entries for c in e.chunks}
-        assert uploaded == needed - present
+        needed, present = rerun_after_failed_put(store, tmp_path / "w.bin", "ckpt")
         assert len(needed & present) >= 6, "the chunks stored before the outage were reused"
         store.get("ckpt", tmp_path / "out.bin")
         assert (tmp_path / "out.bin").read_bytes() == data
