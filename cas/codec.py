@@ -56,15 +56,16 @@ DEFAULT_DELTA_READS = 8
 _local = threading.local()
 
 
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    # zstd contexts are not thread-safe; one per thread and level is cheap.
+def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's zstd compressor at ``level``: zstd contexts are not thread-safe."""
     cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
     if level not in cache:
         cache[level] = zstandard.ZstdCompressor(level=level)
     return cache[level]
 
 
-def _decompressor() -> zstandard.ZstdDecompressor:
+def zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompressor."""
     if not hasattr(_local, "decompressor"):
         _local.decompressor = zstandard.ZstdDecompressor()
     return _local.decompressor  # type: ignore[no-any-return]
@@ -76,7 +77,7 @@ def _choose_level(data: memoryview, level: int) -> int | None:
         return level
     middle = len(data) // 2
     sample = data[middle : middle + _PROBE_SIZE]
-    ratio = len(_compressor(1).compress(sample)) / len(sample)
+    ratio = len(zstd_compressor(1).compress(sample)) / len(sample)
     if ratio >= _PROBE_RATIO:
         return None
     return min(level, 1) if ratio >= _FAST_RATIO else level
@@ -87,7 +88,7 @@ def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> 
     view = memoryview(data).cast("B")
     chosen = _choose_level(view, level) if len(view) else None
     if chosen is not None:
-        packed = _compressor(chosen).compress(view)
+        packed = zstd_compressor(chosen).compress(view)
         if len(packed) < _KEEP_RATIO * len(view):
             return HEADER.pack(MAGIC, Codec.ZSTD, len(view)) + packed
     return HEADER.pack(MAGIC, Codec.RAW, len(view)) + bytes(view)
@@ -147,7 +148,7 @@ def decode(blob: bytes, *, name: str = "chunk", base: bytes | None = None) -> by
         raw = bytes(payload)
     elif codec == Codec.ZSTD:
         try:
-            raw = _decompressor().decompress(payload, max_output_size=raw_length)
+            raw = zstd_decompressor().decompress(payload, max_output_size=raw_length)
         except zstandard.ZstdError as err:
             raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
     elif codec == Codec.GROUPED:

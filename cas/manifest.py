@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import zstandard
 
+from .codec import zstd_compressor, zstd_decompressor
 from .digest import Digest
 from .errors import CorruptObjectError, InvalidInputError, UnsafePathError
 
@@ -94,7 +95,7 @@ class Manifest:
         return sum(1 for e in self.entries if e.type == "file")
 
     def to_bytes(self) -> bytes:
-        return _compressor.compress(canonical_json(self.to_dict()))
+        return zstd_compressor(3).compress(canonical_json(self.to_dict()))
 
     def to_dict(self) -> dict[str, Any]:
         deltas = any(c.bases for e in self.entries for c in e.chunks)
@@ -120,7 +121,7 @@ class Manifest:
     @classmethod
     def from_bytes(cls, blob: bytes, *, name: str = "manifest") -> Manifest:
         try:
-            data = json.loads(_decompressor.decompress(blob, max_output_size=1 << 31))
+            data = json.loads(zstd_decompressor().decompress(blob, max_output_size=1 << 31))
         except (zstandard.ZstdError, ValueError) as err:
             raise CorruptObjectError(f"{name}: cannot be read ({err})") from None
         return cls.from_dict(data, name=name)
@@ -148,10 +149,6 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None
-
-
-_compressor = zstandard.ZstdCompressor(level=3)
-_decompressor = zstandard.ZstdDecompressor()
 
 
 def canonical_json(value: Any) -> bytes:

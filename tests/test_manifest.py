@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zstandard
@@ -129,6 +130,24 @@ def test_round_trip() -> None:
     assert back.parents[0].manifest_id == D1
     assert back.metrics["step"] == 100
     assert isinstance(back.metrics["step"], int)
+
+
+def test_manifests_load_and_store_from_many_threads_at_once() -> None:
+    # Prune, GC and queries load manifests on thread pools; a zstd context
+    # shared between threads corrupts what it decodes.
+    entries = tuple(file_entry(f"shard-{i:05d}.bin") for i in range(400))
+    manifests = [sample(entries=entries, message=f"m{n}") for n in range(4)]
+    blobs = [m.to_bytes() for m in manifests]
+
+    def work(index: int) -> bool:
+        m = manifests[index % 4]
+        return all(
+            Manifest.from_bytes(blobs[index % 4]) == m and m.to_bytes() == blobs[index % 4]
+            for _ in range(10)
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(work, range(16)))
 
 
 def test_round_trip_minimal_file_manifest() -> None:
