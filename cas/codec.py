@@ -95,14 +95,19 @@ def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> 
 
 
 def encode_grouped(
-    data: bytes | bytearray | memoryview, itemsize: int, layout: floatcodec.Layout
+    data: bytes | bytearray | memoryview,
+    itemsize: int,
+    layout: floatcodec.Layout,
+    *,
+    fse: bool = False,
 ) -> bytes:
     """The stored form of a chunk of ``itemsize``-byte elements, byte-grouped.
 
-    Falls back to raw when grouping does not shrink the chunk.
+    Falls back to raw when grouping does not shrink the chunk. ``fse`` as in
+    :func:`cas.floatcodec.encode`.
     """
     view = memoryview(data).cast("B")
-    payload = floatcodec.encode(view, itemsize, layout)
+    payload = floatcodec.encode(view, itemsize, layout, fse=fse)
     if len(payload) >= len(view):
         return HEADER.pack(MAGIC, Codec.RAW, len(view)) + bytes(view)
     return HEADER.pack(MAGIC, Codec.GROUPED, len(view)) + payload

@@ -27,6 +27,9 @@ from .errors import (
 from .manifest import canonical_json
 from .refs import utc_now
 
+#: Entropy coders of the exponent streams of tensor chunks, the default first.
+ENTROPY_CODERS = ("huffman", "fse")
+
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
@@ -37,12 +40,32 @@ class StoreConfig:
     format: int = layout.FORMAT_VERSION
     #: Longest delta chain writers make: reads to rebuild a chunk (1: no deltas).
     max_delta_reads: int = codec.DEFAULT_DELTA_READS
+    #: Entropy coder of the exponent streams of tensor chunks: "huffman"
+    #: (zstd, fastest to decode) or "fse" (smaller; needs format 2).
+    entropy: str = "huffman"
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_delta_reads <= MAX_CHAIN:
             raise InvalidInputError(
                 f"delta chains of {self.max_delta_reads} reads: choose 1 (no deltas) to {MAX_CHAIN}"
             )
+        if self.entropy not in ENTROPY_CODERS:
+            raise InvalidInputError(
+                f"entropy coder {self.entropy!r}: choose one of {', '.join(ENTROPY_CODERS)}"
+            )
+        if self.holds_fse and self.format < layout.FSE_FORMAT:
+            raise InvalidInputError(f"entropy coder 'fse' needs store format {layout.FSE_FORMAT}")
+
+    @classmethod
+    def create(cls, *, entropy: str = "huffman") -> StoreConfig:
+        """The config of a new store: the oldest format that holds what it asks for."""
+        version = layout.FSE_FORMAT if entropy == "fse" else layout.FORMAT_VERSION
+        return cls(entropy=entropy, format=version)
+
+    @property
+    def holds_fse(self) -> bool:
+        """Whether writers code the exponent streams of tensor chunks with FSE."""
+        return self.entropy == "fse"
 
     def to_bytes(self) -> bytes:
         data: dict[str, Any] = {
@@ -52,6 +75,8 @@ class StoreConfig:
             "chunker": self.chunker.to_dict(),
             "codec": {"name": "zstd", "level": self.zstd_level},
         }
+        if self.holds_fse:
+            data["codec"]["entropy"] = self.entropy
         # Written only when set, so a default config stays as it always was.
         if self.max_delta_reads != codec.DEFAULT_DELTA_READS:
             data["delta"] = {"max_reads": self.max_delta_reads}
@@ -64,10 +89,11 @@ class StoreConfig:
             version = data["format"]
         except (ValueError, KeyError, TypeError):
             raise NotAStoreError(f"{where} has a config that is not a cas store config") from None
-        if version != layout.FORMAT_VERSION:
+        if version not in layout.READABLE_FORMATS or isinstance(version, bool):
+            known = " and ".join(map(str, layout.READABLE_FORMATS))
             raise UnsupportedFormatError(
-                f"{where} is a cas store of format {version!r}; this cas reads format "
-                f"{layout.FORMAT_VERSION} only (upgrade cas)"
+                f"{where} is a cas store of format {version!r}; this cas reads formats "
+                f"{known} only (upgrade cas)"
             )
         try:
             return cls(
@@ -79,7 +105,10 @@ class StoreConfig:
                 max_delta_reads=int(
                     (data.get("delta") or {}).get("max_reads", codec.DEFAULT_DELTA_READS)
                 ),
+                entropy=str(data["codec"].get("entropy", "huffman")),
             )
+        except InvalidInputError as err:
+            raise NotAStoreError(f"{where} has a malformed config ({err})") from None
         except (ValueError, KeyError, TypeError) as err:
             raise NotAStoreError(f"{where} has a malformed config ({err})") from None
 

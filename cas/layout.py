@@ -1,4 +1,4 @@
-"""Where things live in a store (format 1), and the syntax of keys and references.
+"""Where things live in a store (formats 1 and 2), and the syntax of keys and references.
 
 Pure functions only: nothing here touches a backend. ``docs/format.md``
 describes the same layout for people.
@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from .digest import Digest
 from .errors import InvalidKeyError, InvalidRefError
 
+#: The format ``cas init`` writes. A store whose tensor chunks may hold FSE
+#: streams (``cas init --entropy fse``) is format 2, so that a cas that cannot
+#: decode them refuses the store by its config instead of failing on chunks.
 FORMAT_VERSION = 1
+FSE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 CONFIG_KEY = "config"
 CHUNKS = "chunks/"
 MANIFESTS = "manifests/"

@@ -88,18 +88,23 @@ class Store:
         *,
         chunker: ChunkerParams | None = None,
         max_delta_reads: int | None = None,
+        entropy: str = "huffman",
         create_bucket: bool = False,
         **options: Any,
     ) -> Store:
         """Create a new store; fails if the location already holds one.
 
-        ``create_bucket`` first creates the bucket or container of a cloud
-        location (fine if it exists already).
+        ``entropy="fse"`` codes the exponent streams of tensor chunks with
+        FSE: bf16 weights store 0.25 % smaller, but decode about a quarter
+        slower, and only a cas that reads store format 2 reads the store.
+        ``create_bucket`` first creates the bucket or
+        container of a cloud location (fine if it exists already).
         """
+        config = StoreConfig.create(entropy=entropy)  # a bad name fails before any I/O
         backend = open_backend(location, **options)
         if create_bucket:
             backend.create_bucket()
-        config = StoreConfig(chunker=chunker or default_chunker(backend))
+        config = dataclasses.replace(config, chunker=chunker or default_chunker(backend))
         if max_delta_reads is not None:
             # A chunk stored as a delta is rebuilt from at most this many reads.
             config = dataclasses.replace(config, max_delta_reads=max_delta_reads)
@@ -230,6 +235,7 @@ class Store:
                     known=latest.submit(self._latest_manifest, key, parents),
                     max_reads=self.config.max_delta_reads,
                     level=self.config.zstd_level,
+                    fse=self.config.holds_fse,
                 ),
             )
             manifest = build(build_entries(items, ingestor))

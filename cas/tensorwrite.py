@@ -180,12 +180,14 @@ class TensorWriter:
         known: Sequence[Manifest] | Future[Sequence[Manifest]] = (),
         max_reads: int = codec.DEFAULT_DELTA_READS,
         level: int = codec.DEFAULT_LEVEL,
+        fse: bool = False,
     ) -> None:
         self.chunks = chunks
         self.params = params
         self.parents = list(parents)
         self.max_reads = max_reads
         self.level = level
+        self.fse = fse
         self.chains = Chains(chunks)
         for manifest, _ in self.parents:
             self.chains.learn(manifest)
@@ -287,11 +289,11 @@ class TensorWriter:
             return codec.encode(view, self.level), ()
         parent = file_plan.parents.get(span.key)
         if parent is None or parent.length != len(view) or self.max_reads < 2:
-            return codec.encode_grouped(view, span.itemsize, span.layout), ()
+            return self._grouped(view, span), ()
         base, chain = self._base(parent, file_plan.clock + index)
         base_raw = self.chunks.get(base, context=f"delta base for {span.key[0].name!r}")
         if len(base_raw) != len(view):
-            return codec.encode_grouped(view, span.itemsize, span.layout), ()
+            return self._grouped(view, span), ()
         delta = codec.encode_delta(view, base_raw, base.raw, span.itemsize)
         whole = self._whole_if_smaller(view, span, len(delta))
         return (delta, chain) if whole is None else (whole, ())
@@ -305,8 +307,11 @@ class TensorWriter:
             return root, (root,)
         return parent.digest, (parent.digest, *parent.bases)
 
-    @staticmethod
-    def _whole_if_smaller(view: memoryview, span: Span, delta: int) -> bytes | None:
+    def _grouped(self, view: memoryview, span: Span) -> bytes:
+        assert span.layout is not None
+        return codec.encode_grouped(view, span.itemsize, span.layout, fse=self.fse)
+
+    def _whole_if_smaller(self, view: memoryview, span: Span, delta: int) -> bytes | None:
         """The whole (byte-grouped) encoding if it beats a delta of ``delta`` bytes, else None.
 
         A large chunk is judged on a sample, so that a delta that wins, the
@@ -316,11 +321,11 @@ class TensorWriter:
         if len(view) > 2 * _SAMPLE:
             middle = (len(view) // 2) // span.itemsize * span.itemsize
             sample = view[middle : middle + _SAMPLE // span.itemsize * span.itemsize]
-            ratio = len(codec.encode_grouped(sample, span.itemsize, span.layout)) / len(sample)
+            ratio = len(self._grouped(sample, span)) / len(sample)
             if delta < ratio * len(view) * _DELTA_GAIN:
                 return None
-            return codec.encode_grouped(view, span.itemsize, span.layout)
-        whole = codec.encode_grouped(view, span.itemsize, span.layout)
+            return self._grouped(view, span)
+        whole = self._grouped(view, span)
         return None if delta < len(whole) * _DELTA_GAIN else whole
 
     def keep(
