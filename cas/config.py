@@ -107,9 +107,7 @@ class StoreConfig:
                 ),
                 entropy=str(data["codec"].get("entropy", "huffman")),
             )
-        except InvalidInputError as err:
-            raise NotAStoreError(f"{where} has a malformed config ({err})") from None
-        except (ValueError, KeyError, TypeError) as err:
+        except (InvalidInputError, ValueError, KeyError, TypeError) as err:
             raise NotAStoreError(f"{where} has a malformed config ({err})") from None
 
 

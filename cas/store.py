@@ -97,8 +97,8 @@ class Store:
         ``entropy="fse"`` codes the exponent streams of tensor chunks with
         FSE: bf16 weights store 0.25 % smaller, but decode about a quarter
         slower, and only a cas that reads store format 2 reads the store.
-        ``create_bucket`` first creates the bucket or
-        container of a cloud location (fine if it exists already).
+        ``create_bucket`` first creates the bucket or container of a cloud
+        location (fine if it exists already).
         """
         config = StoreConfig.create(entropy=entropy)  # a bad name fails before any I/O
         backend = open_backend(location, **options)
