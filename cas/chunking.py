@@ -103,6 +103,12 @@ def cut_points(data: memoryview, params: ChunkerParams) -> Iterator[tuple[int, i
     """Yield (offset, length) of every chunk of ``data``, treating its end as the end of input."""
     if len(data) == 0:
         return
+    if len(data) <= params.min_size:
+        # FastCDC never cuts before the minimum: one chunk, as it would say,
+        # without importing it (its package costs 30 ms of start-up, which is
+        # what a checkpoint's small JSON files would otherwise cost a put).
+        yield 0, len(data)
+        return
     # Imported here, not at the top: the fastcdc package loads its own
     # command line (click) when imported, which costs every cas command
     # start-up time, and gets and tensor-cut puts never need it.

@@ -203,3 +203,24 @@ def test_size_hint_never_changes_boundaries_and_stays_cheap(
         offset += len(view)
     assert out == whole(data, params)
     assert reader.reads <= 6, f"{reader.reads} reads for a {len(data)}-byte input"
+
+
+@pytest.mark.parametrize("params", [TINY, SMALL], ids=["tiny", "small"])
+def test_data_up_to_the_minimum_is_one_chunk_as_fastcdc_cuts_it(params: ChunkerParams) -> None:
+    from fastcdc.fastcdc_cy import fastcdc_cy
+
+    for size in (1, params.min_size // 2, params.min_size - 1, params.min_size):
+        data = mixed_data(size, seed=size)
+        expected = [
+            (c.offset, c.length)
+            for c in fastcdc_cy(data, params.min_size, params.avg_size, params.max_size)
+        ]
+        assert whole(data, params) == expected == [(0, size)]
+    # Past the minimum, the cuts are FastCDC's own.
+    for size in (params.min_size + 1, 3 * params.max_size + 5):
+        data = mixed_data(size, seed=size)
+        expected = [
+            (c.offset, c.length)
+            for c in fastcdc_cy(data, params.min_size, params.avg_size, params.max_size)
+        ]
+        assert whole(data, params) == expected
