@@ -351,3 +351,42 @@ def json_log(cwd: Path) -> list[dict]:  # type: ignore[type-arg]
     import json
 
     return json.loads(ok(run_cas("log", "m", "--json", cwd=cwd)).stdout)
+
+
+# -- the parser built for one command -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["get", "k", "d"], "get"),
+        (["--store", "s", "--json", "put", "p", "k"], "put"),
+        (["--store=get", "--no-progress", "ls"], "ls"),
+        (["--store", "put", "log", "k"], "log"),  # the store's name is not the command
+        (["--sto", "s", "get", "k", "d"], None),  # abbreviations are argparse's to read
+        (["--help"], None),
+        ([], None),
+    ],
+)
+def test_the_command_is_found_before_the_parser_is_built(
+    argv: list[str], expected: str | None
+) -> None:
+    from cas.cli import requested_command
+
+    assert requested_command(argv) == expected
+
+
+def test_a_parser_built_for_one_command_parses_as_the_full_one() -> None:
+    from cas.cli import build_parser
+
+    argv = ["--store", "s", "put", "src", "k", "--tag", "a", "--metric", "loss=1", "-j", "3"]
+    full = build_parser().parse_args(argv)
+    one = build_parser("put").parse_args(argv)
+    assert vars(one) == vars(full)
+    with pytest.raises(SystemExit):
+        build_parser("put").parse_args(["get", "k", "d"])  # built for put alone
+
+
+def test_unknown_command_lists_every_command(tmp_path: Path) -> None:
+    proc = run_cas("bogus", store=tmp_path / "s")
+    assert_usage_error(proc, "invalid choice", "'put'", "'gc'", "'find'")
