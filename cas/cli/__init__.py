@@ -19,7 +19,7 @@ from typing import Any, cast
 from .. import __version__
 from ..errors import CasError
 from ..store import DEFAULT_STORE
-from . import commands, gc_commands, workflow_commands
+from . import commands, gc_commands, process, workflow_commands
 from .common import Handler
 
 COMMAND_MODULES = [commands, workflow_commands, gc_commands]
@@ -104,12 +104,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # numpy's bundled OpenBLAS starts a pool of threads when numpy is imported,
-    # and they spin waiting for matrix work that a cas command never has, on
-    # the cores the put and get pipelines need: a bf16 checkpoint's get took
-    # 0.30 s of CPU with the pool and 0.21 s without. Only where the user has
-    # not chosen, and only in this process: the library leaves it alone.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    process.tune()
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(requested_command(argv))
