@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,28 @@ def test_openblas_threads_default_to_one_and_a_user_choice_stays(
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
     process.tune()
     assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
+
+
+ENTRY = """
+import gc, sys
+{before}
+from cas.__main__ import main
+sys.argv = ["cas", "--store", sys.argv[1], "init"]
+code = main()
+print(code, gc.isenabled(), gc.get_freeze_count())
+"""
+
+
+@pytest.mark.parametrize(("before", "enabled"), [("", "True"), ("gc.disable()", "False")])
+def test_the_entry_point_loads_with_the_collector_paused_then_restores_it(
+    tmp_path: Path, before: str, enabled: str
+) -> None:
+    code = ENTRY.format(before=before)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "store")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    rc, state, frozen = out.stdout.split()[-3:]
+    assert (rc, state) == ("0", enabled)
+    # What loading made is frozen out of later collections: thousands of objects.
+    assert int(frozen) > 10_000
