@@ -70,6 +70,10 @@ def _sync_filesystem(root: Path) -> None:
         os.close(fd)
 
 
+#: Create-only bytes after which a put starts syncing them on a thread, ahead of flush().
+WRITEBACK_EVERY = 64 << 20
+
+
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime, token=_token(st))
 
@@ -87,6 +91,9 @@ class LocalBackend(Backend):
         # flush() still owes to the disk.
         self._unsynced = False
         self._unsynced_lock = threading.Lock()
+        # Bytes of them not yet handed to an early writeback (see _write_back_early).
+        self._unsynced_bytes = 0
+        self._writeback: threading.Thread | None = None
 
     # -- helpers -----------------------------------------------------------------
 
@@ -165,8 +172,7 @@ class LocalBackend(Backend):
             finally:
                 temp.unlink(missing_ok=True)
             if deferred:
-                with self._unsynced_lock:
-                    self._unsynced = True
+                self._note_unsynced(memoryview(data).nbytes)
             else:
                 self._sync_dir(path.parent)
         except AlreadyExistsError:
@@ -174,11 +180,43 @@ class LocalBackend(Backend):
         except OSError as err:
             raise self._os_error(err, key) from err
 
+    def _note_unsynced(self, size: int) -> None:
+        with self._unsynced_lock:
+            self._unsynced = True
+            self._unsynced_bytes += size
+            if self._unsynced_bytes < WRITEBACK_EVERY:
+                return
+            if self._writeback is not None and self._writeback.is_alive():
+                return
+            self._unsynced_bytes = 0
+            self._writeback = threading.Thread(
+                target=self._write_back_early, name="cas-writeback", daemon=True
+            )
+            self._writeback.start()
+
+    def _write_back_early(self) -> None:
+        """Sync what is written so far while the put goes on writing.
+
+        flush() owes the disk every chunk of a put; left to the end, its
+        syncfs waited for all of them (0.37 s over bench.py's 15 puts) with
+        the pipeline done and the cores idle. Syncing every 64 MiB on a
+        thread of its own (syncfs releases the GIL) overlaps most of that
+        wait with hashing and compressing. A failure here is not reported:
+        flush() syncs again and reports its own.
+        """
+        with contextlib.suppress(OSError):
+            _sync_filesystem(self.root)
+
     def flush(self) -> None:
+        with self._unsynced_lock:
+            writeback = self._writeback
+        if writeback is not None:
+            writeback.join()
         with self._unsynced_lock:
             if not self._unsynced:
                 return
             self._unsynced = False
+            self._unsynced_bytes = 0
         try:
             _sync_filesystem(self.root)
         except OSError as err:
