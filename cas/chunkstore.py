@@ -151,10 +151,16 @@ class ChunkStore:
         ``context`` (e.g. "runs/a@3: file 'w.bin'") prefixes error messages so
         that a failure names the version and the file as well as the chunk.
         """
+        raw = self.read(digest, context=context)
+        return raw if isinstance(raw, bytes) else bytes(raw)
+
+    def read(self, digest: Digest, *, context: str = "") -> bytes | memoryview:
+        """:meth:`get` without the copy into bytes: for a reader that only
+        writes or hashes the chunk (a restore), a view of the decoded data."""
         where = f"{context}: chunk {digest.hex}" if context else f"chunk {digest.hex}"
         return self._get(digest, where, 0)
 
-    def _get(self, digest: Digest, where: str, depth: int) -> bytes:
+    def _get(self, digest: Digest, where: str, depth: int) -> bytes | memoryview:
         """``get``, following a delta chunk down to its base: each link verified on its own."""
         try:
             blob = self.backend.get(layout.chunk_key(digest))

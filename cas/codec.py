@@ -138,10 +138,14 @@ def delta_base(blob: bytes) -> bytes | None:
     return None
 
 
-def decode(blob: bytes, *, name: str = "chunk", base: bytes | None = None) -> bytes:
+def decode(
+    blob: bytes, *, name: str = "chunk", base: bytes | memoryview | None = None
+) -> bytes | memoryview:
     """Return the raw bytes of a stored chunk; CorruptObjectError names ``name`` on failure.
 
     ``base`` is the raw bytes of the base of a delta chunk (see :func:`delta_base`).
+    The result may be a view (of ``blob`` for a raw chunk, of the decoded array
+    for a grouped one) rather than bytes: nothing is copied only to change type.
     """
     if len(blob) < HEADER.size:
         raise CorruptObjectError(f"{name}: truncated ({len(blob)} bytes, header is {HEADER.size})")
@@ -149,8 +153,9 @@ def decode(blob: bytes, *, name: str = "chunk", base: bytes | None = None) -> by
     if magic != MAGIC:
         raise CorruptObjectError(f"{name}: not a cas chunk (bad magic {magic!r})")
     payload = memoryview(blob)[HEADER.size :]
+    raw: bytes | memoryview
     if codec == Codec.RAW:
-        raw = bytes(payload)
+        raw = payload
     elif codec == Codec.ZSTD:
         try:
             raw = zstd_decompressor().decompress(payload, max_output_size=raw_length)

@@ -160,19 +160,28 @@ def _streams(data: memoryview, itemsize: int, layout: Layout) -> list[U8]:
     return [high, low, np.ascontiguousarray(grid[:, 1]), np.ascontiguousarray(grid[:, 0])]
 
 
-def _merge(streams: list[U8], itemsize: int, layout: Layout) -> bytes:
+def _merge(streams: list[U8], itemsize: int, layout: Layout) -> memoryview:
+    """The elements the streams came from, as a view of a fresh array (no copy to bytes)."""
     if layout == Layout.PLAIN:
         grid = np.empty((len(streams[0]), itemsize), dtype=np.uint8)
         for i, stream in enumerate(streams):
             grid[:, i] = stream
-        return grid.tobytes()
+        return _bytes_view(grid)
     if layout in (Layout.BF16, Layout.FP16):
-        return _join16(streams[0], streams[1], layout).tobytes()
-    grid = np.empty((len(streams[0]), 4), dtype=np.uint8)
-    grid.view("<u2")[:, 1] = _join16(streams[0], streams[1], Layout.FP32)
-    grid[:, 1] = streams[2]
-    grid[:, 0] = streams[3]
-    return grid.tobytes()
+        return _bytes_view(_join16(streams[0], streams[1], layout))
+    # Whole words from contiguous arrays: writing each byte into a column of an
+    # (n, 4) grid went through strided copies, 1.5x slower.
+    low = np.empty(len(streams[0]), np.uint16)
+    np.left_shift(streams[2], 8, out=low, dtype=np.uint16)
+    low |= streams[3]
+    word = np.empty(len(streams[0]), "<u4")
+    np.left_shift(_join16(streams[0], streams[1], Layout.FP32), 16, out=word, dtype=np.uint32)
+    word |= low
+    return _bytes_view(word)
+
+
+def _bytes_view(array: Any) -> memoryview:
+    return memoryview(array).cast("B")
 
 
 def _exponents(layout: Layout, index: int) -> bool:
@@ -217,8 +226,14 @@ def encode(
     return b"".join(parts + bodies)
 
 
-def decode(payload: bytes | memoryview, raw_length: int, *, name: str = "chunk") -> bytes:
-    """The bytes a grouped payload stands for; CorruptObjectError naming ``name`` if damaged."""
+def decode(
+    payload: bytes | memoryview, raw_length: int, *, name: str = "chunk"
+) -> bytes | memoryview:
+    """The bytes a grouped payload stands for; CorruptObjectError naming ``name`` if damaged.
+
+    A view of the decoded array where there is one: copying it into bytes
+    would cost a pass over every restored tensor for nothing.
+    """
     view = memoryview(payload)
     try:
         itemsize, layout_id, count = _HEAD.unpack_from(view)
@@ -268,7 +283,7 @@ def _stream(body: memoryview, method: int, elements: int, name: str, index: int)
     return np.frombuffer(raw, dtype=np.uint8)
 
 
-def xor(data: bytes | bytearray | memoryview, base: bytes | bytearray | memoryview) -> bytes:
+def xor(data: bytes | bytearray | memoryview, base: bytes | bytearray | memoryview) -> memoryview:
     """``data`` XOR ``base``, byte by byte (equal lengths): a delta, or a delta undone."""
     left = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
     right = np.frombuffer(memoryview(base).cast("B"), dtype=np.uint8)
@@ -276,5 +291,5 @@ def xor(data: bytes | bytearray | memoryview, base: bytes | bytearray | memoryvi
         raise ValueError(f"delta of {left.size} bytes against a base of {right.size}")
     # Whole words where possible: eight times fewer steps than bytes.
     if left.size % 8 == 0:
-        return np.bitwise_xor(left.view(np.uint64), right.view(np.uint64)).tobytes()
-    return np.bitwise_xor(left, right).tobytes()
+        return _bytes_view(np.bitwise_xor(left.view(np.uint64), right.view(np.uint64)))
+    return _bytes_view(np.bitwise_xor(left, right))

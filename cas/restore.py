@@ -92,7 +92,7 @@ class Restorer:
 
     def _write_files(self, targets: list[tuple[Entry, Path]], label: str) -> None:
         """Fetch chunks of all files through one bounded window, write them in order."""
-        window: deque[tuple[Entry, bool, Future[bytes]]] = deque()
+        window: deque[tuple[Entry, bool, Future[bytes | memoryview]]] = deque()
         # Drained by this thread alone: it makes room itself before it asks.
         room = InFlight(self.workers * 2 + 2)
         handles: dict[str, tuple[BinaryIO, StreamingHasher]] = {}
@@ -117,7 +117,7 @@ class Restorer:
                         self._drain_one(window, handles, paths, label, room)
                     room.acquire(chunk.length)
                     context = f"{label}: file {entry.path!r}"
-                    future = pool.submit(self.chunks.get, chunk.digest, context=context)
+                    future = pool.submit(self.chunks.read, chunk.digest, context=context)
                     window.append((entry, is_last, future))
                 while window:
                     self._drain_one(window, handles, paths, label, room)
@@ -130,7 +130,7 @@ class Restorer:
 
     def _drain_one(
         self,
-        window: deque[tuple[Entry, bool, Future[bytes]]],
+        window: deque[tuple[Entry, bool, Future[bytes | memoryview]]],
         handles: dict[str, tuple[BinaryIO, StreamingHasher]],
         paths: dict[str, Path],
         label: str,

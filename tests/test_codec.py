@@ -154,3 +154,24 @@ def test_raw_length_rejects_non_chunks() -> None:
         codec.raw_length(b"nope, not a chunk")
     with pytest.raises(CorruptObjectError):
         codec.raw_length(b"CAS")
+
+
+def test_chunk_reads_skip_the_copy_that_gets_make() -> None:
+    import numpy as np
+
+    from cas import floatcodec
+    from cas.backends.memory import MemoryBackend
+    from cas.chunkstore import ChunkStore
+    from cas.digest import Digest
+
+    chunks = ChunkStore(MemoryBackend())
+    weights = np.random.default_rng(3).normal(0, 0.02, 50_000).astype("<f4").tobytes()
+    digest = Digest.of(weights)
+    grouped = codec.encode_grouped(weights, 4, floatcodec.Layout.FP32)
+    chunks.put(weights, digest=digest, encode=lambda: grouped)
+    view = chunks.read(digest)
+    assert isinstance(view, memoryview)  # the decoded array itself
+    assert view == weights
+    got = chunks.get(digest)
+    assert isinstance(got, bytes)
+    assert got == weights
