@@ -107,10 +107,11 @@ def encode_grouped(
     :func:`cas.floatcodec.encode`.
     """
     view = memoryview(data).cast("B")
-    payload = floatcodec.encode(view, itemsize, layout, fse=fse)
-    if len(payload) >= len(view):
+    header = HEADER.pack(MAGIC, Codec.GROUPED, len(view))
+    blob = floatcodec.encode(view, itemsize, layout, fse=fse, prefix=header)
+    if len(blob) - len(header) >= len(view):
         return HEADER.pack(MAGIC, Codec.RAW, len(view)) + bytes(view)
-    return HEADER.pack(MAGIC, Codec.GROUPED, len(view)) + payload
+    return blob
 
 
 def encode_delta(
@@ -125,8 +126,9 @@ def encode_delta(
     zeros where exponents agree, which plain grouping collects in one stream.
     """
     view = memoryview(data).cast("B")
-    payload = floatcodec.encode(floatcodec.xor(view, base), itemsize, floatcodec.Layout.PLAIN)
-    return HEADER.pack(MAGIC, Codec.DELTA, len(view)) + BASE.pack(base_digest) + payload
+    header = HEADER.pack(MAGIC, Codec.DELTA, len(view)) + BASE.pack(base_digest)
+    delta = floatcodec.xor(view, base)
+    return floatcodec.encode(delta, itemsize, floatcodec.Layout.PLAIN, prefix=header)
 
 
 def delta_base(blob: bytes) -> bytes | None:

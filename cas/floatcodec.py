@@ -196,12 +196,19 @@ def _exponents(layout: Layout, index: int) -> bool:
 
 
 def encode(
-    data: bytes | bytearray | memoryview, itemsize: int, layout: Layout, *, fse: bool = False
+    data: bytes | bytearray | memoryview,
+    itemsize: int,
+    layout: Layout,
+    *,
+    fse: bool = False,
+    prefix: bytes = b"",
 ) -> bytes:
     """The grouped payload of ``data``, whose length must be a multiple of ``itemsize``.
 
     ``fse=True`` codes the exponent stream with FSE, as stores of format 2
     set to it do; otherwise every stream is zstd or raw, as format 1 has it.
+    ``prefix`` (a chunk's header) starts the result: joined here, with the
+    streams, rather than by the caller in a second copy of the whole payload.
     """
     view = memoryview(data).cast("B")
     if layout != Layout.PLAIN and LAYOUT_ITEMSIZE[layout] != itemsize:
@@ -209,8 +216,8 @@ def encode(
     if not 1 <= itemsize <= 255 or len(view) % itemsize:
         raise ValueError(f"{len(view)} bytes are not whole {itemsize}-byte elements")
     streams = _streams(view, itemsize, layout) if len(view) else []
-    parts = [_HEAD.pack(itemsize, layout, len(streams))]
-    bodies = []
+    parts: list[bytes | memoryview] = [prefix, _HEAD.pack(itemsize, layout, len(streams))]
+    bodies: list[bytes | memoryview] = []
     compressor = _compressor()
     for index, stream in enumerate(streams):
         if fse and _exponents(layout, index):
@@ -222,7 +229,7 @@ def encode(
             bodies.append(packed)
         else:
             parts.append(_STREAM.pack(_RAW, len(stream)))
-            bodies.append(stream.tobytes())
+            bodies.append(stream.data)
     return b"".join(parts + bodies)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from . import codec, layout
-from .chunking import ChunkerParams, Readable
+from .chunking import ChunkerParams
 from .chunkstore import MAX_CHAIN, ChunkStore, PutResult, SeenSet
 from .digest import Digest
 from .errors import (
@@ -237,28 +237,24 @@ class TensorWriter:
 
     @staticmethod
     def read_spans(
-        stream: Readable,
+        stream: BinaryIO,
         spans: list[Span],
         on_read: Callable[[memoryview], None],
         name: str = "the file",
     ) -> Iterator[tuple[memoryview, int, Span]]:
         """(bytes, index, span) of each span, read in file order; a new buffer each."""
         for index, span in enumerate(spans):
-            buffer = bytearray(span.length)
-            view = memoryview(buffer)
-            filled = 0
-            while filled < span.length:
-                count = stream.readinto(view[filled:])
-                if not count:
-                    break
-                on_read(view[filled : filled + count])
-                filled += count
-            yield view[:filled].toreadonly(), index, span
-            if filled < span.length:
+            # read(), not readinto() a new bytearray: a bytearray is filled with
+            # zeros first, one more pass over every byte of the file.
+            data = stream.read(span.length)
+            view = memoryview(data)
+            on_read(view)
+            yield view, index, span
+            if len(data) < span.length:
                 return  # the file shrank: the size check of the entry reports it
         # The plan covers the size the file had when it was listed; bytes past
         # it would be left out silently, where FastCDC would have read them.
-        if stream.readinto(memoryview(bytearray(1))):
+        if stream.read(1):
             raise SourceError(f"{name} grew while it was read; put it again once it is written")
 
     # -- the workers' side: how to store ---------------------------------------------------
