@@ -14,17 +14,25 @@ import functools
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from io import BufferedReader
 from pathlib import Path
 
-from .chunking import ChunkerParams, iter_chunks
+from .chunking import ChunkerParams, follow_chunks, iter_chunks
 from .chunkstore import ChunkStore, PutResult, SeenSet
 from .digest import Digest, StreamingHasher, hash_bytes, hasher_for
 from .errors import SourceError, UnsafePathError
 from .inflight import InFlight
-from .manifest import ArtifactKind, ChunkRef, Entry, check_entries, check_link_target
+from .manifest import (
+    ArtifactKind,
+    ChunkRef,
+    Entry,
+    Manifest,
+    check_entries,
+    check_link_target,
+)
 from .tensors import Span
 from .tensorwrite import FilePlan, TensorWriter
 
@@ -138,8 +146,12 @@ class Ingestor:
         progress: ProgressFn | None = None,
         observer: Callable[[PutResult], None] | None = None,
         tensors: TensorWriter | None = None,
+        previous: Callable[[str], Entry | None] | None = None,
     ) -> None:
         self.chunks = chunks
+        #: The entry of a path in a former version (a parent, or the latest),
+        #: whose FastCDC cuts lead the chunking while they recur.
+        self.previous = previous
         #: Tensor-aware chunking and codecs, and the delta chains of chunks.
         self.tensors = tensors
         # Told of every chunk stored or reused, for garbage-collection safety.
@@ -193,23 +205,21 @@ class Ingestor:
                 plan = None
                 if self.tensors is not None:
                     plan = self.tensors.plan(item.path, stream, item.size)
-                work: Iterator[tuple[memoryview, int, Span | None]]
+                work: Iterator[tuple[memoryview, int, Span | None, bytes | None]]
                 if plan is not None:
-                    work = TensorWriter.read_spans(
+                    spans = TensorWriter.read_spans(
                         stream, plan.spans, self._reader(hasher), str(item.absolute)
                     )
+                    work = ((view, index, span, None) for view, index, span in spans)
                 else:
-                    chunks = iter_chunks(
-                        stream, self.params, size_hint=item.size, on_read=self._reader(hasher)
-                    )
-                    work = ((view, 0, None) for view in chunks)
-                for view, index, span in work:
+                    work = ((v, 0, None, d) for v, d in self._cut(item, stream, hasher))
+                for view, index, span, known in work:
                     size = len(view)
                     self._slots.acquire(size)
                     try:
                         if self._error is not None:
                             raise self._error
-                        future = pool.submit(self._store_chunk, view, index, span, plan)
+                        future = pool.submit(self._store_chunk, view, index, span, plan, known)
                     except BaseException:
                         self._slots.release(size)
                         raise
@@ -218,6 +228,21 @@ class Ingestor:
         except OSError as err:
             raise SourceError(f"cannot read {item.absolute}: {err.strerror}") from None
         return hasher.digest(), futures
+
+    def _cut(
+        self, item: SourceItem, stream: BufferedReader, hasher: StreamingHasher
+    ) -> Iterator[tuple[memoryview, bytes | None]]:
+        """FastCDC's chunks of a file, led by a former version's where one exists."""
+        former = self.previous(item.path) if self.previous is not None else None
+        if former is None or former.type != "file" or not former.chunks:
+            chunks = iter_chunks(
+                stream, self.params, size_hint=item.size, on_read=self._reader(hasher)
+            )
+            return ((view, None) for view in chunks)
+        lengths = [(c.length, c.digest.raw) for c in former.chunks]
+        return follow_chunks(
+            stream, self.params, lengths, former.size, item.size, on_read=self._reader(hasher)
+        )
 
     def _done(self, size: int, future: Future[ChunkRef]) -> None:
         if not future.cancelled() and self._error is None:
@@ -240,8 +265,9 @@ class Ingestor:
         index: int = 0,
         span: Span | None = None,
         plan: FilePlan | None = None,
+        known: bytes | None = None,
     ) -> ChunkRef:
-        digest = Digest(hash_bytes(view))
+        digest = Digest(known if known is not None else hash_bytes(view))
         if self._seen.add(digest):
             encode = None
             if self.tensors is not None and span is not None and plan is not None:
@@ -277,6 +303,28 @@ class Ingestor:
         if item.type == "symlink":
             return Entry(item.path, "symlink", item.mode, target=item.target)
         return Entry(item.path, "dir", item.mode)
+
+
+class FormerFiles:
+    """A put's former versions of its files, by path: its parents', then the latest's."""
+
+    def __init__(
+        self, parents: Sequence[Manifest], latest: Future[Sequence[Manifest]] | Sequence[Manifest]
+    ) -> None:
+        self._parents = parents
+        self._latest = latest
+        self._files: dict[str, Entry] | None = None
+
+    def find(self, path: str) -> Entry | None:
+        if self._files is None:
+            latest = self._latest.result() if isinstance(self._latest, Future) else self._latest
+            files: dict[str, Entry] = {}
+            for manifest in (*self._parents, *latest):
+                for entry in manifest.entries:
+                    if entry.type == "file":
+                        files.setdefault(entry.path, entry)
+            self._files = files
+        return self._files.get(path)
 
 
 def iter_files(entries: tuple[Entry, ...]) -> Iterator[Entry]:

@@ -11,7 +11,7 @@ import builtins
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,7 +202,7 @@ class Store:
     ) -> tuple[VersionRef, Manifest]:
         """Chunks, then the manifest, then the ref; garbage collection cannot take
         what the ref names (see docs/gc.md and :mod:`cas.gcprotocol`)."""
-        from .ingest import Ingestor, build_entries
+        from .ingest import FormerFiles, Ingestor, build_entries
         from .tensorwrite import TensorWriter
 
         session = WriteSession(self.backend, clock=self.clock, workers=workers).start()
@@ -220,6 +220,8 @@ class Store:
                 refresh_after=session.refresh_after,
                 index=index,
             )
+            parent_manifests = [self.load_manifest(p.manifest_id) for p in parents]
+            latest_manifest = latest.submit(self._latest_manifest, key, parents)
             ingestor = Ingestor(
                 chunks,
                 self.config.chunker,
@@ -227,12 +229,15 @@ class Store:
                 progress=progress,
                 reference_time=session.reference_time,
                 observer=session.observe,
+                previous=FormerFiles(parent_manifests, latest_manifest).find,
                 tensors=TensorWriter(
                     chunks,
                     self.config.chunker,
                     # Delta bases come from the parents' versions of the same files.
-                    parents=[(self.load_manifest(p.manifest_id), p.version) for p in parents],
-                    known=latest.submit(self._latest_manifest, key, parents),
+                    parents=[
+                        (m, p.version) for m, p in zip(parent_manifests, parents, strict=True)
+                    ],
+                    known=latest_manifest,
                     max_reads=self.config.max_delta_reads,
                     level=self.config.zstd_level,
                     fse=self.config.holds_fse,
@@ -252,7 +257,7 @@ class Store:
             session.close()
         return ref, manifest
 
-    def _latest_manifest(self, key: str, parents: tuple[Parent, ...]) -> builtins.list[Manifest]:
+    def _latest_manifest(self, key: str, parents: tuple[Parent, ...]) -> Sequence[Manifest]:
         """The manifest of the key's latest version unless a parent: what a new version
         of a key most often reuses, so its chains spare a header read per reused chunk."""
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 from helpers import KiB, MiB, random_bytes, text_bytes
@@ -224,3 +225,114 @@ def test_data_up_to_the_minimum_is_one_chunk_as_fastcdc_cuts_it(params: ChunkerP
             for c in fastcdc_cy(data, params.min_size, params.avg_size, params.max_size)
         ]
         assert whole(data, params) == expected
+
+
+# -- cuts led by a former version -----------------------------------------------------
+
+
+def followed(
+    new: bytes, former: bytes, params: ChunkerParams
+) -> tuple[list[tuple[int, int]], int, bytes]:
+    from cas.digest import hash_bytes
+
+    previous = [(n, hash_bytes(former[o : o + n])) for o, n in whole(former, params)]
+    return follow(new, previous, len(former), params)
+
+
+def follow(
+    new: bytes, previous: list[tuple[int, bytes]], former_size: int, params: ChunkerParams
+) -> tuple[list[tuple[int, int]], int, bytes]:
+    """(cuts, chunks taken from the former version, bytes seen by on_read)."""
+    from cas.chunking import follow_chunks
+    from cas.digest import hash_bytes
+
+    seen = bytearray()
+    out, offset, reused = [], 0, 0
+    chunks = follow_chunks(
+        io.BufferedReader(io.BytesIO(new)),  # type: ignore[arg-type]
+        params,
+        previous,
+        former_size,
+        len(new),
+        on_read=seen.extend,
+    )
+    for view, digest in chunks:
+        if digest is not None:
+            assert digest == hash_bytes(view)
+            reused += 1
+        out.append((offset, len(view)))
+        offset += len(view)
+    return out, reused, bytes(seen)
+
+
+EDITS = ["same", "append", "prepend", "insert", "delete", "overwrite", "truncate", "grow_tail"]
+
+
+def edited(data: bytes, edit: str, at: int, piece: bytes) -> bytes:
+    at %= max(len(data), 1)
+    return {
+        "same": data,
+        "append": data + piece,
+        "prepend": piece + data,
+        "insert": data[:at] + piece + data[at:],
+        "delete": data[:at] + data[at + len(piece) :],
+        "overwrite": data[:at] + piece + data[at + len(piece) :],
+        "truncate": data[:at],
+        "grow_tail": data[: len(data) - len(piece)] + piece + piece,
+    }[edit]
+
+
+@pytest.mark.parametrize("params", [TINY, SMALL], ids=["tiny", "small"])
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.integers(0, 400_000),
+    edit=st.sampled_from(EDITS),
+    at=st.integers(0, 1 << 30),
+    piece_size=st.integers(1, 70_000),
+    seed=st.integers(0, 1000),
+)
+def test_cuts_led_by_a_former_version_are_fastcdc_cuts(
+    params: ChunkerParams, size: int, edit: str, at: int, piece_size: int, seed: int
+) -> None:
+    former = mixed_data(size, seed)
+    new = edited(former, edit, at, random_bytes(piece_size, seed + 1))
+    cuts, _, seen = followed(new, former, params)
+    assert cuts == whole(new, params)
+    assert seen == new  # every byte to the whole-file hash, once, in order
+
+
+def test_an_appended_shard_reuses_every_former_chunk_but_the_last() -> None:
+    former = mixed_data(3 * MiB, seed=4)
+    new = former + text_bytes(1 * MiB, seed=5)
+    cuts, reused, _ = followed(new, former, SMALL)
+    assert cuts == whole(new, SMALL)
+    # All but the chunks within a window of the former end were taken as they were.
+    tail = sum(1 for o, _ in whole(former, SMALL) if len(former) - o < SMALL.window)
+    assert reused == len(whole(former, SMALL)) - tail
+    assert reused > 20
+    same, reused_all, _ = followed(former, former, SMALL)
+    assert same == whole(former, SMALL)
+    assert reused_all == len(same)
+
+
+def test_a_former_tensor_header_chunk_is_not_followed() -> None:
+    # A safetensors version was cut as cas.tensors.plan cuts it: its header
+    # (8 + header length bytes) in pieces of at most the maximum, then at
+    # tensor boundaries; not by FastCDC. The same bytes, now cut by FastCDC,
+    # must not follow those cuts.
+    from cas.digest import hash_bytes
+
+    for header_size in (1_000, 300_000):
+        header = b"{" + b" " * (header_size - 2) + b"}"
+        data = len(header).to_bytes(8, "little") + header + random_bytes(2 * MiB, 9)
+        end = 8 + len(header)
+        bounds = [*range(0, end, SMALL.max_size), *range(end, len(data), 50_000), len(data)]
+        previous = [(b - a, hash_bytes(data[a:b])) for a, b in itertools.pairwise(bounds)]
+        assert_not_followed(data, previous)
+
+
+def assert_not_followed(data: bytes, previous: list[tuple[int, bytes]]) -> None:
+    cuts, reused, seen = follow(data, previous, len(data), SMALL)
+    assert reused == 0  # nothing was taken from the former version
+    assert cuts == whole(data, SMALL)
+    assert seen == data

@@ -161,3 +161,49 @@ def test_dedup_does_not_depend_on_the_codec(tmp_path: Path) -> None:
         assert store.chunks.get(chunk.digest) == raw
         offset += chunk.length
     assert offset == len(data)
+
+
+def test_a_new_version_follows_the_former_cuts_and_chunks_as_a_fresh_store_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cas.ingest
+
+    shards = tmp_path / "v1"
+    shards.mkdir()
+    for i in range(4):
+        (shards / f"shard-{i}.jsonl").write_bytes(text_bytes(700_000, seed=i))
+    (shards / "notes.txt").write_bytes(text_bytes(300_000, seed=9))
+    v2 = tmp_path / "v2"
+    shutil.copytree(shards, v2)
+    (v2 / "shard-4.jsonl").write_bytes(text_bytes(700_000, seed=4))  # appended shard
+    notes = (v2 / "notes.txt").read_bytes()
+    (v2 / "notes.txt").write_bytes(notes[:1000] + b"an edit" + notes[1000:])
+    with (v2 / "shard-3.jsonl").open("ab") as f:
+        f.write(b"one more line\n")
+
+    taken: list[int] = []
+    real = cas.ingest.follow_chunks
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for view, digest in real(*args, **kwargs):
+            taken.append(digest is not None)
+            yield view, digest
+
+    monkeypatch.setattr(cas.ingest, "follow_chunks", counting)
+    led = small_store(tmp_path / "led")
+    led.put(shards, "data")
+    assert taken == []  # no former version yet
+    led.put(v2, "data")
+    fresh = small_store(tmp_path / "fresh")
+    fresh.put(v2, "data")
+
+    def files(store: Store) -> dict[str, tuple[object, ...]]:
+        entries = store.show("data").entries
+        return {e.path: (e.digest, e.chunks) for e in entries if e.type == "file"}
+
+    assert files(led) == files(fresh)
+    # The unchanged shards, and the parts before each edit, were taken as cut before.
+    assert sum(taken) > len(taken) // 2
+    assert not all(taken)
+    led.get("data", tmp_path / "out")
+    assert digests(tmp_path / "out") == digests(v2)
