@@ -148,36 +148,68 @@ def _join16(high: U8, low: U8, layout: Layout) -> U16:
 # -- streams ---------------------------------------------------------------------------
 
 
+# Streams of 2- and 4-byte elements are split and merged through whole 16-bit
+# words: numpy's ufuncs run contiguous and vectorised, where reading or
+# writing every n-th byte (a column of an (n, itemsize) grid) goes one byte
+# at a time; on a 4 MiB chunk, 2.3-4x faster to split and 1.3-2.8x to merge.
+
+
+def _bytes16(words: U16) -> list[U8]:
+    """(byte 0, byte 1) of little-endian 16-bit words, each as a stream."""
+    low = np.empty(len(words), np.uint8)
+    np.bitwise_and(words, 0xFF, out=low, casting="unsafe")
+    high = np.empty(len(words), np.uint8)
+    np.right_shift(words, 8, out=high, casting="unsafe")
+    return [low, high]
+
+
+def _word16(low: U8, high: U8) -> U16:
+    word = np.empty(len(low), "<u2")
+    np.left_shift(high, 8, out=word, dtype=np.uint16)
+    word |= low
+    return word
+
+
+def _word32(low: U16, high: U16) -> Any:
+    word = np.empty(len(low), "<u4")
+    np.left_shift(high, 16, out=word, dtype=np.uint32)
+    word |= low
+    return word
+
+
 def _streams(data: memoryview, itemsize: int, layout: Layout) -> list[U8]:
     if layout == Layout.PLAIN:
+        if itemsize == 2:
+            return _bytes16(np.frombuffer(data, dtype="<u2"))
+        if itemsize == 4:
+            words = np.frombuffer(data, dtype="<u4")
+            return _bytes16(words.astype(np.uint16)) + _bytes16((words >> 16).astype(np.uint16))
         grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, itemsize)
         return [np.ascontiguousarray(grid[:, i]) for i in range(itemsize)]
     if layout in (Layout.BF16, Layout.FP16):
         return list(_split16(np.frombuffer(data, dtype="<u2"), layout))
     words = np.frombuffer(data, dtype="<u4")
     high, low = _split16((words >> 16).astype(np.uint16), Layout.FP32)
-    grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, 4)
-    return [high, low, np.ascontiguousarray(grid[:, 1]), np.ascontiguousarray(grid[:, 0])]
+    byte0, byte1 = _bytes16(words.astype(np.uint16))
+    return [high, low, byte1, byte0]
 
 
 def _merge(streams: list[U8], itemsize: int, layout: Layout) -> memoryview:
     """The elements the streams came from, as a view of a fresh array (no copy to bytes)."""
     if layout == Layout.PLAIN:
+        if itemsize == 2:
+            return _bytes_view(_word16(streams[0], streams[1]))
+        if itemsize == 4:
+            low, high = _word16(streams[0], streams[1]), _word16(streams[2], streams[3])
+            return _bytes_view(_word32(low, high))
         grid = np.empty((len(streams[0]), itemsize), dtype=np.uint8)
         for i, stream in enumerate(streams):
             grid[:, i] = stream
         return _bytes_view(grid)
     if layout in (Layout.BF16, Layout.FP16):
         return _bytes_view(_join16(streams[0], streams[1], layout))
-    # Whole words from contiguous arrays: writing each byte into a column of an
-    # (n, 4) grid went through strided copies, 1.5x slower.
-    low = np.empty(len(streams[0]), np.uint16)
-    np.left_shift(streams[2], 8, out=low, dtype=np.uint16)
-    low |= streams[3]
-    word = np.empty(len(streams[0]), "<u4")
-    np.left_shift(_join16(streams[0], streams[1], Layout.FP32), 16, out=word, dtype=np.uint32)
-    word |= low
-    return _bytes_view(word)
+    low = _word16(streams[3], streams[2])
+    return _bytes_view(_word32(low, _join16(streams[0], streams[1], Layout.FP32)))
 
 
 def _bytes_view(array: Any) -> memoryview:

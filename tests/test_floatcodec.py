@@ -177,3 +177,18 @@ def test_a_flipped_payload_byte_never_passes_as_the_chunk() -> None:
     except CorruptObjectError:
         return
     assert decoded != raw
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+def test_plain_stream_i_holds_byte_i_of_every_element(itemsize: int) -> None:
+    data = bytes(range(8 * itemsize))
+    streams = floatcodec._streams(memoryview(data), itemsize, Layout.PLAIN)
+    assert [bytes(s) for s in streams] == [data[i::itemsize] for i in range(itemsize)]
+    assert bytes(floatcodec._merge(streams, itemsize, Layout.PLAIN)) == data
+
+
+def test_fp32_low_streams_hold_byte_1_then_byte_0() -> None:
+    data = bytes(range(32))
+    streams = floatcodec._streams(memoryview(data), 4, Layout.FP32)
+    assert [bytes(s) for s in streams[2:]] == [data[1::4], data[0::4]]
+    assert bytes(floatcodec._merge(streams, 4, Layout.FP32)) == data
