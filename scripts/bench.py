@@ -14,7 +14,9 @@ while its manifest matches. Each round, every tool gets a fresh repository and
 ingests every version directory in order, one timed subprocess per version;
 then restores every version into a fresh directory (timed), checked file by
 file against the SHA-256 recorded at generation. The tools take turns version
-by version, so load from elsewhere on the machine falls on all of them alike.
+by version, so load from elsewhere on the machine falls on all of them alike,
+and who goes first moves on each round (the first restore of a round writes
+into memory the VM's host must back again, at half speed for whoever it is).
 MB/s = logical bytes (10^6) / summed wall time of those subprocesses; ``CPU s``
 is their summed user + system time, which load on a shared machine disturbs
 far less than wall time. With ``--repeat N`` the report gives medians over N
@@ -304,10 +306,17 @@ class Result:
         return max(self.ingest_rss_mib, self.restore_rss_mib)
 
 
-def bench_round(tools: list[str], data: Dataset, scratch: Path, log: LogFn) -> dict[str, Result]:
+def bench_round(
+    tools: list[str], data: Dataset, scratch: Path, log: LogFn, round_index: int = 0
+) -> dict[str, Result]:
     """One run of every tool on fresh repositories. The tools take turns version by
     version (in a rotating order), so load from elsewhere on the machine falls on all
-    of them alike."""
+    of them alike.
+
+    The rotation also moves on by one each round. On this VM, the first writes of a
+    phase go to memory the host has to back again (freed page cache, returned to it
+    between rounds): the first restore of a round ran at half speed whichever tool
+    made it, and with the same order every round one tool paid it every time."""
     objs: dict[str, Tool] = {}
     res = {name: Result(name, data.logical_bytes) for name in tools}
     handles: dict[str, list[str]] = {name: [] for name in tools}
@@ -320,7 +329,8 @@ def bench_round(tools: list[str], data: Dataset, scratch: Path, log: LogFn) -> d
     sync()
     for i, v in enumerate(data.versions):
         vname = f"{v.series}/v{v.number}"
-        for name in tools[i % len(tools) :] + tools[: i % len(tools)]:
+        turn = (i + round_index) % len(tools)
+        for name in tools[turn:] + tools[:turn]:
             r, handle = objs[name].ingest(v)
             sync()
             handles[name].append(handle)
@@ -338,7 +348,8 @@ def bench_round(tools: list[str], data: Dataset, scratch: Path, log: LogFn) -> d
         res[name].stored_bytes, res[name].disk_bytes = tree_bytes(objs[name].repo)
     for i, v in enumerate(data.versions):
         vname = f"{v.series}/v{v.number}"
-        for name in tools[i % len(tools) :] + tools[: i % len(tools)]:
+        turn = (i + round_index) % len(tools)
+        for name in tools[turn:] + tools[:turn]:
             dest = scratch / f"restore-{name}" / f"{v.series}-v{v.number}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             r, where = objs[name].restore(handles[name][i], v, dest)
@@ -538,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[Result]] = {t: [] for t in tools}
     for i in range(args.repeat):
         info(f"run {i + 1}/{args.repeat}: {', '.join(tools)}")
-        for name, res in bench_round(tools, data, scratch, log).items():
+        for name, res in bench_round(tools, data, scratch, log, round_index=i).items():
             info(
                 f"  {name}: ingest {res.ingest_mbs:.1f} MB/s, restore {res.restore_mbs:.1f} MB/s, "
                 f"stored {human(res.stored_bytes)}, peak RSS {res.peak_rss_mib:.1f} MiB"
