@@ -214,8 +214,8 @@ def follow_chunks(
     hash when it was checked here, else None.
     """
     offset = 0
+    ends_alike = size == previous_size
     for index, (length, digest) in enumerate(previous):
-        ends_alike = size == previous_size
         if not ends_alike and min(size, previous_size) - offset < params.window:
             break
         data = stream.read(length)

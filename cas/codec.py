@@ -83,6 +83,11 @@ def _choose_level(data: memoryview, level: int) -> int | None:
     return min(level, 1) if ratio >= _FAST_RATIO else level
 
 
+def _raw(view: memoryview) -> bytes:
+    """A chunk stored as it is, its bytes copied once, into the blob."""
+    return b"".join((HEADER.pack(MAGIC, Codec.RAW, len(view)), view))
+
+
 def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
     """Return the stored form of one chunk."""
     view = memoryview(data).cast("B")
@@ -91,7 +96,7 @@ def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> 
         packed = zstd_compressor(chosen).compress(view)
         if len(packed) < _KEEP_RATIO * len(view):
             return HEADER.pack(MAGIC, Codec.ZSTD, len(view)) + packed
-    return HEADER.pack(MAGIC, Codec.RAW, len(view)) + bytes(view)
+    return _raw(view)
 
 
 def encode_grouped(
@@ -110,7 +115,7 @@ def encode_grouped(
     header = HEADER.pack(MAGIC, Codec.GROUPED, len(view))
     blob = floatcodec.encode(view, itemsize, layout, fse=fse, prefix=header)
     if len(blob) - len(header) >= len(view):
-        return HEADER.pack(MAGIC, Codec.RAW, len(view)) + bytes(view)
+        return _raw(view)
     return blob
 
 

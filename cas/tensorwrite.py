@@ -287,7 +287,7 @@ class TensorWriter:
         if parent is None or parent.length != len(view) or self.max_reads < 2:
             return self._grouped(view, span), ()
         base, chain = self._base(parent, file_plan.clock + index)
-        base_raw = self.chunks.get(base, context=f"delta base for {span.key[0].name!r}")
+        base_raw = self.chunks.read(base, context=f"delta base for {span.key[0].name!r}")
         if len(base_raw) != len(view):
             return self._grouped(view, span), ()
         delta = codec.encode_delta(view, base_raw, base.raw, span.itemsize)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..inflight import IN_FLIGHT_BYTES
+
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -18,8 +20,8 @@ _M_MMAP_THRESHOLD = -3
 #: of at most 16 MiB and their encodings.
 HEAP_BLOCKS_UP_TO = 64 << 20
 #: Free heap memory kept for reuse rather than handed back to the kernel:
-#: what the in-flight bound of a pipeline holds (64 MiB) and their encodings.
-KEEP_FREE_UP_TO = 128 << 20
+#: what the in-flight bound of a pipeline holds, and their encodings.
+KEEP_FREE_UP_TO = 2 * IN_FLIGHT_BYTES
 
 
 def tune() -> None:
