@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,69 @@ def test_the_entry_point_loads_with_the_collector_paused_then_restores_it(
     assert (rc, state) == ("0", enabled)
     # What loading made is frozen out of later collections: thousands of objects.
     assert int(frozen) > 10_000
+
+
+# -- the entry point's quick exit ---------------------------------------------------------
+
+
+@pytest.fixture
+def store_with_long_log(tmp_path: Path) -> Path:
+    """A store whose ``--json log`` is far beyond a pipe's and stdout's buffers."""
+    import cas
+
+    store = cas.open(tmp_path / "store")
+    source = tmp_path / "f.txt"
+    for i in range(40):
+        source.write_text(f"version {i}\n")
+        store.put(source, "k", metadata={"note": "x" * 2000})
+    return tmp_path / "store"
+
+
+def test_output_is_flushed_whole_before_the_quick_exit(store_with_long_log: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "cas", "--store", str(store_with_long_log), "--json", "log", "k"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) > 80_000
+    assert len(json.loads(out.stdout)) == 40
+
+
+def test_a_reader_that_leaves_early_is_no_error(store_with_long_log: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cas", "--store", str(store_with_long_log), "--json", "log", "k"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.close()  # before the command has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0
+    assert "Traceback" not in err
+
+
+FULL_STDOUT = """
+import errno, io, sys
+from cas.__main__ import run
+
+class Full(io.StringIO):
+    def flush(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+sys.stdout = Full()
+sys.argv = ["cas", "--store", sys.argv[1], "ls"]
+run()
+"""
+
+
+def test_output_that_cannot_be_flushed_fails_as_python_would(store_with_long_log: Path) -> None:
+    from cas.__main__ import FLUSH_FAILED
+
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_STDOUT, str(store_with_long_log)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == FLUSH_FAILED, out.stderr
