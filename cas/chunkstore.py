@@ -20,6 +20,8 @@ MAX_CHAIN = 64
 
 @dataclass(frozen=True, slots=True)
 class PutResult:
+    """What storing one chunk did."""
+
     digest: Digest
     length: int
     #: Stored bytes written by this call; 0 when the chunk was already there.

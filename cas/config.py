@@ -33,6 +33,8 @@ ENTROPY_CODERS = ("huffman", "fse")
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
+    """A store's fixed settings, as its ``config`` object records them."""
+
     chunker: ChunkerParams = field(default_factory=ChunkerParams)
     zstd_level: int = codec.DEFAULT_LEVEL
     store_id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -119,6 +119,8 @@ def _walk(directory: Path, prefix: str, items: list[SourceItem], skip: Path | No
 
 @dataclass
 class IngestStats:
+    """Counters of one put, updated from several threads."""
+
     chunks: int = 0
     new_chunks: int = 0
     bytes_read: int = 0

@@ -32,6 +32,8 @@ ArtifactKind = Literal["file", "directory"]
 
 @dataclass(frozen=True, slots=True)
 class ChunkRef:
+    """One chunk of a file, in file order: its hash and its raw (decoded) length."""
+
     digest: Digest
     length: int
     #: For a chunk stored as a delta: its base, the base's base, and so on
@@ -72,6 +74,8 @@ class Parent:
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
+    """What one version holds: its entries, lineage, tags, metrics and metadata."""
+
     key: str
     kind: ArtifactKind
     created: str  # RFC 3339, UTC

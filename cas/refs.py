@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from . import layout
@@ -29,11 +28,16 @@ from .manifest import canonical_json
 
 
 def utc_now() -> str:
+    # Imported here: reading a store never needs it, and every get would pay for it.
+    from datetime import datetime, timezone
+
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
 class VersionRef:
+    """A version as its ref records it: the manifest it commits (None once deleted)."""
+
     key: str
     number: int
     manifest_id: Digest | None  # None: deleted

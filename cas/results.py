@@ -80,6 +80,8 @@ class Details:
 
 @dataclass(frozen=True, slots=True)
 class KeySummary:
+    """One key of a store: how many live versions it has, and its latest."""
+
     key: str
     versions: int
     latest: Version
@@ -87,6 +89,8 @@ class KeySummary:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """Sizes and counts of a whole store (``cas stats``)."""
+
     keys: int
     versions: int
     logical_bytes: int  # sum of the sizes of all live versions

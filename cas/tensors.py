@@ -81,6 +81,8 @@ _NUMPY = {
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
+    """One tensor of a safetensors header: its dtype, shape and byte range in the file."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -98,6 +100,8 @@ class TensorInfo:
 
 @dataclass(frozen=True, slots=True)
 class Header:
+    """A parsed safetensors header."""
+
     #: Bytes of the length prefix and the JSON: where the tensors' data begins.
     length: int
     #: Every tensor, by start offset.

@@ -53,6 +53,8 @@ _DELTA_GAIN = 0.97
 
 @dataclass(frozen=True, slots=True)
 class ParentChunk:
+    """A chunk of the parent version, as a delta base candidate."""
+
     digest: Digest
     length: int
     bases: tuple[Digest, ...]
@@ -60,6 +62,8 @@ class ParentChunk:
 
 @dataclass(frozen=True, slots=True)
 class FilePlan:
+    """How a put cuts one safetensors file, and what its parent stored for it."""
+
     spans: list[Span]
     #: The parent's chunks by what they hold, when a parent has this file.
     parents: dict[tuple[Piece, ...], ParentChunk]

@@ -10,12 +10,15 @@ import importlib
 import os
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
 from .base import Backend, ObjectInfo, check_key
 from .local import LocalBackend
-from .memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from .memory import MemoryBackend
 
 __all__ = ["Backend", "LocalBackend", "MemoryBackend", "ObjectInfo", "check_key", "open_backend"]
 
@@ -32,6 +35,16 @@ _memory_stores: dict[str, MemoryBackend] = {}
 _memory_lock = threading.Lock()
 
 
+def __getattr__(name: str) -> Any:
+    # The in-memory backend (for tests) loads on first use: every command
+    # would otherwise pay for it.
+    if name == "MemoryBackend":
+        from .memory import MemoryBackend
+
+        return MemoryBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def open_backend(uri: str | os.PathLike[str], **options: object) -> Backend:
     """Open the backend a URI names: a plain path, ``file://``, ``s3://``, ``gs://``,
     ``az://`` or ``memory://``."""
@@ -46,8 +59,12 @@ def open_backend(uri: str | os.PathLike[str], **options: object) -> Backend:
         return LocalBackend(unquote(parts.path), **options)  # type: ignore[arg-type]
     if scheme == "memory":
         name = text[len("memory://") :]
+        from .memory import MemoryBackend
+
         with _memory_lock:
-            return _memory_stores.setdefault(name, MemoryBackend(name=name))
+            if name not in _memory_stores:
+                _memory_stores[name] = MemoryBackend(name=name)
+            return _memory_stores[name]
     if scheme in _CLOUD:
         module_name, func_name, extra = _CLOUD[scheme]
         try:

@@ -17,6 +17,8 @@ from .base import Backend, ObjectInfo, check_key, check_put_conditions
 
 @dataclass(slots=True)
 class _Object:
+    """A stored object with the modification time and generation the contract exposes."""
+
     data: bytes
     mtime: float
     generation: int

@@ -6,7 +6,6 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ..gcprotocol import read_settings
@@ -30,6 +29,8 @@ def _object_progress(args: argparse.Namespace) -> Iterator[Callable[[int], None]
 
 
 def _when(seconds: float) -> str:
+    from datetime import datetime, timezone  # here: every command loads this module
+
     stamp = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
     return stamp.replace("+00:00", "Z")
 
