@@ -308,7 +308,14 @@ class Ingestor:
 
 
 class FormerFiles:
-    """A put's former versions of its files, by path: its parents', then the latest's."""
+    """A put's former versions of its files: its parents', then the latest's.
+
+    A file is found by its path, or else, as :func:`cas.tensors.find_file`
+    finds it, as the one file of a one-file artifact whatever its name: a
+    checkpoint saved under a new name at each step (``step-2000.pt`` after
+    ``step-1000.pt``) is still cut along its former version. Following a
+    file that turns out unrelated costs one chunk's hash, never a wrong cut.
+    """
 
     def __init__(
         self, parents: Sequence[Manifest], latest: Future[Sequence[Manifest]] | Sequence[Manifest]
@@ -316,17 +323,20 @@ class FormerFiles:
         self._parents = parents
         self._latest = latest
         self._files: dict[str, Entry] | None = None
+        self._only_file: Entry | None = None
 
     def find(self, path: str) -> Entry | None:
         if self._files is None:
             latest = self._latest.result() if isinstance(self._latest, Future) else self._latest
             files: dict[str, Entry] = {}
             for manifest in (*self._parents, *latest):
-                for entry in manifest.entries:
-                    if entry.type == "file":
-                        files.setdefault(entry.path, entry)
+                found = list(iter_files(manifest.entries))
+                for entry in found:
+                    files.setdefault(entry.path, entry)
+                if self._only_file is None and manifest.kind == "file" and len(found) == 1:
+                    self._only_file = found[0]
             self._files = files
-        return self._files.get(path)
+        return self._files.get(path, self._only_file)
 
 
 def iter_files(entries: tuple[Entry, ...]) -> Iterator[Entry]:

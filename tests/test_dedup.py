@@ -163,11 +163,26 @@ def test_dedup_does_not_depend_on_the_codec(tmp_path: Path) -> None:
     assert offset == len(data)
 
 
-def test_a_new_version_follows_the_former_cuts_and_chunks_as_a_fresh_store_would(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each chunk a put gives through follow_chunks was taken at a former cut."""
     import cas.ingest
 
+    record: list[bool] = []
+    real = cas.ingest.follow_chunks
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for view, digest in real(*args, **kwargs):
+            record.append(digest is not None)
+            yield view, digest
+
+    monkeypatch.setattr(cas.ingest, "follow_chunks", recording)
+    return record
+
+
+def test_a_new_version_follows_the_former_cuts_and_chunks_as_a_fresh_store_would(
+    tmp_path: Path, taken: list[bool]
+) -> None:
     shards = tmp_path / "v1"
     shards.mkdir()
     for i in range(4):
@@ -181,15 +196,6 @@ def test_a_new_version_follows_the_former_cuts_and_chunks_as_a_fresh_store_would
     with (v2 / "shard-3.jsonl").open("ab") as f:
         f.write(b"one more line\n")
 
-    taken: list[int] = []
-    real = cas.ingest.follow_chunks
-
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
-        for view, digest in real(*args, **kwargs):
-            taken.append(digest is not None)
-            yield view, digest
-
-    monkeypatch.setattr(cas.ingest, "follow_chunks", counting)
     led = small_store(tmp_path / "led")
     led.put(shards, "data")
     assert taken == []  # no former version yet
@@ -207,3 +213,26 @@ def test_a_new_version_follows_the_former_cuts_and_chunks_as_a_fresh_store_would
     assert not all(taken)
     led.get("data", tmp_path / "out")
     assert digests(tmp_path / "out") == digests(v2)
+
+
+def test_a_renamed_single_file_follows_its_former_version(
+    tmp_path: Path, taken: list[bool]
+) -> None:
+    """A checkpoint saved under a new name each step is still cut along the former one."""
+    data = text_bytes(3_000_000, seed=11)
+    first = tmp_path / "step-1000.bin"
+    first.write_bytes(data)
+    second = tmp_path / "step-2000.bin"
+    second.write_bytes(data[:2_000_000] + b"a few more bytes" + data[2_000_000:])
+
+    led = small_store(tmp_path / "led")
+    led.put(first, "ckpt")
+    led.put(second, "ckpt")
+    fresh = small_store(tmp_path / "fresh")
+    fresh.put(second, "ckpt")
+    assert led.show("ckpt").entries == fresh.show("ckpt").entries
+    # The chunks before the edit were taken as cut before, then FastCDC cut the rest.
+    assert taken[0]
+    assert not all(taken)
+    led.get("ckpt", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == second.read_bytes()
