@@ -406,7 +406,7 @@ class CheckpointManager:
 
 def _format(store: Store, ref: str) -> str | None:
     """The ``format`` recorded in a stored safetensors header, read from its first bytes."""
-    from .diff import _ChunkCache, _FileReader, read_safetensors_header
+    from .tensors import StoredFile
 
     version_ref = store.resolve(ref)
     assert version_ref.manifest_id is not None
@@ -414,9 +414,8 @@ def _format(store: Store, ref: str) -> str | None:
     files = [e for e in manifest.entries if e.type == "file" and e.path.endswith(".safetensors")]
     if len(files) != 1:
         return None
-    reader = _FileReader(store.chunks, files[0], _ChunkCache(), ref)
     try:
-        _, metadata = read_safetensors_header(reader)
+        metadata = StoredFile(store.chunks, files[0], ref).header().metadata
     except (ValueError, KeyError, TypeError):
         return None
     return metadata.get("format") if isinstance(metadata, dict) else None

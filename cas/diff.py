@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .chunkstore import ChunkStore
 from .digest import Digest, StreamingHasher
 from .manifest import Entry, Manifest
-from .tensors import TensorInfo, parse_header
+from .tensors import StoredFile, TensorInfo, parse_header
 
 if TYPE_CHECKING:
     from .store import Store
@@ -105,15 +105,11 @@ class DiffReport:
 # -- reading byte ranges of a stored file, chunk by chunk ---------------------------
 
 
-class _FileReader:
-    """Random access to one stored file through its chunk list, with a small chunk cache."""
+class _FileReader(StoredFile):
+    """A stored file read through a cache shared by both sides of a diff."""
 
     def __init__(self, chunks: ChunkStore, entry: Entry, cache: _ChunkCache, label: str):
-        self.chunks = chunks
-        self.entry = entry
-        self.cache = cache
-        self.label = label
-        self.starts = entry.chunk_offsets()
+        super().__init__(chunks, entry, label, fetch=lambda d, ctx: cache.get(chunks, d, ctx))
 
     def covering(self, start: int, end: int) -> tuple[int, int]:
         """Indexes [first, last] of the chunks holding bytes [start, end)."""
@@ -128,21 +124,6 @@ class _FileReader:
         first, last = self.covering(start, end)
         digests = tuple(c.digest.raw for c in self.entry.chunks[first : last + 1])
         return start - self.starts[first], digests, end - start
-
-    def pieces(self, start: int, end: int) -> list[bytes]:
-        if end <= start:
-            return []
-        first, last = self.covering(start, end)
-        out = []
-        for index in range(first, last + 1):
-            chunk = self.entry.chunks[index]
-            data = self.cache.get(self.chunks, chunk.digest, f"{self.label}: {self.entry.path!r}")
-            base = self.starts[index]
-            out.append(data[max(start - base, 0) : min(end - base, len(data))])
-        return out
-
-    def read(self, start: int, length: int) -> bytes:
-        return b"".join(self.pieces(start, min(start + length, self.entry.size)))
 
     def digest(self, start: int, end: int) -> Digest:
         hasher = StreamingHasher()

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .chunkstore import ChunkStore
+    from .digest import Digest
     from .manifest import Entry, Manifest
 
 # A header larger than this is not a plausible safetensors header (the
@@ -297,36 +298,50 @@ def chunk_keys(header: Header, lengths: list[int]) -> Iterator[tuple[Piece, ...]
 
 
 class StoredFile:
-    """Byte ranges of a stored file, fetching (and verifying) only the chunks that hold them."""
+    """Byte ranges of a stored file, fetching (and verifying) only the chunks that hold them.
 
-    def __init__(self, chunks: ChunkStore, entry: Entry, label: str) -> None:
+    ``fetch`` gets a chunk by digest (``context`` names the file in errors);
+    by default the last chunk read is kept, since a safetensors header's
+    length and its JSON usually share the first chunk.
+    """
+
+    def __init__(
+        self,
+        chunks: ChunkStore,
+        entry: Entry,
+        label: str,
+        fetch: Callable[[Digest, str], bytes] | None = None,
+    ) -> None:
         self.chunks = chunks
         self.entry = entry
         self.label = label
         self.starts = entry.chunk_offsets()
-        self._last: tuple[int, bytes] | None = None
+        self._fetch = fetch or self._fetch_keeping_last
+        self._last: tuple[bytes, bytes] | None = None
 
-    def read(self, start: int, length: int) -> bytes:
-        end = min(start + length, self.entry.size)
+    def pieces(self, start: int, end: int) -> list[bytes]:
+        """The bytes [start, end) of the file, as slices of the chunks that hold them."""
+        end = min(end, self.entry.size)
         if end <= start:
-            return b""
-        first = bisect.bisect_right(self.starts, start) - 1
+            return []
+        context = f"{self.label}: file {self.entry.path!r}"
         parts = []
-        index = first
+        index = bisect.bisect_right(self.starts, start) - 1
         while index < len(self.starts) and self.starts[index] < end:
-            data = self._chunk(index)
+            data = self._fetch(self.entry.chunks[index].digest, context)
             base = self.starts[index]
             parts.append(data[max(start - base, 0) : min(end - base, len(data))])
             index += 1
-        return b"".join(parts)
+        return parts
 
-    def _chunk(self, index: int) -> bytes:
-        # The header's length and its JSON usually share the first chunk.
-        if self._last is not None and self._last[0] == index:
+    def read(self, start: int, length: int) -> bytes:
+        return b"".join(self.pieces(start, start + length))
+
+    def _fetch_keeping_last(self, digest: Digest, context: str) -> bytes:
+        if self._last is not None and self._last[0] == digest.raw:
             return self._last[1]
-        chunk = self.entry.chunks[index]
-        data = self.chunks.get(chunk.digest, context=f"{self.label}: file {self.entry.path!r}")
-        self._last = (index, data)
+        data = self.chunks.get(digest, context=context)
+        self._last = (digest.raw, data)
         return data
 
     def header(self) -> Header:
