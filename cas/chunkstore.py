@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import codec, layout
@@ -180,6 +180,10 @@ class ChunkStore:
         if hash_bytes(raw) != digest.raw:
             raise CorruptObjectError(f"{name} is corrupt: its content does not match its hash")
         return raw
+
+    def prefetch(self, digests: Iterable[Digest]) -> None:
+        """Hint that these chunks will be read soon (see :meth:`Backend.prefetch`)."""
+        self.backend.prefetch([layout.chunk_key(d) for d in digests])
 
     def exists(self, digest: Digest) -> bool:
         return self.backend.exists(layout.chunk_key(digest))

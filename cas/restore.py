@@ -11,7 +11,7 @@ import os
 import shutil
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -20,13 +20,44 @@ from .backends.base import TEMP_PREFIX
 from .chunkstore import ChunkStore
 from .digest import StreamingHasher, hasher_for
 from .errors import CorruptObjectError, DestinationExistsError, SourceError
-from .inflight import InFlight
+from .inflight import IN_FLIGHT_BYTES, InFlight
 from .manifest import ChunkRef, Entry, Manifest, check_entries
 
 ProgressFn = Callable[[int], None]
 # setuid, setgid and sticky bits are dropped: a store is not trusted to hand
 # out privileges, least of all to a restore run as root.
 _SAFE_MODE_BITS = 0o777
+
+
+class _ReadAhead:
+    """Asks the backend for the chunks of a restore some way ahead of the workers.
+
+    Chunk files of a local store that have left the page cache are read from
+    disk, one at a time per worker, while its core waits: restoring a 201 MB
+    checkpoint from a store just evicted took 0.38-0.52 s instead of 0.28 s.
+    Hinted ``AHEAD`` bytes in advance, the disk serves them while the workers
+    decode earlier ones.
+    """
+
+    #: Raw bytes of chunks hinted beyond those handed to the workers.
+    AHEAD = IN_FLIGHT_BYTES
+
+    def __init__(self, chunks: ChunkStore, order: list[ChunkRef]) -> None:
+        self.chunks = chunks
+        self.order = order
+        self.next = 0  # index of the first chunk not hinted yet
+        self.hinted = 0  # raw bytes hinted
+        self.handed = 0  # raw bytes handed to the workers
+
+    def submitted(self, length: int) -> None:
+        """Record a chunk handed to the workers, and hint those now in range."""
+        self.handed += length
+        start = self.next
+        while self.next < len(self.order) and self.hinted - self.handed < self.AHEAD:
+            self.hinted += self.order[self.next].length
+            self.next += 1
+        if self.next > start:
+            self.chunks.prefetch(c.digest for c in self.order[start : self.next])
 
 
 def _remove(path: Path) -> None:
@@ -97,12 +128,12 @@ class Restorer:
         room = InFlight(self.workers * 2 + 2)
         handles: dict[str, tuple[BinaryIO, StreamingHasher]] = {}
 
-        def tasks() -> Iterator[tuple[Entry, ChunkRef, bool]]:
-            for entry, _ in targets:
-                last = len(entry.chunks) - 1
-                for index, chunk in enumerate(entry.chunks):
-                    yield entry, chunk, index == last
-
+        tasks = [
+            (entry, chunk, index == len(entry.chunks) - 1)
+            for entry, _ in targets
+            for index, chunk in enumerate(entry.chunks)
+        ]
+        ahead = _ReadAhead(self.chunks, [chunk for _, chunk, _ in tasks])
         paths = {entry.path: path for entry, path in targets}
         try:
             # Files open when their first chunk arrives, so about one is open
@@ -111,10 +142,10 @@ class Restorer:
                 if not entry.chunks:
                     self._finish(entry, path, self._open(path, 0), label)
             with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-get") as pool:
-                pending = tasks()
-                for entry, chunk, is_last in pending:
+                for entry, chunk, is_last in tasks:
                     while room.full(chunk.length):
                         self._drain_one(window, handles, paths, label, room)
+                    ahead.submitted(chunk.length)
                     room.acquire(chunk.length)
                     context = f"{label}: file {entry.path!r}"
                     future = pool.submit(self.chunks.read, chunk.digest, context=context)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidInputError, InvalidKeyError
@@ -168,6 +168,15 @@ class Backend(ABC):
         in parallel; callers flush before a write that must not become
         durable without them, such as a version ref that names them.
         Services that acknowledge only durable writes need nothing here.
+        """
+
+    def prefetch(self, keys: Sequence[str]) -> None:  # noqa: B027 - a hint most services ignore
+        """Hint that ``keys`` will be read soon, so that reading can start early.
+
+        A local folder asks the kernel to bring the files into its page cache
+        while the caller is busy with earlier ones; a service that serves
+        parallel requests anyway ignores it. Never fails: a missing or
+        unreadable object is reported by the read that follows.
         """
 
     def create_bucket(self) -> None:  # noqa: B027 - nothing to create for most backends

@@ -15,7 +15,7 @@ import functools
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import (
@@ -76,6 +76,10 @@ WRITEBACK_EVERY = 64 << 20
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime, token=_token(st))
+
+
+#: posix_fadvise's "will need" advice, where the platform has it (not macOS).
+_WILLNEED: int | None = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 
 def _cores() -> int:
@@ -260,6 +264,29 @@ class LocalBackend(Backend):
             raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
         except OSError as err:
             raise self._os_error(err, key) from err
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Start reading the files into the page cache (posix_fadvise WILLNEED).
+
+        The kernel queues the reads and returns: a worker that reads the file
+        later finds it in memory instead of waiting for the disk, and the
+        disk serves many files at once instead of one per worker. Files
+        already in memory cost three system calls each.
+        """
+        if _WILLNEED is None:
+            return
+        root = os.fspath(self.root)
+        for key in keys:
+            try:
+                fd = os.open(os.path.join(root, check_key(key)), os.O_RDONLY)
+            except (OSError, InvalidInputError):
+                continue  # the read that follows reports it
+            try:
+                os.posix_fadvise(fd, 0, 0, _WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def get_versioned(self, key: str) -> tuple[bytes, str]:
         path = self._path(key)

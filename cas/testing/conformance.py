@@ -113,6 +113,13 @@ class BackendConformance:
         assert backend.exists("a/b/c.bin")
         assert not backend.exists("a/b/c")
 
+    def test_prefetch_is_a_hint_that_never_fails(self, backend: Backend) -> None:
+        backend.put("hinted/a", b"alpha")
+        backend.prefetch(["hinted/a", "hinted/missing", "hinted/a"])
+        backend.prefetch([])
+        assert backend.get("hinted/a") == b"alpha"
+        assert not backend.exists("hinted/missing")
+
     def test_empty_object(self, backend: Backend) -> None:
         backend.put("empty", b"")
         assert backend.get("empty") == b""
