@@ -1,10 +1,12 @@
-"""A folder's default worker count follows the cores the process may use."""
+"""What the local backend does beyond the contract: its worker count, its directories."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +28,16 @@ def test_a_process_pinned_to_one_core_counts_one() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def test_a_key_directory_is_made_on_first_need_and_again_if_removed(tmp_path: Path) -> None:
+    backend = local.LocalBackend(tmp_path / "store")
+    backend.put("chunks/ab/one", b"1", if_absent=True)
+    backend.put("chunks/ab/two", b"2", if_absent=True)
+    shutil.rmtree(tmp_path / "store" / "chunks")  # as a sweep of empty directories might
+    backend.put("chunks/ab/three", b"3", if_absent=True)
+    backend.put("refs/k/1", b"r")
+    backend.flush()
+    assert backend.get("chunks/ab/three") == b"3"
+    assert backend.get("refs/k/1") == b"r"
+    assert sorted(p.name for p in (tmp_path / "store" / "chunks" / "ab").iterdir()) == ["three"]
