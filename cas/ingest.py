@@ -311,7 +311,7 @@ class FormerFiles:
     """A put's former versions of its files: its parents', then the latest's.
 
     A file is found by its path, or else, as :func:`cas.tensors.find_file`
-    finds it, as the one file of a one-file artifact whatever its name: a
+    finds it, as :attr:`Manifest.only_file` whatever its name: a
     checkpoint saved under a new name at each step (``step-2000.pt`` after
     ``step-1000.pt``) is still cut along its former version. Following a
     file that turns out unrelated costs one chunk's hash, never a wrong cut.
@@ -330,11 +330,10 @@ class FormerFiles:
             latest = self._latest.result() if isinstance(self._latest, Future) else self._latest
             files: dict[str, Entry] = {}
             for manifest in (*self._parents, *latest):
-                found = list(iter_files(manifest.entries))
-                for entry in found:
+                for entry in iter_files(manifest.entries):
                     files.setdefault(entry.path, entry)
-                if self._only_file is None and manifest.kind == "file" and len(found) == 1:
-                    self._only_file = found[0]
+                if self._only_file is None:
+                    self._only_file = manifest.only_file
             self._files = files
         return self._files.get(path, self._only_file)
 

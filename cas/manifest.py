@@ -98,6 +98,14 @@ class Manifest:
     def file_count(self) -> int:
         return sum(1 for e in self.entries if e.type == "file")
 
+    @property
+    def only_file(self) -> Entry | None:
+        """The file of a one-file artifact (kind "file"), which answers to any name."""
+        if self.kind != "file":
+            return None
+        files = [e for e in self.entries if e.type == "file"]
+        return files[0] if len(files) == 1 else None
+
     def to_bytes(self) -> bytes:
         return zstd_compressor(3).compress(canonical_json(self.to_dict()))
 

@@ -350,12 +350,11 @@ class StoredFile:
 
 def find_file(manifest: Manifest, path: str | None) -> Entry:
     """The file ``path`` of a version; None (or any name) picks the file of a one-file artifact."""
-    files = [e for e in manifest.entries if e.type == "file"]
-    for entry in files:
-        if entry.path == path:
+    for entry in manifest.entries:
+        if entry.type == "file" and entry.path == path:
             return entry
-    if manifest.kind == "file" and len(files) == 1:
-        return files[0]  # a one-file artifact: whatever name it is asked by
+    if manifest.only_file is not None:
+        return manifest.only_file
     raise NotFoundError(f"no file {path!r} in this version")
 
 
