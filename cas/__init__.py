@@ -4,6 +4,16 @@ import cas
 store = cas.open("./.cas")               # or s3://bucket/prefix, gs://..., az://...
 v = store.put("checkpoints/step-100", "runs/bert/ckpt", metrics={"loss": 0.31})
 store.get("runs/bert/ckpt@1", "restored/")
+
+The code is in layers, each importing only from those below it (see
+docs/concepts.md, "How the code is laid out"). Bottom to top: errors, digest
+and units; backends/ (bytes under keys); repository/ (the store format:
+object keys, manifests, refs, metadata); chunks/ (cutting, encoding and
+storing chunks); tensors/ (safetensors); transfer/ (the put and restore
+pipelines); gc/ (what is live: collection and verification); store/ (the
+Store facade); ml/ (checkpoints, queries, lineage, retention, diffs, the
+plain storage API); cli/ (the command). testing/ holds the backend
+conformance suite.
 """
 
 from __future__ import annotations
@@ -14,16 +24,23 @@ from typing import TYPE_CHECKING, Any
 from .errors import CasError, NotFoundError
 
 if TYPE_CHECKING:
-    from .artifact import ArtifactInfo
-    from .compat import Storage, get_default_storage, get_storage_backend, get_storage_from_uri
+    from .gc._collect import GcReport
+    from .gc._verify import VerifyReport
+    from .ml.plain_storage import (
+        Storage,
+        get_default_storage,
+        get_storage_backend,
+        get_storage_from_uri,
+    )
+    from .repository._metadata import ArtifactInfo
     from .store import Details, KeySummary, Stats, Store, Version, open
-    from .verify import VerifyReport
 
 __version__ = "0.1.0"
 __all__ = [
     "ArtifactInfo",
     "CasError",
     "Details",
+    "GcReport",
     "KeySummary",
     "NotFoundError",
     "Stats",
@@ -40,18 +57,19 @@ __all__ = [
 # Where each public name lives. They load on first access, so that a command
 # (or `import cas.errors`) pays start-up time only for the modules it uses.
 _HOMES = {
-    "ArtifactInfo": "artifact",
-    "Storage": "compat",
-    "get_default_storage": "compat",
-    "get_storage_backend": "compat",
-    "get_storage_from_uri": "compat",
+    "ArtifactInfo": "repository._metadata",
+    "Storage": "ml.plain_storage",
+    "get_default_storage": "ml.plain_storage",
+    "get_storage_backend": "ml.plain_storage",
+    "get_storage_from_uri": "ml.plain_storage",
     "Details": "store",
     "KeySummary": "store",
     "Stats": "store",
     "Store": "store",
     "Version": "store",
     "open": "store",
-    "VerifyReport": "verify",
+    "VerifyReport": "gc._verify",
+    "GcReport": "gc._collect",
 }
 
 

@@ -15,8 +15,8 @@ import tempfile
 import numpy as np
 
 import cas
-from cas.checkpoint import CheckpointManager
-from cas.prune import Policy, prune
+from cas.ml.checkpoint import CheckpointManager
+from cas.ml.prune import Policy, prune
 
 LOSSES = [0.9, 0.42, 0.51, 0.3, 0.47, 0.35, 0.6, 0.55]
 

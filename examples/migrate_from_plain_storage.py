@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cas.compat import get_default_storage, get_storage_backend, set_default_storage
+from cas.ml.plain_storage import get_default_storage, get_storage_backend, set_default_storage
 
 # -- code written for a plain storage layer: unchanged --------------------------------
 

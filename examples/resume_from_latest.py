@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 
 import cas
-from cas.checkpoint import CheckpointManager
+from cas.ml.checkpoint import CheckpointManager
 
 TOTAL_STEPS = 6
 

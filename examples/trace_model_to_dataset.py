@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 import cas
-from cas.checkpoint import CheckpointManager, save_arrays
-from cas.lineage import lineage
-from cas.query import Query, find
+from cas.ml.checkpoint import CheckpointManager, save_arrays
+from cas.ml.lineage import lineage
+from cas.ml.query import Query, find
 
 
 def build(store: cas.Store) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import cas
-from cas.checkpoint import CheckpointManager
+from cas.ml.checkpoint import CheckpointManager
 
 
 def train(store: cas.Store, run: str = "demo", evaluations: int = 5) -> CheckpointManager:

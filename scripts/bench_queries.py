@@ -22,14 +22,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cas import layout
-from cas.artifact import ArtifactInfo, Summary
 from cas.backends import LocalBackend
-from cas.config import load_config
 from cas.digest import Digest
-from cas.manifest import ChunkRef, Entry, Manifest, Parent, canonical_json
-from cas.refs import utc_now
+from cas.repository import _layout as layout
+from cas.repository._manifest import ChunkRef, Entry, Manifest, Parent, canonical_json
+from cas.repository._metadata import ArtifactInfo, Summary
+from cas.repository._refs import utc_now
 from cas.store import Store
+from cas.store._config import load_config
 
 TARGET_SECONDS = 2.0
 
@@ -103,15 +103,15 @@ def timed(label: str, fn: Callable[[], Any]) -> tuple[str, float, Any]:
 
 def run_queries(store: Store, versions: int, keys: int) -> list[tuple[str, float, Any]]:
     """Time each query on a store made by :func:`build_store` with the same sizes."""
-    from cas.lineage import lineage
-    from cas.query import Condition, Query, find
+    from cas.ml.lineage import lineage
+    from cas.ml.query import Condition, Query, find
 
     middle = f"runs/run-{keys // 2:03d}/ckpt"
     job = f"run-{keys // 2:03d}"
     per_key = max(1, versions // keys)
     return [
         timed("log one key", lambda: store.log(middle)),
-        timed("ls", lambda: store.list()),
+        timed("ls", lambda: store.list_keys()),
         timed("find (all)", lambda: find(store, Query())),
         timed(
             "find --type checkpoint --where loss<0.3 --sort loss --limit 10",

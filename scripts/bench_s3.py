@@ -142,7 +142,7 @@ def one_repeat(
 ) -> dict[str, float]:
     from boto3.s3.transfer import TransferConfig
 
-    from cas.chunking import ChunkerParams
+    from cas.chunks._chunking import ChunkerParams
     from cas.store import Store
 
     v1, v2 = Path(info["paths"]["v1"]), Path(info["paths"]["v2"])
@@ -180,7 +180,7 @@ def one_repeat(
     out["get_object"] = timed(lambda: client.get_object(Bucket="baseline", Key=key)["Body"].read())
     # moto holds everything in memory: free this repeat's objects.
     client.delete_object(Bucket="baseline", Key=key)
-    store.backend.delete([i.key for i in store.backend.list()])
+    store.backend.delete([i.key for i in store.backend.list_objects()])
     store.close()
     return out
 

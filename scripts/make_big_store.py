@@ -36,10 +36,11 @@ from pathlib import Path
 
 import blake3
 
-from cas import codec, layout
-from cas.chunking import ChunkerParams
+from cas.chunks import _codec as codec
+from cas.chunks._chunking import ChunkerParams
 from cas.digest import Digest
-from cas.manifest import ChunkRef, Entry, Manifest, canonical_json
+from cas.repository import _layout as layout
+from cas.repository._manifest import ChunkRef, Entry, Manifest, canonical_json
 from cas.store import Store
 
 RAW_SIZE = 16

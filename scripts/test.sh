@@ -16,6 +16,8 @@ python="${PYTHON:-python3}"
 bash scripts/install_test_servers.sh
 
 export AWS_EC2_METADATA_DISABLED=true
-.venv/bin/ruff check cas tests scripts
+.venv/bin/ruff check cas tests scripts examples
+.venv/bin/ruff format --check cas tests scripts examples
+.venv/bin/lint-imports --no-cache
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

@@ -100,7 +100,7 @@ def azurite_server() -> Iterator[servers.Server]:
 
 
 def _empty(backend: Backend) -> None:
-    backend.delete([info.key for info in backend.list()])
+    backend.delete([info.key for info in backend.list_objects()])
 
 
 @pytest.fixture

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from cas.backends.base import Backend, ObjectInfo
-from cas.chunking import ChunkerParams
-from cas.config import StoreConfig, write_config
-from cas.gcprotocol import Clock
+from cas.chunks._chunking import ChunkerParams
+from cas.gc._session import Clock
 from cas.store import Store
+from cas.store._config import StoreConfig, write_config
 
 GC_BACKENDS = [k for k in os.environ.get("CAS_GC_BACKENDS", "memory,local").split(",") if k]
 #: Real-clock grace per kind: many times the service's mtime resolution
@@ -160,8 +160,8 @@ class HookedBackend(Backend):
         self._fire("stat", "after", [key])
         return info
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self.inner.list(prefix)
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        return self.inner.list_objects(prefix)
 
     def delete(self, keys: Iterable[str]) -> None:
         keys = list(keys)
@@ -228,7 +228,7 @@ def write(path: Path, data: bytes) -> Path:
 
 def chunk_keys(store: Store, ref: str) -> list[str]:
     """Keys of the chunks of one version, in file order."""
-    from cas import layout
+    from cas.repository import _layout as layout
 
     details = store.show(ref)
     return [layout.chunk_key(c.digest) for e in details.entries for c in e.chunks]
@@ -236,8 +236,8 @@ def chunk_keys(store: Store, ref: str) -> list[str]:
 
 def live_objects(store: Store) -> tuple[set[str], set[str]]:
     """(chunk keys, manifest keys) that live versions reference."""
-    from cas import layout
-    from cas.verify import iter_live_versions
+    from cas.gc._verify import iter_live_versions
+    from cas.repository import _layout as layout
 
     chunks: set[str] = set()
     manifests: set[str] = set()
@@ -250,4 +250,4 @@ def live_objects(store: Store) -> tuple[set[str], set[str]]:
 
 
 def stored_keys(backend: Backend, prefix: str) -> set[str]:
-    return {info.key for info in backend.list(prefix)}
+    return {info.key for info in backend.list_objects(prefix)}

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from cas import layout
-from cas.chunking import ChunkerParams
+from cas.chunks._chunking import ChunkerParams
 from cas.digest import Digest
+from cas.repository import _layout as layout
 from cas.store import Store
 from cas.testing.faults import FaultyBackend
 
@@ -179,7 +179,7 @@ def rerun_after_failed_put(store: Store, source: Path, key: str) -> tuple[set[st
     name), and the re-run must upload exactly the chunks still missing.
     Returns (chunk keys the version needs, chunk keys that were left).
     """
-    left = {info.key for info in store.backend.list(layout.CHUNKS)}
+    left = {info.key for info in store.backend.list_objects(layout.CHUNKS)}
     for name in left:
         digest = layout.digest_from_key(name)
         assert digest is not None

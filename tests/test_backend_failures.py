@@ -25,10 +25,10 @@ import servers
 from backend_fixtures import CLOUD_KINDS, unique_name
 from helpers import KiB, MiB, ok, random_bytes, rerun_after_failed_put, run_cas
 
-from cas import layout
 from cas.backends import Backend, open_backend
-from cas.chunking import ChunkerParams
+from cas.chunks._chunking import ChunkerParams
 from cas.errors import BackendError, RefNotFoundError
+from cas.repository import _layout as layout
 from cas.store import Store
 from cas.testing.faults import FaultyBackend
 
@@ -187,7 +187,7 @@ def test_missing_bucket_names_the_fix_and_create_bucket_creates_it(
     # The bucket exists now: --create-bucket is harmless, and the store is refused as such.
     failed(run_cas("init", "--create-bucket", store=uri), EXIT_USAGE, "already a cas store")
     backend = open_backend(uri)
-    backend.delete([info.key for info in backend.list()])
+    backend.delete([info.key for info in backend.list_objects()])
     backend.close()
 
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from gc_helpers import FakeClock, random_bytes, write
 
-from cas import layout
 from cas.backends import MemoryBackend
-from cas.chunkindex import ChunkIndex, expected_chunks, plan, plan_in_background
-from cas.chunking import ChunkerParams
-from cas.config import StoreConfig, write_config
+from cas.chunks._chunking import ChunkerParams
+from cas.chunks._listing import ChunkIndex, expected_chunks, plan, plan_in_background
 from cas.digest import Digest
 from cas.errors import BackendError
+from cas.repository import _layout as layout
 from cas.store import Store
+from cas.store._config import StoreConfig, write_config
 from cas.testing.faults import FaultyBackend
 
 KiB = 1024
@@ -178,9 +178,9 @@ def test_chunk_listed_but_collected_before_use_is_stored_again(
     listed = plan(backend, 1_000, workers=2)
     assert listed is not None
     # What a collection between the listing and the put does: remove them all.
-    backend.delete([i.key for i in backend.list(layout.CHUNKS)])
+    backend.delete([i.key for i in backend.list_objects(layout.CHUNKS)])
 
-    monkeypatch.setattr("cas.store.plan_index", lambda *args, **kwargs: listed)
+    monkeypatch.setattr("cas.store._facade.plan_index", lambda *args, **kwargs: listed)
     store.put(write(tmp_path / "b.bin", data), "new")
     store.get("new@1", tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
@@ -196,7 +196,7 @@ def test_chunk_stored_by_another_writer_after_the_listing_gets_its_real_time(
     store = make_store(counted, clock)
     data = random_bytes(100 * KiB, seed=4)
     digests = []
-    from cas.chunking import iter_chunks
+    from cas.chunks._chunking import iter_chunks
 
     with open(write(tmp_path / "a.bin", data), "rb") as stream:
         digests = [Digest.of(bytes(v)) for v in iter_chunks(stream, PARAMS)]

@@ -10,7 +10,7 @@ from helpers import KiB, MiB, random_bytes, text_bytes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cas.chunking import ChunkerParams, cut_points, iter_chunks
+from cas.chunks._chunking import ChunkerParams, cut_points, iter_chunks
 from cas.errors import InvalidInputError
 
 TINY = ChunkerParams(min_size=64, avg_size=256, max_size=1024)
@@ -243,7 +243,7 @@ def follow(
     new: bytes, previous: list[tuple[int, bytes]], former_size: int, params: ChunkerParams
 ) -> tuple[list[tuple[int, int]], int, bytes]:
     """(cuts, chunks taken from the former version, bytes seen by on_read)."""
-    from cas.chunking import follow_chunks
+    from cas.chunks._chunking import follow_chunks
     from cas.digest import hash_bytes
 
     seen = bytearray()
@@ -316,7 +316,7 @@ def test_an_appended_shard_reuses_every_former_chunk_but_the_last() -> None:
 
 
 def test_a_former_tensor_header_chunk_is_not_followed() -> None:
-    # A safetensors version was cut as cas.tensors.plan cuts it: its header
+    # A safetensors version was cut as cas.tensors._safetensors.plan cuts it: its header
     # (8 + header length bytes) in pieces of at most the maximum, then at
     # tensor boundaries; not by FastCDC. The same bytes, now cut by FastCDC,
     # must not follow those cuts.

@@ -9,10 +9,10 @@ import pytest
 from helpers import build_sample_tree, ok, run_cas, small_store, snapshot
 
 import cas
-from cas import layout
 from cas.digest import Digest
-from cas.manifest import Entry, Manifest
-from cas.refs import utc_now
+from cas.repository import _layout as layout
+from cas.repository._manifest import Entry, Manifest
+from cas.repository._refs import utc_now
 
 
 def assert_usage_error(proc, *words: str) -> None:  # type: ignore[no-untyped-def]

@@ -47,7 +47,7 @@ def test_large_blocks_come_from_the_heap_once_tuned() -> None:
 def test_openblas_threads_default_to_one_and_a_user_choice_stays(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from cas.cli import process
+    from cas.cli import _process as process
 
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
     process.tune()

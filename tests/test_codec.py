@@ -8,7 +8,7 @@ import pytest
 import zstandard
 from helpers import KiB, MiB, random_bytes, text_bytes
 
-from cas import codec
+from cas.chunks import _codec as codec
 from cas.errors import CorruptObjectError, IntegrityError
 
 
@@ -159,9 +159,9 @@ def test_raw_length_rejects_non_chunks() -> None:
 def test_chunk_reads_skip_the_copy_that_gets_make() -> None:
     import numpy as np
 
-    from cas import floatcodec
     from cas.backends.memory import MemoryBackend
-    from cas.chunkstore import ChunkStore
+    from cas.chunks import _floatcodec as floatcodec
+    from cas.chunks._store import ChunkStore
     from cas.digest import Digest
 
     chunks = ChunkStore(MemoryBackend())

@@ -11,16 +11,16 @@ from servers import Server
 
 import cas
 from cas.backends import Backend
-from cas.checkpoint import CheckpointManager, load_arrays, read_safetensors, save_arrays
-from cas.compat import (
+from cas.errors import ConfigurationError, InvalidInputError
+from cas.ml.checkpoint import CheckpointManager, load_arrays, read_safetensors, save_arrays
+from cas.ml.diff import diff
+from cas.ml.plain_storage import (
     Storage,
     get_default_storage,
     get_storage_backend,
     get_storage_from_uri,
     set_default_storage,
 )
-from cas.diff import diff
-from cas.errors import ConfigurationError, InvalidInputError
 
 ENV = ("STORAGE_BACKEND", "STORAGE_BUCKET", "STORAGE_PREFIX", "STORAGE_BASE_PATH")
 
@@ -161,7 +161,7 @@ def test_s3_by_parts_round_trip_on_a_real_server(
     finally:
         # The fixture empties only its own prefix before removing the bucket.
         backend = storage.store.backend
-        backend.delete([info.key for info in backend.list()])
+        backend.delete([info.key for info in backend.list_objects()])
 
 
 # -- checkpoints -------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_checkpoint_manager_with_numpy(tmp_path: Path) -> None:
 
 def test_torch_state_dict_round_trip(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from cas.checkpoint import load_state_dict, save_state_dict
+    from cas.ml.checkpoint import load_state_dict, save_state_dict
 
     store = cas.open(tmp_path / "store")
     torch.manual_seed(0)

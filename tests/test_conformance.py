@@ -117,13 +117,13 @@ def test_prefixes_isolate_stores_in_one_bucket(cloud: Cloud) -> None:
     other.put("k", b"2")
     assert one.get("k") == b"1"
     assert other.get("k") == b"2"
-    assert [i.key for i in one.list()] == ["k"]
-    assert [i.key for i in root.list()] == ["p/k", "p2/k"]
+    assert [i.key for i in one.list_objects()] == ["k"]
+    assert [i.key for i in root.list_objects()] == ["p/k", "p2/k"]
     assert root.get("p2/k") == b"2"
     one.delete(["k"])
     assert other.get("k") == b"2"
     assert other.uri.endswith(f"://{bucket}/p2")
-    root.delete(i.key for i in root.list())
+    root.delete(i.key for i in root.list_objects())
 
 
 def test_create_bucket_is_idempotent(cloud: Cloud) -> None:
@@ -138,7 +138,7 @@ def test_create_bucket_is_idempotent(cloud: Cloud) -> None:
 
 def test_missing_bucket_says_how_to_fix(cloud: Cloud) -> None:
     backend = cloud.open(unique_name("missing"), "p")
-    for call in (lambda: backend.put("k", b"x"), lambda: list(backend.list())):
+    for call in (lambda: backend.put("k", b"x"), lambda: list(backend.list_objects())):
         with pytest.raises(BackendError, match=r"does not exist.*cas init --create-bucket"):
             call()
 
@@ -195,7 +195,7 @@ def test_listing_skips_folder_markers(cloud: Cloud) -> None:
         backend._bucket.blob("p/dir/").upload_from_string(b"")
     else:
         backend._container.upload_blob("p/dir/", b"")
-    assert [i.key for i in backend.list()] == ["dir/k"]
+    assert [i.key for i in backend.list_objects()] == ["dir/k"]
 
 
 def test_s3_multipart_upload_keeps_conditions(moto_server: servers.Server) -> None:

@@ -166,17 +166,17 @@ def test_dedup_does_not_depend_on_the_codec(tmp_path: Path) -> None:
 @pytest.fixture
 def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each chunk a put gives through follow_chunks was taken at a former cut."""
-    import cas.ingest
+    import cas.transfer._ingest
 
     record: list[bool] = []
-    real = cas.ingest.follow_chunks
+    real = cas.transfer._ingest.follow_chunks
 
     def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
         for view, digest in real(*args, **kwargs):
             record.append(digest is not None)
             yield view, digest
 
-    monkeypatch.setattr(cas.ingest, "follow_chunks", recording)
+    monkeypatch.setattr(cas.transfer._ingest, "follow_chunks", recording)
     return record
 
 

@@ -14,11 +14,14 @@ from hypothesis import strategies as st
 from test_floatcodec import LAYOUTS, arrays, bf16_weights
 from test_tensors import PARAMS, entry_chunks, fine_tune, stored_bytes
 
-from cas import codec, entropy, floatcodec, layout
-from cas.config import StoreConfig
+from cas.chunks import _codec as codec
+from cas.chunks import _entropy as entropy
+from cas.chunks import _floatcodec as floatcodec
+from cas.chunks._floatcodec import Layout
 from cas.errors import CorruptObjectError, InvalidInputError, NotAStoreError, UnsupportedFormatError
-from cas.floatcodec import Layout
+from cas.repository import _layout as layout
 from cas.store import Store
+from cas.store._config import StoreConfig
 
 HEAD = codec.HEADER.size
 
@@ -98,7 +101,7 @@ def test_an_fse_store_is_format_2_and_stores_less(tmp_path: Path) -> None:
     fse.get("ft@3", tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == fse_paths[2].read_bytes()
     # A format-1 store never holds an FSE stream.
-    for digest, _ in huffman.chunks.list():
+    for digest, _ in huffman.chunks.list_chunks():
         blob = huffman.backend.get(layout.chunk_key(digest))
         if blob[3] in (codec.Codec.GROUPED, codec.Codec.DELTA):
             assert 2 not in stream_methods(blob)

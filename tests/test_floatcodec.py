@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cas import codec, floatcodec
+from cas.chunks import _codec as codec
+from cas.chunks import _floatcodec as floatcodec
+from cas.chunks._floatcodec import Layout
 from cas.digest import hash_bytes
 from cas.errors import CorruptObjectError, InvalidInputError
-from cas.floatcodec import Layout
 
 # Every layout with the numpy dtype whose bits it groups (bf16 as its raw words).
 LAYOUTS = [

@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from cas.digestset import DigestSet
+from cas.gc._digestset import DigestSet
 
 
 def test_exact_membership() -> None:

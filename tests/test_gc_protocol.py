@@ -25,10 +25,10 @@ from gc_helpers import (
     write,
 )
 
-from cas import layout
 from cas.errors import ConcurrentCollectionError
-from cas.gc import Collector, GcReport
-from cas.gcprotocol import PUTS
+from cas.gc._collect import Collector, GcReport
+from cas.gc._session import PUTS
+from cas.repository import _layout as layout
 from cas.store import Store
 
 KiB = 1024
@@ -58,7 +58,7 @@ def assert_intact(store: Store, expected: dict[str, bytes], tmp_path: Path) -> N
 
 def count_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the put attempts (write sessions) started from now on."""
-    from cas import gcprotocol
+    from cas.gc import _session as gcprotocol
 
     started: list[int] = []
     original = gcprotocol.WriteSession.start
@@ -83,7 +83,7 @@ def test_gc_reclaims_only_old_unreachable_objects(world: World, tmp_path: Path) 
     gone = set(chunk_keys(store, "k@1"))
     gone_manifest = layout.manifest_key(store.resolve("k@1").manifest_id)  # type: ignore[arg-type]
     store.delete("k@1")
-    size_of = {i.key: i.size for i in store.backend.list()}
+    size_of = {i.key: i.size for i in store.backend.list_objects()}
 
     # Within the grace period nothing goes, and the report says why.
     report = store.gc(grace=world.grace)
@@ -397,7 +397,7 @@ def test_put_gives_up_cleanly_when_every_attempt_loses(
 def test_lowering_the_grace_keeps_the_old_one_as_a_floor_while_puts_may_use_it(
     world: World,
 ) -> None:
-    from cas.gcprotocol import WriteSession
+    from cas.gc._session import WriteSession
 
     store = world.store()
     assert store.gc(grace=world.grace, dry_run=True).unsafe is None

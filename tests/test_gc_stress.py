@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from gc_helpers import GC_BACKENDS, REAL_GRACE, live_objects, random_bytes, stored_keys
 
-from cas import layout
-from cas.chunking import ChunkerParams
+from cas.chunks._chunking import ChunkerParams
 from cas.errors import ConcurrentCollectionError
-from cas.gc import GcReport
+from cas.gc._collect import GcReport
+from cas.repository import _layout as layout
 from cas.store import Store
 
 KiB = 1024
@@ -152,7 +152,7 @@ def test_writers_and_repeated_gc_lose_nothing(
         data = dest.read_bytes()
         assert hashlib.sha256(data).hexdigest() == event["sha256"], ref
         assert data == content(event["parts"], event["tail_size"], event["tail_seed"])
-    assert {f"{v.key}@{v.number}" for k in store.list() for v in store.log(k.key)} == set(live)
+    assert {f"{v.key}@{v.number}" for k in store.list_keys() for v in store.log(k.key)} == set(live)
     report = store.verify(deep=True)
     assert report.ok, report.damaged
 

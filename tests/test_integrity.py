@@ -18,8 +18,8 @@ from helpers import (
     text_bytes,
 )
 
-from cas import layout
 from cas.digest import Digest
+from cas.repository import _layout as layout
 from cas.store import Store
 
 DAMAGES = ["flip", "truncate", "missing"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cas import layout
 from cas.backends.base import check_key as check_object_key
 from cas.digest import Digest
 from cas.errors import InvalidInputError, InvalidKeyError, InvalidRefError
-from cas.layout import Reference, parse_ref
+from cas.repository import _layout as layout
+from cas.repository._layout import Reference, parse_ref
 
 DIGEST = Digest.of(b"some chunk")
 

@@ -11,7 +11,7 @@ import zstandard
 
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, InvalidInputError, UnsafePathError
-from cas.manifest import (
+from cas.repository._manifest import (
     SCHEMA_VERSION,
     ChunkRef,
     Entry,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import digests, random_bytes, small_store
 
-import cas.restore
+import cas.transfer._restore
 from cas.backends.local import LocalBackend
 from cas.digest import Digest
 
@@ -31,20 +31,20 @@ def test_a_restore_hints_every_chunk_once_in_order_and_a_bounded_way_ahead(
         (src / f"f{i}.bin").write_bytes(random_bytes(600_000, seed=i))
     store.put(src, "k")
     ahead = 200_000
-    monkeypatch.setattr(cas.restore._ReadAhead, "AHEAD", ahead)
+    monkeypatch.setattr(cas.transfer._restore._ReadAhead, "AHEAD", ahead)
 
     hinted: list[Digest] = []
     gaps: list[int] = []
-    real_submitted = cas.restore._ReadAhead.submitted
+    real_submitted = cas.transfer._restore._ReadAhead.submitted
 
-    def submitted(self: cas.restore._ReadAhead, length: int) -> None:
+    def submitted(self: cas.transfer._restore._ReadAhead, length: int) -> None:
         real_submitted(self, length)
         gaps.append(self.hinted - self.handed)
 
     def prefetch(digests_: object) -> None:
         hinted.extend(digests_)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(cas.restore._ReadAhead, "submitted", submitted)
+    monkeypatch.setattr(cas.transfer._restore._ReadAhead, "submitted", submitted)
     monkeypatch.setattr(store.chunks, "prefetch", prefetch)
     store.get("k", tmp_path / "out")
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from cas import layout
 from cas.backends import LocalBackend, MemoryBackend
 from cas.backends.base import Backend
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, RefNotFoundError
-from cas.refs import Refs
+from cas.repository import _layout as layout
+from cas.repository._refs import Refs
 
 M1 = Digest.of(b"manifest one")
 M2 = Digest.of(b"manifest two")
@@ -80,7 +80,7 @@ class LaggingListBackend(MemoryBackend):
         super().__init__()
         self.frozen: list = []
 
-    def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
+    def list_objects(self, prefix: str = ""):  # type: ignore[no-untyped-def]
         return iter(self.frozen)
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import cas
-from cas.chunking import ChunkerParams
+from cas.chunks._chunking import ChunkerParams
 from cas.errors import InvalidInputError, SourceError, UnsafePathError
-from cas.manifest import Entry, check_entries
+from cas.repository._manifest import Entry, check_entries
 
 
 def link(path: str, target: str) -> Entry:
@@ -90,7 +90,7 @@ def test_unreadable_path_is_bad_input_even_for_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Root reads any file whatever its mode, so deny access where cas asks for it.
-    import cas.ingest
+    import cas.transfer._ingest
 
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -99,7 +99,7 @@ def test_unreadable_path_is_bad_input_even_for_root(
     secret.write_bytes(b"top secret")
     real_access = os.access
     monkeypatch.setattr(
-        cas.ingest.os,
+        cas.transfer._ingest.os,
         "access",
         lambda p, mode: Path(p).name != "secret.bin" and real_access(p, mode),
     )
@@ -107,4 +107,4 @@ def test_unreadable_path_is_bad_input_even_for_root(
     for path in (secret, tree):
         with pytest.raises(SourceError, match=r"cannot read .*secret\.bin"):
             store.put(path, "k")
-    assert not list(store.backend.list("refs/"))
+    assert not list(store.backend.list_objects("refs/"))

@@ -20,9 +20,9 @@ from cas.errors import (
     SourceError,
     StoreError,
 )
-from cas.manifest import Entry
+from cas.gc._verify import VerifyReport
+from cas.repository._manifest import Entry
 from cas.store import Details, KeySummary, Stats, Store, Version
-from cas.verify import VerifyReport
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
@@ -252,14 +252,14 @@ def test_delete_all(store: Store, tree: Path) -> None:
     assert len(store.log("k")) == 3
     removed = store.delete_all("k", force=True)
     assert sorted(v.number for v in removed) == [1, 2, 3]
-    assert store.list() == []
+    assert store.list_keys() == []
 
 
 def test_list_and_prefix(store: Store, tree: Path) -> None:
     for key in ["runs/b", "runs/a", "runs/a/x", "other", "runs-c"]:
         store.put(tree, key)
     store.put(tree, "runs/a")
-    summaries = store.list()
+    summaries = store.list_keys()
     assert all(isinstance(s, KeySummary) for s in summaries)
     assert {s.key: s.versions for s in summaries} == {
         "runs/b": 1,
@@ -270,15 +270,15 @@ def test_list_and_prefix(store: Store, tree: Path) -> None:
     }
     latest = {s.key: s.latest for s in summaries}
     assert latest["runs/a"].number == 2
-    assert {s.key for s in store.list("runs/")} == {"runs/a", "runs/a/x", "runs/b"}
-    assert {s.key for s in store.list("runs/a/")} == {"runs/a/x"}
+    assert {s.key for s in store.list_keys("runs/")} == {"runs/a", "runs/a/x", "runs/b"}
+    assert {s.key for s in store.list_keys("runs/a/")} == {"runs/a/x"}
 
 
 def test_list_is_sorted_by_key(store: Store, tree: Path) -> None:
     keys = ["a", "a/0", "a/z", "a-b", "a.b", "b"]
     for key in keys:
         store.put(tree, key)
-    assert [s.key for s in store.list()] == sorted(keys)
+    assert [s.key for s in store.list_keys()] == sorted(keys)
 
 
 def test_stats(store: Store, tree: Path, tmp_path: Path) -> None:
@@ -360,9 +360,9 @@ def test_context_manager(tmp_path: Path, tree: Path) -> None:
 def test_file_that_grew_after_the_scan_is_refused_promptly(tmp_path: Path) -> None:
     # The scan's size is only a hint for reading; a file that grew (a checkpoint
     # still being written) must be reported, not read a byte per block.
-    from cas.chunking import ChunkerParams
-    from cas.chunkstore import ChunkStore
-    from cas.ingest import Ingestor, SourceItem
+    from cas.chunks._chunking import ChunkerParams
+    from cas.chunks._store import ChunkStore
+    from cas.transfer._ingest import Ingestor, SourceItem
 
     src = tmp_path / "growing.bin"
     src.write_bytes(random_bytes(3 * 1024 * KiB, 4))
@@ -390,7 +390,7 @@ def test_empty_directory_and_empty_file_artifacts(store: Store, tmp_path: Path) 
 
 
 def test_verify_report_names_damaged_versions(store: Store, tree: Path, tmp_path: Path) -> None:
-    from cas import layout
+    from cas.repository import _layout as layout
 
     store.put(tree, "a")
     store.put(tree / "sub" / "notes.txt", "b")

@@ -29,11 +29,11 @@ from helpers import (
     snapshot,
 )
 
-from cas import layout
 from cas.backends import Backend
-from cas.chunking import ChunkerParams
+from cas.chunks._chunking import ChunkerParams
 from cas.digest import Digest
 from cas.errors import BackendError, CorruptObjectError, MissingObjectError, RefNotFoundError
+from cas.repository import _layout as layout
 from cas.store import Store
 from cas.testing.faults import FaultyBackend
 
@@ -46,7 +46,7 @@ def store(any_backend_uri: str) -> Store:
 
 
 def chunk_keys(backend: Backend) -> set[str]:
-    return {info.key for info in backend.list(layout.CHUNKS)}
+    return {info.key for info in backend.list_objects(layout.CHUNKS)}
 
 
 def chunks_of(store: Store, ref: str, path: str | None = None) -> list[Digest]:

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from helpers import ok, run_cas
 
-from cas import codec, layout
-from cas.checkpoint import write_safetensors
-from cas.chunking import ChunkerParams
+from cas.chunks import _codec as codec
+from cas.chunks._chunking import ChunkerParams
 from cas.digest import Digest
 from cas.errors import (
     CorruptObjectError,
@@ -22,9 +21,11 @@ from cas.errors import (
     NotFoundError,
     SourceError,
 )
+from cas.ml.checkpoint import write_safetensors
+from cas.repository import _layout as layout
 from cas.store import Store
-from cas.tensors import Span, chunk_keys, parse_header, plan, sniff
-from cas.tensorwrite import TensorWriter
+from cas.tensors._safetensors import Span, chunk_keys, parse_header, plan, sniff
+from cas.tensors._writer import TensorWriter
 
 KiB = 1024
 PARAMS = ChunkerParams(min_size=16 * KiB, avg_size=64 * KiB, max_size=256 * KiB)
@@ -92,7 +93,7 @@ def entry_chunks(store: Store, ref: str) -> list[Any]:
 
 
 def stored_bytes(store: Store) -> int:
-    return sum(info.size for _, info in store.chunks.list())
+    return sum(info.size for _, info in store.chunks.list_chunks())
 
 
 def read_header(path: Path) -> Any:
@@ -399,10 +400,10 @@ def test_stats_count_delta_bases_as_live(store: Store, tmp_path: Path) -> None:
     stats = store.stats()
     assert stats.referenced_chunks == len(needed)
     assert stats.live_bytes == sum(
-        info.size for digest, info in store.chunks.list() if digest.raw in needed
+        info.size for digest, info in store.chunks.list_chunks() if digest.raw in needed
     ) + sum(
         info.size
-        for info in store.backend.list("manifests/")
+        for info in store.backend.list_objects("manifests/")
         if info.key.rpartition("/")[2] in {store.resolve(f"ft@{n}").manifest_id.hex for n in (2, 3)}  # type: ignore[union-attr]
     )
 

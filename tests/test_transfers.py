@@ -10,15 +10,16 @@ from typing import Any
 import pytest
 from helpers import KiB, MiB, ok, random_bytes, run_cas
 
-from cas import inflight, layout
 from cas.backends import MemoryBackend
-from cas.chunking import ChunkerParams
-from cas.config import StoreConfig, write_config
+from cas.chunks._chunking import ChunkerParams
 from cas.digest import BackgroundHasher, Digest, StreamingHasher
 from cas.errors import BackendError, InvalidInputError, MissingObjectError
-from cas.inflight import InFlight
+from cas.repository import _layout as layout
 from cas.store import Store
+from cas.store._config import StoreConfig, write_config
 from cas.testing.faults import FaultyBackend
+from cas.transfer import _budget as inflight
+from cas.transfer._budget import InFlight
 
 PARAMS = ChunkerParams.from_average(16 * KiB)
 

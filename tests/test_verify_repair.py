@@ -10,12 +10,12 @@ import pytest
 from gc_helpers import GC_BACKENDS, PARAMS, chunk_keys, random_bytes, stored_keys, write
 from helpers import run_cas
 
-from cas import layout
 from cas.backends.base import Backend
-from cas.config import StoreConfig, write_config
 from cas.errors import InvalidInputError
+from cas.gc._verify import QUARANTINE
+from cas.repository import _layout as layout
 from cas.store import Store
-from cas.verify import QUARANTINE
+from cas.store._config import StoreConfig, write_config
 
 KiB = 1024
 
@@ -103,7 +103,7 @@ def test_sample_reads_a_random_share(store: Store, filled: dict[str, bytes]) -> 
     # A sample finds corruption when it reads the damaged chunk, and repairs it.
     victim = chunk_keys(store, "other@1")[0]
     corrupt(store, victim)
-    from cas.verify import verify_store
+    from cas.gc._verify import verify_store
 
     hits = [
         verify_store(

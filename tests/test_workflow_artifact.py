@@ -11,12 +11,12 @@ from helpers import small_store
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cas import layout
-from cas.artifact import ARTIFACT_TYPES, SUMMARY_LIMIT, ArtifactInfo, Summary
 from cas.cli import main
 from cas.digest import Digest
 from cas.errors import InvalidInputError
-from cas.manifest import Manifest
+from cas.repository import _layout as layout
+from cas.repository._manifest import Manifest
+from cas.repository._metadata import ARTIFACT_TYPES, SUMMARY_LIMIT, ArtifactInfo, Summary
 from cas.store import Store
 
 text = st.text(min_size=1, max_size=12).filter(lambda s: s.strip() != "")

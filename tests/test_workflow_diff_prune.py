@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from helpers import KiB, random_bytes, small_store
 
-from cas.checkpoint import write_safetensors
 from cas.cli import main
-from cas.diff import diff
 from cas.errors import InvalidInputError
-from cas.prune import Policy, prune
+from cas.ml.checkpoint import write_safetensors
+from cas.ml.diff import diff
+from cas.ml.prune import Policy, prune
 from cas.store import Store
 
 

@@ -12,11 +12,11 @@ from types import ModuleType
 import pytest
 from helpers import ROOT, small_store
 
-from cas.artifact import ArtifactInfo
 from cas.cli import main
 from cas.errors import InvalidInputError, RefNotFoundError
-from cas.lineage import lineage
-from cas.query import Condition, Query, catalog, find
+from cas.ml.lineage import lineage
+from cas.ml.query import Condition, Query, catalog, find
+from cas.repository._metadata import ArtifactInfo
 from cas.store import Store
 
 

@@ -10,7 +10,6 @@ option, or ``AZURE_STORAGE_ACCOUNT_URL``) with a ``credential`` option or
 
 from __future__ import annotations
 
-import builtins
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -248,7 +247,7 @@ class AzureBackend(Backend):
             token=_quoted(props.etag),
         )
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         blobs = self._container.list_blobs(
             name_starts_with=self._root + prefix, results_per_page=self.page_size
         )
@@ -276,11 +275,9 @@ class AzureBackend(Backend):
             for _ in pool.map(self._delete_batch, batches):
                 pass
 
-    def _delete_batch(self, names: builtins.list[str]) -> None:
+    def _delete_batch(self, names: list[str]) -> None:
         try:
-            responses = builtins.list(
-                self._container.delete_blobs(*names, raise_on_any_failure=False)
-            )
+            responses = list(self._container.delete_blobs(*names, raise_on_any_failure=False))
         except aexc.HttpResponseError as err:
             if err.status_code in (400, 403, 501):
                 # Some accounts (hierarchical namespace, some SAS scopes) refuse

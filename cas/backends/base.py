@@ -100,13 +100,13 @@ class Backend(ABC):
 
     #: Objects one listing request returns at most. 0 where a listing costs
     #: about as much per object as a stat (a local folder, memory), so that a
-    #: put never lists to save requests there (see :mod:`cas.chunkindex`).
+    #: put never lists to save requests there (see :mod:`cas.chunks._listing`).
     list_page_size: int = 0
 
     #: True where every object read or written is a network request, with its
     #: latency and, on a cloud, its fee: upper layers then prefer fewer,
     #: larger objects (a new store's default chunk size, see
-    #: :func:`cas.config.default_chunker`).
+    #: :func:`cas.store._config.default_chunker`).
     remote: bool = False
 
     @abstractmethod
@@ -145,7 +145,7 @@ class Backend(ABC):
         """Size, server-side modification time and token. NotFoundError if missing."""
 
     @abstractmethod
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Yield every object whose key starts with ``prefix``, sorted by key.
 
         ``prefix`` is a plain string prefix, not necessarily a whole segment.

@@ -261,7 +261,7 @@ class GCSBackend(Backend):
             key=key, size=int(blob.size), mtime=blob.updated.timestamp(), token=str(blob.generation)
         )
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         blobs = self._client.list_blobs(
             self._bucket, prefix=self._root + prefix, fields=_LIST_FIELDS, **self._call
         )

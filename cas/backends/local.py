@@ -335,7 +335,7 @@ class LocalBackend(Backend):
             raise NotFoundError(f"object {key!r} not found in {self.uri}")
         return _info(key, st)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         directory, _, partial = prefix.rpartition("/")
         start = self.root / directory if directory else self.root
         base = f"{directory}/" if directory else ""

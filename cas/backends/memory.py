@@ -80,7 +80,7 @@ class MemoryBackend(Backend):
         obj = self._get(key)
         return ObjectInfo(key, len(obj.data), obj.mtime, str(obj.generation))
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         with self._lock:
             snapshot = sorted((k, v) for k, v in self._objects.items() if k.startswith(prefix))
         for key, obj in snapshot:

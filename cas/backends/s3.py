@@ -10,7 +10,6 @@ the ``AWS_ENDPOINT_URL`` / ``S3_ENDPOINT_URL`` environment variables.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import math
 import os
@@ -320,7 +319,7 @@ class S3Backend(Backend):
             token=str(answer["ETag"]),
         )
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=self._root + prefix)
         try:
@@ -339,7 +338,7 @@ class S3Backend(Backend):
             self._fail(err, None)
 
     def delete(self, keys: Iterable[str]) -> None:
-        batch: builtins.list[str] = []
+        batch: list[str] = []
         for key in keys:
             batch.append(self._key(key))
             if len(batch) == DELETE_BATCH:
@@ -348,7 +347,7 @@ class S3Backend(Backend):
         if batch:
             self._delete_batch(batch)
 
-    def _delete_batch(self, names: builtins.list[str]) -> None:
+    def _delete_batch(self, names: list[str]) -> None:
         try:
             answer = self._client.delete_objects(
                 Bucket=self.bucket,

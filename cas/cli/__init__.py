@@ -19,8 +19,11 @@ from typing import Any, cast
 from .. import __version__
 from ..errors import CasError
 from ..store import DEFAULT_STORE
-from . import commands, gc_commands, process, workflow_commands
-from .common import Handler
+from . import _commands as commands
+from . import _gc_commands as gc_commands
+from . import _process as process
+from . import _workflow_commands as workflow_commands
+from ._common import Handler
 
 COMMAND_MODULES = [commands, workflow_commands, gc_commands]
 

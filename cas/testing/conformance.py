@@ -128,7 +128,7 @@ class BackendConformance:
         data, token = backend.get_versioned("empty")
         assert data == b""
         assert token
-        assert [(i.key, i.size) for i in backend.list("empty")] == [("empty", 0)]
+        assert [(i.key, i.size) for i in backend.list_objects("empty")] == [("empty", 0)]
 
     def test_large_object(self, backend: Backend) -> None:
         data = os.urandom(10 * MiB)
@@ -142,7 +142,7 @@ class BackendConformance:
         backend.put("key", b"second")
         assert backend.get("key") == b"second"
         assert backend.stat("key").size == len(b"second")
-        assert [i.key for i in backend.list("key")] == ["key"]
+        assert [i.key for i in backend.list_objects("key")] == ["key"]
 
     def test_writes_are_atomic_for_readers(self, backend: Backend) -> None:
         versions = [bytes([i]) * (2 * MiB) for i in range(2)]
@@ -274,7 +274,7 @@ class BackendConformance:
         backend.delete(["gone"])
         with pytest.raises(NotFoundError):
             backend.get("gone")
-        assert [i.key for i in backend.list()] == ["kept"]
+        assert [i.key for i in backend.list_objects()] == ["kept"]
 
     # -- listing ----------
 
@@ -285,22 +285,22 @@ class BackendConformance:
         backend.put("manx", b"decoy before")
         backend.put("mano/x", b"decoy after")
 
-        listed = list(backend.list("many/"))
+        listed = list(backend.list_objects("many/"))
         assert [i.key for i in listed] == keys
         assert all(i.size == len(i.key) for i in listed)
-        everything = [i.key for i in backend.list()]
+        everything = [i.key for i in backend.list_objects()]
         assert everything == sorted([*keys, "manx", "mano/x"])
 
         backend.delete(iter(keys))  # one call, more keys than one service batch
-        assert list(backend.list("many/")) == []
-        assert [i.key for i in backend.list("man")] == ["mano/x", "manx"]
+        assert list(backend.list_objects("many/")) == []
+        assert [i.key for i in backend.list_objects("man")] == ["mano/x", "manx"]
 
     def test_list_prefix_is_a_plain_string_prefix(self, backend: Backend) -> None:
         for key in ("refs/abc/x", "refs/abd", "refs/ab", "refs/a/b", "refsab", "ref"):
             backend.put(key, b"1")
 
         def keys(prefix: str) -> list[str]:
-            return [i.key for i in backend.list(prefix)]
+            return [i.key for i in backend.list_objects(prefix)]
 
         assert keys("refs/ab") == ["refs/ab", "refs/abc/x", "refs/abd"]
         assert keys("refs/abc") == ["refs/abc/x"]
@@ -315,19 +315,19 @@ class BackendConformance:
         keys = ["a/b", "a.b", "a-b", "a0", "a/c/d", "aa", "a_b", "A", "a~"]
         for key in keys:
             backend.put(key, b"")
-        assert [i.key for i in backend.list()] == sorted(keys)  # "a.b" < "a/b" < "a0"
+        assert [i.key for i in backend.list_objects()] == sorted(keys)  # "a.b" < "a/b" < "a0"
 
     def test_list_reports_size_and_mtime(self, backend: Backend) -> None:
         backend.put("l/one", b"1")
         backend.put("l/three", b"333")
-        infos = {i.key: i for i in backend.list("l/")}
+        infos = {i.key: i for i in backend.list_objects("l/")}
         assert {k: i.size for k, i in infos.items()} == {"l/one": 1, "l/three": 3}
         for key, info in infos.items():
             assert abs(info.mtime - backend.stat(key).mtime) <= max(self.mtime_resolution, 0.01)
 
     def test_list_empty(self, backend: Backend) -> None:
-        assert list(backend.list()) == []
-        assert list(backend.list("nothing/")) == []
+        assert list(backend.list_objects()) == []
+        assert list(backend.list_objects("nothing/")) == []
 
     # -- modification times ----------
 
@@ -353,7 +353,7 @@ class BackendConformance:
         assert abs(touched.mtime - time.time()) < CLOCK_SKEW
         assert backend.get("t") == b"content"
         assert touched.size == len(b"content")
-        [listed] = backend.list("t")
+        [listed] = backend.list_objects("t")
         assert abs(listed.mtime - touched.mtime) <= max(self.mtime_resolution, 0.01)
 
     # -- ranged reads ----------
@@ -377,12 +377,12 @@ class BackendConformance:
         assert backend.get(UNICODE_KEY) == b"deep"
         assert backend.get(ODD_KEY) == b"odd"
         assert backend.stat(UNICODE_KEY).size == 4
-        assert [i.key for i in backend.list("deep/deep/")] == [UNICODE_KEY]
-        assert [i.key for i in backend.list("odd/a b+")] == [ODD_KEY]
-        assert [i.key for i in backend.list()] == sorted([UNICODE_KEY, ODD_KEY])
+        assert [i.key for i in backend.list_objects("deep/deep/")] == [UNICODE_KEY]
+        assert [i.key for i in backend.list_objects("odd/a b+")] == [ODD_KEY]
+        assert [i.key for i in backend.list_objects()] == sorted([UNICODE_KEY, ODD_KEY])
         backend.touch(ODD_KEY)
         backend.delete([UNICODE_KEY, ODD_KEY])
-        assert list(backend.list()) == []
+        assert list(backend.list_objects()) == []
 
     def test_invalid_keys_are_rejected(self, backend: Backend) -> None:
         calls: dict[str, Callable[[str], object]] = {
@@ -401,4 +401,4 @@ class BackendConformance:
                 except InvalidKeyError:
                     continue
                 pytest.fail(f"{name}({key!r}) did not raise InvalidKeyError")
-        assert list(backend.list()) == []
+        assert list(backend.list_objects()) == []

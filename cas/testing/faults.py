@@ -125,9 +125,9 @@ class FaultyBackend(Backend):
         self._enter("stat", [key])
         return self.inner.stat(key)
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         self._enter("list", [prefix])
-        return self.inner.list(prefix)
+        return self.inner.list_objects(prefix)
 
     def delete(self, keys: Iterable[str]) -> None:
         keys = [*keys]

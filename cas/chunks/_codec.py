@@ -1,0 +1,177 @@
+"""Chunk encoding: a 12-byte header, then the payload.
+
+Header: ``b"CAS"``, one codec byte, the raw length as little-endian u64. Any
+reader can decode a chunk from its bytes alone, without its manifest; a
+delta chunk (codec 3) also needs its base, whose hash follows the header.
+Incompressible chunks are stored raw: a cheap zstd probe on a sample decides
+before the whole chunk is compressed, so random data costs almost nothing.
+
+Codecs 2 and 3 are for tensor data (see :mod:`cas.chunks._floatcodec`): byte-grouped
+elements, and the XOR of a chunk with its base chunk, byte-grouped. Both are
+chosen by the writer, which knows the element type; this module only
+encodes what it is told and decodes whatever it is given.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+import zstandard
+
+from .._zstd import zstd_compressor, zstd_decompressor
+from ..errors import CorruptObjectError, InvalidInputError
+from . import _floatcodec as floatcodec
+
+MAGIC = b"CAS"
+HEADER = struct.Struct("<3sBQ")
+DEFAULT_LEVEL = 3
+
+# A chunk whose sample compresses worse than this is stored raw without trying.
+_PROBE_SIZE = 64 * 1024
+_PROBE_RATIO = 0.97
+# Above this sample ratio (float weights land at 0.85-0.95) higher zstd levels
+# find no more matches than level 1 and cost twice the time: use level 1.
+_FAST_RATIO = 0.8
+# Keep zstd output only if it saves at least this fraction.
+_KEEP_RATIO = 0.99
+
+
+class Codec(IntEnum):
+    RAW = 0
+    ZSTD = 1
+    #: Byte-grouped elements (payload: see cas/chunks/_floatcodec.py).
+    GROUPED = 2
+    #: XOR with a base chunk, byte-grouped; the base's hash follows the header.
+    DELTA = 3
+
+
+#: What follows the header of a delta chunk: the BLAKE3 of its base's raw bytes.
+BASE = struct.Struct("<32s")
+#: Default limit of a store's delta chains: a chunk is rebuilt from at most
+#: this many chunk reads (itself and its bases).
+DEFAULT_DELTA_READS = 8
+
+
+def _choose_level(data: memoryview, level: int) -> int | None:
+    """The zstd level for ``data``, or None to store it raw; decided on a sample."""
+    if len(data) <= _PROBE_SIZE * 2:
+        return level
+    middle = len(data) // 2
+    sample = data[middle : middle + _PROBE_SIZE]
+    ratio = len(zstd_compressor(1).compress(sample)) / len(sample)
+    if ratio >= _PROBE_RATIO:
+        return None
+    return min(level, 1) if ratio >= _FAST_RATIO else level
+
+
+def _raw(view: memoryview) -> bytes:
+    """A chunk stored as it is, its bytes copied once, into the blob."""
+    return b"".join((HEADER.pack(MAGIC, Codec.RAW, len(view)), view))
+
+
+def encode(data: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
+    """Return the stored form of one chunk."""
+    view = memoryview(data).cast("B")
+    chosen = _choose_level(view, level) if len(view) else None
+    if chosen is not None:
+        packed = zstd_compressor(chosen).compress(view)
+        if len(packed) < _KEEP_RATIO * len(view):
+            return HEADER.pack(MAGIC, Codec.ZSTD, len(view)) + packed
+    return _raw(view)
+
+
+def encode_grouped(
+    data: bytes | bytearray | memoryview,
+    itemsize: int,
+    layout: floatcodec.Layout,
+    *,
+    fse: bool = False,
+) -> bytes:
+    """The stored form of a chunk of ``itemsize``-byte elements, byte-grouped.
+
+    Falls back to raw when grouping does not shrink the chunk. ``fse`` as in
+    :func:`cas.chunks._floatcodec.encode`.
+    """
+    view = memoryview(data).cast("B")
+    header = HEADER.pack(MAGIC, Codec.GROUPED, len(view))
+    blob = floatcodec.encode(view, itemsize, layout, fse=fse, prefix=header)
+    if len(blob) - len(header) >= len(view):
+        return _raw(view)
+    return blob
+
+
+def encode_delta(
+    data: bytes | bytearray | memoryview,
+    base: bytes | bytearray | memoryview,
+    base_digest: bytes,
+    itemsize: int,
+) -> bytes:
+    """The stored form of ``data`` as its XOR with ``base`` (same length), byte-grouped.
+
+    Plain byte grouping, not a float layout: an XOR of two close floats has
+    zeros where exponents agree, which plain grouping collects in one stream.
+    """
+    view = memoryview(data).cast("B")
+    header = HEADER.pack(MAGIC, Codec.DELTA, len(view)) + BASE.pack(base_digest)
+    delta = floatcodec.xor(view, base)
+    return floatcodec.encode(delta, itemsize, floatcodec.Layout.PLAIN, prefix=header)
+
+
+def delta_base(blob: bytes) -> bytes | None:
+    """The raw hash of a delta chunk's base, or None for a chunk that needs none."""
+    if len(blob) >= HEADER.size and blob[:3] == MAGIC and blob[3] == Codec.DELTA:
+        if len(blob) < HEADER.size + BASE.size:
+            raise CorruptObjectError("delta chunk header is truncated")
+        return bytes(blob[HEADER.size : HEADER.size + BASE.size])
+    return None
+
+
+def decode(
+    blob: bytes, *, name: str = "chunk", base: bytes | memoryview | None = None
+) -> bytes | memoryview:
+    """Return the raw bytes of a stored chunk; CorruptObjectError names ``name`` on failure.
+
+    ``base`` is the raw bytes of the base of a delta chunk (see :func:`delta_base`).
+    The result may be a view (of ``blob`` for a raw chunk, of the decoded array
+    for a grouped one) rather than bytes: nothing is copied only to change type.
+    """
+    if len(blob) < HEADER.size:
+        raise CorruptObjectError(f"{name}: truncated ({len(blob)} bytes, header is {HEADER.size})")
+    magic, codec, raw_length = HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptObjectError(f"{name}: not a cas chunk (bad magic {magic!r})")
+    payload = memoryview(blob)[HEADER.size :]
+    raw: bytes | memoryview
+    if codec == Codec.RAW:
+        raw = payload
+    elif codec == Codec.ZSTD:
+        try:
+            raw = zstd_decompressor().decompress(payload, max_output_size=raw_length)
+        except zstandard.ZstdError as err:
+            raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
+    elif codec == Codec.GROUPED:
+        raw = floatcodec.decode(payload, raw_length, name=name)
+    elif codec == Codec.DELTA:
+        if base is None:
+            raise InvalidInputError(f"{name}: a delta chunk needs its base to be decoded")
+        if len(base) != raw_length:
+            raise CorruptObjectError(
+                f"{name}: delta base holds {len(base)} bytes, the chunk {raw_length}"
+            )
+        grouped = floatcodec.decode(payload[BASE.size :], raw_length, name=name)
+        raw = floatcodec.xor(grouped, base)
+    else:
+        raise CorruptObjectError(f"{name}: unknown codec id {codec}")
+    if len(raw) != raw_length:
+        raise CorruptObjectError(
+            f"{name}: decoded to {len(raw)} bytes, header promises {raw_length}"
+        )
+    return raw
+
+
+def raw_length(blob: bytes) -> int:
+    """The raw length recorded in a chunk header, without decoding."""
+    if len(blob) < HEADER.size or blob[:3] != MAGIC:
+        raise CorruptObjectError("not a cas chunk header")
+    return int(HEADER.unpack_from(blob)[2])

@@ -1,0 +1,347 @@
+"""The core commands: init, put, get, ls, log, show, tag, rm, stats, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+
+from ..errors import InvalidInputError
+from ..store import DEFAULT_STORE, ENTROPY_CODERS, ChunkerParams, Store
+from ..units import format_size, parse_size
+from ._common import (
+    Handler,
+    emit,
+    open_store,
+    parse_metadata,
+    parse_metrics,
+    progress,
+    tree_size,
+    version_line,
+)
+from ._workflow_commands import add_artifact_arguments, artifact_from_args
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
+    chunker = ChunkerParams.from_average(parse_size(args.chunk_avg)) if args.chunk_avg else None
+    store = Store.init(
+        location,
+        chunker=chunker,
+        create_bucket=args.create_bucket,
+        max_delta_reads=args.max_delta_reads,
+        entropy=args.entropy,
+    )
+    params = store.config.chunker
+    coder = ", FSE exponents, format 2" if store.config.holds_fse else ""
+    emit(
+        args,
+        {"store": store.backend.uri, "config": json.loads(store.config.to_bytes())},
+        f"initialised cas store at {store.backend.uri} (chunks {format_size(params.min_size)}"
+        f" / {format_size(params.avg_size)} / {format_size(params.max_size)}{coder})",
+    )
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    info, file_metadata, file_message = artifact_from_args(args)
+    metrics, metadata = parse_metrics(args.metric), parse_metadata(args.meta)
+    metadata = {**file_metadata, **metadata}
+    total = tree_size(args.path) if sys.stderr.isatty() and os.path.exists(args.path) else None
+    with progress(args, total, "put") as on_progress:
+        version = store.put(
+            args.path,
+            args.key,
+            parents=args.parent,
+            tags=args.tag,
+            metrics=metrics,
+            metadata=metadata,
+            message=args.message or file_message,
+            progress=on_progress,
+            info=info,
+            workers=args.jobs,
+        )
+    emit(args, version.to_dict(), version.ref)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    store = open_store(args, create=False)
+    total = store.show(args.ref).version.size if sys.stderr.isatty() else None
+    with progress(args, total, "get") as on_progress:
+        version = store.get(
+            args.ref, args.dest, force=args.force, progress=on_progress, workers=args.jobs
+        )
+    emit(
+        args,
+        {**version.to_dict(), "dest": os.path.abspath(args.dest)},
+        f"{version.ref} -> {args.dest} ({format_size(version.size)}, verified)",
+    )
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    store = open_store(args, create=False)
+    keys = store.list_keys(args.prefix or "")
+    rows = [{"key": k.key, "versions": k.versions, "latest": k.latest.to_dict()} for k in keys]
+    text = "\n".join(
+        f"{k.key:<40} {k.versions:>4} version{'s' if k.versions != 1 else ' '}  "
+        f"latest @{k.latest.number}  {format_size(k.latest.size):>10}"
+        for k in keys
+    )
+    emit(args, rows, text)
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    versions = open_store(args, create=False).log(args.key)
+    emit(args, [v.to_dict() for v in versions], "\n".join(version_line(v) for v in versions))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    details = open_store(args, create=False).show(args.ref)
+    v = details.version
+    entries = [
+        {
+            "path": e.path,
+            "type": e.type,
+            "mode": oct(e.mode),
+            "size": e.size,
+            **({"blake3": e.digest.hex, "chunks": len(e.chunks)} if e.digest else {}),
+            **({"target": e.target} if e.target else {}),
+        }
+        for e in details.entries
+    ]
+    lines = [
+        f"ref:      {v.ref}",
+        f"manifest: {v.manifest_id}",
+        f"created:  {v.created}",
+        f"kind:     {v.kind}, {v.files} files, {format_size(v.size)}",
+    ]
+    # The typed fields set at put (--type, --job...): scalars on one line, type first.
+    fields = sorted(v.artifact.items(), key=lambda item: item[0] != "type")
+    scalars = [f"{name}={value}" for name, value in fields if not isinstance(value, Mapping)]
+    if scalars:
+        lines.append("artifact: " + " ".join(scalars))
+    for name, value in fields:
+        if isinstance(value, Mapping) and value:
+            pairs = " ".join(f"{k}={x}" for k, x in sorted(value.items()))
+            lines.append(f"{name + ':':<9} {pairs}")
+    if v.parents:
+        lines.append(f"parents:  {', '.join(v.parents)}")
+    if v.tags:
+        lines.append(f"tags:     {', '.join(v.tags)}")
+    if v.metrics:
+        lines.append("metrics:  " + " ".join(f"{k}={x:g}" for k, x in sorted(v.metrics.items())))
+    if v.metadata:
+        lines.append("metadata: " + json.dumps(dict(v.metadata), sort_keys=True))
+    if v.message:
+        lines.append(f"message:  {v.message}")
+    lines.append("")
+    for e in details.entries:
+        suffix = {"dir": "/", "symlink": f" -> {e.target}"}.get(e.type, "")
+        size = format_size(e.size) if e.type == "file" else ""
+        lines.append(f"  {oct(e.mode)[2:]:>4} {size:>10}  {e.path}{suffix}")
+    emit(args, {**v.to_dict(), "entries": entries}, "\n".join(lines))
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = open_store(args, create=False)
+    if args.delete:
+        key = args.ref.partition("@")[0].partition(":")[0]
+        store.untag(key, args.tag)
+        emit(args, {"key": key, "tag": args.tag, "deleted": True}, f"removed tag {key}:{args.tag}")
+        return 0
+    version = store.tag(args.ref, args.tag)
+    emit(args, version.to_dict(), f"{version.key}:{args.tag} -> {version.ref}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = open_store(args, create=False)
+    if args.all:
+        if "@" in args.ref or ":" in args.ref:
+            raise InvalidInputError("--all takes a KEY, not KEY@N or KEY:TAG")
+        removed = store.delete_all(args.ref, force=args.force)
+    else:
+        removed = [store.delete(args.ref, force=args.force)]
+    emit(
+        args,
+        [v.ref for v in removed],
+        "\n".join(f"deleted {v.ref}" for v in removed)
+        + "\n(space is reclaimed by `cas gc` once the grace period has passed)",
+    )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    s = open_store(args, create=False).stats()
+    text = "\n".join(
+        [
+            f"keys:              {s.keys}",
+            f"versions:          {s.versions}",
+            f"logical bytes:     {format_size(s.logical_bytes)}",
+            f"unique bytes:      {format_size(s.unique_bytes)}",
+            f"stored bytes:      {format_size(s.stored_bytes)}"
+            f" ({format_size(s.live_bytes)} needed by live versions)",
+            f"chunks:            {s.chunks} ({s.referenced_chunks} referenced)",
+            f"dedup ratio:       {s.dedup_ratio:.2f}x",
+            f"compression ratio: {s.compression_ratio:.2f}x",
+            f"overall:           {s.total_ratio:.2f}x",
+        ]
+    )
+    emit(args, s.to_dict(), text)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = open_store(args, create=False)
+    with progress(args, None, "verify") as on_progress:
+        report = store.verify(
+            deep=args.deep, sample=args.sample, repair=args.repair, progress=on_progress
+        )
+    lines = [
+        f"checked {report.versions} versions, {report.chunks_referenced} chunks"
+        + (f" ({report.chunks_read} read and rehashed)" if report.deep else " (existence)")
+    ]
+    for damage in report.damaged:
+        files = ", ".join(damage.files)
+        lines.append(
+            f"DAMAGED {damage.ref}: {damage.problem}" + (f" (files: {files})" if files else "")
+        )
+    for chunk, moved_to in report.quarantined:
+        lines.append(f"quarantined corrupt chunk {chunk} -> {moved_to}")
+    if report.reput:
+        lines.append(
+            "to heal, put the content of the damaged files again (any key will do): "
+            + ", ".join(report.reput)
+        )
+    count = len(report.damaged)
+    lines.append("ok" if report.ok else f"{count} damaged version{'s' if count != 1 else ''}")
+    emit(args, report.to_dict(), "\n".join(lines))
+    return 0 if report.ok else 3
+
+
+def _jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def add_jobs_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=_jobs,
+        metavar="N",
+        help=f"{what} in parallel (default: 16 for cloud stores, 4 for folders)",
+    )
+
+
+def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    """Add the core commands to the parser through ``add(name, handler, help)``."""
+    p = add("init", cmd_init, "create a store")
+    p.add_argument(
+        "--chunk-avg",
+        metavar="SIZE",
+        help="average chunk size (default 1MiB; min = avg/4, max = avg*4)",
+    )
+    p.add_argument(
+        "--create-bucket",
+        action="store_true",
+        help="create the bucket or container of an s3://, gs:// or az:// store first",
+    )
+    p.add_argument(
+        "--max-delta-reads",
+        type=int,
+        metavar="N",
+        help="longest delta chain, in chunk reads to rebuild a chunk (default 8; 1: no deltas)",
+    )
+    p.add_argument(
+        "--entropy",
+        choices=ENTROPY_CODERS,
+        default=ENTROPY_CODERS[0],
+        help="coder of tensor exponents: huffman (default, fastest to decode) or fse"
+        " (bf16 0.25%% smaller, a quarter slower to decode; store format 2)",
+    )
+
+    p = add("put", cmd_put, "store a file or directory as the next version of KEY")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument(
+        "--parent",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="a version this one derives from (repeatable)",
+    )
+    p.add_argument("--tag", action="append", default=[], metavar="TAG", help="repeatable")
+    p.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a number, e.g. loss=0.31 (repeatable)",
+    )
+    p.add_argument(
+        "--meta",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata; JSON values keep their type (repeatable)",
+    )
+    p.add_argument("--message", "-m", metavar="TEXT")
+    add_jobs_argument(p, "chunks hashed, compressed and uploaded")
+    add_artifact_arguments(p)
+
+    p = add("get", cmd_get, "restore REF (KEY, KEY@N or KEY:TAG) to DEST, verified")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    add_jobs_argument(p, "chunks downloaded and checked")
+
+    p = add("ls", cmd_ls, "list keys")
+    p.add_argument("prefix", nargs="?", metavar="PREFIX")
+
+    p = add("log", cmd_log, "list the versions of KEY, newest first")
+    p.add_argument("key", metavar="KEY")
+
+    p = add("show", cmd_show, "show one version and its files")
+    p.add_argument("ref", metavar="REF")
+
+    p = add("tag", cmd_tag, "point TAG of the ref's key at REF (or --delete it)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("tag", metavar="TAG")
+    p.add_argument("--delete", action="store_true", help="remove the tag instead")
+
+    p = add("rm", cmd_rm, "delete a version (space returns at the next gc)")
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--force", action="store_true", help="also delete tagged versions and tags")
+    p.add_argument("--all", action="store_true", help="delete every version of KEY")
+
+    add("stats", cmd_stats, "sizes, chunk counts, dedup and compression ratios")
+
+    p = add("verify", cmd_verify, "check that every version's data is present (and intact)")
+    p.add_argument("--deep", action="store_true", help="read and rehash every chunk")
+    p.add_argument(
+        "--sample",
+        type=float,
+        metavar="PERCENT",
+        help="read and rehash a random PERCENT of the chunks (implies reading)",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="with --deep or --sample: move corrupt chunks to quarantine/ so a new put heals them",
+    )

@@ -1,0 +1,100 @@
+"""``cas gc``: reclaim what no version needs, safely while others keep writing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from ..units import format_duration, format_size, parse_duration
+from ._common import Handler, emit, open_store
+
+if TYPE_CHECKING:
+    from .. import GcReport
+
+
+@contextmanager
+def _object_progress(args: argparse.Namespace) -> Iterator[Callable[[int], None] | None]:
+    """A count of objects swept, on stderr when it is a terminal."""
+    if args.no_progress or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(unit=" objects", desc="gc", file=sys.stderr, leave=False) as bar:
+        yield bar.update
+
+
+def _when(seconds: float) -> str:
+    from datetime import datetime, timezone  # here: every command loads this module
+
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def _text(report: GcReport) -> str:
+    verb = "would delete" if report.dry_run else "deleted"
+    lines = [
+        f"{'dry run: ' if report.dry_run else ''}grace {format_duration(report.grace)}: "
+        f"unreferenced objects older than {_when(report.threshold)} (backend clock) go",
+        f"marked:        {report.versions} versions, {report.manifests_marked} manifests, "
+        f"{report.chunks_marked} chunks ({format_size(report.mark_bytes)} of digests)",
+        f"scanned:       {report.scanned} objects ({report.scanned_chunks} chunks, "
+        f"{report.scanned_manifests} manifests)",
+        f"reachable:     {report.reachable} objects, {format_size(report.reachable_bytes)}",
+        f"{verb + ':':<14} {report.deleted} objects ({report.deleted_chunks} chunks, "
+        f"{report.deleted_manifests} manifests), {format_size(report.bytes_reclaimed)} "
+        f"{'reclaimable' if report.dry_run else 'reclaimed'}",
+        f"kept by grace: {report.kept_by_grace} objects, "
+        f"{format_size(report.bytes_kept_by_grace)} (unreferenced but recent)",
+    ]
+    if report.deferred:
+        lines.append(f"deferred:      {report.deferred} objects (left for the next gc)")
+    if report.puts_in_flight:
+        lines.append(f"puts running:  {report.puts_in_flight}")
+    lines.append(f"took:          {format_duration(report.seconds)}")
+    return "\n".join(lines)
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    store = open_store(args, create=False)
+    if args.set_grace is not None:
+        settings = store.set_gc_grace(parse_duration(args.set_grace))
+        emit(
+            args,
+            {"grace": settings.grace, "previous": settings.previous},
+            f"writers now refresh against a grace of {format_duration(settings.grace)}; "
+            f"cas gc uses it by default",
+        )
+        return 0
+    grace = parse_duration(args.grace) if args.grace is not None else None
+    if grace is None:
+        grace = store.gc_settings().grace
+    with _object_progress(args) as on_progress:
+        report = store.gc(grace=grace, dry_run=args.dry_run, progress=on_progress)
+    if report.unsafe:
+        print(f"cas: warning: {report.unsafe}", file=sys.stderr)
+    emit(args, report.to_dict(), _text(report))
+    return 0
+
+
+def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+    p = add(
+        "gc",
+        cmd_gc,
+        "delete chunks and manifests that no version needs, once older than the grace period",
+    )
+    p.add_argument(
+        "--grace",
+        metavar="DURATION",
+        help="keep unreferenced objects younger than this (e.g. 6h, 90m, 0); default: the "
+        "store's setting, 6h unless changed. 0 is unsafe while anyone writes",
+    )
+    p.add_argument("--dry-run", action="store_true", help="delete nothing; report what would go")
+    p.add_argument(
+        "--set-grace",
+        metavar="DURATION",
+        help="record the grace writers refresh against (and gc's default), then exit",
+    )

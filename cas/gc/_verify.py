@@ -1,0 +1,269 @@
+"""Integrity checks over a whole store, and the repair of corrupt chunks.
+
+``verify`` reads every version ref and its manifest and checks, with one
+listing of ``chunks/``, that every referenced chunk exists, delta bases
+included. ``deep`` also reads, decodes and rehashes every referenced chunk,
+in parallel, a delta chunk through its whole chain; ``sample`` does that for
+a random share of them only. The report names every damaged
+version and the files in it that are affected.
+
+``repair`` moves each corrupt chunk out of the way, to ``quarantine/``: it
+is never deleted silently, and once its name is free, putting the same
+content again (any file that contains it) stores a good copy and heals every
+version that needs it. The report lists those versions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..chunks._store import ChunkStore
+from ..digest import Digest
+from ..errors import CasError, IntegrityError, InvalidInputError, MissingObjectError, NotFoundError
+from ..repository import _layout as layout
+from ..repository._manifest import Manifest
+from ..repository._refs import Refs, VersionRef
+
+ProgressFn = Callable[[int], None]
+#: Where repair puts corrupt chunks; outside chunks/, so gc never sees them.
+QUARANTINE = "quarantine/"
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """One damaged version: why, and which of its files are affected."""
+
+    ref: str
+    problem: str
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    versions: int
+    manifests: int
+    chunks_referenced: int
+    chunks_read: int
+    missing_chunks: tuple[str, ...] = ()
+    corrupt_chunks: tuple[str, ...] = ()
+    damaged: tuple[Damage, ...] = ()
+    deep: bool = False
+    #: Percentage of chunks read when sampling, else None.
+    sample: float | None = None
+    #: Corrupt chunk hex -> the quarantine key it was moved to.
+    quarantined: tuple[tuple[str, str], ...] = ()
+    #: Versions that heal when the content of their damaged files is put again.
+    reput: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "deep": self.deep,
+            "sample": self.sample,
+            "versions": self.versions,
+            "manifests": self.manifests,
+            "chunks_referenced": self.chunks_referenced,
+            "chunks_read": self.chunks_read,
+            "missing_chunks": list(self.missing_chunks),
+            "corrupt_chunks": list(self.corrupt_chunks),
+            "damaged": [
+                {"ref": d.ref, "problem": d.problem, "files": list(d.files)} for d in self.damaged
+            ],
+            "quarantined": [{"chunk": c, "moved_to": k} for c, k in self.quarantined],
+            "reput": list(self.reput),
+        }
+
+
+@dataclass
+class _Usage:
+    """Which (version, file) pairs use each chunk."""
+
+    by_chunk: dict[bytes, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def add(self, digest: Digest, ref: str, path: str) -> None:
+        self.by_chunk.setdefault(digest.raw, []).append((ref, path))
+
+
+def iter_live_versions(refs: Refs) -> Iterator[VersionRef]:
+    for key, numbers in refs.iter_keys():
+        for number in numbers:
+            ref = refs.read_version(key, number)
+            if not ref.deleted:
+                yield ref
+
+
+def _versions(refs: Refs, damaged: dict[str, Damage]) -> Iterator[VersionRef]:
+    """Live versions; a ref that cannot be read is recorded as damage, not raised."""
+    for key, numbers in refs.iter_keys():
+        for number in numbers:
+            label = f"{key}@{number}"
+            try:
+                ref = refs.read_version(key, number)
+            except IntegrityError as err:
+                damaged[label] = Damage(label, f"ref: {err}")
+                continue
+            except NotFoundError:
+                continue  # removed while we listed
+            if not ref.deleted:
+                yield ref
+
+
+def verify_store(
+    refs: Refs,
+    chunks: ChunkStore,
+    load_manifest: Callable[[Digest], Manifest],
+    *,
+    deep: bool = False,
+    sample: float | None = None,
+    repair: bool = False,
+    workers: int = 4,
+    progress: ProgressFn | None = None,
+    rng: random.Random | None = None,
+) -> VerifyReport:
+    """Check the store; ``sample`` (a percentage) reads that share of chunks.
+
+    ``repair`` needs ``deep`` or ``sample``: only reading a chunk shows that
+    it is corrupt.
+    """
+    if sample is not None and not 0 < sample <= 100:
+        raise InvalidInputError(f"--sample takes a percentage in (0, 100], got {sample:g}")
+    if repair and not deep and sample is None:
+        raise InvalidInputError("--repair needs --deep or --sample: only reading finds corruption")
+    usage = _Usage()
+    damaged: dict[str, Damage] = {}
+    versions = 0
+    manifests: set[bytes] = set()
+    for ref in _versions(refs, damaged):
+        versions += 1
+        label = f"{ref.key}@{ref.number}"
+        assert ref.manifest_id is not None
+        try:
+            manifest = load_manifest(ref.manifest_id)
+        except CasError as err:
+            damaged[label] = Damage(label, f"manifest {ref.manifest_id.hex}: {err}")
+            continue
+        manifests.add(ref.manifest_id.raw)
+        for entry in manifest.entries:
+            for chunk in entry.chunks:
+                usage.add(chunk.digest, label, entry.path)
+                # A delta chunk is only as good as its chain of bases.
+                for base in chunk.bases:
+                    usage.add(base, label, entry.path)
+
+    present = {digest.raw for digest, _ in chunks.list_chunks()}
+    missing = [raw for raw in usage.by_chunk if raw not in present]
+    corrupt: list[bytes] = []
+    to_read: list[bytes] = []
+    if deep or sample is not None:
+        to_read = [raw for raw in usage.by_chunk if raw in present]
+        if sample is not None and sample < 100:
+            count = math.ceil(len(to_read) * sample / 100)
+            to_read = (rng or random.Random()).sample(to_read, count)
+        found = _read_all(chunks, to_read, workers, progress)
+        corrupt = [raw for raw, problem in found if problem == "corrupt"]
+        missing += [raw for raw, problem in found if problem == "missing"]
+
+    # Per damaged version: the chunks behind each kind of problem, and the files hit.
+    found_by_label: dict[str, dict[str, set[str]]] = {}
+    files_by_label: dict[str, set[str]] = {}
+    for problem, raws in (("missing", missing), ("corrupt", corrupt)):
+        for raw in raws:
+            for label, path in usage.by_chunk[raw]:
+                found_by_label.setdefault(label, {}).setdefault(problem, set()).add(raw.hex())
+                files_by_label.setdefault(label, set()).add(path)
+    for label, problems in found_by_label.items():
+        damaged[label] = Damage(label, _describe(problems), tuple(sorted(files_by_label[label])))
+
+    quarantined: list[tuple[str, str]] = []
+    reput: set[str] = set()
+    if repair:
+        for raw in corrupt:
+            moved = quarantine_chunk(chunks, Digest(raw))
+            if moved is not None:
+                quarantined.append((raw.hex(), moved))
+        # A missing chunk heals the same way as a quarantined one.
+        for raw in (*missing, *corrupt):
+            reput.update(label for label, _ in usage.by_chunk[raw])
+
+    return VerifyReport(
+        versions=versions,
+        manifests=len(manifests),
+        chunks_referenced=len(usage.by_chunk),
+        chunks_read=len(to_read),
+        missing_chunks=tuple(sorted(r.hex() for r in missing)),
+        corrupt_chunks=tuple(sorted(r.hex() for r in corrupt)),
+        damaged=tuple(damaged[k] for k in sorted(damaged)),
+        deep=deep or sample is not None,
+        sample=sample,
+        quarantined=tuple(sorted(quarantined)),
+        reput=tuple(sorted(reput)),
+    )
+
+
+def _read_all(
+    chunks: ChunkStore, raws: list[bytes], workers: int, progress: ProgressFn | None
+) -> list[tuple[bytes, str]]:
+    """Read and rehash chunks in parallel; (digest, "corrupt" | "missing") for the bad ones."""
+
+    def check(raw: bytes) -> tuple[bytes, str] | None:
+        try:
+            data = chunks.get(Digest(raw))
+        except MissingObjectError:
+            return raw, "missing"  # removed after the listing
+        except IntegrityError:
+            return raw, "corrupt"
+        if progress is not None:
+            progress(len(data))
+        return None
+
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cas-verify") as pool:
+        return [bad for bad in pool.map(check, raws) if bad is not None]
+
+
+def quarantine_chunk(chunks: ChunkStore, digest: Digest) -> str | None:
+    """Move a corrupt chunk to ``quarantine/``; its key, or None if it was gone or is fine now.
+
+    The stored bytes are copied first and the chunk deleted only after it
+    is read and found corrupt once more, so a good copy that a concurrent put
+    stored meanwhile is left alone.
+    """
+    backend = chunks.backend
+    key = layout.chunk_key(digest)
+    try:
+        blob = backend.get(key)
+    except NotFoundError:
+        return None
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = f"{QUARANTINE}{key}.{stamp}"
+    backend.put(target, blob)
+    try:
+        chunks.get(digest)
+    except MissingObjectError:
+        return target
+    except IntegrityError:
+        backend.delete([key])
+        return target
+    backend.delete([target])  # healed meanwhile: nothing to move
+    return None
+
+
+def _describe(problems: dict[str, set[str]]) -> str:
+    """'missing chunk <h>' for one chunk; counts and the first hash for several."""
+    parts = []
+    for problem in ("missing", "corrupt"):
+        hashes = sorted(problems.get(problem, ()))
+        if len(hashes) == 1:
+            parts.append(f"{problem} chunk {hashes[0]}")
+        elif hashes:
+            parts.append(f"{len(hashes)} {problem} chunks (first {hashes[0]})")
+    return ", ".join(parts)

@@ -1,0 +1,258 @@
+"""What changed between two versions: files, tensors inside safetensors files, and bytes.
+
+Files are compared by their recorded BLAKE3, so no data is read for them.
+For a ``.safetensors`` file that changed, the header of each side is read
+(its first chunk or two) and each tensor compared: first by the chunks that
+cover it (identical chunk runs at the same offset mean identical bytes, read
+nothing), and only when that cannot decide, by hashing the tensor's bytes.
+Byte counts are over distinct chunks: ``shared`` bytes are already in the
+old version, ``new`` bytes are what the new version added to it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..chunks._store import ChunkStore
+from ..digest import Digest, StreamingHasher
+from ..repository._manifest import Entry, Manifest
+from ..tensors._safetensors import StoredFile, TensorInfo, parse_header
+
+if TYPE_CHECKING:
+    from ..store import Store
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """Tensors of one safetensors file, old side against new side."""
+
+    changed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    unchanged: int = 0
+    metadata_changed: bool = False
+    error: str | None = None  # why tensors could not be compared
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "changed": list(self.changed),
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "unchanged": self.unchanged,
+            "metadata_changed": self.metadata_changed,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: str
+    status: str  # "added", "removed", "changed"
+    old_size: int | None = None
+    new_size: int | None = None
+    old_path: str | None = None  # a single-file artifact stored under another name
+    tensors: TensorDiff | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "path": self.path,
+            "status": self.status,
+            "old_size": self.old_size,
+            "new_size": self.new_size,
+        }
+        if self.old_path is not None:
+            out["old_path"] = self.old_path
+        if self.tensors is not None:
+            out["tensors"] = self.tensors.to_dict()
+        return out
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    old: str
+    new: str
+    changes: tuple[FileChange, ...] = ()
+    unchanged: int = 0
+    shared_bytes: int = 0  # bytes of distinct chunks of the new version also in the old one
+    new_bytes: int = 0  # bytes of distinct chunks of the new version not in the old one
+    dropped_bytes: int = 0  # bytes of distinct chunks of the old version not in the new one
+    metrics: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+
+    def of_status(self, status: str) -> list[FileChange]:
+        return [c for c in self.changes if c.status == status]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "old": self.old,
+            "new": self.new,
+            "added": [c.to_dict() for c in self.of_status("added")],
+            "removed": [c.to_dict() for c in self.of_status("removed")],
+            "changed": [c.to_dict() for c in self.of_status("changed")],
+            "unchanged": self.unchanged,
+            "shared_bytes": self.shared_bytes,
+            "new_bytes": self.new_bytes,
+            "dropped_bytes": self.dropped_bytes,
+            "metrics": {k: {"old": a, "new": b} for k, (a, b) in sorted(self.metrics.items())},
+        }
+
+
+# -- reading byte ranges of a stored file, chunk by chunk ---------------------------
+
+
+class _FileReader(StoredFile):
+    """A stored file read through a cache shared by both sides of a diff."""
+
+    def __init__(self, chunks: ChunkStore, entry: Entry, cache: _ChunkCache, label: str):
+        super().__init__(chunks, entry, label, fetch=lambda d, ctx: cache.get(chunks, d, ctx))
+
+    def covering(self, start: int, end: int) -> tuple[int, int]:
+        """Indexes [first, last] of the chunks holding bytes [start, end)."""
+        first = bisect.bisect_right(self.starts, start) - 1
+        last = bisect.bisect_right(self.starts, max(start, end - 1)) - 1
+        return max(first, 0), max(last, 0)
+
+    def signature(self, start: int, end: int) -> tuple[int, tuple[bytes, ...], int]:
+        """Identifies the bytes [start, end) by chunk digests: equal signatures, equal bytes."""
+        if end <= start:
+            return 0, (), 0
+        first, last = self.covering(start, end)
+        digests = tuple(c.digest.raw for c in self.entry.chunks[first : last + 1])
+        return start - self.starts[first], digests, end - start
+
+    def digest(self, start: int, end: int) -> Digest:
+        hasher = StreamingHasher()
+        for piece in self.pieces(start, end):
+            hasher.update(piece)
+        return hasher.digest()
+
+
+class _ChunkCache:
+    """The last few chunks read: a tensor's neighbours usually share its edge chunks."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, chunks: ChunkStore, digest: Digest, context: str) -> bytes:
+        data = self.items.get(digest.raw)
+        if data is None:
+            data = chunks.get(digest, context=context)
+            self.items[digest.raw] = data
+            if len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+        else:
+            self.items.move_to_end(digest.raw)
+        return data
+
+
+def read_safetensors_header(reader: _FileReader) -> tuple[dict[str, TensorInfo], Any]:
+    """Tensors by name, and the ``__metadata__`` object, of a stored safetensors file."""
+    header = parse_header(reader.read, reader.entry.size)
+    return {t.name: t for t in header.tensors}, header.metadata
+
+
+def diff_safetensors(old: _FileReader, new: _FileReader) -> TensorDiff:
+    try:
+        old_tensors, old_meta = read_safetensors_header(old)
+        new_tensors, new_meta = read_safetensors_header(new)
+    except (ValueError, KeyError, TypeError) as err:
+        return TensorDiff(error=f"not a readable safetensors file ({err})")
+    changed, unchanged = [], 0
+    for name in sorted(old_tensors.keys() & new_tensors.keys()):
+        a, b = old_tensors[name], new_tensors[name]
+        if (a.dtype, a.shape, a.end - a.start) != (b.dtype, b.shape, b.end - b.start):
+            changed.append(name)
+        elif old.signature(a.start, a.end) == new.signature(b.start, b.end):
+            unchanged += 1  # the same chunks at the same offsets: the same bytes, none read
+        elif old.digest(a.start, a.end) == new.digest(b.start, b.end):
+            unchanged += 1
+        else:
+            changed.append(name)
+    return TensorDiff(
+        changed=tuple(changed),
+        added=tuple(sorted(new_tensors.keys() - old_tensors.keys())),
+        removed=tuple(sorted(old_tensors.keys() - new_tensors.keys())),
+        unchanged=unchanged,
+        metadata_changed=old_meta != new_meta,
+    )
+
+
+# -- the diff ---------------------------------------------------------------------------
+
+
+def _comparable(manifest: Manifest) -> dict[str, Entry]:
+    return {e.path: e for e in manifest.entries if e.type in ("file", "symlink")}
+
+
+def _same(a: Entry, b: Entry) -> bool:
+    return (a.type, a.digest, a.target, a.mode) == (b.type, b.digest, b.target, b.mode)
+
+
+def _chunk_bytes(manifest: Manifest) -> dict[bytes, int]:
+    return {c.digest.raw: c.length for e in manifest.entries for c in e.chunks}
+
+
+def diff_manifests(
+    chunks: ChunkStore, old: Manifest, new: Manifest, *, old_label: str, new_label: str
+) -> DiffReport:
+    old_entries, new_entries = _comparable(old), _comparable(new)
+    renamed: dict[str, str] = {}
+    if old.kind == new.kind == "file" and len(old_entries) == len(new_entries) == 1:
+        # A single-file artifact: compare the file whatever it was called.
+        (old_path, entry), (new_path,) = next(iter(old_entries.items())), new_entries
+        if old_path != new_path:
+            old_entries = {new_path: entry}
+            renamed[new_path] = old_path
+    cache = _ChunkCache()
+    changes: list[FileChange] = []
+    unchanged = 0
+    for path in sorted(old_entries.keys() | new_entries.keys()):
+        a, b = old_entries.get(path), new_entries.get(path)
+        if a is None and b is not None:
+            changes.append(FileChange(path, "added", new_size=b.size))
+        elif b is None and a is not None:
+            changes.append(FileChange(path, "removed", old_size=a.size))
+        elif a is not None and b is not None:
+            if _same(a, b) and path not in renamed:
+                unchanged += 1
+                continue
+            tensors = None
+            if (
+                path.endswith(SAFETENSORS_SUFFIX)
+                and a.type == b.type == "file"
+                and a.digest != b.digest
+            ):
+                tensors = diff_safetensors(
+                    _FileReader(chunks, a, cache, old_label),
+                    _FileReader(chunks, b, cache, new_label),
+                )
+            changes.append(FileChange(path, "changed", a.size, b.size, renamed.get(path), tensors))
+    old_chunks, new_chunks = _chunk_bytes(old), _chunk_bytes(new)
+    names = old.metrics.keys() | new.metrics.keys()
+    return DiffReport(
+        old=old_label,
+        new=new_label,
+        changes=tuple(changes),
+        unchanged=unchanged,
+        shared_bytes=sum(n for d, n in new_chunks.items() if d in old_chunks),
+        new_bytes=sum(n for d, n in new_chunks.items() if d not in old_chunks),
+        dropped_bytes=sum(n for d, n in old_chunks.items() if d not in new_chunks),
+        metrics={k: (old.metrics.get(k), new.metrics.get(k)) for k in names},
+    )
+
+
+def diff(store: Store, old_ref: str, new_ref: str) -> DiffReport:
+    """Compare two versions (any refs, of one key or of two)."""
+    sides = []
+    for text in (old_ref, new_ref):
+        ref = store.resolve(text)
+        assert ref.manifest_id is not None
+        sides.append((f"{ref.key}@{ref.number}", store.load_manifest(ref.manifest_id)))
+    (old_label, old), (new_label, new) = sides
+    return diff_manifests(store.chunks, old, new, old_label=old_label, new_label=new_label)

@@ -1,0 +1,182 @@
+"""Retention by policy: keep the versions a rule asks for, delete the rest of a key.
+
+Rules add up: a version is kept when any rule keeps it (the last N, the N
+best by a metric, the tagged ones, the ancestors of a ref). Deleting goes
+through :meth:`Store.delete`, which writes tombstones; prune never touches
+chunks or manifests -- garbage collection reclaims them later, after its
+grace period.
+
+The bytes reported are those the next GC can reclaim because of this prune:
+chunks used by the deleted versions and by no version that stays, anywhere
+in the store (not the deleted versions' logical size, which dedup makes
+meaningless). Their manifests are counted too when nothing else uses them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..digest import Digest
+from ..errors import InvalidInputError, NotFoundError
+from ..repository import _layout as layout
+from .lineage import lineage
+from .query import catalog
+
+if TYPE_CHECKING:
+    from ..store import Store, Version
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_last: int | None = None
+    keep_best: int | None = None
+    metric: str | None = None
+    direction: Literal["min", "max"] | None = None
+    keep_tagged: bool = False
+    keep_ancestors_of: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise InvalidInputError(f"--keep-last must be at least 1, got {self.keep_last}")
+        if self.keep_best is not None:
+            if self.keep_best < 1:
+                raise InvalidInputError(f"--keep-best must be at least 1, got {self.keep_best}")
+            if not self.metric:
+                raise InvalidInputError("--keep-best needs --metric NAME")
+            if self.direction not in ("min", "max"):
+                raise InvalidInputError(
+                    "--keep-best needs --min (lower is better) or --max (higher is better)"
+                )
+        elif self.metric or self.direction:
+            raise InvalidInputError("--metric, --min and --max go with --keep-best N")
+        if not (self.keep_last or self.keep_best or self.keep_tagged or self.keep_ancestors_of):
+            raise InvalidInputError(
+                "no retention rule given: pass --keep-last, --keep-best, --keep-tagged or "
+                "--keep-ancestors-of (prune refuses to delete every version of a key; "
+                "use `cas rm --all KEY` for that)"
+            )
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    key: str
+    kept: tuple[Version, ...]
+    reasons: dict[str, tuple[str, ...]]  # ref -> why it is kept
+    deleted: tuple[Version, ...]
+    reclaimable_bytes: int  # raw bytes of chunks only the deleted versions use
+    reclaimable_stored_bytes: int  # what those chunks and manifests occupy in the store
+    reclaimable_chunks: int
+    dry_run: bool
+    skipped: tuple[str, ...] = field(default=())  # became tagged meanwhile, so kept
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "dry_run": self.dry_run,
+            "kept": [{"ref": v.ref, "reasons": list(self.reasons[v.ref])} for v in self.kept],
+            "deleted": [v.ref for v in self.deleted],
+            "skipped": list(self.skipped),
+            "reclaimable_bytes": self.reclaimable_bytes,
+            "reclaimable_stored_bytes": self.reclaimable_stored_bytes,
+            "reclaimable_chunks": self.reclaimable_chunks,
+        }
+
+
+def select(store: Store, versions: Sequence[Version], policy: Policy) -> dict[str, list[str]]:
+    """Ref -> reasons, for every version of ``versions`` (newest first) that a rule keeps."""
+    reasons: dict[str, list[str]] = {}
+
+    def keep(version: Version, why: str) -> None:
+        reasons.setdefault(version.ref, []).append(why)
+
+    if policy.keep_last:
+        for version in versions[: policy.keep_last]:
+            keep(version, f"last {policy.keep_last}")
+    if policy.keep_best and policy.metric:
+        metric = policy.metric
+        ranked = [v for v in versions if metric in v.metrics]
+        ranked.sort(key=lambda v: v.metrics[metric], reverse=policy.direction == "max")
+        for version in ranked[: policy.keep_best]:
+            keep(version, f"best {policy.keep_best} by {policy.direction} {metric}")
+    if policy.keep_tagged:
+        for version in versions:
+            if version.tags:
+                keep(version, "tagged " + ", ".join(version.tags))
+    for ref in policy.keep_ancestors_of:
+        graph = lineage(store, ref)
+        wanted = {graph.root, *graph.ancestors}
+        for version in versions:
+            if version.ref in wanted:
+                keep(version, f"ancestor of {graph.root}" if version.ref != graph.root else "named")
+    return reasons
+
+
+def prune(store: Store, key: str, policy: Policy, *, dry_run: bool = False) -> PruneReport:
+    layout.check_key(key)
+    versions = store.log(key)  # newest first; RefNotFoundError if none
+    reasons = select(store, versions, policy)
+    kept = tuple(v for v in versions if v.ref in reasons)
+    doomed = tuple(v for v in versions if v.ref not in reasons)
+    raw, stored, count = reclaimable(store, doomed)
+    skipped: list[str] = []
+    deleted: list[Version] = []
+    if not dry_run:
+        for version in doomed:
+            try:
+                # With --keep-tagged, a version tagged since we looked is kept:
+                # delete refuses it without force.
+                deleted.append(store.delete(version.ref, force=not policy.keep_tagged))
+            except InvalidInputError:
+                skipped.append(version.ref)
+            except NotFoundError:
+                continue  # deleted meanwhile by someone else
+    return PruneReport(
+        key=key,
+        kept=kept,
+        reasons={ref: tuple(why) for ref, why in reasons.items()},
+        deleted=doomed if dry_run else tuple(deleted),
+        reclaimable_bytes=raw,
+        reclaimable_stored_bytes=stored,
+        reclaimable_chunks=count,
+        dry_run=dry_run,
+        skipped=tuple(skipped),
+    )
+
+
+def reclaimable(store: Store, doomed: Sequence[Version]) -> tuple[int, int, int]:
+    """(raw bytes, stored bytes, chunk count) that deleting ``doomed`` frees at the next GC."""
+    if not doomed:
+        return 0, 0, 0
+    doomed_refs = {v.ref for v in doomed}
+    doomed_manifests = {v.manifest_id for v in doomed}
+    others = {v.manifest_id for v in catalog(store) if v.ref not in doomed_refs}
+    load = store.load_manifest
+
+    with ThreadPoolExecutor(store.workers, thread_name_prefix="cas-prune") as pool:
+        candidates: dict[bytes, int] = {}
+        for manifest in pool.map(lambda m: load(Digest.parse(m)), sorted(doomed_manifests)):
+            for entry in manifest.entries:
+                for chunk in entry.chunks:
+                    candidates[chunk.digest.raw] = chunk.length
+        # A manifest that a kept version shares is not going anywhere.
+        for manifest in pool.map(lambda m: load(Digest.parse(m)), sorted(others)):
+            for entry in manifest.entries:
+                for chunk in entry.chunks:
+                    candidates.pop(chunk.digest.raw, None)
+            if not candidates:
+                break
+        freed_manifests = [Digest.parse(m) for m in doomed_manifests - others]
+        keys = [layout.chunk_key(Digest(raw)) for raw in candidates]
+        keys += [layout.manifest_key(m) for m in freed_manifests]
+        stored = sum(pool.map(lambda k: _stored_size(store, k), keys))
+    return sum(candidates.values()), stored, len(candidates)
+
+
+def _stored_size(store: Store, object_key: str) -> int:
+    try:
+        return store.backend.stat(object_key).size
+    except NotFoundError:
+        return 0  # already gone (a damaged store): nothing to reclaim

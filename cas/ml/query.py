@@ -1,0 +1,240 @@
+"""Queries over many versions, answered from refs alone: ``find`` and the catalog under it.
+
+One listing of ``refs/<prefix>`` yields every version ref and every tag under
+a prefix; each version ref carries its summary (see :mod:`cas.repository._metadata`), so
+a query reads small ref objects and never a manifest, except for versions
+whose ref has no summary (written before summaries existed), whose manifest
+is read instead. Nothing is cached between calls, so a query can never be
+stale; on the local backend 10,000 versions take well under a second (see
+``scripts/bench_queries.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InvalidInputError, RefNotFoundError
+from ..repository import _layout as layout
+from ..repository._metadata import ARTIFACT_TYPES, DEFAULT_TYPE
+
+if TYPE_CHECKING:
+    from ..store import Store, Version
+
+# Reading refs is one small GET each: a pool hides the latency of object
+# stores; on a local disk it costs little.
+_BATCH = 256
+
+
+def iter_refs(
+    store: Store, prefix: str = ""
+) -> Iterator[tuple[str, list[int], dict[int, list[str]]]]:
+    """(key, version numbers, tags by version number) for every key under ``prefix``, sorted.
+
+    One listing serves versions and tags alike; tag objects are read here
+    (they are few), version refs by the caller.
+    """
+    current: str | None = None
+    numbers: list[int] = []
+    tag_names: list[str] = []
+
+    def flush(key: str) -> tuple[str, list[int], dict[int, list[str]]]:
+        tags: dict[int, list[str]] = {}
+        for tag in sorted(tag_names):
+            try:
+                tags.setdefault(store.refs.read_tag(key, tag), []).append(tag)
+            except RefNotFoundError:
+                continue  # removed while we listed
+        return key, numbers, tags
+
+    for info in store.backend.list_objects(layout.REFS + prefix):
+        parsed = layout.parse_ref_key(info.key)
+        if parsed is None:
+            continue
+        if parsed.key != current:
+            if current is not None:
+                yield flush(current)
+            current, numbers, tag_names = parsed.key, [], []
+        if parsed.version is not None:
+            numbers.append(parsed.version)
+        elif parsed.tag is not None:
+            tag_names.append(parsed.tag)
+    if current is not None:
+        yield flush(current)
+
+
+def catalog(store: Store, prefix: str = "") -> list[Version]:
+    """Every live version under ``prefix``, with current tags; by key, then newest first."""
+    jobs: list[tuple[str, int, dict[int, list[str]]]] = []
+    for key, numbers, tags in iter_refs(store, prefix):
+        jobs.extend((key, number, tags) for number in reversed(numbers))
+
+    def read(job: tuple[str, int, dict[int, list[str]]]) -> Version | None:
+        key, number, tags = job
+        try:
+            ref = store.refs.read_version(key, number)
+        except RefNotFoundError:
+            return None  # removed while we listed
+        if ref.deleted:
+            return None
+        return store._version(ref, store.summary(ref), tags=tags)
+
+    def read_batch(batch: Sequence[tuple[str, int, dict[int, list[str]]]]) -> list[Version]:
+        return [v for v in map(read, batch) if v is not None]
+
+    # Batches, not one task per ref: a future per small read costs more than the read.
+    batches = [jobs[i : i + _BATCH] for i in range(0, len(jobs), _BATCH)]
+    if len(batches) <= 1 or store.workers <= 1:
+        return [v for batch in batches for v in read_batch(batch)]
+    with ThreadPoolExecutor(store.workers, thread_name_prefix="cas-query") as pool:
+        return [v for done in pool.map(read_batch, batches) for v in done]
+
+
+# -- filters ------------------------------------------------------------------------
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+    "=": operator.eq,
+}
+_CONDITION = re.compile(r"\s*([A-Za-z0-9_.\-/]+)\s*(<=|>=|==|!=|<|>|=)\s*([^\s<>=!]+)\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """``METRIC OP NUMBER``, e.g. ``loss<0.3``; a version without the metric never matches."""
+
+    metric: str
+    op: str
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        match = _CONDITION.fullmatch(text)
+        if match is None:
+            raise InvalidInputError(
+                f"--where {text!r}: expected METRIC OP NUMBER with OP one of "
+                "< <= > >= == !=, e.g. 'loss<0.3'"
+            )
+        name, op, raw = match.groups()
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InvalidInputError(f"--where {text!r}: {raw!r} is not a number") from None
+        return cls(name, op, value)
+
+    def __call__(self, version: Version) -> bool:
+        number = version.metrics.get(self.metric)
+        return number is not None and _OPS[self.op](number, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_meta_value(text: str) -> Any:
+    """A ``--meta`` value: JSON when it parses (numbers, true, lists), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _lookup(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    # Exact key first: metadata keys may themselves contain dots.
+    if dotted in data:
+        return True, data[dotted]
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def meta_matches(version: Version, name: str, raw: str) -> bool:
+    """Whether ``name`` (a typed field, a label or a metadata key, dotted for nesting) is ``raw``.
+
+    The value matches as JSON (``--meta epochs=3`` finds the number 3) or as
+    its text (``--meta commit=0123`` finds the string "0123").
+    """
+    wanted = parse_meta_value(raw)
+    candidates: list[Any] = []
+    if name in ("type",):
+        candidates.append(version.artifact.get("type", DEFAULT_TYPE))
+    elif name in version.artifact and name != "labels":
+        candidates.append(version.artifact[name])
+    labels = version.artifact.get("labels") or {}
+    if name in labels:
+        candidates.append(labels[name])
+    found, value = _lookup(version.metadata, name)
+    if found:
+        candidates.append(value)
+    return any(c == wanted or (isinstance(c, str) and c == raw) for c in candidates)
+
+
+@dataclass(frozen=True)
+class Query:
+    """What ``cas find`` asks for; every criterion must hold."""
+
+    prefix: str = ""
+    type: str | None = None
+    tags: Sequence[str] = ()
+    meta: Sequence[tuple[str, str]] = ()
+    where: Sequence[Condition] = ()
+    sort: str | None = None
+    descending: bool = False
+    limit: int | None = None
+    latest_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type is not None and self.type not in ARTIFACT_TYPES:
+            raise InvalidInputError(
+                f"unknown artifact type {self.type!r}; use one of {', '.join(ARTIFACT_TYPES)}"
+            )
+        if self.limit is not None and self.limit < 1:
+            raise InvalidInputError(f"--limit must be at least 1, got {self.limit}")
+        for tag in self.tags:
+            layout.check_tag(tag)
+
+    def matches(self, version: Version) -> bool:
+        if self.type is not None and version.artifact.get("type", DEFAULT_TYPE) != self.type:
+            return False
+        if any(tag not in version.tags for tag in self.tags):
+            return False
+        if not all(meta_matches(version, name, raw) for name, raw in self.meta):
+            return False
+        return all(condition(version) for condition in self.where)
+
+
+def find(store: Store, query: Query) -> list[Version]:
+    """Live versions matching ``query``: newest first, or by a metric with ``sort``."""
+    versions = catalog(store, query.prefix)
+    if query.latest_only:
+        seen: set[str] = set()
+        latest = []
+        for version in versions:  # by key, newest first: the first of each key is its latest
+            if version.key not in seen:
+                seen.add(version.key)
+                latest.append(version)
+        versions = latest
+    hits = [v for v in versions if query.matches(v)]
+    if query.sort is None:
+        hits.sort(key=lambda v: (v.created, v.key, v.number), reverse=True)
+    else:
+        metric = query.sort
+        with_metric = [v for v in hits if metric in v.metrics]
+        with_metric.sort(key=lambda v: v.metrics[metric], reverse=query.descending)
+        # Versions without the metric cannot be ranked: after the others, newest first.
+        without = [v for v in hits if metric not in v.metrics]
+        without.sort(key=lambda v: (v.created, v.key, v.number), reverse=True)
+        hits = with_metric + without
+    return hits[: query.limit] if query.limit is not None else hits

@@ -1,0 +1,304 @@
+"""Manifests: what one version of a key is made of.
+
+A manifest is canonical JSON (sorted keys, compact separators, UTF-8, no NaN
+or infinity), framed with zstd. Its id is the BLAKE3 of those stored bytes,
+so the same content always gets the same id and a changed byte is detected.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import zstandard
+
+from .._zstd import zstd_compressor, zstd_decompressor
+from ..digest import Digest
+from ..errors import CorruptObjectError, InvalidInputError, UnsafePathError
+
+SCHEMA_VERSION = 1
+#: The schema of a manifest with delta chunks, whose entries list their bases:
+#: a reader that knows only schema 1 refuses it cleanly instead of
+#: misreading a chunk entry. Manifests without deltas keep schema 1 (and ids).
+DELTA_SCHEMA = 2
+SCHEMAS = (SCHEMA_VERSION, DELTA_SCHEMA)
+EntryType = Literal["file", "dir", "symlink"]
+ArtifactKind = Literal["file", "directory"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRef:
+    """One chunk of a file, in file order: its hash and its raw (decoded) length."""
+
+    digest: Digest
+    length: int
+    #: For a chunk stored as a delta: its base, the base's base, and so on
+    #: down to a chunk stored whole. Recorded so that garbage collection
+    #: keeps the chain alive from manifests alone, whoever else uses it.
+    bases: tuple[Digest, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One file, directory or symlink of an artifact, by relative POSIX path."""
+
+    path: str
+    type: EntryType
+    mode: int
+    size: int = 0
+    digest: Digest | None = None  # BLAKE3 of the whole file
+    chunks: tuple[ChunkRef, ...] = ()
+    target: str | None = None  # symlink target, relative
+
+    def chunk_offsets(self) -> list[int]:
+        """Where each chunk starts in the file, in order (for bisecting a byte range)."""
+        offsets, position = [], 0
+        for chunk in self.chunks:
+            offsets.append(position)
+            position += chunk.length
+        return offsets
+
+
+@dataclass(frozen=True, slots=True)
+class Parent:
+    """A version this one derives from (lineage)."""
+
+    key: str
+    version: int
+    manifest_id: Digest
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What one version holds: its entries, lineage, tags, metrics and metadata."""
+
+    key: str
+    kind: ArtifactKind
+    created: str  # RFC 3339, UTC
+    entries: tuple[Entry, ...]
+    parents: tuple[Parent, ...] = ()
+    tags: tuple[str, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    message: str = ""
+    # Typed artifact record (type, job, algorithm, ...; see cas/repository/_metadata.py).
+    # Optional in the JSON: written only when non-empty, so manifests made
+    # before it existed, and their ids, stay exactly as they were.
+    artifact: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+    @property
+    def file_count(self) -> int:
+        return sum(1 for e in self.entries if e.type == "file")
+
+    @property
+    def only_file(self) -> Entry | None:
+        """The file of a one-file artifact (kind "file"), which answers to any name."""
+        if self.kind != "file":
+            return None
+        files = [e for e in self.entries if e.type == "file"]
+        return files[0] if len(files) == 1 else None
+
+    def to_bytes(self) -> bytes:
+        return zstd_compressor(3).compress(canonical_json(self.to_dict()))
+
+    def to_dict(self) -> dict[str, Any]:
+        deltas = any(c.bases for e in self.entries for c in e.chunks)
+        out = {
+            "schema": DELTA_SCHEMA if deltas else SCHEMA_VERSION,
+            "key": self.key,
+            "kind": self.kind,
+            "created": self.created,
+            "parents": [
+                {"key": p.key, "version": p.version, "manifest": p.manifest_id.hex}
+                for p in self.parents
+            ],
+            "tags": list(self.tags),
+            "metrics": dict(self.metrics),
+            "metadata": dict(self.metadata),
+            "message": self.message,
+            "entries": [_entry_to_dict(e) for e in self.entries],
+        }
+        if self.artifact:
+            out["artifact"] = dict(self.artifact)
+        return out
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, *, name: str = "manifest") -> Manifest:
+        try:
+            data = json.loads(zstd_decompressor().decompress(blob, max_output_size=1 << 31))
+        except (zstandard.ZstdError, ValueError) as err:
+            raise CorruptObjectError(f"{name}: cannot be read ({err})") from None
+        return cls.from_dict(data, name=name)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, name: str = "manifest") -> Manifest:
+        schema = data.get("schema") if isinstance(data, Mapping) else None
+        if schema not in SCHEMAS:
+            raise CorruptObjectError(f"{name}: unsupported manifest schema {schema!r}")
+        try:
+            return cls(
+                key=str(data["key"]),
+                kind=data["kind"],
+                created=str(data["created"]),
+                parents=tuple(
+                    Parent(str(p["key"]), int(p["version"]), Digest.parse(p["manifest"]))
+                    for p in data["parents"]
+                ),
+                tags=tuple(str(t) for t in data["tags"]),
+                metrics=dict(data["metrics"]),
+                metadata=dict(data["metadata"]),
+                message=str(data["message"]),
+                entries=tuple(_entry_from_dict(e) for e in data["entries"]),
+                artifact=dict(data.get("artifact") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None
+
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, UTF-8; NaN and infinity are refused."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
+
+
+def check_metric(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInputError(f"metric {name!r} must be a finite number, got {value!r}")
+    return value
+
+
+def _entry_to_dict(entry: Entry) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": entry.path, "type": entry.type, "mode": entry.mode}
+    if entry.type == "file":
+        assert entry.digest is not None
+        out["size"] = entry.size
+        out["blake3"] = entry.digest.hex
+        out["chunks"] = [_chunk_to_list(c) for c in entry.chunks]
+    elif entry.type == "symlink":
+        out["target"] = entry.target
+    return out
+
+
+def _chunk_to_list(chunk: ChunkRef) -> list[Any]:
+    if chunk.bases:
+        return [chunk.digest.hex, chunk.length, [b.hex for b in chunk.bases]]
+    return [chunk.digest.hex, chunk.length]
+
+
+def _chunk_from_list(item: Any) -> ChunkRef:
+    """``[hash, length]``, or ``[hash, length, [base, ...]]`` for a delta chunk."""
+    if not isinstance(item, list) or len(item) not in (2, 3):
+        raise ValueError(f"chunk entry {item!r} is not [hash, length(, bases)]")
+    bases = tuple(Digest.parse(h) for h in item[2]) if len(item) == 3 else ()
+    return ChunkRef(Digest.parse(item[0]), int(item[1]), bases)
+
+
+def _entry_from_dict(data: Mapping[str, Any]) -> Entry:
+    kind = data["type"]
+    if kind == "file":
+        chunks = tuple(_chunk_from_list(c) for c in data["chunks"])
+        return Entry(
+            path=str(data["path"]),
+            type="file",
+            mode=int(data["mode"]),
+            size=int(data["size"]),
+            digest=Digest.parse(data["blake3"]),
+            chunks=chunks,
+        )
+    if kind == "dir":
+        return Entry(path=str(data["path"]), type="dir", mode=int(data["mode"]))
+    if kind == "symlink":
+        return Entry(
+            path=str(data["path"]),
+            type="symlink",
+            mode=int(data["mode"]),
+            target=str(data["target"]),
+        )
+    raise ValueError(f"unknown entry type {kind!r}")
+
+
+def check_relative_path(path: str) -> str:
+    """Refuse paths that could write outside a destination: absolute, '..', empty parts."""
+    if not path or "\x00" in path or "\\" in path:
+        raise UnsafePathError(f"unsafe path in artifact: {path!r}")
+    if path.startswith("/"):
+        raise UnsafePathError(f"absolute path in artifact: {path!r}")
+    parts = path.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise UnsafePathError(f"path with '..', '.' or an empty part in artifact: {path!r}")
+    return path
+
+
+def check_link_target(path: str, target: str) -> str:
+    """Refuse a symlink whose target is absolute or resolves outside the artifact's tree."""
+    if not target or target.startswith("/") or "\x00" in target:
+        raise UnsafePathError(f"symlink {path!r} points outside the artifact ({target!r})")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise UnsafePathError(f"symlink {path!r} points outside the artifact ({target!r})")
+    return target
+
+
+def check_entries(entries: tuple[Entry, ...]) -> None:
+    """Validate every path and link of a manifest before anything is written."""
+    seen: set[str] = set()
+    links: set[str] = set()
+    for entry in entries:
+        check_relative_path(entry.path)
+        if entry.path in seen:
+            raise UnsafePathError(f"path appears twice in artifact: {entry.path!r}")
+        seen.add(entry.path)
+        if entry.type == "symlink":
+            check_link_target(entry.path, entry.target or "")
+            links.add(entry.path)
+    # Nothing may sit below a symlink: writing it would follow the link.
+    for entry in entries:
+        parts = entry.path.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in links:
+                raise UnsafePathError(f"path {entry.path!r} lies below a symlink in artifact")
+    # Each link alone stays inside, but a chain can still leave the tree
+    # ("a/b -> ../.." then "z -> a/b/.."): resolve every link through the others.
+    targets = {e.path: e.target or "" for e in entries if e.type == "symlink"}
+    for path, target in targets.items():
+        _resolve_inside(targets, path.split("/")[:-1], target, path, 0)
+
+
+_MAX_LINK_HOPS = 40  # as the kernel's own limit on nested links
+
+
+def _resolve_inside(
+    links: Mapping[str, str], base: list[str], target: str, origin: str, hops: int
+) -> list[str]:
+    """Resolve ``target`` from directory ``base`` through the artifact's own links.
+
+    Returns the resolved path as parts; raises UnsafePathError if any step goes
+    above the root of the artifact or the links loop.
+    """
+    if hops > _MAX_LINK_HOPS:
+        raise UnsafePathError(f"symlink {origin!r} is part of a loop of links")
+    parts = list(base)
+    for component in target.split("/"):
+        if component in ("", "."):
+            continue
+        if component == "..":
+            if not parts:
+                raise UnsafePathError(
+                    f"symlink {origin!r} leads outside the artifact through other links"
+                )
+            parts.pop()
+            continue
+        parts.append(component)
+        joined = "/".join(parts)
+        if joined in links:
+            parts = _resolve_inside(links, parts[:-1], links[joined], origin, hops + 1)
+    return parts

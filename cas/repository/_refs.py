@@ -1,0 +1,184 @@
+"""Versions and tags of logical keys.
+
+A version ref ``refs/<key>/@v/<N>`` is created only-if-absent: that write is
+the commit point of a put, and two writers racing for N both succeed, one of
+them with N+1. Deleting a version overwrites its ref with a tombstone instead
+of removing it, so a number is never handed out twice. Tags are small
+mutable objects ``refs/<key>/@t/<tag>`` naming a version number.
+
+A version ref may also carry a ``summary``: the manifest's metadata without
+its file list (see :mod:`cas.repository._metadata`), so that log, find and lineage read
+refs only. It is written in the same create-only write as the ref, so it is
+exactly as committed as the version; refs without one stay valid and readers
+fall back to the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..backends.base import Backend
+from ..digest import Digest
+from ..errors import AlreadyExistsError, CorruptObjectError, NotFoundError, RefNotFoundError
+from . import _layout as layout
+from ._manifest import canonical_json
+
+
+def utc_now() -> str:
+    # Imported here: reading a store never needs it, and every get would pay for it.
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRef:
+    """A version as its ref records it: the manifest it commits (None once deleted)."""
+
+    key: str
+    number: int
+    manifest_id: Digest | None  # None: deleted
+    created: str
+    # None: not recorded (older refs, or too large), read the manifest instead.
+    # Left out of == and hash: it is derived from the manifest, and a dict is unhashable.
+    summary: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def deleted(self) -> bool:
+        return self.manifest_id is None
+
+
+class Refs:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # -- versions --------------------------------------------------------------
+
+    def version_numbers(self, key: str) -> list[int]:
+        """Every version number ever given to ``key``, deleted ones included, ascending."""
+        numbers = []
+        for info in self.backend.list_objects(layout.versions_prefix(key)):
+            name = info.key.rpartition("/")[2]
+            if name.isdigit():
+                numbers.append(int(name))
+        return sorted(numbers)
+
+    def read_version(self, key: str, number: int) -> VersionRef:
+        object_key = layout.version_key(key, number)
+        try:
+            blob = self.backend.get(object_key)
+        except NotFoundError:
+            raise RefNotFoundError(f"version {key}@{number} does not exist") from None
+        try:
+            data = json.loads(blob)
+            manifest = data.get("manifest")
+            summary = data.get("summary") if manifest else None
+            return VersionRef(
+                key,
+                number,
+                Digest.parse(manifest) if manifest else None,
+                str(data["created"]),
+                summary if isinstance(summary, dict) else None,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
+
+    def live_versions(self, key: str, *, newest_first: bool = False) -> Iterator[VersionRef]:
+        numbers = self.version_numbers(key)
+        for number in reversed(numbers) if newest_first else numbers:
+            try:
+                ref = self.read_version(key, number)
+            except RefNotFoundError:
+                continue  # removed while we listed
+            if not ref.deleted:
+                yield ref
+
+    def latest(self, key: str) -> VersionRef:
+        for ref in self.live_versions(key, newest_first=True):
+            return ref
+        raise RefNotFoundError(f"key {key!r} has no versions")
+
+    def create_next(
+        self, key: str, manifest_id: Digest, *, summary: Mapping[str, Any] | None = None
+    ) -> VersionRef:
+        """Commit a new version: create ``refs/<key>/@v/<N>`` only if absent, N = last + 1."""
+        numbers = self.version_numbers(key)
+        number = (numbers[-1] if numbers else 0) + 1
+        created = utc_now()
+        fields: dict[str, Any] = {"manifest": manifest_id.hex, "created": created}
+        if summary is not None:
+            fields["summary"] = dict(summary)
+        body = canonical_json(fields)
+        while True:
+            object_key = layout.version_key(key, number)
+            try:
+                self.backend.put(object_key, body, if_absent=True)
+            except AlreadyExistsError:
+                # A retried request whose first attempt succeeded sees its own
+                # write: the body (with its microsecond timestamp) says so.
+                if not self._holds(object_key, body):
+                    number += 1  # another writer took it: the next one is ours to try
+                    continue
+            self.backend.flush()  # the commit is durable before anyone is told of it
+            return VersionRef(key, number, manifest_id, created, fields.get("summary"))
+
+    def _holds(self, object_key: str, body: bytes) -> bool:
+        try:
+            return self.backend.get(object_key) == body
+        except NotFoundError:
+            return False
+
+    def mark_deleted(self, ref: VersionRef) -> None:
+        body = canonical_json({"manifest": None, "created": ref.created, "deleted": utc_now()})
+        self.backend.put(layout.version_key(ref.key, ref.number), body)
+
+    # -- tags ------------------------------------------------------------------
+
+    def tags(self, key: str) -> dict[str, int]:
+        """Tag name -> version number, for every tag of ``key``."""
+        out: dict[str, int] = {}
+        for info in self.backend.list_objects(layout.tags_prefix(key)):
+            tag = info.key.rpartition("/")[2]
+            try:
+                out[tag] = self.read_tag(key, tag)
+            except RefNotFoundError:
+                continue
+        return out
+
+    def read_tag(self, key: str, tag: str) -> int:
+        object_key = layout.tag_key(key, tag)
+        try:
+            data = json.loads(self.backend.get(object_key))
+            return int(data["version"])
+        except NotFoundError:
+            raise RefNotFoundError(f"tag {key}:{tag} does not exist") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
+
+    def set_tag(self, key: str, tag: str, number: int) -> None:
+        body = canonical_json({"version": number, "created": utc_now()})
+        self.backend.put(layout.tag_key(key, tag), body)
+
+    def remove_tag(self, key: str, tag: str) -> None:
+        self.backend.delete([layout.tag_key(key, tag)])
+
+    # -- keys ------------------------------------------------------------------
+
+    def iter_keys(self, prefix: str = "") -> Iterator[tuple[str, list[int]]]:
+        """Yield (key, version numbers) for every key starting with ``prefix``, sorted."""
+        current: str | None = None
+        numbers: list[int] = []
+        for info in self.backend.list_objects(layout.REFS + prefix):
+            parsed = layout.parse_ref_key(info.key)
+            if parsed is None or parsed.version is None or not parsed.key.startswith(prefix):
+                continue
+            if parsed.key != current:
+                if current is not None:
+                    yield current, numbers
+                current, numbers = parsed.key, []
+            numbers.append(parsed.version)
+        if current is not None:
+            yield current, numbers

@@ -1,0 +1,159 @@
+"""The store's ``config`` object: format version, chunker, codec.
+
+Written once, create-only, when a store is initialised; every later open
+reads it and refuses a format it does not know.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..backends.base import Backend
+from ..backends.local import LocalBackend
+from ..chunks import _codec as codec
+from ..chunks._chunking import ChunkerParams
+from ..chunks._store import MAX_CHAIN
+from ..errors import (
+    AlreadyExistsError,
+    InvalidInputError,
+    NotAStoreError,
+    NotFoundError,
+    StoreError,
+    UnsupportedFormatError,
+)
+from ..repository import _layout as layout
+from ..repository._manifest import canonical_json
+from ..repository._refs import utc_now
+
+#: Entropy coders of the exponent streams of tensor chunks, the default first.
+ENTROPY_CODERS = ("huffman", "fse")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """A store's fixed settings, as its ``config`` object records them."""
+
+    chunker: ChunkerParams = field(default_factory=ChunkerParams)
+    zstd_level: int = codec.DEFAULT_LEVEL
+    store_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: str = field(default_factory=utc_now)
+    format: int = layout.FORMAT_VERSION
+    #: Longest delta chain writers make: reads to rebuild a chunk (1: no deltas).
+    max_delta_reads: int = codec.DEFAULT_DELTA_READS
+    #: Entropy coder of the exponent streams of tensor chunks: "huffman"
+    #: (zstd, fastest to decode) or "fse" (smaller; needs format 2).
+    entropy: str = "huffman"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_delta_reads <= MAX_CHAIN:
+            raise InvalidInputError(
+                f"delta chains of {self.max_delta_reads} reads: choose 1 (no deltas) to {MAX_CHAIN}"
+            )
+        if self.entropy not in ENTROPY_CODERS:
+            raise InvalidInputError(
+                f"entropy coder {self.entropy!r}: choose one of {', '.join(ENTROPY_CODERS)}"
+            )
+        if self.holds_fse and self.format < layout.FSE_FORMAT:
+            raise InvalidInputError(f"entropy coder 'fse' needs store format {layout.FSE_FORMAT}")
+
+    @classmethod
+    def create(cls, *, entropy: str = "huffman") -> StoreConfig:
+        """The config of a new store: the oldest format that holds what it asks for."""
+        version = layout.FSE_FORMAT if entropy == "fse" else layout.FORMAT_VERSION
+        return cls(entropy=entropy, format=version)
+
+    @property
+    def holds_fse(self) -> bool:
+        """Whether writers code the exponent streams of tensor chunks with FSE."""
+        return self.entropy == "fse"
+
+    def to_bytes(self) -> bytes:
+        data: dict[str, Any] = {
+            "format": self.format,
+            "id": self.store_id,
+            "created": self.created,
+            "chunker": self.chunker.to_dict(),
+            "codec": {"name": "zstd", "level": self.zstd_level},
+        }
+        if self.holds_fse:
+            data["codec"]["entropy"] = self.entropy
+        # Written only when set, so a default config stays as it always was.
+        if self.max_delta_reads != codec.DEFAULT_DELTA_READS:
+            data["delta"] = {"max_reads": self.max_delta_reads}
+        return canonical_json(data)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, where: str) -> StoreConfig:
+        try:
+            data: dict[str, Any] = json.loads(blob)
+            version = data["format"]
+        except (ValueError, KeyError, TypeError):
+            raise NotAStoreError(f"{where} has a config that is not a cas store config") from None
+        if version not in layout.READABLE_FORMATS or isinstance(version, bool):
+            known = " and ".join(map(str, layout.READABLE_FORMATS))
+            raise UnsupportedFormatError(
+                f"{where} is a cas store of format {version!r}; this cas reads formats "
+                f"{known} only (upgrade cas)"
+            )
+        try:
+            return cls(
+                chunker=ChunkerParams.from_dict(data["chunker"]),
+                zstd_level=int(data["codec"]["level"]),
+                store_id=str(data["id"]),
+                created=str(data["created"]),
+                format=version,
+                max_delta_reads=int(
+                    (data.get("delta") or {}).get("max_reads", codec.DEFAULT_DELTA_READS)
+                ),
+                entropy=str(data["codec"].get("entropy", "huffman")),
+            )
+        except (InvalidInputError, ValueError, KeyError, TypeError) as err:
+            raise NotAStoreError(f"{where} has a malformed config ({err})") from None
+
+
+def _is_empty(backend: Backend) -> bool:
+    if isinstance(backend, LocalBackend):
+        root = backend.root
+        if root.exists() and not root.is_dir():
+            raise NotAStoreError(f"{root} is a file, not a cas store")
+        return not root.exists() or not any(root.iterdir())
+    return next(iter(backend.list_objects("")), None) is None
+
+
+def default_chunker(backend: Backend) -> ChunkerParams:
+    """Chunk sizes for a new store on ``backend`` when none are asked for."""
+    return ChunkerParams.for_object_store() if backend.remote else ChunkerParams()
+
+
+def load_config(backend: Backend, *, create: bool) -> StoreConfig:
+    """Read the config; when ``create`` and the location is empty, write a default one."""
+    try:
+        return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+    except NotFoundError:
+        pass
+    if not _is_empty(backend):
+        raise NotAStoreError(
+            f"{backend.uri} is not a cas store: it holds other files and no 'config'"
+        )
+    if not create:
+        raise NotAStoreError(f"{backend.uri} is not a cas store (no 'config'); run `cas init`")
+    return write_config(backend, StoreConfig(chunker=default_chunker(backend)), exist_ok=True)
+
+
+def write_config(backend: Backend, config: StoreConfig, *, exist_ok: bool) -> StoreConfig:
+    """Create the config object; a concurrent creator's config wins if ``exist_ok``."""
+    if not _is_empty(backend) and not backend.exists(layout.CONFIG_KEY):
+        raise NotAStoreError(
+            f"cannot initialise {backend.uri}: it holds other files; use an empty location"
+        )
+    try:
+        backend.put(layout.CONFIG_KEY, config.to_bytes(), if_absent=True)
+    except AlreadyExistsError:
+        if not exist_ok:
+            raise StoreError(f"{backend.uri} is already a cas store") from None
+        return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+    backend.flush()
+    return config

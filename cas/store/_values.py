@@ -1,0 +1,130 @@
+"""What the Store hands back: immutable, typed results with JSON forms."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..repository._manifest import Entry
+from ..repository._metadata import ArtifactInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One committed version of a key, as users see it."""
+
+    key: str
+    number: int
+    manifest_id: str
+    created: str
+    kind: str
+    size: int
+    files: int
+    parents: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    # Mappings are wrapped read-only and left out of the hash (a version is
+    # identified by its key, number and manifest; these only describe it).
+    metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    message: str = ""
+    artifact: Mapping[str, Any] = field(default_factory=dict, hash=False)  # typed fields set
+
+    def __post_init__(self) -> None:
+        for name in ("metrics", "metadata", "artifact"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def ref(self) -> str:
+        return f"{self.key}@{self.number}"
+
+    @property
+    def info(self) -> ArtifactInfo:
+        """The typed artifact record of this version (type, job, metrics, lineage...)."""
+        return ArtifactInfo.from_record(
+            self.artifact,
+            metrics=self.metrics,
+            created=self.created,
+            version=self.number,
+            parents=self.parents,
+            tags=self.tags,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "key": self.key,
+            "version": self.number,
+            "manifest": self.manifest_id,
+            "created": self.created,
+            "kind": self.kind,
+            "size": self.size,
+            "files": self.files,
+            "parents": list(self.parents),
+            "tags": list(self.tags),
+            "metrics": dict(self.metrics),
+            "metadata": dict(self.metadata),
+            "message": self.message,
+            "artifact": dict(self.artifact),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Details:
+    """A version and the entries of its manifest."""
+
+    version: Version
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySummary:
+    """One key of a store: how many live versions it has, and its latest."""
+
+    key: str
+    versions: int
+    latest: Version
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Sizes and counts of a whole store (``cas stats``)."""
+
+    keys: int
+    versions: int
+    logical_bytes: int  # sum of the sizes of all live versions
+    unique_bytes: int  # raw bytes of the distinct chunks they reference
+    stored_bytes: int  # bytes of every object under chunks/ and manifests/
+    chunks: int  # chunk objects in the store
+    referenced_chunks: int
+    # stored bytes of the chunks and manifests live versions reference: what
+    # the store would hold after a full garbage collection
+    live_bytes: int = 0
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.unique_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def total_ratio(self) -> float:
+        return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "keys": self.keys,
+            "versions": self.versions,
+            "logical_bytes": self.logical_bytes,
+            "unique_bytes": self.unique_bytes,
+            "stored_bytes": self.stored_bytes,
+            "chunks": self.chunks,
+            "referenced_chunks": self.referenced_chunks,
+            "live_bytes": self.live_bytes,
+            "dedup_ratio": round(self.dedup_ratio, 4),
+            "compression_ratio": round(self.compression_ratio, 4),
+            "total_ratio": round(self.total_ratio, 4),
+        }

@@ -1,0 +1,382 @@
+"""safetensors files: their header, tensor-aligned chunk boundaries, and reading one tensor.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header
+naming each tensor's dtype, shape and byte range, then the tensors' bytes.
+Cutting such a file with content-defined chunking mixes tensors (and dtypes)
+in one chunk and lets a changed tensor spill into its neighbours' chunks.
+Cut instead at tensor boundaries:
+
+* the header is a chunk of its own, so rewriting it (new metadata, a tensor
+  added) leaves every tensor's chunks as they were, whatever the offsets;
+* a large tensor is cut into whole elements, in pieces of about the store's
+  average chunk size, so a changed tensor touches only its own chunks and
+  each chunk has one dtype, which the byte-grouping codec needs;
+* small tensors of one dtype are grouped, up to the average chunk size.
+
+A file is recognised by its header, never by its name; anything that does
+not parse as a plausible safetensors header is chunked with FastCDC.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..chunks._chunking import ChunkerParams
+from ..chunks._floatcodec import Layout
+from ..errors import InvalidInputError, NotFoundError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..chunks._store import ChunkStore
+    from ..digest import Digest
+    from ..repository._manifest import Entry, Manifest
+
+# A header larger than this is not a plausible safetensors header (the
+# reference implementation caps it at 100 MB too).
+MAX_HEADER = 100_000_000
+
+#: safetensors dtype -> (bytes per element, byte-grouping layout or None).
+DTYPES: dict[str, tuple[int, Layout | None]] = {
+    "F64": (8, Layout.PLAIN),
+    "F32": (4, Layout.FP32),
+    "F16": (2, Layout.FP16),
+    "BF16": (2, Layout.BF16),
+    "I64": (8, None),
+    "I32": (4, None),
+    "I16": (2, None),
+    "I8": (1, None),
+    "U64": (8, None),
+    "U32": (4, None),
+    "U16": (2, None),
+    "U8": (1, None),
+    "BOOL": (1, None),
+    "F8_E4M3": (1, None),
+    "F8_E5M2": (1, None),
+}
+
+# numpy has no bfloat16: a BF16 tensor is read as float32, which holds every
+# bfloat16 value exactly (its upper half is the bfloat16).
+_NUMPY = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+    "BOOL": "?",
+    "F8_E4M3": "u1",
+    "F8_E5M2": "u1",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One tensor of a safetensors header: its dtype, shape and byte range in the file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offsets in the file
+    end: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][0] if self.dtype in DTYPES else 1
+
+    @property
+    def layout(self) -> Layout | None:
+        return DTYPES[self.dtype][1] if self.dtype in DTYPES else None
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A parsed safetensors header."""
+
+    #: Bytes of the length prefix and the JSON: where the tensors' data begins.
+    length: int
+    #: Every tensor, by start offset.
+    tensors: tuple[TensorInfo, ...]
+    metadata: Any = None
+
+    def tensor(self, name: str) -> TensorInfo:
+        for info in self.tensors:
+            if info.name == name:
+                return info
+        raise NotFoundError(f"no tensor named {name!r} in this safetensors file")
+
+
+def parse_header(read: Callable[[int, int], bytes], size: int) -> Header:
+    """The header of a safetensors file of ``size`` bytes; ``read(offset, length)`` reads it.
+
+    Raises InvalidInputError (a ValueError) when the file is not one.
+    """
+    if size < 8:
+        raise InvalidInputError("shorter than a safetensors header")
+    length = int.from_bytes(read(0, 8), "little")
+    if not 2 <= length <= MAX_HEADER or 8 + length > size:
+        raise InvalidInputError(f"header length {length} does not fit the file")
+    # One byte first: a binary file whose first bytes happen to look like a
+    # length must not cost a read of up to 100 MB.
+    if read(8, 1) != b"{":
+        raise InvalidInputError("header is not a JSON object")
+    text = read(8, length)
+    try:
+        header = json.loads(text)
+    except ValueError as err:
+        raise InvalidInputError(f"header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise InvalidInputError("header is not a JSON object")
+    base = 8 + length
+    tensors = []
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = spec["dtype"]
+            shape = tuple(int(n) for n in spec["shape"])
+            begin, end = (int(n) for n in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInputError(f"tensor {name!r} has a malformed entry") from None
+        if not isinstance(dtype, str) or not 0 <= begin <= end or base + end > size:
+            raise InvalidInputError(f"tensor {name!r} lies outside the file")
+        if dtype in DTYPES and end - begin != math.prod(shape) * DTYPES[dtype][0]:
+            raise InvalidInputError(f"tensor {name!r}: its byte range does not match its shape")
+        tensors.append(TensorInfo(name, dtype, shape, base + begin, base + end))
+    tensors.sort(key=lambda t: (t.start, t.end))
+    return Header(base, tuple(tensors), header.get("__metadata__"))
+
+
+def sniff(stream: Any, size: int) -> Header | None:
+    """The header of an open file if it is a safetensors file whose tensors do not overlap."""
+
+    def read(offset: int, length: int) -> bytes:
+        stream.seek(offset)
+        data: bytes = stream.read(length)
+        if len(data) != length:
+            raise InvalidInputError("file is shorter than its header says")
+        return data
+
+    try:
+        header = parse_header(read, size)
+    except InvalidInputError:
+        return None
+    finally:
+        stream.seek(0)
+    position = header.length
+    for info in header.tensors:
+        if info.start < position:
+            return None  # overlapping ranges: valid JSON, not a file we can cut
+        position = info.end
+    return header
+
+
+# -- tensor-aligned boundaries -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Part of one tensor inside a chunk, by offsets relative to the tensor's start."""
+
+    name: str
+    dtype: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One chunk of a planned file."""
+
+    offset: int
+    length: int
+    #: The tensor bytes it holds; () for the header or bytes outside any tensor.
+    pieces: tuple[Piece, ...] = ()
+    #: Set when every piece has the same float dtype: the codec to group with.
+    itemsize: int = 1
+    layout: Layout | None = None
+
+    @property
+    def key(self) -> tuple[Piece, ...]:
+        """What the chunk holds, independent of where the file puts it."""
+        return self.pieces
+
+
+def plan(header: Header, size: int, params: ChunkerParams) -> list[Span]:
+    """The chunks of a safetensors file, in file order, covering it exactly."""
+    spans: list[Span] = []
+    spans.extend(_opaque(0, header.length, params))
+    group: list[TensorInfo] = []
+    position = header.length
+
+    def flush() -> None:
+        if group:
+            spans.append(_group_span(group))
+            group.clear()
+
+    for info in header.tensors:
+        if info.start > position:  # bytes no tensor claims
+            flush()
+            spans.extend(_opaque(position, info.start, params))
+        nbytes = info.end - info.start
+        if nbytes >= params.min_size:
+            flush()
+            spans.extend(_split(info, params))
+        else:
+            total = sum(t.end - t.start for t in group)
+            if group and (group[0].dtype != info.dtype or total + nbytes > params.avg_size):
+                flush()
+            if nbytes:
+                group.append(info)
+        position = max(position, info.end)
+    flush()
+    spans.extend(_opaque(position, size, params))
+    return spans
+
+
+def _opaque(start: int, end: int, params: ChunkerParams) -> Iterator[Span]:
+    for offset in range(start, end, params.max_size):
+        yield Span(offset, min(params.max_size, end - offset))
+
+
+def _group_span(group: list[TensorInfo]) -> Span:
+    first, last = group[0], group[-1]
+    pieces = tuple(Piece(t.name, t.dtype, 0, t.end - t.start) for t in group)
+    layout = first.layout if first.itemsize > 1 else None
+    return Span(first.start, last.end - first.start, pieces, first.itemsize, layout)
+
+
+def _split(info: TensorInfo, params: ChunkerParams) -> Iterator[Span]:
+    """Whole-element pieces of about the average size, none above the maximum."""
+    nbytes = info.end - info.start
+    itemsize = info.itemsize if nbytes % info.itemsize == 0 else 1
+    elements = nbytes // itemsize
+    count = max(round(nbytes / params.avg_size), math.ceil(nbytes / params.max_size), 1)
+    per = math.ceil(elements / count) * itemsize
+    layout = info.layout if itemsize > 1 else None
+    for start in range(0, nbytes, per):
+        end = min(start + per, nbytes)
+        piece = Piece(info.name, info.dtype, start, end)
+        yield Span(info.start + start, end - start, (piece,), itemsize, layout)
+
+
+def chunk_keys(header: Header, lengths: list[int]) -> Iterator[tuple[Piece, ...] | None]:
+    """For each stored chunk of a file, the tensor pieces it holds exactly (None if not).
+
+    Works whatever cut the file: a chunk made by FastCDC that happens to hold
+    whole tensor pieces gets a key too.
+    """
+    starts = [t.start for t in header.tensors]
+    offset = 0
+    for length in lengths:
+        end = offset + length
+        pieces = []
+        covered = 0
+        index = max(bisect.bisect_right(starts, offset) - 1, 0)
+        for info in header.tensors[index:]:
+            if info.start >= end:
+                break
+            low, high = max(offset, info.start), min(end, info.end)
+            if low < high:
+                pieces.append(Piece(info.name, info.dtype, low - info.start, high - info.start))
+                covered += high - low
+        yield tuple(pieces) if pieces and covered == length else None
+        offset = end
+
+
+# -- reading stored files ----------------------------------------------------------------
+
+
+class StoredFile:
+    """Byte ranges of a stored file, fetching (and verifying) only the chunks that hold them.
+
+    ``fetch`` gets a chunk by digest (``context`` names the file in errors);
+    by default the last chunk read is kept, since a safetensors header's
+    length and its JSON usually share the first chunk.
+    """
+
+    def __init__(
+        self,
+        chunks: ChunkStore,
+        entry: Entry,
+        label: str,
+        fetch: Callable[[Digest, str], bytes] | None = None,
+    ) -> None:
+        self.chunks = chunks
+        self.entry = entry
+        self.label = label
+        self.starts = entry.chunk_offsets()
+        self._fetch = fetch or self._fetch_keeping_last
+        self._last: tuple[bytes, bytes] | None = None
+
+    def pieces(self, start: int, end: int) -> list[bytes]:
+        """The bytes [start, end) of the file, as slices of the chunks that hold them."""
+        end = min(end, self.entry.size)
+        if end <= start:
+            return []
+        context = f"{self.label}: file {self.entry.path!r}"
+        parts = []
+        index = bisect.bisect_right(self.starts, start) - 1
+        while index < len(self.starts) and self.starts[index] < end:
+            data = self._fetch(self.entry.chunks[index].digest, context)
+            base = self.starts[index]
+            parts.append(data[max(start - base, 0) : min(end - base, len(data))])
+            index += 1
+        return parts
+
+    def read(self, start: int, length: int) -> bytes:
+        return b"".join(self.pieces(start, start + length))
+
+    def _fetch_keeping_last(self, digest: Digest, context: str) -> bytes:
+        if self._last is not None and self._last[0] == digest.raw:
+            return self._last[1]
+        data = self.chunks.get(digest, context=context)
+        self._last = (digest.raw, data)
+        return data
+
+    def header(self) -> Header:
+        return parse_header(self.read, self.entry.size)
+
+
+def find_file(manifest: Manifest, path: str | None) -> Entry:
+    """The file ``path`` of a version; None (or any name) picks the file of a one-file artifact."""
+    for entry in manifest.entries:
+        if entry.type == "file" and entry.path == path:
+            return entry
+    if manifest.only_file is not None:
+        return manifest.only_file
+    raise NotFoundError(f"no file {path!r} in this version")
+
+
+def read_tensor(chunks: ChunkStore, entry: Entry, name: str, *, label: str) -> np.ndarray[Any, Any]:
+    """One tensor of a stored safetensors file as a numpy array (BF16 as float32, exactly)."""
+    import numpy as np
+
+    reader = StoredFile(chunks, entry, label)
+    try:
+        header = reader.header()
+    except InvalidInputError as err:
+        raise InvalidInputError(
+            f"{label}: file {entry.path!r} is not a safetensors file ({err})"
+        ) from None
+    info = header.tensor(name)
+    data = reader.read(info.start, info.end - info.start)
+    if info.dtype == "BF16":
+        words = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        out: np.ndarray[Any, Any] = words.view(np.float32).reshape(info.shape)
+        return out
+    if info.dtype not in _NUMPY:
+        raise InvalidInputError(f"{label}: tensor {name!r} has dtype {info.dtype} numpy lacks")
+    array: np.ndarray[Any, Any] = np.frombuffer(data, dtype=_NUMPY[info.dtype])
+    shaped: np.ndarray[Any, Any] = array.reshape(info.shape).copy()
+    return shaped

@@ -1,0 +1,360 @@
+"""The writer's side of tensor-aware storage: boundaries, codecs, delta bases, chains.
+
+For a safetensors file a put cuts tensor-aligned chunks (:func:`cas.tensors._safetensors.plan`)
+and encodes each float chunk byte-grouped. When the version has a parent
+that holds the same tensor range, the chunk may instead be stored as its XOR
+with the parent's chunk (a delta): fine-tuning moves every weight a little,
+so most exponent bits and many whole elements agree, and the delta
+compresses three to four times better than the weights themselves.
+
+Delta chains are kept short: rebuilding a chunk never takes more than
+``max_reads`` reads. A chunk whose parent chunk sits at the end of a long
+chain is based on the chain's root (a chunk stored whole) instead, and so
+that not every chunk of one version pays for that at once, each chunk
+re-bases on its own schedule: chunk ``i`` of version ``v`` when
+``(v + i) % (max_reads - 1) == 0``.
+
+Every chunk a manifest names lists its chain of bases, so garbage
+collection keeps the chain alive from manifests alone. A put learns the
+chain of a chunk it reuses from its parents' manifests, or else from the
+chunk's header; it also keeps each base younger than the grace period of
+garbage collection, as it does every chunk it reuses (docs/gc.md).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..chunks import _codec as codec
+from ..chunks._chunking import ChunkerParams
+from ..chunks._store import MAX_CHAIN, ChunkStore, PutResult, SeenSet
+from ..digest import Digest
+from ..errors import (
+    CasError,
+    ConcurrentCollectionError,
+    CorruptObjectError,
+    NotFoundError,
+    SourceError,
+)
+from ..repository import _layout as layout
+from ..repository._manifest import Entry, Manifest
+from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file, plan, sniff
+
+# Chunks up to twice this size are encoded whole to compare with their delta; for
+# larger ones a sample of this size estimates the whole encoding.
+_SAMPLE = 128 * 1024
+# A delta must beat the estimated whole encoding by this much: the estimate
+# is from a sample, and a delta costs a read more to decode.
+_DELTA_GAIN = 0.97
+
+
+@dataclass(frozen=True, slots=True)
+class ParentChunk:
+    """A chunk of the parent version, as a delta base candidate."""
+
+    digest: Digest
+    length: int
+    bases: tuple[Digest, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    """How a put cuts one safetensors file, and what its parent stored for it."""
+
+    spans: list[Span]
+    #: The parent's chunks by what they hold, when a parent has this file.
+    parents: dict[tuple[Piece, ...], ParentChunk]
+    #: The version number the put gives the parent plus one: the re-basing clock.
+    clock: int
+
+
+_NO_PARENTS = FilePlan([], {}, 0)
+
+
+class Chains:
+    """The chain of delta bases of every chunk a put names; thread-safe."""
+
+    def __init__(self, chunks: ChunkStore) -> None:
+        self.chunks = chunks
+        self._known: dict[bytes, tuple[Digest, ...]] = {}
+        self._pending: dict[bytes, tuple[Digest, ...]] = {}
+        self._later: list[Future[Sequence[Manifest]]] = []
+        self._lock = threading.Lock()
+
+    def learn_later(self, manifests: Future[Sequence[Manifest]]) -> None:
+        """Manifests still being read: learned before the first header read they could spare."""
+        with self._lock:
+            self._later.append(manifests)
+
+    def _learn_pending(self) -> bool:
+        with self._lock:
+            pending, self._later = self._later, []
+        for future in pending:
+            for manifest in future.result():
+                self.learn(manifest)
+        return bool(pending)
+
+    def learn(self, manifest: Manifest) -> None:
+        """What a manifest records: each chunk's chain, and so each base's own chain."""
+        with self._lock:
+            for entry in manifest.entries:
+                for chunk in entry.chunks:
+                    chain = chunk.bases
+                    self._known.setdefault(chunk.digest.raw, chain)
+                    for index, base in enumerate(chain):
+                        self._known.setdefault(base.raw, chain[index + 1 :])
+
+    def named(self, digest: Digest) -> bool:
+        """Whether a manifest (or a chunk header) already told this chunk's chain."""
+        with self._lock:
+            return digest.raw in self._known
+
+    def propose(self, digest: Digest, chain: tuple[Digest, ...]) -> None:
+        """The chain of the encoding this put is about to write for ``digest``."""
+        with self._lock:
+            self._pending[digest.raw] = chain
+
+    def settle(self, digest: Digest, written: bool) -> tuple[Digest, ...]:
+        """The chain of a chunk just put: ours if our bytes were stored, else the stored one's."""
+        with self._lock:
+            proposed = self._pending.pop(digest.raw, None)
+            if written:
+                chain = proposed if proposed is not None else ()
+                self._known[digest.raw] = chain
+                return chain
+        return self.of(digest)
+
+    def of(self, digest: Digest) -> tuple[Digest, ...]:
+        """The chain of a stored chunk: known, or read from the headers along it."""
+        with self._lock:
+            known = self._known.get(digest.raw)
+        if known is None and self._learn_pending():
+            with self._lock:
+                known = self._known.get(digest.raw)
+        if known is not None:
+            return known
+        chain: list[Digest] = []
+        current = digest
+        while True:
+            base = self._base(current)
+            if base is None:
+                break
+            if len(chain) >= MAX_CHAIN or base == digest:
+                raise CorruptObjectError(
+                    f"chunk {digest.hex}: its chain of delta bases does not end"
+                )
+            chain.append(base)
+            with self._lock:
+                rest = self._known.get(base.raw)
+            if rest is not None:
+                chain.extend(rest)
+                break
+            current = base
+        result = tuple(chain)
+        with self._lock:
+            self._known[digest.raw] = result
+        return result
+
+    def _base(self, digest: Digest) -> Digest | None:
+        try:
+            head = self.chunks.backend.get_range(
+                layout.chunk_key(digest), 0, codec.HEADER.size + codec.BASE.size
+            )
+        except NotFoundError:
+            raise ConcurrentCollectionError(
+                f"chunk {digest.hex} vanished while this put was reusing it; "
+                "nothing was committed, run the put again"
+            ) from None
+        raw = codec.delta_base(head)
+        return Digest(raw) if raw is not None else None
+
+
+class TensorWriter:
+    """Plans and encodes the chunks of safetensors files for one put."""
+
+    def __init__(
+        self,
+        chunks: ChunkStore,
+        params: ChunkerParams,
+        *,
+        parents: Sequence[tuple[Manifest, int]] = (),
+        known: Sequence[Manifest] | Future[Sequence[Manifest]] = (),
+        max_reads: int = codec.DEFAULT_DELTA_READS,
+        level: int = codec.DEFAULT_LEVEL,
+        fse: bool = False,
+    ) -> None:
+        self.chunks = chunks
+        self.params = params
+        self.parents = list(parents)
+        self.max_reads = max_reads
+        self.level = level
+        self.fse = fse
+        self.chains = Chains(chunks)
+        for manifest, _ in self.parents:
+            self.chains.learn(manifest)
+        # Other live manifests (the key's latest version) only tell chains:
+        # a reused chunk they name costs no read of its header. They may
+        # still be on their way (a Future), read while the put reads its files.
+        if isinstance(known, Future):
+            self.chains.learn_later(known)
+        else:
+            for manifest in known:
+                self.chains.learn(manifest)
+        self._kept = SeenSet()
+
+    # -- the reader's side: what to cut ------------------------------------------------
+
+    def plan(self, path: str, stream: BinaryIO, size: int) -> FilePlan | None:
+        """The tensor-aligned plan of a file, or None to cut it with FastCDC."""
+        header = sniff(stream, size)
+        if header is None:
+            return None
+        spans = plan(header, size, self.params)
+        parents, clock = self._parent_chunks(path)
+        return FilePlan(spans, parents, clock)
+
+    def _parent_chunks(self, path: str) -> tuple[dict[tuple[Piece, ...], ParentChunk], int]:
+        for manifest, number in self.parents:
+            try:
+                entry = find_file(manifest, path)
+            except CasError:
+                continue
+            header = self._stored_header(entry, f"{manifest.key}@{number}")
+            if header is None:
+                continue
+            lengths = [c.length for c in entry.chunks]
+            out = {}
+            for key, chunk in zip(chunk_keys(header, lengths), entry.chunks, strict=True):
+                if key is not None:
+                    out[key] = ParentChunk(chunk.digest, chunk.length, chunk.bases)
+            return out, number + 1
+        return {}, 0
+
+    def _stored_header(self, entry: Entry, label: str) -> Header | None:
+        try:
+            return StoredFile(self.chunks, entry, label).header()
+        except ValueError:
+            return None  # the parent's file is not a safetensors file: no bases from it
+
+    @staticmethod
+    def read_spans(
+        stream: BinaryIO,
+        spans: list[Span],
+        on_read: Callable[[memoryview], None],
+        name: str = "the file",
+    ) -> Iterator[tuple[memoryview, int, Span]]:
+        """(bytes, index, span) of each span, read in file order; a new buffer each."""
+        for index, span in enumerate(spans):
+            # read(), not readinto() a new bytearray: a bytearray is filled with
+            # zeros first, one more pass over every byte of the file.
+            data = stream.read(span.length)
+            view = memoryview(data)
+            on_read(view)
+            yield view, index, span
+            if len(data) < span.length:
+                return  # the file shrank: the size check of the entry reports it
+        # The plan covers the size the file had when it was listed; bytes past
+        # it would be left out silently, where FastCDC would have read them.
+        if stream.read(1):
+            raise SourceError(f"{name} grew while it was read; put it again once it is written")
+
+    # -- the workers' side: how to store ---------------------------------------------------
+
+    def encoder(
+        self, view: memoryview, index: int, span: Span, file_plan: FilePlan, digest: Digest
+    ) -> Callable[[], bytes]:
+        """The stored form of a span, computed only if the chunk must be written."""
+
+        def encode() -> bytes:
+            if self.chains.named(digest):
+                # A live manifest names this chunk with the chain it had, yet it
+                # is missing (moved to quarantine, say): a chain other than that
+                # one would go unmarked once this put's version is deleted. A
+                # chunk with no base is safe under any recorded chain.
+                blob, chain = self._encode(view, index, span, _NO_PARENTS)
+            else:
+                blob, chain = self._encode(view, index, span, file_plan)
+            self.chains.propose(digest, chain)
+            return blob
+
+        return encode
+
+    def _encode(
+        self, view: memoryview, index: int, span: Span, file_plan: FilePlan
+    ) -> tuple[bytes, tuple[Digest, ...]]:
+        if span.layout is None or len(view) % span.itemsize:
+            return codec.encode(view, self.level), ()
+        parent = file_plan.parents.get(span.key)
+        if parent is None or parent.length != len(view) or self.max_reads < 2:
+            return self._grouped(view, span), ()
+        base, chain = self._base(parent, file_plan.clock + index)
+        base_raw = self.chunks.read(base, context=f"delta base for {span.key[0].name!r}")
+        if len(base_raw) != len(view):
+            return self._grouped(view, span), ()
+        delta = codec.encode_delta(view, base_raw, base.raw, span.itemsize)
+        whole = self._whole_if_smaller(view, span, len(delta))
+        return (delta, chain) if whole is None else (whole, ())
+
+    def _base(self, parent: ParentChunk, phase: int) -> tuple[Digest, tuple[Digest, ...]]:
+        """The base to delta against, and the chain that gives the new chunk."""
+        # Reads to rebuild the new chunk: itself, the parent chunk and its bases.
+        fits = len(parent.bases) + 2 <= self.max_reads
+        if parent.bases and (not fits or phase % (self.max_reads - 1) == 0):
+            root = parent.bases[-1]
+            return root, (root,)
+        return parent.digest, (parent.digest, *parent.bases)
+
+    def _grouped(self, view: memoryview, span: Span) -> bytes:
+        assert span.layout is not None
+        return codec.encode_grouped(view, span.itemsize, span.layout, fse=self.fse)
+
+    def _whole_if_smaller(self, view: memoryview, span: Span, delta: int) -> bytes | None:
+        """The whole (byte-grouped) encoding if it beats a delta of ``delta`` bytes, else None.
+
+        A large chunk is judged on a sample, so that a delta that wins, the
+        usual case, costs one encoding and not two.
+        """
+        assert span.layout is not None
+        if len(view) > 2 * _SAMPLE:
+            middle = (len(view) // 2) // span.itemsize * span.itemsize
+            sample = view[middle : middle + _SAMPLE // span.itemsize * span.itemsize]
+            ratio = len(self._grouped(sample, span)) / len(sample)
+            if delta < ratio * len(view) * _DELTA_GAIN:
+                return None
+            return self._grouped(view, span)
+        whole = self._grouped(view, span)
+        return None if delta < len(whole) * _DELTA_GAIN else whole
+
+    def keep(
+        self,
+        chain: tuple[Digest, ...],
+        reference_time: float | None,
+        observer: Callable[[PutResult], None] | None,
+    ) -> None:
+        """Keep each base of a chain younger than the grace, as a reused chunk is kept."""
+        refresh_after = self.chunks.refresh_after
+        for base in chain:
+            if not self._kept.add(base):
+                continue
+            key = layout.chunk_key(base)
+            try:
+                mtime = self.chunks.backend.stat(key).mtime
+                prior = None
+                if (
+                    refresh_after is not None
+                    and reference_time is not None
+                    and reference_time - mtime > refresh_after
+                ):
+                    self.chunks.backend.touch(key)
+                    prior, mtime = mtime, reference_time
+            except NotFoundError:
+                raise ConcurrentCollectionError(
+                    f"delta base {base.hex} vanished while this put was using it; "
+                    "nothing was committed, run the put again"
+                ) from None
+            if observer is not None:
+                observer(PutResult(base, 0, 0, mtime, prior))
