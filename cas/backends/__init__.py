@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "LocalBackend", "MemoryBackend", "ObjectInfo", "check_key", "open_backend"]
 
+#: Parallel requests an S3, GCS or Azure backend makes unless its
+#: ``concurrency`` option says otherwise: each request mostly waits on the network.
+OBJECT_STORE_CONCURRENCY = 16
+
 # scheme -> (module, factory function name, pip extra)
 _CLOUD: dict[str, tuple[str, str, str]] = {
     "s3": ("cas.backends.s3", "from_uri", "s3"),

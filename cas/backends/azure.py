@@ -33,6 +33,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
+from . import OBJECT_STORE_CONCURRENCY
 from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
 
 _Adapter: type[requests.adapters.HTTPAdapter]
@@ -66,7 +67,7 @@ class AzureBackend(Backend):
         connection_string: str | None = None,
         account_url: str | None = None,
         credential: Any = None,
-        concurrency: int = 16,
+        concurrency: int = OBJECT_STORE_CONCURRENCY,
         api_version: str | None = None,
         page_size: int = 5000,
         max_attempts: int = 4,

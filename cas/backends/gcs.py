@@ -35,6 +35,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
+from . import OBJECT_STORE_CONCURRENCY
 from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
 
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
@@ -65,7 +66,7 @@ class GCSBackend(Backend):
         project: str | None = None,
         emulator_host: str | None = None,
         endpoint_url: str | None = None,
-        concurrency: int = 16,
+        concurrency: int = OBJECT_STORE_CONCURRENCY,
         touch: str | None = None,
         timeout: float = 60.0,
         retry_timeout: float = 60.0,

@@ -91,6 +91,10 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+#: A folder's default workers: one per core, between these bounds.
+MIN_CONCURRENCY, MAX_CONCURRENCY = 2, 16
+
+
 def default_concurrency() -> int:
     """Workers for a folder: one per core, at least 2, at most 16.
 
@@ -100,7 +104,7 @@ def default_concurrency() -> int:
     scripts/bench.py took 4.3-4.8 s of CPU with 4 workers and 3.9-4.0 s with
     2, and a 201 MB checkpoint's get peaked at 63-67 MiB against 46-50 MiB.
     """
-    return min(16, max(2, _cores()))
+    return min(MAX_CONCURRENCY, max(MIN_CONCURRENCY, _cores()))
 
 
 class LocalBackend(Backend):

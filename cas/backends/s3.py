@@ -34,6 +34,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
+from . import OBJECT_STORE_CONCURRENCY
 from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
 
 MiB = 1024 * 1024
@@ -98,7 +99,7 @@ class S3Backend(Backend):
         region: str | None = None,
         endpoint_url: str | None = None,
         profile: str | None = None,
-        concurrency: int = 16,
+        concurrency: int = OBJECT_STORE_CONCURRENCY,
         addressing_style: str | None = None,
         max_attempts: int = 5,
         multipart_threshold: int = 64 * MiB,

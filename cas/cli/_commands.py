@@ -9,7 +9,14 @@ import sys
 from collections.abc import Callable, Mapping
 
 from ..errors import InvalidInputError
-from ..store import DEFAULT_STORE, ENTROPY_CODERS, ChunkerParams, Store
+from ..store import (
+    DEFAULT_STORE,
+    ENTROPY_CODERS,
+    FOLDER_WORKERS,
+    OBJECT_STORE_WORKERS,
+    ChunkerParams,
+    Store,
+)
 from ..units import format_size, parse_size
 from ._common import (
     Handler,
@@ -245,7 +252,8 @@ def add_jobs_argument(p: argparse.ArgumentParser, what: str) -> None:
         "-j",
         type=_jobs,
         metavar="N",
-        help=f"{what} in parallel (default: 16 for cloud stores, 4 for folders)",
+        help=f"{what} in parallel (default: {OBJECT_STORE_WORKERS} on S3, GCS and Azure;"
+        f" on a folder one per core, {FOLDER_WORKERS[0]} to {FOLDER_WORKERS[1]})",
     )
 
 

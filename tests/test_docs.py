@@ -1,0 +1,36 @@
+"""What the help and the docs say is what cas does."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from cas.backends import local
+from cas.cli import main
+from cas.store import FOLDER_WORKERS, OBJECT_STORE_WORKERS
+
+
+@pytest.mark.parametrize("command", ["put", "get"])
+def test_jobs_help_states_the_defaults_the_backends_use(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    from cas.backends.azure import AzureBackend
+    from cas.backends.gcs import GCSBackend
+    from cas.backends.s3 import S3Backend
+
+    for backend in (S3Backend, GCSBackend, AzureBackend):
+        default = inspect.signature(backend).parameters["concurrency"].default
+        assert default == OBJECT_STORE_WORKERS, backend
+    fewest, most = FOLDER_WORKERS
+    for cores, workers in [(1, fewest), (fewest + 1, fewest + 1), (most + 50, most)]:
+        monkeypatch.setattr(local, "_cores", lambda cores=cores: cores)
+        assert local.default_concurrency() == workers
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        f"(default: {OBJECT_STORE_WORKERS} on S3, GCS and Azure; "
+        f"on a folder one per core, {fewest} to {most})"
+    ) in help_text
