@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from ..errors import InvalidInputError
 from ..store import (
@@ -19,7 +19,7 @@ from ..store import (
 )
 from ..units import format_size, parse_size
 from ._common import (
-    Handler,
+    AddCommand,
     emit,
     open_store,
     parse_metadata,
@@ -257,8 +257,16 @@ def add_jobs_argument(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+def register(add: AddCommand) -> None:
     """Add the core commands to the parser through ``add(name, handler, help)``."""
+    _register_init(add)
+    _register_put(add)
+    _register_reads(add)
+    _register_changes(add)
+    _register_checks(add)
+
+
+def _register_init(add: AddCommand) -> None:
     p = add("init", cmd_init, "create a store")
     p.add_argument(
         "--chunk-avg",
@@ -284,6 +292,8 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
         " (bf16 0.25%% smaller, a quarter slower to decode; store format 2)",
     )
 
+
+def _register_put(add: AddCommand) -> None:
     p = add("put", cmd_put, "store a file or directory as the next version of KEY")
     p.add_argument("path", metavar="PATH")
     p.add_argument("key", metavar="KEY")
@@ -313,6 +323,8 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
     add_jobs_argument(p, "chunks hashed, compressed and uploaded")
     add_artifact_arguments(p)
 
+
+def _register_reads(add: AddCommand) -> None:
     p = add("get", cmd_get, "restore REF (KEY, KEY@N or KEY:TAG) to DEST, verified")
     p.add_argument("ref", metavar="REF")
     p.add_argument("dest", metavar="DEST")
@@ -328,6 +340,8 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
     p = add("show", cmd_show, "show one version and its files")
     p.add_argument("ref", metavar="REF")
 
+
+def _register_changes(add: AddCommand) -> None:
     p = add("tag", cmd_tag, "point TAG of the ref's key at REF (or --delete it)")
     p.add_argument("ref", metavar="REF")
     p.add_argument("tag", metavar="TAG")
@@ -338,6 +352,8 @@ def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> Non
     p.add_argument("--force", action="store_true", help="also delete tagged versions and tags")
     p.add_argument("--all", action="store_true", help="delete every version of KEY")
 
+
+def _register_checks(add: AddCommand) -> None:
     add("stats", cmd_stats, "sizes, chunk counts, dedup and compression ratios")
 
     p = add("verify", cmd_verify, "check that every version's data is present (and intact)")

@@ -15,6 +15,8 @@ from ..store import DEFAULT_STORE, Store, Version
 from ..units import format_size
 
 Handler = Callable[[argparse.Namespace], int]
+#: ``add(name, handler, help)``: defines a command and returns its parser.
+AddCommand = Callable[[str, Handler, str], argparse.ArgumentParser]
 
 
 # -- output helpers -----------------------------------------------------------------

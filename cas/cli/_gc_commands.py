@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ..units import format_duration, format_size, parse_duration
-from ._common import Handler, emit, open_store
+from ._common import AddCommand, emit, open_store
 
 if TYPE_CHECKING:
     from .. import GcReport
@@ -80,7 +80,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+def register(add: AddCommand) -> None:
     p = add(
         "gc",
         cmd_gc,

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
 from ..store import ARTIFACT_TYPES, ArtifactInfo
 from ..units import format_size
-from ._common import Handler, emit, open_store, pairs, version_line
+from ._common import AddCommand, emit, open_store, pairs, version_line
 
 if TYPE_CHECKING:
     from ..ml.diff import DiffReport
@@ -216,7 +215,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(add: Callable[[str, Handler, str], argparse.ArgumentParser]) -> None:
+def register(add: AddCommand) -> None:
     """Add the workflow commands to the parser through ``add(name, handler, help)``."""
     p = add("find", cmd_find, "find versions by type, tag, metadata and metrics")
     p.add_argument("prefix", nargs="?", metavar="PREFIX", help="only keys starting with this")
