@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .repository._metadata import ArtifactInfo
     from .store import Details, KeySummary, Stats, Store, Version, open
 
+#: The one place the version is written: pyproject.toml reads it from here.
 __version__ = "0.1.0"
 __all__ = [
     "ArtifactInfo",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,18 @@ def test_jobs_help_states_the_defaults_the_backends_use(
         f"(default: {OBJECT_STORE_WORKERS} on S3, GCS and Azure; "
         f"on a folder one per core, {fewest} to {most})"
     ) in help_text
+
+
+def test_cas_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out == f"cas {importlib.metadata.version('cas-store')}\n"
+
+
+def test_the_package_version_is_written_once() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"]
+    assert pyproject["project"]["dynamic"] == ["version"]
+    dynamic = pyproject["tool"]["setuptools"]["dynamic"]
+    assert dynamic["version"] == {"attr": "cas.__version__"}
