@@ -3,13 +3,14 @@
 It loads the command line with the cyclic garbage collector paused: loading
 creates tens of thousands of objects that all live as long as the process,
 and the collector would otherwise walk them again and again while they are
-made (a twelfth of the instructions of a small ``cas get``). Once loaded,
-they are frozen out of later collections for the same reason.
+made. Once loaded, they are frozen out of later collections for the same
+reason.
 
 When the command is done, the process ends without the interpreter's
 teardown (:func:`run`): it would free, one by one, every object and module
 the command loaded, which is work for nobody when the process is about to
-go (12 ms of a 200 ms checkpoint ``get``).
+go. What both saved is in docs/performance.md, "What changed, and what each
+change measured".
 """
 
 from __future__ import annotations

@@ -100,9 +100,9 @@ def default_concurrency() -> int:
 
     Their time on a folder goes to hashing, coding and copying from the page
     cache, not to waiting: more workers than cores only take turns on the
-    same cores, each holding its chunk's buffers. On 2 cores, the 15 gets of
-    scripts/bench.py took 4.3-4.8 s of CPU with 4 workers and 3.9-4.0 s with
-    2, and a 201 MB checkpoint's get peaked at 63-67 MiB against 46-50 MiB.
+    same cores, each holding its chunk's buffers, which costs CPU time and
+    memory (docs/performance.md, "What changed, and what each change
+    measured", has the figures).
     """
     return min(MAX_CONCURRENCY, max(MIN_CONCURRENCY, _cores()))
 
@@ -128,8 +128,8 @@ class LocalBackend(Backend):
     # -- helpers -----------------------------------------------------------------
 
     def _file(self, key: str) -> str:
-        # A plain string, not a pathlib object: a put or get goes through here
-        # per chunk, and building Path objects cost those paths a tenth of their time.
+        # A plain string, not a pathlib object: a put or get goes through here per
+        # chunk, and building Path objects showed in their time (docs/performance.md).
         return os.path.join(self._root, check_key(key))
 
     def _write_temp(
@@ -238,8 +238,8 @@ class LocalBackend(Backend):
         """Sync what is written so far while the put goes on writing.
 
         flush() owes the disk every chunk of a put; left to the end, its
-        syncfs waited for all of them (0.37 s over bench.py's 15 puts) with
-        the pipeline done and the cores idle. Syncing every 64 MiB on a
+        syncfs waited for all of them with the pipeline done and the cores
+        idle (docs/performance.md has how long). Syncing every 64 MiB on a
         thread of its own (syncfs releases the GIL) overlaps most of that
         wait with hashing and compressing. A failure here is not reported:
         flush() syncs again and reports its own.

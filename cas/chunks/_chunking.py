@@ -110,8 +110,9 @@ def cut_points(data: memoryview, params: ChunkerParams) -> Iterator[tuple[int, i
         return
     if len(data) <= params.min_size:
         # FastCDC never cuts before the minimum: one chunk, as it would say,
-        # without importing it (its package costs 30 ms of start-up, which is
-        # what a checkpoint's small JSON files would otherwise cost a put).
+        # without importing it: its package's import is a large share of a
+        # command's start-up (docs/performance.md), which a checkpoint's small
+        # JSON files would otherwise cost a put.
         yield 0, len(data)
         return
     # Imported here, not at the top: the fastcdc package loads its own
@@ -210,8 +211,9 @@ def follow_chunks(
     would cut this file exactly there: the chunk is taken as it is, hashed
     but not scanned for a cut. From the first chunk that does not recur,
     FastCDC cuts the rest. An unchanged shard of a dataset costs a hash, not
-    a FastCDC scan, which is three times slower. Each view comes with its
-    hash when it was checked here, else None.
+    a FastCDC scan, which is several times slower (docs/performance.md, "What
+    makes the local store fast"). Each view comes with its hash when it was
+    checked here, else None.
     """
     offset = 0
     ends_alike = size == previous_size

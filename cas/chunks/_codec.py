@@ -30,8 +30,9 @@ DEFAULT_LEVEL = 3
 # A chunk whose sample compresses worse than this is stored raw without trying.
 _PROBE_SIZE = 64 * 1024
 _PROBE_RATIO = 0.97
-# Above this sample ratio (float weights land at 0.85-0.95) higher zstd levels
-# find no more matches than level 1 and cost twice the time: use level 1.
+# Above this sample ratio (float weights land above it) higher zstd levels
+# find no more matches than level 1 and take longer: use level 1
+# (docs/performance.md, "What makes the local store fast").
 _FAST_RATIO = 0.8
 # Keep zstd output only if it saves at least this fraction.
 _KEEP_RATIO = 0.99

@@ -6,11 +6,12 @@ weights and the XOR of a weight with its fine-tuned self. FSE, the tANS
 coder behind zstd's sequences, codes in fractions of a bit. OpenZL (Meta's
 format-aware successor to zstd) is the maintained library that exposes it
 as a coder of a plain byte stream; its frames carry their own format
-version, so any later OpenZL decodes what an earlier one wrote. On the
-bf16 exponent stream of MiniLM it stores 0.5 % less than zstd's Huffman,
-but decodes at about a third of its speed, and on near-uniform streams
-Huffman stays smaller. So it is a store's choice (``cas init --entropy
-fse``), and floatcodec applies it to exponent streams only.
+version, so any later OpenZL decodes what an earlier one wrote. On float
+exponent streams it stores a little less than zstd's Huffman but decodes
+several times slower, and on near-uniform streams Huffman stays smaller
+(docs/performance.md, "Tensor-aware storage", has the figures). So it is a
+store's choice (``cas init --entropy fse``), and floatcodec applies it to
+exponent streams only.
 
 Checksums inside the frame are off: every chunk is rehashed (BLAKE3) after
 decoding anyway.

@@ -62,8 +62,8 @@ _RAW, _ZSTD, _FSE = 0, 1, 2
 
 # Almost a pure Huffman coder: the fast strategy with a tiny hash table finds
 # few matches, and a 128 KiB window keeps zstd's blocks (one Huffman table
-# each) at their largest. On MiniLM's bf16 exponents this gives 2.66 bits per
-# byte where level 1 gives 2.92 and level 3 3.27, and it runs faster.
+# each) at their largest. On bf16 exponents it codes smaller than zstd's
+# levels 1 and 3, and faster (docs/performance.md, "Tensor-aware storage").
 _PARAMS = zstandard.ZstdCompressionParameters(
     strategy=zstandard.STRATEGY_FAST,
     window_log=17,
@@ -151,7 +151,7 @@ def _join16(high: U8, low: U8, layout: Layout) -> U16:
 # Streams of 2- and 4-byte elements are split and merged through whole 16-bit
 # words: numpy's ufuncs run contiguous and vectorised, where reading or
 # writing every n-th byte (a column of an (n, itemsize) grid) goes one byte
-# at a time; on a 4 MiB chunk, 2.3-4x faster to split and 1.3-2.8x to merge.
+# at a time (docs/performance.md, "Tensor-aware storage", has the speed-up).
 
 
 def _bytes16(words: U16) -> list[U8]:
@@ -221,8 +221,9 @@ def _exponents(layout: Layout, index: int) -> bool:
 
     The float layouts put the exponents in stream 0; their other streams are
     mantissa bits, near uniform, where Huffman is smaller. PLAIN streams (XOR
-    deltas, F64) stay with Huffman: FSE would shrink deltas by a further 7 %
-    but decode them at about 560 MB/s, under the codecs' 800 MB/s floor.
+    deltas, F64) stay with Huffman: FSE would shrink deltas a little more but
+    decode them below the codecs' floor of speed (docs/performance.md,
+    "Tensor-aware storage").
     """
     return layout != Layout.PLAIN and index == 0
 

@@ -31,9 +31,10 @@ COMMAND_MODULES = [commands, workflow_commands, gc_commands]
 class _Skipped:
     """Takes the argument definitions of a command this run does not parse.
 
-    argparse checks every argument as it is added, at a cost that, over all
-    commands, was a tenth of a small get's start-up; a run defines in full
-    only the command it was given.
+    argparse checks every argument as it is added, a cost that over all
+    commands showed in a small get's start-up; a run defines in full only the
+    command it was given (what it saved: docs/performance.md, "What changed,
+    and what each change measured").
     """
 
     def add_argument(self, *args: Any, **kwargs: Any) -> None:

@@ -28,8 +28,8 @@ def tune() -> None:
     """Apply the settings below; each one only where the user has not chosen."""
     # numpy's bundled OpenBLAS starts a pool of threads when numpy is
     # imported, and they spin waiting for matrix work a cas command never
-    # has, on the cores the put and get pipelines need: a bf16 checkpoint's
-    # get took 0.30 s of CPU with the pool and 0.21 s without.
+    # has, on the cores the put and get pipelines need (docs/performance.md,
+    # "What changed, and what each change measured").
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _keep_large_blocks_on_the_heap()
 
@@ -41,9 +41,9 @@ def _keep_large_blocks_on_the_heap() -> None:
     threshold moves) with a fresh mmap, whose pages fault in zeroed on first
     touch, and unmaps it on free; and it trims the heap as soon as 2x that
     threshold lies free at its top. A put or get allocates and frees a few
-    MiB per chunk on several threads, so it paid for that over and over: on
-    the 15 versions of scripts/bench.py, this setting took ingest from 7.0 to
-    6.0 s of CPU and restore from 5.7 to 5.0 s (medians of paired runs).
+    MiB per chunk on several threads, so it paid for that over and over
+    (what this saves: docs/performance.md, "What changed, and what each
+    change measured").
     """
     if not sys.platform.startswith("linux"):
         return

@@ -93,7 +93,8 @@ def deletion_window(grace: float) -> float:
 
 def marker_body(**fields: object) -> bytes:
     # platform.node() is gethostname() without importing socket, which cost
-    # every put 3 ms of start-up for one string (zstandard loads platform).
+    # every put start-up time for one string (zstandard loads platform anyway;
+    # docs/performance.md, "What changed, and what each change measured").
     return canonical_json(
         {"host": platform.node(), "pid": os.getpid(), "started": utc_now(), **fields}
     )

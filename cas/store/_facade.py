@@ -95,8 +95,9 @@ class Store:
         """Create a new store; fails if the location already holds one.
 
         ``entropy="fse"`` codes the exponent streams of tensor chunks with
-        FSE: bf16 weights store 0.25 % smaller, but decode about a quarter
-        slower, and only a cas that reads store format 2 reads the store.
+        FSE: float weights store a little smaller but decode more slowly
+        (docs/performance.md, "Tensor-aware storage"), and only a cas that
+        reads store format 2 reads the store.
         ``create_bucket`` first creates the bucket or container of a cloud
         location (fine if it exists already).
         """

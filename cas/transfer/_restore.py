@@ -33,10 +33,10 @@ class _ReadAhead:
     """Asks the backend for the chunks of a restore some way ahead of the workers.
 
     Chunk files of a local store that have left the page cache are read from
-    disk, one at a time per worker, while its core waits: restoring a 201 MB
-    checkpoint from a store just evicted took 0.38-0.52 s instead of 0.28 s.
-    Hinted ``AHEAD`` bytes in advance, the disk serves them while the workers
-    decode earlier ones.
+    disk, one at a time per worker, while its core waits, which showed in
+    restores from a store just evicted (docs/performance.md, "What changed,
+    and what each change measured"). Hinted ``AHEAD`` bytes in advance, the
+    disk serves them while the workers decode earlier ones.
     """
 
     #: Raw bytes of chunks hinted beyond those handed to the workers.
