@@ -22,6 +22,7 @@ from ..errors import InvalidKeyError, InvalidRefError
 #: The format ``cas init`` writes. A store whose tensor chunks may hold FSE
 #: streams (``cas init --entropy fse``) is format 2, so that a cas that cannot
 #: decode them refuses the store by its config instead of failing on chunks.
+#: docs/format.md, "Changes", has the rule for when the number goes up.
 FORMAT_VERSION = 1
 FSE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
