@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import PYTHON, ROOT, cas_env
 
 from cas.backends import local
 from cas.cli import main
 from cas.store import FOLDER_WORKERS, OBJECT_STORE_WORKERS
+from cas.units import format_size
 
 
 @pytest.mark.parametrize("command", ["put", "get"])
@@ -51,3 +55,24 @@ def test_the_package_version_is_written_once() -> None:
     assert pyproject["project"]["dynamic"] == ["version"]
     dynamic = pyproject["tool"]["setuptools"]["dynamic"]
     assert dynamic["version"] == {"attr": "cas.__version__"}
+
+
+def test_the_readme_demo_says_what_its_checkpoint_is_and_gets_it_back(tmp_path: Path) -> None:
+    workdir = tmp_path / "demo"
+    proc = subprocess.run(
+        [PYTHON, ROOT / "scripts" / "demo.py", "--workdir", workdir],
+        env=cas_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert ("all-MiniLM-L6-v2's real weights" in out) != ("pseudo-random" in out)
+    weights = workdir / "ckpt-100" / "model.safetensors"
+    match = re.search(r"\((\S+ \S+) of (\S+ \S+)\) moved by", out)
+    assert match is not None, out
+    assert match.group(2) == format_size(weights.stat().st_size)
+    assert "both versions restored byte for byte" in out
+    assert out.rstrip().endswith("ok")
