@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-from helpers import ROOT, small_store
+from helpers import load_script, small_store
 
 from cas.cli import main
 from cas.errors import InvalidInputError, RefNotFoundError
@@ -249,21 +246,9 @@ def test_lineage_shows_deleted_parents(tmp_path: Path) -> None:
 # -- speed ---------------------------------------------------------------------------
 
 
-def _bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_queries", ROOT / "scripts/bench_queries.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_queries"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_queries_on_thousands_of_versions_read_refs_only(tmp_path: Path) -> None:
     """A looser version of scripts/bench_queries.py (10,000 versions, < 2 s each)."""
-    bench = _bench()
+    bench = load_script("bench_queries")
     store = bench.build_store(tmp_path / "store", versions=2000, keys=20)
     # Queries must not need manifests: remove them all.
     for path in (tmp_path / "store" / "manifests").rglob("*"):
