@@ -1,12 +1,37 @@
-"""scripts/update_doc_transcripts.py: what it replays, ignores and rewrites."""
+"""The command transcripts in docs/ are what the commands print today.
+
+Each doc's sessions are replayed by scripts/update_doc_transcripts.py, which
+also rewrites them: a failure here means running that script and reading
+the diff it makes.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import load_script
+import pytest
+from helpers import ROOT, load_script
 
 transcripts = load_script("update_doc_transcripts")
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_transcript_shows_what_its_commands_print(path: Path) -> None:
+    doc = transcripts.read_doc(path)
+    assert not doc.unreplayed, (
+        f"console blocks with cas commands at lines {doc.unreplayed} of {path.name} are in no "
+        "transcript session (see scripts/update_doc_transcripts.py)"
+    )
+    diffs, _ = transcripts.check_doc(doc)
+    assert not diffs, "\n".join(diffs) + "\n\nrun: python scripts/update_doc_transcripts.py"
+
+
+def test_the_docs_replay_the_commands_they_show() -> None:
+    replayed = {p.name for p in DOCS if transcripts.read_doc(p).sessions}
+    assert {"cli.md", "quickstart.md", "concepts.md", "workflow.md", "format.md"} <= replayed
+
+
 STALE = """# A doc
 
 <!-- transcript session /tmp/cas-x -->
