@@ -13,7 +13,7 @@ from helpers import PYTHON, ROOT, cas_env
 
 from cas.backends import local
 from cas.cli import main
-from cas.store import FOLDER_WORKERS, OBJECT_STORE_WORKERS
+from cas.store import FOLDER_WORKERS, OBJECT_STORE_WORKERS, ChunkerParams
 from cas.units import format_size
 
 
@@ -39,6 +39,27 @@ def test_jobs_help_states_the_defaults_the_backends_use(
     assert (
         f"(default: {OBJECT_STORE_WORKERS} on S3, GCS and Azure; "
         f"on a folder one per core, {fewest} to {most})"
+    ) in help_text
+
+
+def test_chunk_avg_help_states_the_sizes_new_stores_get(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cas.backends import MemoryBackend
+    from cas.store._config import default_chunker
+
+    folder, object_store = ChunkerParams(), ChunkerParams.for_object_store()
+    assert default_chunker(local.LocalBackend(tmp_path)) == folder
+    remote = MemoryBackend()
+    remote.remote = True  # as S3, GCS and Azure say of themselves
+    assert default_chunker(remote) == object_store
+
+    with pytest.raises(SystemExit):
+        main(["init", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        f"(default {format_size(folder.avg_size)} on a folder, "
+        f"{format_size(object_store.avg_size)} on S3, GCS and Azure;"
     ) in help_text
 
 

@@ -268,10 +268,13 @@ def register(add: AddCommand) -> None:
 
 def _register_init(add: AddCommand) -> None:
     p = add("init", cmd_init, "create a store")
+    folder, object_store = ChunkerParams(), ChunkerParams.for_object_store()
     p.add_argument(
         "--chunk-avg",
         metavar="SIZE",
-        help="average chunk size (default 1MiB; min = avg/4, max = avg*4)",
+        help=f"average chunk size (default {format_size(folder.avg_size)} on a folder, "
+        f"{format_size(object_store.avg_size)} on S3, GCS and Azure; "
+        "min = avg/4, max = avg*4)",
     )
     p.add_argument(
         "--create-bucket",
