@@ -14,13 +14,23 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
-from .base import Backend, ObjectInfo, check_key
+from ._delegating import DelegatingBackend
+from .base import Backend, BytesLike, ObjectInfo, check_key
 from .local import LocalBackend
 
 if TYPE_CHECKING:
     from .memory import MemoryBackend
 
-__all__ = ["Backend", "LocalBackend", "MemoryBackend", "ObjectInfo", "check_key", "open_backend"]
+__all__ = [
+    "Backend",
+    "BytesLike",
+    "DelegatingBackend",
+    "LocalBackend",
+    "MemoryBackend",
+    "ObjectInfo",
+    "check_key",
+    "open_backend",
+]
 
 # scheme -> (module, factory function name, pip extra)
 _CLOUD: dict[str, tuple[str, str, str]] = {

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from ..errors import InvalidInputError, InvalidKeyError
 
 TEMP_PREFIX = ".cas-tmp"
+#: What a put stores: any buffer of bytes, written without a copy where the service allows.
+BytesLike = bytes | bytearray | memoryview
 _SEGMENT = re.compile(r"[^/\x00]+")
 
 
@@ -111,12 +113,7 @@ class Backend(ABC):
 
     @abstractmethod
     def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
+        self, key: str, data: BytesLike, *, if_absent: bool = False, if_match: str | None = None
     ) -> None:
         """Store ``data`` under ``key`` atomically.
 
