@@ -8,6 +8,7 @@ method of the contract.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from .base import Backend, BytesLike, ObjectInfo
@@ -24,6 +25,10 @@ class DelegatingBackend(Backend):
         self.concurrency = inner.concurrency
         self.list_page_size = inner.list_page_size
         self.remote = inner.remote
+
+    @property
+    def local_root(self) -> Path | None:
+        return self.inner.local_root
 
     def _call(self, op: str, keys: Sequence[str], request: Callable[[], T]) -> T:
         """Run one request of the contract.

@@ -41,6 +41,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InvalidInputError, InvalidKeyError
 
@@ -110,6 +111,15 @@ class Backend(ABC):
     #: larger objects (a new store's default chunk size, see
     #: :func:`cas.store._config.default_chunker`).
     remote: bool = False
+
+    @property
+    def local_root(self) -> Path | None:
+        """The folder of this machine whose files are the objects; None for a service.
+
+        The store uses it to keep its own folder out of what it stores and of
+        what a restore may replace, and to see whether the folder is empty.
+        """
+        return None
 
     @abstractmethod
     def put(

@@ -121,6 +121,10 @@ class LocalBackend(Backend):
         self._unsynced_bytes = 0
         self._writeback: threading.Thread | None = None
 
+    @property
+    def local_root(self) -> Path:
+        return self.root
+
     # -- helpers -----------------------------------------------------------------
 
     def _file(self, key: str) -> str:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import Backend
-from ..backends.local import LocalBackend
 from ..chunks import _codec as codec
 from ..chunks._chunking import ChunkerParams
 from ..chunks._store import MAX_CHAIN
@@ -115,8 +114,8 @@ class StoreConfig:
 
 
 def _is_empty(backend: Backend) -> bool:
-    if isinstance(backend, LocalBackend):
-        root = backend.root
+    root = backend.local_root
+    if root is not None:
         if root.exists() and not root.is_dir():
             raise NotAStoreError(f"{root} is a file, not a cas store")
         return not root.exists() or not any(root.iterdir())
