@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -50,6 +52,8 @@ _REGION = {
     "AuthorizationHeaderMalformed",
     "IllegalLocationConstraintException",
 }
+#: A response body that broke off after its headers: read again (see S3Backend._get_object).
+_BROKEN_BODY = (bexc.IncompleteReadError, bexc.ResponseStreamingError, bexc.ReadTimeoutError)
 
 
 # Parsing botocore's service model is most of the cost of a new client; a
@@ -154,6 +158,11 @@ class S3Backend(CloudBackend):
             )
         if isinstance(err, bexc.ReadTimeoutError | bexc.ConnectTimeoutError):
             return BackendError(f"timeout talking to S3 for {where}", is_transient=True)
+        if isinstance(err, _BROKEN_BODY):
+            return BackendError(
+                f"S3 answer for {where} broke off ({self.max_attempts} attempts): {err}",
+                is_transient=True,
+            )
         if not isinstance(err, bexc.ClientError):
             return BackendError(f"S3 error for {where}: {err}")
         return self._classify_answer(err, where)
@@ -245,9 +254,24 @@ class S3Backend(CloudBackend):
         return self._get_object(name, Range=f"bytes={start}-{start + length - 1}")[0]
 
     def _get_object(self, name: str, **options: str) -> tuple[bytes, str]:
-        answer = self._client.get_object(Bucket=self.bucket, Key=name, **options)
-        # The ETag comes from the same response as the bytes, so they match.
-        return answer["Body"].read(), str(answer["ETag"])
+        """The bytes and ETag of one GetObject, asked again if the answer breaks off.
+
+        Botocore retries a request until its headers arrive; the body is read
+        after that, outside its retries (boto3's own download manager retries
+        these errors the same way). A GET is safe to repeat.
+        """
+        attempt = 1
+        while True:
+            answer = self._client.get_object(Bucket=self.bucket, Key=name, **options)
+            try:
+                # The ETag comes from the same response as the bytes, so they match.
+                return answer["Body"].read(), str(answer["ETag"])
+            except _BROKEN_BODY:
+                if attempt >= self.max_attempts:
+                    raise
+            # Botocore's backoff of standard mode: full jitter, doubling, at most 20 s.
+            time.sleep(random.random() * min(2.0 ** (attempt - 1), 20.0))
+            attempt += 1
 
     def _head(self, name: str) -> tuple[int, float, str]:
         answer = self._client.head_object(Bucket=self.bucket, Key=name)
