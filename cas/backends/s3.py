@@ -269,8 +269,9 @@ class S3Backend(CloudBackend):
             except _BROKEN_BODY:
                 if attempt >= self.max_attempts:
                     raise
-            # Botocore's backoff of standard mode: full jitter, doubling, at most 20 s.
-            time.sleep(random.random() * min(2.0 ** (attempt - 1), 20.0))
+            # Botocore's backoff for a fault that is not throttling: full
+            # jitter, from 50 ms, doubling, at most 20 s.
+            time.sleep(random.random() * min(0.05 * 2 ** (attempt - 1), 20.0))
             attempt += 1
 
     def _head(self, name: str) -> tuple[int, float, str]:

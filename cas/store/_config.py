@@ -148,11 +148,16 @@ def write_config(backend: Backend, config: StoreConfig, *, exist_ok: bool) -> St
         raise NotAStoreError(
             f"cannot initialise {backend.uri}: it holds other files; use an empty location"
         )
+    body = config.to_bytes()
     try:
-        backend.put(layout.CONFIG_KEY, config.to_bytes(), if_absent=True)
+        backend.put(layout.CONFIG_KEY, body, if_absent=True)
     except AlreadyExistsError:
-        if not exist_ok:
-            raise StoreError(f"{backend.uri} is already a cas store") from None
-        return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+        existing = backend.get(layout.CONFIG_KEY)
+        # A retried request whose first attempt succeeded finds its own config
+        # (its store id is new): that is this creation, not an earlier one.
+        if existing != body:
+            if not exist_ok:
+                raise StoreError(f"{backend.uri} is already a cas store") from None
+            return StoreConfig.from_bytes(existing, backend.uri)
     backend.flush()
     return config
