@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from cas.backends.base import Backend, ObjectInfo
+from cas.backends import Backend, DelegatingBackend
 from cas.chunks._chunking import ChunkerParams
 from cas.gc._session import Clock
 from cas.store import Store
@@ -37,6 +38,8 @@ REAL_GRACE = {"local": 1.0, "s3": 6.0, "gcs": 3.0, "azure": 6.0}
 RESOLUTION = {"memory": 0.001, "local": 0.01, "s3": 1.1, "gcs": 0.01, "azure": 1.1}
 #: Small chunks: a few hundred KiB give files of many chunks.
 PARAMS = ChunkerParams.from_average(16 * 1024)
+
+T = TypeVar("T")
 
 
 class FakeClock(Clock):
@@ -92,13 +95,11 @@ class _Hook:
     fired: int = 0
 
 
-class HookedBackend(Backend):
+class HookedBackend(DelegatingBackend):
     """Delegates to another backend, running test code before or after chosen calls."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
-        self.uri = inner.uri
-        self.concurrency = inner.concurrency
+        super().__init__(inner)
         self._hooks: list[_Hook] = []
         self._lock = threading.Lock()
 
@@ -133,49 +134,11 @@ class HookedBackend(Backend):
                     hook.fired += 1
                 hook.action(key)
 
-    def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
-    ) -> None:
-        self._fire("put", "before", [key])
-        self.inner.put(key, data, if_absent=if_absent, if_match=if_match)
-        self._fire("put", "after", [key])
-
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
-
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
-        return self.inner.get_versioned(key)
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        return self.inner.get_range(key, start, length)
-
-    def stat(self, key: str) -> ObjectInfo:
-        self._fire("stat", "before", [key])
-        info = self.inner.stat(key)
-        self._fire("stat", "after", [key])
-        return info
-
-    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        return self.inner.list_objects(prefix)
-
-    def delete(self, keys: Iterable[str]) -> None:
-        keys = list(keys)
-        self._fire("delete", "before", keys)
-        self.inner.delete(keys)
-        self._fire("delete", "after", keys)
-
-    def touch(self, key: str) -> None:
-        self._fire("touch", "before", [key])
-        self.inner.touch(key)
-        self._fire("touch", "after", [key])
-
-    def flush(self) -> None:
-        self.inner.flush()
+    def _call(self, op: str, keys: Sequence[str], request: Callable[[], T]) -> T:
+        self._fire(op, "before", keys)
+        result = request()
+        self._fire(op, "after", keys)
+        return result
 
 
 @dataclass

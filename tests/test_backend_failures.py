@@ -6,7 +6,9 @@ service that goes away in the middle of a put. Every check runs the ``cas``
 command against a real server on 127.0.0.1: moto (with IAM checks switched
 on where access is denied), fake-gcs-server and Azurite. Two answers no
 emulator gives, S3's redirect of a bucket in another region and GCS's 403,
-come from a small HTTP server that replies what the services document.
+come from a small HTTP server that replies what the services document; a
+third, an S3 answer that breaks off after its headers, checks the backend's
+own retry of a body read.
 """
 
 from __future__ import annotations
@@ -370,3 +372,82 @@ def test_server_stopped_mid_put_then_restarted(tmp_path: Path) -> None:
         assert (tmp_path / "out.bin").read_bytes() == data
     finally:
         second.stop()
+
+
+# -- an answer that breaks off after its headers ------------------------------------------------
+
+
+class BreaksOff:
+    """An S3-like server whose GET answers send all headers but only part of the body.
+
+    The first ``breaks`` answers stop halfway and close the connection; later
+    ones are whole. ``gets`` counts the GETs it served.
+    """
+
+    def __init__(self, body: bytes, breaks: int) -> None:
+        self.gets = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.gets += 1
+                whole = server.gets > breaks
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", '"0123456789abcdef"')
+                self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+                self.end_headers()
+                self.wfile.write(body if whole else body[: len(body) // 2])
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def s3_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+@pytest.mark.usefixtures("s3_keys")
+@pytest.mark.parametrize("read", ["get", "get_range"])
+def test_s3_answer_that_breaks_off_is_read_again(read: str) -> None:
+    """Botocore retries a request only until its headers arrive; the backend retries the body."""
+    from cas.backends.s3 import S3Backend
+
+    body = random_bytes(256 * KiB, 7)
+    server = BreaksOff(body, breaks=1)
+    try:
+        with S3Backend("models", "cas", endpoint_url=server.endpoint, max_attempts=3) as backend:
+            if read == "get":
+                assert backend.get_versioned("k") == (body, '"0123456789abcdef"')
+            else:  # the canned server ignores the range and answers the whole object
+                assert backend.get_range("k", 0, len(body)) == body
+        assert server.gets == 2
+    finally:
+        server.close()
+
+
+@pytest.mark.usefixtures("s3_keys")
+def test_s3_answer_that_keeps_breaking_off_is_a_transient_error() -> None:
+    from cas.backends.s3 import S3Backend
+
+    server = BreaksOff(random_bytes(256 * KiB, 8), breaks=10)
+    try:
+        with (
+            S3Backend("models", "cas", endpoint_url=server.endpoint, max_attempts=2) as backend,
+            pytest.raises(BackendError, match=r"cas/k broke off \(2 attempts\)") as info,
+        ):
+            backend.get("k")
+        assert info.value.is_transient
+        assert server.gets == 2
+    finally:
+        server.close()

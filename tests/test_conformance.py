@@ -185,6 +185,12 @@ def test_unknown_option_is_a_configuration_error(cloud: Cloud) -> None:
         open_backend(f"{scheme}://bucket/prefix?colour=blue")
 
 
+def test_unreadable_option_value_is_a_configuration_error(cloud: Cloud) -> None:
+    scheme = {"s3": "s3", "gcs": "gs", "azure": "az"}[cloud.kind]
+    with pytest.raises(ConfigurationError, match=r"option concurrency='many'"):
+        open_backend(f"{scheme}://bucket/prefix?concurrency=many")
+
+
 def test_listing_skips_folder_markers(cloud: Cloud) -> None:
     bucket = cloud.bucket()
     backend = cloud.open(bucket, "p")

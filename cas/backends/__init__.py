@@ -14,17 +14,26 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ..errors import ConfigurationError
-from .base import Backend, ObjectInfo, check_key
+from ._cloud import OBJECT_STORE_CONCURRENCY
+from ._delegating import DelegatingBackend
+from .base import Backend, BytesLike, ObjectInfo, check_key
 from .local import LocalBackend
 
 if TYPE_CHECKING:
     from .memory import MemoryBackend
 
-__all__ = ["Backend", "LocalBackend", "MemoryBackend", "ObjectInfo", "check_key", "open_backend"]
+__all__ = [
+    "OBJECT_STORE_CONCURRENCY",
+    "Backend",
+    "BytesLike",
+    "DelegatingBackend",
+    "LocalBackend",
+    "MemoryBackend",
+    "ObjectInfo",
+    "check_key",
+    "open_backend",
+]
 
-#: Parallel requests an S3, GCS or Azure backend makes unless its
-#: ``concurrency`` option says otherwise: each request mostly waits on the network.
-OBJECT_STORE_CONCURRENCY = 16
 
 # scheme -> (module, factory function name, pip extra)
 _CLOUD: dict[str, tuple[str, str, str]] = {

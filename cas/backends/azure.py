@@ -10,12 +10,11 @@ option, or ``AZURE_STORAGE_ACCOUNT_URL``) with a ``credential`` option or
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import requests
 from azure.core import MatchConditions
@@ -24,17 +23,18 @@ from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob import BlobServiceClient, ExponentialRetry
 from urllib3.util.retry import Retry
 
-from ..errors import (
-    AlreadyExistsError,
-    BackendError,
-    CasError,
-    ConfigurationError,
-    InvalidInputError,
-    NotFoundError,
-    PreconditionFailedError,
+from ..errors import BackendError, CasError, ConfigurationError
+from ._cloud import (
+    OBJECT_STORE_CONCURRENCY,
+    CloudBackend,
+    Fault,
+    Listed,
+    OptionReader,
+    Request,
+    as_is,
+    is_transient_status,
 )
-from . import OBJECT_STORE_CONCURRENCY
-from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
+from .base import BytesLike
 
 _Adapter: type[requests.adapters.HTTPAdapter]
 try:  # the adapter azure-core itself mounts: larger socket reads for big downloads
@@ -54,10 +54,20 @@ def _quoted(etag: str) -> str:
     return etag if etag.startswith('"') else f'"{etag}"'
 
 
-class AzureBackend(Backend):
+class AzureBackend(CloudBackend):
     """Blobs in one container under an optional name prefix."""
 
-    remote = True
+    scheme, service, article, bucket_kind = "az", "Azure", "an", "container"
+    uri_options: ClassVar[Mapping[str, OptionReader]] = {
+        "connection_string": as_is,
+        "account_url": as_is,
+        "credential": as_is,
+        "concurrency": int,
+        "api_version": as_is,
+        "page_size": int,
+        "max_attempts": int,
+    }
+    sdk_errors = (aexc.AzureError,)
 
     def __init__(
         self,
@@ -65,31 +75,34 @@ class AzureBackend(Backend):
         prefix: str = "",
         *,
         connection_string: str | None = None,
-        account_url: str | None = None,
         credential: Any = None,
-        concurrency: int = OBJECT_STORE_CONCURRENCY,
+        account_url: str | None = None,
         api_version: str | None = None,
+        concurrency: int = OBJECT_STORE_CONCURRENCY,
         page_size: int = 5000,
         max_attempts: int = 4,
     ) -> None:
-        self.container_name = container
-        self.prefix = prefix.strip("/")
-        self._root = f"{self.prefix}/" if self.prefix else ""
-        self.uri = f"az://{container}/{self.prefix}" if self.prefix else f"az://{container}"
-        self.concurrency = concurrency
+        super().__init__(container, prefix, concurrency=concurrency)
         self.page_size = page_size
         self.list_page_size = page_size
+        self.max_attempts = max(max_attempts, 1)
+        options = self._pipeline_options()
+        if api_version:
+            options["api_version"] = api_version
+        self._service = self._service_client(connection_string, account_url, credential, options)
+        self._container = self._service.get_container_client(container)
+
+    def _pipeline_options(self) -> dict[str, Any]:
         session = requests.Session()
-        # Retries belong to the Azure pipeline (and to cas's retry wrapper), not to urllib3.
+        # Retries belong to the Azure pipeline, not to urllib3.
         adapter = _Adapter(
             pool_connections=4,
-            pool_maxsize=max(concurrency, 10),
+            pool_maxsize=max(self.concurrency, 10),
             max_retries=Retry(total=False, redirect=False, raise_on_status=False),
         )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
-        self.max_attempts = max(max_attempts, 1)
-        kwargs: dict[str, Any] = {
+        return {
             "transport": RequestsTransport(session=session),
             # The SDK retries throttling, 5xx and connection errors with backoff.
             # Its default backoff (15 s, then 15 + 3^n) makes an unreachable
@@ -102,179 +115,112 @@ class AzureBackend(Backend):
                 random_jitter_range=1,
             ),
         }
-        if api_version:
-            kwargs["api_version"] = api_version
+
+    def _service_client(
+        self,
+        connection_string: str | None,
+        account_url: str | None,
+        credential: Any,
+        options: dict[str, Any],
+    ) -> BlobServiceClient:
         connection_string = connection_string or os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
         account_url = account_url or os.environ.get("AZURE_STORAGE_ACCOUNT_URL")
         if not connection_string and not account_url and os.environ.get("AZURE_STORAGE_ACCOUNT"):
             account_url = f"https://{os.environ['AZURE_STORAGE_ACCOUNT']}.blob.core.windows.net"
         try:
             if connection_string:
-                service = BlobServiceClient.from_connection_string(connection_string, **kwargs)
-            elif account_url:
-                service = BlobServiceClient(
-                    account_url, credential=credential or _default_credential(), **kwargs
-                )
-            else:
-                raise ConfigurationError(
-                    f"no Azure account for {self.uri}: set AZURE_STORAGE_CONNECTION_STRING, "
-                    "or AZURE_STORAGE_ACCOUNT_URL (or ?account_url=https://ACCOUNT.blob.core."
-                    "windows.net) and sign in so that DefaultAzureCredential finds a credential"
+                return BlobServiceClient.from_connection_string(connection_string, **options)
+            if account_url:
+                return BlobServiceClient(
+                    account_url, credential=credential or _default_credential(), **options
                 )
         except ValueError as err:
             raise ConfigurationError(f"bad Azure settings for {self.uri}: {err}") from err
-        self._service = service
-        self._container = service.get_container_client(container)
+        raise ConfigurationError(
+            f"no Azure account for {self.uri}: set AZURE_STORAGE_CONNECTION_STRING, "
+            "or AZURE_STORAGE_ACCOUNT_URL (or ?account_url=https://ACCOUNT.blob.core."
+            "windows.net) and sign in so that DefaultAzureCredential finds a credential"
+        )
 
     # -- error mapping ----------------------------------------------------------------
 
-    def _name(self, key: str) -> str:
-        return self._root + check_key(key)
-
-    def _fail(
-        self, err: Exception, key: str | None, *, if_absent: bool = False, if_match: bool = False
-    ) -> NoReturn:
-        if isinstance(err, CasError):
-            raise err  # already mapped, e.g. an InvalidKeyError from inside a try
-        where = f"{self.uri}/{key}" if key is not None else self.uri
+    def _classify(self, err: Exception, request: Request) -> Fault | CasError:
+        where = self._where(request.key)
         # error_code is a str enum (StorageErrorCode) or a plain str: its value names it.
         raw_code = getattr(err, "error_code", "") or ""
         code = str(getattr(raw_code, "value", raw_code))
         status = int(getattr(err, "status_code", 0) or 0)
         if code == "ContainerNotFound":
-            raise BackendError(
-                f"container {self.container_name!r} does not exist: "
-                "create it or run `cas init --create-bucket`"
-            ) from err
-        if isinstance(err, aexc.ResourceExistsError) and if_absent:
-            raise AlreadyExistsError(f"object {where} already exists") from err
+            return Fault.NO_BUCKET
+        if isinstance(err, aexc.ResourceExistsError) and request.if_absent:
+            return Fault.CONFLICT
         if isinstance(err, aexc.ResourceModifiedError) or status == 412:
-            if if_absent:
-                raise AlreadyExistsError(f"object {where} already exists") from err
-            if if_match:
-                raise PreconditionFailedError(f"object {where} changed since it was read") from err
-            # A read of a large blob goes in ranges tied to the first one's
-            # etag: a writer replaced it in between, and reading again helps.
-            raise BackendError(f"object {where} changed while read", is_transient=True) from err
+            return Fault.CONFLICT
         if isinstance(err, aexc.ResourceNotFoundError) or status == 404:
-            if if_match:
-                raise PreconditionFailedError(f"object {where} is gone") from err
-            raise NotFoundError(f"object {where} not found") from err
+            return Fault.MISSING
+        if status == 416:
+            return Fault.PAST_END
         if isinstance(err, aexc.ClientAuthenticationError) or status in (401, 403):
-            raise BackendError(
+            return BackendError(
                 f"access denied to {where} ({code or status}): check the account key or SAS "
                 "in the connection string; a signed-in identity needs the role 'Storage Blob "
                 "Data Contributor' on the container or account, a SAS read, write, delete and list"
-            ) from err
+            )
         if isinstance(err, aexc.ServiceRequestError | aexc.ServiceResponseError):
-            raise BackendError(
+            return BackendError(
                 f"cannot reach Azure Blob Storage at {self._service.primary_endpoint.rstrip('/')} "
                 f"({self.max_attempts} attempts) for {where}: {err}; check the account URL or "
                 "connection string, and that the service is up and reachable",
                 is_transient=True,
-            ) from err
+            )
         if isinstance(err, aexc.HttpResponseError):
-            transient = status >= 500 or status == 429 or code in _THROTTLED
-            raise BackendError(
+            transient = is_transient_status(status) or code in _THROTTLED
+            return BackendError(
                 f"Azure {code or status} for {where}: {err.reason or err}", is_transient=transient
-            ) from err
-        if isinstance(err, aexc.AzureError):
-            raise BackendError(f"Azure error for {where}: {err}") from err
-        raise err
+            )
+        return BackendError(f"Azure error for {where}: {err}")
 
-    # -- contract ---------------------------------------------------------------------
+    # -- requests ---------------------------------------------------------------------
 
-    def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
-    ) -> None:
-        check_put_conditions(if_absent, if_match)
-        name = self._name(key)
+    def _upload(self, name: str, data: BytesLike, if_absent: bool, if_match: str | None) -> None:
         conditions: dict[str, Any] = {"overwrite": not if_absent}
         if if_match is not None:
             conditions["etag"] = _quoted(if_match)
             conditions["match_condition"] = MatchConditions.IfNotModified
-        try:
-            # Above max_single_put_size the SDK stages blocks and commits them
-            # with the same condition: the blob still appears all at once.
-            body = data if isinstance(data, bytes) else bytes(data)
-            self._container.upload_blob(name, body, max_concurrency=4, **conditions)
-        except aexc.AzureError as err:
-            self._fail(err, key, if_absent=if_absent, if_match=if_match is not None)
+        # Above max_single_put_size the SDK stages blocks and commits them
+        # with the same condition: the blob still appears all at once.
+        body = data if isinstance(data, bytes) else bytes(data)
+        self._container.upload_blob(name, body, max_concurrency=4, **conditions)
 
-    def get(self, key: str) -> bytes:
-        return self.get_versioned(key)[0]
-
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
-        try:
-            stream = self._container.download_blob(self._name(key), max_concurrency=1)
-            data: bytes = stream.readall()
-        except aexc.AzureError as err:
-            self._fail(err, key)
+    def _download(self, name: str) -> tuple[bytes, str]:
+        stream = self._container.download_blob(name, max_concurrency=1)
+        data: bytes = stream.readall()
         return data, _quoted(stream.properties.etag)
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise InvalidInputError(f"get_range: negative start or length for {key!r}")
-        if length == 0:
-            self.stat(key)  # still NotFoundError for a missing key
-            return b""
-        try:
-            stream = self._container.download_blob(
-                self._name(key), offset=start, length=length, max_concurrency=1
-            )
-            data: bytes = stream.readall()
-        except aexc.HttpResponseError as err:
-            if err.status_code == 416:
-                return b""  # the range starts at or past the end
-            self._fail(err, key)
-        except aexc.AzureError as err:
-            self._fail(err, key)
+    def _download_range(self, name: str, start: int, length: int) -> bytes:
+        stream = self._container.download_blob(name, offset=start, length=length, max_concurrency=1)
+        data: bytes = stream.readall()
         return data
 
-    def stat(self, key: str) -> ObjectInfo:
-        try:
-            props = self._container.get_blob_client(self._name(key)).get_blob_properties()
-        except aexc.AzureError as err:
-            self._fail(err, key)
-        return ObjectInfo(
-            key=key,
-            size=int(props.size),
-            mtime=props.last_modified.timestamp(),
-            token=_quoted(props.etag),
-        )
+    def _head(self, name: str) -> tuple[int, float, str]:
+        props = self._container.get_blob_client(name).get_blob_properties()
+        return int(props.size), props.last_modified.timestamp(), _quoted(props.etag)
 
-    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        blobs = self._container.list_blobs(
-            name_starts_with=self._root + prefix, results_per_page=self.page_size
-        )
-        try:
-            for blob in blobs:
-                key = blob.name[len(self._root) :]
-                if not is_valid_key(key):
-                    continue  # e.g. a directory entry of a hierarchical-namespace account
-                yield ObjectInfo(
-                    key=key,
-                    size=int(blob.size),
-                    mtime=blob.last_modified.timestamp(),
-                    token=_quoted(blob.etag) if blob.etag else None,
-                )
-        except aexc.AzureError as err:
-            self._fail(err, None)
+    def _list_names(self, prefix: str) -> Iterator[Listed]:
+        # A hierarchical-namespace account also lists directory entries,
+        # which the listing skips as names that are not keys.
+        for blob in self._container.list_blobs(
+            name_starts_with=prefix, results_per_page=self.page_size
+        ):
+            token = _quoted(blob.etag) if blob.etag else None
+            yield blob.name, int(blob.size), blob.last_modified.timestamp(), token
 
-    def delete(self, keys: Iterable[str]) -> None:
-        names = [self._name(key) for key in keys]
-        batches = [names[i : i + DELETE_BATCH] for i in range(0, len(names), DELETE_BATCH)]
+    def _delete_names(self, names: list[str]) -> None:
         if len(names) == 1:
             self._delete_one(names[0])
             return
-        with ThreadPoolExecutor(max(1, min(4, len(batches)))) as pool:
-            for _ in pool.map(self._delete_batch, batches):
-                pass
+        batches = [names[i : i + DELETE_BATCH] for i in range(0, len(names), DELETE_BATCH)]
+        self._in_parallel(self._delete_batch, batches, 4)
 
     def _delete_batch(self, names: list[str]) -> None:
         try:
@@ -286,16 +232,14 @@ class AzureBackend(Backend):
                 for name in names:
                     self._delete_one(name)
                 return
-            self._fail(err, None)
-        except aexc.AzureError as err:
-            self._fail(err, None)
+            raise
         failed = [r for r in responses if r.status_code not in (200, 202, 404)]
         if failed:
             first = failed[0]
             raise BackendError(
                 f"Azure could not delete {len(failed)} of {len(names)} blobs in {self.uri}: "
                 f"{first.status_code} {first.reason}",
-                is_transient=any(r.status_code >= 500 or r.status_code == 429 for r in failed),
+                is_transient=any(is_transient_status(r.status_code) for r in failed),
             )
 
     def _delete_one(self, name: str) -> None:
@@ -303,33 +247,23 @@ class AzureBackend(Backend):
             self._container.delete_blob(name)
         except aexc.ResourceNotFoundError as err:
             if getattr(err, "error_code", "") == "ContainerNotFound":
-                self._fail(err, None)
+                self._fail(err, Request())
         except aexc.AzureError as err:
-            self._fail(err, name[len(self._root) :])
+            self._fail(err, Request(self._key_of(name)))
 
-    def touch(self, key: str) -> None:
+    def _touch_name(self, name: str) -> None:
         # Setting metadata changes Last-Modified to the service's now without
         # rewriting data; the value only has to be a valid metadata string.
-        try:
-            self._container.get_blob_client(self._name(key)).set_blob_metadata(
-                {"cas_touched": str(time.time_ns())}
-            )
-        except aexc.AzureError as err:
-            self._fail(err, key)
+        self._container.get_blob_client(name).set_blob_metadata(
+            {"cas_touched": str(time.time_ns())}
+        )
 
     def close(self) -> None:
         self._service.close()
 
-    # -- administration ---------------------------------------------------------------
-
-    def create_bucket(self) -> None:
-        """Create the container; fine if it exists."""
-        try:
+    def _create_bucket(self) -> None:
+        with contextlib.suppress(aexc.ResourceExistsError):
             self._container.create_container()
-        except aexc.ResourceExistsError:
-            return
-        except aexc.AzureError as err:
-            self._fail(err, None)
 
 
 def _default_credential() -> Any:
@@ -343,30 +277,4 @@ def _default_credential() -> Any:
     return DefaultAzureCredential()
 
 
-def from_uri(uri: str, **options: Any) -> AzureBackend:
-    """Open ``az://container[/prefix][?account_url=...]``; options override the query."""
-    parts = urlsplit(uri)
-    if parts.scheme != "az" or not parts.netloc:
-        raise ConfigurationError(
-            f"not an Azure location: {uri!r}; expected az://container[/prefix]"
-        )
-    merged: dict[str, Any] = {**dict(parse_qsl(parts.query)), **options}
-    for name in ("concurrency", "page_size", "max_attempts"):
-        if name in merged:
-            merged[name] = int(merged[name])
-    known = {
-        "connection_string",
-        "account_url",
-        "credential",
-        "concurrency",
-        "api_version",
-        "page_size",
-        "max_attempts",
-    }
-    unknown = set(merged) - known
-    if unknown:
-        raise ConfigurationError(
-            f"unknown Azure option(s) {', '.join(sorted(unknown))} for {uri!r}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    return AzureBackend(parts.netloc, parts.path.strip("/"), **merged)
+from_uri = AzureBackend.from_uri

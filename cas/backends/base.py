@@ -30,9 +30,20 @@ Every implementation MUST give:
   compares those times with each other and with nothing else.
 * **Not-found mapping.** A missing key raises
   :class:`~cas.errors.NotFoundError` (also a :class:`FileNotFoundError`).
-* **Transient faults** (throttling, timeouts, 5xx) raise
-  :class:`~cas.errors.BackendError` with ``is_transient=True``; a retry wrapper
-  retries only those. Permanent faults raise it with ``is_transient=False``.
+* **Retries inside the backend.** A backend retries transient faults
+  (throttling, timeouts, 5xx, dropped connections) itself, a bounded number
+  of times with backoff and jitter; the cloud SDKs do it for every request.
+  What still fails raises :class:`~cas.errors.BackendError` with
+  ``is_transient=True`` (the operation may succeed later); a permanent fault
+  raises it with ``is_transient=False``. Nothing above a backend retries a
+  request again: docs/backends.md ("Retries") says why.
+* **Conditional writes may report their own success as a conflict.** When
+  the answer to a create-only or compare-and-swap write is lost and the
+  request is retried, the retry finds the object written and raises
+  :class:`~cas.errors.AlreadyExistsError` or
+  :class:`~cas.errors.PreconditionFailedError`. Callers read the object back
+  (or rely on it being named by its content) before taking a conflict for a
+  lost race.
 """
 
 from __future__ import annotations
@@ -41,10 +52,13 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import InvalidInputError, InvalidKeyError
 
 TEMP_PREFIX = ".cas-tmp"
+#: What a put stores: any buffer of bytes, written without a copy where the service allows.
+BytesLike = bytes | bytearray | memoryview
 _SEGMENT = re.compile(r"[^/\x00]+")
 
 
@@ -109,14 +123,18 @@ class Backend(ABC):
     #: :func:`cas.store._config.default_chunker`).
     remote: bool = False
 
+    @property
+    def local_root(self) -> Path | None:
+        """The folder of this machine whose files are the objects; None for a service.
+
+        The store uses it to keep its own folder out of what it stores and of
+        what a restore may replace, and to see whether the folder is empty.
+        """
+        return None
+
     @abstractmethod
     def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
+        self, key: str, data: BytesLike, *, if_absent: bool = False, if_match: str | None = None
     ) -> None:
         """Store ``data`` under ``key`` atomically.
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlsplit
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import google.auth
 import google.auth.exceptions as gauth_exc
@@ -26,17 +24,18 @@ from google.auth.transport.requests import AuthorizedSession
 from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from ..errors import (
-    AlreadyExistsError,
-    BackendError,
-    CasError,
-    ConfigurationError,
-    InvalidInputError,
-    NotFoundError,
-    PreconditionFailedError,
+from ..errors import BackendError, CasError, ConfigurationError, PreconditionFailedError
+from ._cloud import (
+    OBJECT_STORE_CONCURRENCY,
+    CloudBackend,
+    Fault,
+    Listed,
+    OptionReader,
+    Request,
+    as_is,
+    is_transient_status,
 )
-from . import OBJECT_STORE_CONCURRENCY
-from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
+from .base import BytesLike
 
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 _TRANSIENT = (
@@ -52,11 +51,21 @@ _LIST_FIELDS = "items(name,size,updated,generation),nextPageToken"
 _TOUCH_MODES = ("patch", "rewrite")
 
 
-class GCSBackend(Backend):
+class GCSBackend(CloudBackend):
     """Objects in one bucket under an optional name prefix."""
 
-    list_page_size = 1000  # objects.list answers up to 1,000 names per request
-    remote = True
+    scheme, service = "gs", "GCS"
+    uri_options: ClassVar[Mapping[str, OptionReader]] = {
+        "project": as_is,
+        "emulator_host": as_is,
+        "endpoint_url": as_is,
+        "concurrency": int,
+        "touch": as_is,
+        "timeout": float,
+        "retry_timeout": float,
+    }
+    # Errors reach the caller from the library, from requests and from google-auth.
+    sdk_errors = (Exception,)
 
     def __init__(
         self,
@@ -71,11 +80,7 @@ class GCSBackend(Backend):
         timeout: float = 60.0,
         retry_timeout: float = 60.0,
     ) -> None:
-        self.bucket_name = bucket
-        self.prefix = prefix.strip("/")
-        self._root = f"{self.prefix}/" if self.prefix else ""
-        self.uri = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
-        self.concurrency = concurrency
+        super().__init__(bucket, prefix, concurrency=concurrency)
         # Every call takes the same per-request timeout and retry policy: the
         # library's own retries throttling, 5xx and connection errors with
         # backoff, for at most retry_timeout seconds (0: no retries).
@@ -129,72 +134,46 @@ class GCSBackend(Backend):
 
     # -- error mapping --------------------------------------------------------------
 
-    def _name(self, key: str) -> str:
-        return self._root + check_key(key)
-
-    def _fail(
-        self,
-        err: Exception,
-        key: str | None,
-        *,
-        if_absent: bool = False,
-        if_match: bool = False,
-        writing: bool = False,
-    ) -> NoReturn:
-        if isinstance(err, CasError):
-            raise err  # already mapped, e.g. an InvalidKeyError from inside a try
-        where = f"{self.uri}/{key}" if key is not None else self.uri
+    def _classify(self, err: Exception, request: Request) -> Fault | CasError:
+        where = self._where(request.key)
         if isinstance(err, gexc.PreconditionFailed):
-            if if_absent:
-                raise AlreadyExistsError(f"object {where} already exists") from err
-            raise PreconditionFailedError(f"object {where} changed since it was read") from err
+            return Fault.CONFLICT
+        if isinstance(err, gexc.RequestRangeNotSatisfiable):
+            return Fault.PAST_END
         if isinstance(err, gexc.NotFound):
             # A missing bucket and a missing object are both 404; only the
             # message tells them apart, and a write or a listing has no object
             # to be missing.
-            if key is None or writing or "bucket does not exist" in str(err.message).lower():
-                raise BackendError(
-                    f"bucket {self.bucket_name!r} does not exist: "
-                    "create it or run `cas init --create-bucket`"
-                ) from err
-            if if_match:
-                raise PreconditionFailedError(f"object {where} is gone") from err
-            raise NotFoundError(f"object {where} not found") from err
+            bucket_gone = "bucket does not exist" in str(err.message).lower()
+            if request.key is None or request.writing or bucket_gone:
+                return Fault.NO_BUCKET
+            return Fault.MISSING
         if isinstance(err, gexc.Forbidden | gexc.Unauthorized):
-            raise BackendError(
+            return BackendError(
                 f"access denied to {where}: {err.message}; the account needs "
                 "roles/storage.objectUser on the bucket (storage.objects.create, get, list, "
                 "update, delete)"
-            ) from err
+            )
         if isinstance(err, gauth_exc.RefreshError):
-            raise BackendError(f"Google credentials could not be refreshed: {err}") from err
+            return BackendError(f"Google credentials could not be refreshed: {err}")
         cause = err.cause if isinstance(err, gexc.RetryError) else err
         if isinstance(cause, _NETWORK):
             tried = f"retried for {self.retry_timeout:g} s" if self.retry_timeout > 0 else "once"
-            raise BackendError(
+            return BackendError(
                 f"cannot reach GCS at {self.endpoint} ({tried}) for {where}: {cause}; check "
                 "the endpoint (STORAGE_EMULATOR_HOST, endpoint_url), the network and proxies",
                 is_transient=True,
-            ) from err
+            )
         if isinstance(err, _TRANSIENT):
-            raise BackendError(f"GCS busy for {where}: {err}", is_transient=True) from err
-        if isinstance(err, gexc.GoogleAPICallError):
-            transient = err.code is not None and int(err.code) >= 500
-            raise BackendError(f"GCS error for {where}: {err}", is_transient=transient) from err
-        raise BackendError(f"GCS error for {where}: {err}") from err
+            return BackendError(f"GCS busy for {where}: {err}", is_transient=True)
+        transient = isinstance(err, gexc.GoogleAPICallError) and is_transient_status(
+            int(err.code or 0)
+        )
+        return BackendError(f"GCS error for {where}: {err}", is_transient=transient)
 
-    # -- contract -------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------
 
-    def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
-    ) -> None:
-        check_put_conditions(if_absent, if_match)
-        blob = self._bucket.blob(self._name(key))
+    def _upload(self, name: str, data: BytesLike, if_absent: bool, if_match: str | None) -> None:
         generation: int | None = None
         if if_absent:
             generation = 0
@@ -203,89 +182,46 @@ class GCSBackend(Backend):
                 generation = int(if_match)
             except ValueError:
                 raise PreconditionFailedError(f"{if_match!r} is not a GCS generation") from None
-        try:
-            # Up to 8 MiB the library sends one multipart request; larger
-            # objects go as a resumable upload, which is just as atomic.
-            blob.upload_from_string(
-                data if isinstance(data, bytes) else bytes(data),
-                content_type="application/octet-stream",
-                if_generation_match=generation,
-                **self._call,
-            )
-        except Exception as err:
-            self._fail(err, key, if_absent=if_absent, if_match=if_match is not None, writing=True)
+        # Up to 8 MiB the library sends one multipart request; larger
+        # objects go as a resumable upload, which is just as atomic.
+        self._bucket.blob(name).upload_from_string(
+            data if isinstance(data, bytes) else bytes(data),
+            content_type="application/octet-stream",
+            if_generation_match=generation,
+            **self._call,
+        )
 
-    def get(self, key: str) -> bytes:
-        return self.get_versioned(key)[0]
-
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
-        blob = self._bucket.blob(self._name(key))
-        try:
-            data: bytes = blob.download_as_bytes(**self._call)
-        except Exception as err:
-            self._fail(err, key)
+    def _download(self, name: str) -> tuple[bytes, str]:
+        blob = self._bucket.blob(name)
+        data: bytes = blob.download_as_bytes(**self._call)
         # The generation comes from the headers of that same download.
         if blob.generation is None:
-            raise BackendError(f"GCS sent no generation with {self.uri}/{key}")
+            raise BackendError(f"GCS sent no generation with {self._where(self._key_of(name))}")
         return data, str(blob.generation)
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise InvalidInputError(f"get_range: negative start or length for {key!r}")
-        if length == 0:
-            self.stat(key)  # still NotFoundError for a missing key
-            return b""
-        blob = self._bucket.blob(self._name(key))
-        try:
-            data: bytes = blob.download_as_bytes(
-                start=start, end=start + length - 1, checksum=None, **self._call
-            )
-        except gexc.RequestRangeNotSatisfiable:
-            return b""  # 416: the range starts at or past the end
-        except Exception as err:
-            self._fail(err, key)
+    def _download_range(self, name: str, start: int, length: int) -> bytes:
+        data: bytes = self._bucket.blob(name).download_as_bytes(
+            start=start, end=start + length - 1, checksum=None, **self._call
+        )
         return data
 
-    def stat(self, key: str) -> ObjectInfo:
-        name = self._name(key)
-        try:
-            blob = self._bucket.get_blob(name, **self._call)
-        except Exception as err:
-            self._fail(err, key)
+    def _head(self, name: str) -> tuple[int, float, str]:
+        blob = self._bucket.get_blob(name, **self._call)
         if blob is None:
-            raise NotFoundError(f"object {self.uri}/{key} not found")
-        return self._info(key, blob)
+            raise self._missing(name)
+        return int(blob.size), blob.updated.timestamp(), str(blob.generation)
 
-    @staticmethod
-    def _info(key: str, blob: Any) -> ObjectInfo:
-        return ObjectInfo(
-            key=key, size=int(blob.size), mtime=blob.updated.timestamp(), token=str(blob.generation)
-        )
-
-    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def _list_names(self, prefix: str) -> Iterator[Listed]:
         blobs = self._client.list_blobs(
-            self._bucket, prefix=self._root + prefix, fields=_LIST_FIELDS, **self._call
+            self._bucket, prefix=prefix, fields=_LIST_FIELDS, **self._call
         )
-        try:
-            for blob in blobs:
-                key = blob.name[len(self._root) :]
-                if not is_valid_key(key):
-                    continue  # e.g. a "folder/" placeholder made by a console
-                yield self._info(key, blob)
-        except Exception as err:
-            self._fail(err, None)
+        for blob in blobs:
+            yield blob.name, int(blob.size), blob.updated.timestamp(), str(blob.generation)
 
-    def delete(self, keys: Iterable[str]) -> None:
-        names = [self._name(key) for key in keys]
-        if len(names) <= 1:
-            for name in names:
-                self._delete_one(name)
-            return
+    def _delete_names(self, names: list[str]) -> None:
         # JSON-API batches are not served by the emulators this is tested on;
         # parallel single deletes are, and they reuse the pooled connections.
-        with ThreadPoolExecutor(min(self.concurrency, len(names))) as pool:
-            for _ in pool.map(self._delete_one, names):
-                pass
+        self._in_parallel(self._delete_one, names, self.concurrency)
 
     def _delete_one(self, name: str) -> None:
         try:
@@ -293,26 +229,22 @@ class GCSBackend(Backend):
         except gexc.NotFound:
             pass
         except Exception as err:
-            self._fail(err, name[len(self._root) :])
+            self._fail(err, Request(self._key_of(name)))
 
-    def touch(self, key: str) -> None:
-        name = self._name(key)
-        try:
-            if self.touch_mode == "patch":
-                blob = self._bucket.blob(name)
-                # Any metadata change makes GCS set `updated` to its own now;
-                # the value only has to differ from the previous one.
-                blob.metadata = {"cas-touched": str(time.time_ns())}
-                blob.patch(**self._call)
-                return
+    def _touch_name(self, name: str) -> None:
+        if self.touch_mode == "rewrite":
             self._rewrite_onto_itself(name)
-        except Exception as err:
-            self._fail(err, key)
+            return
+        blob = self._bucket.blob(name)
+        # Any metadata change makes GCS set `updated` to its own now;
+        # the value only has to differ from the previous one.
+        blob.metadata = {"cas-touched": str(time.time_ns())}
+        blob.patch(**self._call)
 
     def _rewrite_onto_itself(self, name: str) -> None:
         source = self._bucket.get_blob(name, **self._call)
         if source is None:
-            raise NotFoundError(f"object {self.uri}/{name[len(self._root) :]} not found")
+            raise self._missing(name)
         target = self._bucket.blob(name)
         token = None
         # Only over the generation just read: had a writer replaced it since,
@@ -336,38 +268,11 @@ class GCSBackend(Backend):
 
     def create_bucket(self, location: str | None = None) -> None:
         """Create the bucket (in ``location``, else the service default); fine if it exists."""
-        try:
-            self._client.create_bucket(self.bucket_name, location=location, **self._call)
-        except gexc.Conflict:
-            return
-        except Exception as err:
-            self._fail(err, None)
+        self._requesting(Request(), lambda: self._create_bucket(location))
+
+    def _create_bucket(self, location: str | None = None) -> None:
+        with contextlib.suppress(gexc.Conflict):
+            self._client.create_bucket(self.bucket, location=location, **self._call)
 
 
-def from_uri(uri: str, **options: Any) -> GCSBackend:
-    """Open ``gs://bucket[/prefix][?project=...]``; options override the query."""
-    parts = urlsplit(uri)
-    if parts.scheme != "gs" or not parts.netloc:
-        raise ConfigurationError(f"not a GCS location: {uri!r}; expected gs://bucket[/prefix]")
-    merged: dict[str, Any] = {**dict(parse_qsl(parts.query)), **options}
-    if "concurrency" in merged:
-        merged["concurrency"] = int(merged["concurrency"])
-    for name in ("timeout", "retry_timeout"):
-        if name in merged:
-            merged[name] = float(merged[name])
-    known = {
-        "project",
-        "emulator_host",
-        "endpoint_url",
-        "concurrency",
-        "touch",
-        "timeout",
-        "retry_timeout",
-    }
-    unknown = set(merged) - known
-    if unknown:
-        raise ConfigurationError(
-            f"unknown GCS option(s) {', '.join(sorted(unknown))} for {uri!r}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    return GCSBackend(parts.netloc, parts.path.strip("/"), **merged)
+from_uri = GCSBackend.from_uri

@@ -26,7 +26,7 @@ from ..errors import (
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import TEMP_PREFIX, Backend, ObjectInfo, check_key, check_put_conditions
+from .base import TEMP_PREFIX, Backend, BytesLike, ObjectInfo, check_key, check_put_conditions
 
 
 def _token(st: os.stat_result) -> str:
@@ -125,6 +125,10 @@ class LocalBackend(Backend):
         self._unsynced_bytes = 0
         self._writeback: threading.Thread | None = None
 
+    @property
+    def local_root(self) -> Path:
+        return self.root
+
     # -- helpers -----------------------------------------------------------------
 
     def _file(self, key: str) -> str:
@@ -175,12 +179,7 @@ class LocalBackend(Backend):
     # -- contract ----------------------------------------------------------------
 
     def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
+        self, key: str, data: BytesLike, *, if_absent: bool = False, if_match: str | None = None
     ) -> None:
         check_put_conditions(if_absent, if_match)
         path = self._file(key)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import AlreadyExistsError, InvalidInputError, NotFoundError, PreconditionFailedError
-from .base import Backend, ObjectInfo, check_key, check_put_conditions
+from .base import Backend, BytesLike, ObjectInfo, check_key, check_put_conditions
 
 
 @dataclass(slots=True)
@@ -38,12 +38,7 @@ class MemoryBackend(Backend):
         return NotFoundError(f"object {key!r} not found in {self.uri}")
 
     def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
+        self, key: str, data: BytesLike, *, if_absent: bool = False, if_match: str | None = None
     ) -> None:
         check_key(key)
         check_put_conditions(if_absent, if_match)

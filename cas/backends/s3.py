@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlsplit
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 import boto3
 import botocore.exceptions as bexc
@@ -25,17 +26,18 @@ import botocore.session
 from botocore.config import Config
 from botocore.handlers import add_expect_header
 
-from ..errors import (
-    AlreadyExistsError,
-    BackendError,
-    CasError,
-    ConfigurationError,
-    InvalidInputError,
-    NotFoundError,
-    PreconditionFailedError,
+from ..errors import BackendError, CasError, ConfigurationError
+from ._cloud import (
+    OBJECT_STORE_CONCURRENCY,
+    CloudBackend,
+    Fault,
+    Listed,
+    OptionReader,
+    Request,
+    as_is,
+    is_transient_status,
 )
-from . import OBJECT_STORE_CONCURRENCY
-from .base import Backend, ObjectInfo, check_key, check_put_conditions, is_valid_key
+from .base import BytesLike
 
 MiB = 1024 * 1024
 #: S3 DeleteObjects takes at most this many keys per request.
@@ -59,6 +61,8 @@ _REGION = {
     "AuthorizationHeaderMalformed",
     "IllegalLocationConstraintException",
 }
+#: A response body that broke off after its headers: read again (see S3Backend._get_object).
+_BROKEN_BODY = (bexc.IncompleteReadError, bexc.ResponseStreamingError, bexc.ReadTimeoutError)
 
 
 # Parsing botocore's service model is most of the cost of a new client; a
@@ -78,38 +82,37 @@ def _session(profile: str | None) -> boto3.session.Session:
     return boto3.session.Session(botocore_session=core, profile_name=profile)
 
 
-def _split(uri: str) -> tuple[str, str, dict[str, str]]:
-    parts = urlsplit(uri)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise ConfigurationError(f"not an S3 location: {uri!r}; expected s3://bucket[/prefix]")
-    return parts.netloc, parts.path.strip("/"), dict(parse_qsl(parts.query))
-
-
-class S3Backend(Backend):
+class S3Backend(CloudBackend):
     """Objects in one bucket under an optional key prefix."""
 
-    list_page_size = 1000  # ListObjectsV2 answers up to 1,000 keys per request
-    remote = True
+    scheme, service, article = "s3", "S3", "an"
+    uri_options: ClassVar[Mapping[str, OptionReader]] = {
+        "region": as_is,
+        "endpoint_url": as_is,
+        "profile": as_is,
+        "concurrency": int,
+        "addressing_style": as_is,
+        "max_attempts": int,
+        "multipart_threshold": int,
+        "part_size": int,
+    }
+    sdk_errors = (bexc.BotoCoreError, bexc.ClientError)
 
     def __init__(
         self,
         bucket: str,
         prefix: str = "",
         *,
+        multipart_threshold: int = 64 * MiB,
+        part_size: int = 16 * MiB,
+        concurrency: int = OBJECT_STORE_CONCURRENCY,
+        max_attempts: int = 5,
         region: str | None = None,
         endpoint_url: str | None = None,
         profile: str | None = None,
-        concurrency: int = OBJECT_STORE_CONCURRENCY,
         addressing_style: str | None = None,
-        max_attempts: int = 5,
-        multipart_threshold: int = 64 * MiB,
-        part_size: int = 16 * MiB,
     ) -> None:
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self._root = f"{self.prefix}/" if self.prefix else ""
-        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        self.concurrency = concurrency
+        super().__init__(bucket, prefix, concurrency=concurrency)
         self.multipart_threshold = multipart_threshold
         self.max_attempts = max_attempts
         self.part_size = max(part_size, 5 * MiB)  # S3's minimum for all but the last part
@@ -148,100 +151,78 @@ class S3Backend(Backend):
 
     # -- error mapping ---------------------------------------------------------------
 
-    def _key(self, key: str) -> str:
-        return self._root + check_key(key)
-
-    def _fail(self, err: Exception, key: str | None, *, if_absent: bool = False,
-              if_match: bool = False) -> NoReturn:  # fmt: skip
-        if isinstance(err, CasError):
-            raise err  # already mapped, e.g. an InvalidKeyError from inside a try
-        where = f"{self.uri}/{key}" if key is not None else self.uri
+    def _classify(self, err: Exception, request: Request) -> Fault | CasError:
+        where = self._where(request.key)
         if isinstance(err, bexc.NoCredentialsError | bexc.PartialCredentialsError):
-            raise ConfigurationError(
+            return ConfigurationError(
                 f"no AWS credentials for {self.uri}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run on a machine with an instance role"
-            ) from err
+            )
         if isinstance(err, bexc.EndpointConnectionError | bexc.ConnectionError):
             target = self.endpoint_url or f"S3 in {self.region or 'the default region'}"
-            raise BackendError(
+            return BackendError(
                 f"cannot reach {target} ({self.max_attempts} attempts) for {where}: {err}; "
                 "check the endpoint (endpoint_url, AWS_ENDPOINT_URL), the network and proxies",
                 is_transient=True,
-            ) from err
+            )
         if isinstance(err, bexc.ReadTimeoutError | bexc.ConnectTimeoutError):
-            raise BackendError(f"timeout talking to S3 for {where}", is_transient=True) from err
+            return BackendError(f"timeout talking to S3 for {where}", is_transient=True)
+        if isinstance(err, _BROKEN_BODY):
+            return BackendError(
+                f"S3 answer for {where} broke off ({self.max_attempts} attempts): {err}",
+                is_transient=True,
+            )
         if not isinstance(err, bexc.ClientError):
-            raise BackendError(f"S3 error for {where}: {err}") from err
+            return BackendError(f"S3 error for {where}: {err}")
+        return self._classify_answer(err, where)
+
+    def _classify_answer(self, err: bexc.ClientError, where: str) -> Fault | CasError:
         response = err.response
         code = str(response.get("Error", {}).get("Code", ""))
         status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        message = response.get("Error", {}).get("Message", "") or str(err)
         if code == "NoSuchBucket":
-            raise BackendError(
-                f"bucket {self.bucket!r} does not exist: "
-                "create it or run `cas init --create-bucket`"
-            ) from err
+            return Fault.NO_BUCKET
         if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-            if if_absent:
-                raise AlreadyExistsError(f"object {where} already exists") from err
-            raise PreconditionFailedError(f"object {where} changed since it was read") from err
+            return Fault.CONFLICT
         if code in _NOT_FOUND or status == 404:
-            if if_match:
-                # S3 answers If-Match on a missing key with 404: the object we
-                # read is gone, which for a compare-and-swap is a lost race.
-                raise PreconditionFailedError(f"object {where} is gone") from err
-            raise NotFoundError(f"object {where} not found") from err
+            return Fault.MISSING
+        if code == "InvalidRange" or status == 416:
+            return Fault.PAST_END
         if code in _ACCESS or status == 403:
-            raise BackendError(
+            return BackendError(
                 f"access denied to {where} ({code}): check the credentials and that the policy "
                 "allows s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket"
-            ) from err
-        if code in _REGION or status == 301:
-            actual = (
-                response.get("ResponseMetadata", {})
-                .get("HTTPHeaders", {})
-                .get("x-amz-bucket-region")
             )
+        if code in _REGION or status == 301:
+            headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            actual = headers.get("x-amz-bucket-region")
             hint = f"it is in {actual!r}; " if actual else ""
-            raise ConfigurationError(
+            return ConfigurationError(
                 f"bucket {self.bucket!r} is not in region {self.region!r}: {hint}"
                 "set AWS_REGION or the store option region"
-            ) from err
-        transient = code in _THROTTLED or status >= 500 or status == 429
-        raise BackendError(
-            f"S3 {code or status} for {where}: {message}", is_transient=transient
-        ) from err
+            )
+        message = response.get("Error", {}).get("Message", "") or str(err)
+        transient = code in _THROTTLED or is_transient_status(status)
+        return BackendError(f"S3 {code or status} for {where}: {message}", is_transient=transient)
 
-    # -- contract -------------------------------------------------------------------
+    # -- requests --------------------------------------------------------------------
 
-    def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
-    ) -> None:
-        check_put_conditions(if_absent, if_match)
-        name = self._key(key)
+    def _upload(self, name: str, data: BytesLike, if_absent: bool, if_match: str | None) -> None:
         conditions: dict[str, str] = {}
         if if_absent:
             conditions["IfNoneMatch"] = "*"
         elif if_match is not None:
             conditions["IfMatch"] = if_match
         view = memoryview(data).cast("B")
-        try:
-            # Compare-and-swap is for small objects and stays a single PutObject
-            # (up to 5 GiB): If-Match on CompleteMultipartUpload is newer, and
-            # not every S3 implementation checks it there.
-            if len(view) >= self.multipart_threshold and if_match is None:
-                self._put_multipart(name, view, conditions)
-            else:
-                # Chunks arrive as bytes already: no copy of each one on its way out.
-                body = data if isinstance(data, bytes) else bytes(view)
-                self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **conditions)
-        except (bexc.BotoCoreError, bexc.ClientError) as err:
-            self._fail(err, key, if_absent=if_absent, if_match=if_match is not None)
+        # Compare-and-swap is for small objects and stays a single PutObject
+        # (up to 5 GiB): If-Match on CompleteMultipartUpload is newer, and
+        # not every S3 implementation checks it there.
+        if len(view) >= self.multipart_threshold and if_match is None:
+            self._put_multipart(name, view, conditions)
+        else:
+            # Chunks arrive as bytes already: no copy of each one on its way out.
+            body = data if isinstance(data, bytes) else bytes(view)
+            self._client.put_object(Bucket=self.bucket, Key=name, Body=body, **conditions)
 
     def _put_multipart(self, name: str, view: memoryview, conditions: dict[str, str]) -> None:
         # The object appears only when CompleteMultipartUpload succeeds, and the
@@ -275,87 +256,53 @@ class S3Backend(Backend):
                 )
             raise
 
-    def get(self, key: str) -> bytes:
-        return self.get_versioned(key)[0]
+    def _download(self, name: str) -> tuple[bytes, str]:
+        return self._get_object(name)
 
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
-        name = self._key(key)
-        try:
-            answer = self._client.get_object(Bucket=self.bucket, Key=name)
-            # The ETag comes from the same response as the bytes, so they match.
-            return answer["Body"].read(), str(answer["ETag"])
-        except (bexc.BotoCoreError, bexc.ClientError) as err:
-            self._fail(err, key)
+    def _download_range(self, name: str, start: int, length: int) -> bytes:
+        return self._get_object(name, Range=f"bytes={start}-{start + length - 1}")[0]
 
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if start < 0 or length < 0:
-            raise InvalidInputError(f"get_range: negative start or length for {key!r}")
-        name = self._key(key)
-        if length == 0:
-            self.stat(key)  # still NotFoundError for a missing key
-            return b""
-        try:
-            answer = self._client.get_object(
-                Bucket=self.bucket, Key=name, Range=f"bytes={start}-{start + length - 1}"
-            )
-            data: bytes = answer["Body"].read()
-            return data
-        except bexc.ClientError as err:
-            if err.response.get("Error", {}).get("Code") == "InvalidRange":
-                return b""  # 416: the range starts at or past the end
-            self._fail(err, key)
-        except bexc.BotoCoreError as err:
-            self._fail(err, key)
+    def _get_object(self, name: str, **options: str) -> tuple[bytes, str]:
+        """The bytes and ETag of one GetObject, asked again if the answer breaks off.
 
-    def stat(self, key: str) -> ObjectInfo:
-        name = self._key(key)
-        try:
-            answer = self._client.head_object(Bucket=self.bucket, Key=name)
-        except (bexc.BotoCoreError, bexc.ClientError) as err:
-            self._fail(err, key)
-        return ObjectInfo(
-            key=key,
-            size=int(answer["ContentLength"]),
-            mtime=answer["LastModified"].timestamp(),
-            token=str(answer["ETag"]),
-        )
+        Botocore retries a request until its headers arrive; the body is read
+        after that, outside its retries (boto3's own download manager retries
+        these errors the same way). A GET is safe to repeat.
+        """
+        attempt = 1
+        while True:
+            answer = self._client.get_object(Bucket=self.bucket, Key=name, **options)
+            try:
+                # The ETag comes from the same response as the bytes, so they match.
+                return answer["Body"].read(), str(answer["ETag"])
+            except _BROKEN_BODY:
+                if attempt >= self.max_attempts:
+                    raise
+            # Botocore's backoff for a fault that is not throttling: full
+            # jitter, from 50 ms, doubling, at most 20 s.
+            time.sleep(random.random() * min(0.05 * 2 ** (attempt - 1), 20.0))
+            attempt += 1
 
-    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def _head(self, name: str) -> tuple[int, float, str]:
+        answer = self._client.head_object(Bucket=self.bucket, Key=name)
+        return int(answer["ContentLength"]), answer["LastModified"].timestamp(), str(answer["ETag"])
+
+    def _list_names(self, prefix: str) -> Iterator[Listed]:
         paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.bucket, Prefix=self._root + prefix)
-        try:
-            for page in pages:
-                for item in page.get("Contents", ()):
-                    key = item["Key"][len(self._root) :]
-                    if not is_valid_key(key):
-                        continue  # e.g. a "folder/" marker made by a console
-                    yield ObjectInfo(
-                        key=key,
-                        size=int(item["Size"]),
-                        mtime=item["LastModified"].timestamp(),
-                        token=str(item["ETag"]) if "ETag" in item else None,
-                    )
-        except (bexc.BotoCoreError, bexc.ClientError) as err:
-            self._fail(err, None)
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", ()):
+                token = str(item["ETag"]) if "ETag" in item else None
+                yield item["Key"], int(item["Size"]), item["LastModified"].timestamp(), token
 
-    def delete(self, keys: Iterable[str]) -> None:
-        batch: list[str] = []
-        for key in keys:
-            batch.append(self._key(key))
-            if len(batch) == DELETE_BATCH:
-                self._delete_batch(batch)
-                batch = []
-        if batch:
-            self._delete_batch(batch)
+    def _delete_names(self, names: list[str]) -> None:
+        for start in range(0, len(names), DELETE_BATCH):
+            self._delete_batch(names[start : start + DELETE_BATCH])
 
     def _delete_batch(self, names: list[str]) -> None:
-        try:
-            answer = self._client.delete_objects(
-                Bucket=self.bucket,
-                Delete={"Objects": [{"Key": n} for n in names], "Quiet": True},
-            )
-        except (bexc.BotoCoreError, bexc.ClientError) as err:
-            self._fail(err, None)
+        answer = self._client.delete_objects(
+            Bucket=self.bucket,
+            Delete={"Objects": [{"Key": n} for n in names], "Quiet": True},
+        )
         errors = [e for e in answer.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
         if errors:
             first = errors[0]
@@ -366,28 +313,22 @@ class S3Backend(Backend):
                 is_transient=transient,
             )
 
-    def touch(self, key: str) -> None:
+    def _touch_name(self, name: str) -> None:
         # S3 has no "set mtime": copying an object onto itself (REPLACE is
         # required for a self-copy) gives it a new LastModified, server-side,
         # without moving data through the client. Meant for immutable objects:
         # a concurrent put of *different* bytes could be overwritten by the copy.
-        name = self._key(key)
-        try:
-            self._client.copy_object(
-                Bucket=self.bucket,
-                Key=name,
-                CopySource={"Bucket": self.bucket, "Key": name},
-                MetadataDirective="REPLACE",
-            )
-        except (bexc.BotoCoreError, bexc.ClientError) as err:
-            self._fail(err, key)
+        self._client.copy_object(
+            Bucket=self.bucket,
+            Key=name,
+            CopySource={"Bucket": self.bucket, "Key": name},
+            MetadataDirective="REPLACE",
+        )
 
     def close(self) -> None:
         self._client.close()
 
-    # -- administration --------------------------------------------------------------
-
-    def create_bucket(self) -> None:
+    def _create_bucket(self) -> None:
         """Create the bucket (in ``region``); fine if it exists and is ours."""
         args: dict[str, Any] = {"Bucket": self.bucket}
         if self.region and self.region != "us-east-1":
@@ -402,32 +343,7 @@ class S3Backend(Backend):
                 raise ConfigurationError(
                     f"bucket name {self.bucket!r} is taken by another account: choose another"
                 ) from err
-            self._fail(err, None)
-        except bexc.BotoCoreError as err:
-            self._fail(err, None)
+            raise
 
 
-def from_uri(uri: str, **options: Any) -> S3Backend:
-    """Open ``s3://bucket[/prefix][?region=...&endpoint_url=...]``; options override the query."""
-    bucket, prefix, query = _split(uri)
-    merged: dict[str, Any] = {**query, **options}
-    for name in ("concurrency", "max_attempts", "multipart_threshold", "part_size"):
-        if name in merged:
-            merged[name] = int(merged[name])
-    known = {
-        "region",
-        "endpoint_url",
-        "profile",
-        "concurrency",
-        "addressing_style",
-        "max_attempts",
-        "multipart_threshold",
-        "part_size",
-    }
-    unknown = set(merged) - known
-    if unknown:
-        raise ConfigurationError(
-            f"unknown S3 option(s) {', '.join(sorted(unknown))} for {uri!r}; "
-            f"known: {', '.join(sorted(known))}"
-        )
-    return S3Backend(bucket, prefix, **merged)
+from_uri = S3Backend.from_uri

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import Backend
-from ..backends.local import LocalBackend
 from ..chunks import _codec as codec
 from ..chunks._chunking import ChunkerParams
 from ..chunks._store import MAX_CHAIN
@@ -115,8 +114,8 @@ class StoreConfig:
 
 
 def _is_empty(backend: Backend) -> bool:
-    if isinstance(backend, LocalBackend):
-        root = backend.root
+    root = backend.local_root
+    if root is not None:
         if root.exists() and not root.is_dir():
             raise NotAStoreError(f"{root} is a file, not a cas store")
         return not root.exists() or not any(root.iterdir())
@@ -149,11 +148,16 @@ def write_config(backend: Backend, config: StoreConfig, *, exist_ok: bool) -> St
         raise NotAStoreError(
             f"cannot initialise {backend.uri}: it holds other files; use an empty location"
         )
+    body = config.to_bytes()
     try:
-        backend.put(layout.CONFIG_KEY, config.to_bytes(), if_absent=True)
+        backend.put(layout.CONFIG_KEY, body, if_absent=True)
     except AlreadyExistsError:
-        if not exist_ok:
-            raise StoreError(f"{backend.uri} is already a cas store") from None
-        return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+        existing = backend.get(layout.CONFIG_KEY)
+        # A retried request whose first attempt succeeded finds its own config
+        # (its store id is new): that is this creation, not an earlier one.
+        if existing != body:
+            if not exist_ok:
+                raise StoreError(f"{backend.uri} is already a cas store") from None
+            return StoreConfig.from_bytes(existing, backend.uri)
     backend.flush()
     return config

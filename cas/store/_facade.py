@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..backends import Backend, LocalBackend, open_backend
+from ..backends import Backend, open_backend
 from ..chunks._chunking import ChunkerParams
 from ..chunks._listing import expected_chunks
 from ..chunks._listing import plan_in_background as plan_index
@@ -159,8 +159,7 @@ class Store:
         resolved = tuple(dict.fromkeys(self._parent(p) for p in parents))
         from ..transfer._ingest import scan
 
-        own_root = self.backend.root if isinstance(self.backend, LocalBackend) else None
-        kind, items = scan(Path(path), skip=own_root)
+        kind, items = scan(Path(path), skip=self.backend.local_root)
 
         def build(entries: tuple[Entry, ...]) -> Manifest:
             return Manifest(
@@ -344,9 +343,10 @@ class Store:
 
     def _refuse_replacing_self(self, dest: Path) -> None:
         """A forced restore replaces DEST whole: never when DEST holds this store."""
-        if not isinstance(self.backend, LocalBackend) or not os.path.lexists(dest):
+        store_root = self.backend.local_root
+        if store_root is None or not os.path.lexists(dest):
             return
-        target, root = dest.resolve(), self.backend.root.resolve()
+        target, root = dest.resolve(), store_root.resolve()
         if root == target or target in root.parents:
             raise InvalidInputError(
                 f"destination {dest} holds this store ({root}); restoring there would "

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Sequence
+from typing import TypeVar
 
-from ..backends.base import Backend, ObjectInfo
+from ..backends import Backend, DelegatingBackend
 from ..errors import BackendError
+
+T = TypeVar("T")
 
 OPERATIONS = frozenset(
     {"put", "get", "get_versioned", "get_range", "stat", "list", "delete", "touch"}
 )
 
 
-class FaultyBackend(Backend):
+class FaultyBackend(DelegatingBackend):
     """Delegates to ``inner``; fails the matching calls after the first ``after`` of them.
 
     A call matches when its operation is in ``fail_on`` and one of its keys
@@ -50,11 +53,7 @@ class FaultyBackend(Backend):
         unknown = set(fail_on) - OPERATIONS
         if unknown:
             raise ValueError(f"unknown operations {sorted(unknown)}; known: {sorted(OPERATIONS)}")
-        self.inner = inner
-        self.uri = inner.uri
-        self.concurrency = inner.concurrency
-        self.list_page_size = inner.list_page_size
-        self.remote = inner.remote
+        super().__init__(inner)
         self.fail_on = frozenset(fail_on)
         self.prefix = prefix
         self.after = after
@@ -80,7 +79,7 @@ class FaultyBackend(Backend):
             for keys in self.keys.values():
                 keys.clear()
 
-    def _enter(self, op: str, keys: list[str]) -> None:
+    def _enter(self, op: str, keys: Sequence[str]) -> None:
         with self._lock:
             self.calls[op] += 1
             self.keys[op].extend(keys)
@@ -96,53 +95,6 @@ class FaultyBackend(Backend):
             f"{self.message}: {op} {', '.join(keys[:3])} on {self.uri}", is_transient=self.transient
         )
 
-    # -- the contract, delegated ---------------------------------------------------
-
-    def put(
-        self,
-        key: str,
-        data: bytes | bytearray | memoryview,
-        *,
-        if_absent: bool = False,
-        if_match: str | None = None,
-    ) -> None:
-        self._enter("put", [key])
-        self.inner.put(key, data, if_absent=if_absent, if_match=if_match)
-
-    def get(self, key: str) -> bytes:
-        self._enter("get", [key])
-        return self.inner.get(key)
-
-    def get_versioned(self, key: str) -> tuple[bytes, str]:
-        self._enter("get_versioned", [key])
-        return self.inner.get_versioned(key)
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        self._enter("get_range", [key])
-        return self.inner.get_range(key, start, length)
-
-    def stat(self, key: str) -> ObjectInfo:
-        self._enter("stat", [key])
-        return self.inner.stat(key)
-
-    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        self._enter("list", [prefix])
-        return self.inner.list_objects(prefix)
-
-    def delete(self, keys: Iterable[str]) -> None:
-        keys = [*keys]
-        self._enter("delete", keys)
-        self.inner.delete(keys)
-
-    def touch(self, key: str) -> None:
-        self._enter("touch", [key])
-        self.inner.touch(key)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def create_bucket(self) -> None:
-        self.inner.create_bucket()
-
-    def close(self) -> None:
-        self.inner.close()
+    def _call(self, op: str, keys: Sequence[str], request: Callable[[], T]) -> T:
+        self._enter(op, keys)
+        return request()
