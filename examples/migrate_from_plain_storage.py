@@ -35,7 +35,8 @@ def load_model(storage: Any, name: str, cache_dir: str) -> np.ndarray:
         raise FileNotFoundError(remote)
     local = os.path.join(cache_dir, name, "model.npy")
     storage.download_if_newer(remote, local)  # a no-op when the cache is current
-    return np.load(local)
+    model: np.ndarray = np.load(local)
+    return model
 
 
 # -- the migration: only how the storage object is made changes ----------------------

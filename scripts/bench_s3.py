@@ -79,9 +79,10 @@ def tensors(total: int, tensor_bytes: int, changed: set[int]) -> list[Tensor]:
     def make(i: int) -> Callable[[], np.ndarray]:
         def weights() -> np.ndarray:
             rng = np.random.default_rng([7, i])
-            values = rng.standard_normal((rows, COLS), dtype=np.float32) * np.float32(0.02)
+            shape = (rows, COLS)
+            values: np.ndarray = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
             if i in changed:
-                step = np.random.default_rng([8, i]).standard_normal((rows, COLS), np.float32)
+                step = np.random.default_rng([8, i]).standard_normal(shape, np.float32)
                 values += step * np.float32(1e-3)
             return values
 

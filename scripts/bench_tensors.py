@@ -222,7 +222,7 @@ def bench_series(
     store = Store.init(work / f"store-series-{entropy}", chunker=params, entropy=entropy)
     current = [(n, k, s, a.astype(np.float32) if k == "F32" else a) for n, k, s, a in tensors]
     rows = []
-    paths = []
+    paths: list[Path] = []
     for number in range(1, versions + 1):
         path = save(work / f"series-{number}.safetensors", current, "bf16")
         before = chunk_bytes(store)
