@@ -20,12 +20,17 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import servers
 
 from cas.backends import Backend, LocalBackend, MemoryBackend
+
+if TYPE_CHECKING:  # the cloud SDKs load only when a test asks for that backend
+    from cas.backends.azure import AzureBackend
+    from cas.backends.gcs import GCSBackend
+    from cas.backends.s3 import S3Backend
 
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 BACKEND_KINDS = ["memory", "local", "s3", "gcs", "azure"]
@@ -116,7 +121,7 @@ def local_backend(tmp_path: Path) -> Iterator[Backend]:
 
 
 @pytest.fixture
-def s3_backend(moto_server: servers.Server) -> Iterator[Backend]:
+def s3_backend(moto_server: servers.Server) -> Iterator[S3Backend]:
     from cas.backends.s3 import S3Backend
 
     backend = S3Backend(
@@ -132,7 +137,7 @@ def s3_backend(moto_server: servers.Server) -> Iterator[Backend]:
 
 
 @pytest.fixture
-def gcs_backend(fake_gcs_server: servers.Server) -> Iterator[Backend]:
+def gcs_backend(fake_gcs_server: servers.Server) -> Iterator[GCSBackend]:
     from cas.backends.gcs import GCSBackend
 
     backend = GCSBackend(unique_name("gcs"), PREFIX, emulator_host=fake_gcs_server.endpoint)
@@ -146,7 +151,7 @@ def gcs_backend(fake_gcs_server: servers.Server) -> Iterator[Backend]:
 
 
 @pytest.fixture
-def azure_backend(azurite_server: servers.Server) -> Iterator[Backend]:
+def azure_backend(azurite_server: servers.Server) -> Iterator[AzureBackend]:
     from cas.backends.azure import AzureBackend
 
     backend = AzureBackend(

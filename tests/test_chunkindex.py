@@ -9,12 +9,13 @@ servers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from gc_helpers import FakeClock, random_bytes, write
 
-from cas.backends import MemoryBackend
+from cas.backends import Backend, MemoryBackend, ObjectInfo
 from cas.chunks._chunking import ChunkerParams
 from cas.chunks._listing import ChunkIndex, expected_chunks, plan, plan_in_background
 from cas.digest import Digest
@@ -60,7 +61,9 @@ def test_listing_answers_exactly_like_stat(stored: int, page: int, shards: int) 
     backend = paged(page)
     present = fill(backend, stored)
     absent = [Digest.of(f"absent-{i}".encode()) for i in range(200)]
-    with plan(backend, 100_000, workers=4) as index:  # type: ignore[union-attr]
+    index = plan(backend, 100_000, workers=4)
+    assert index is not None
+    with index:
         assert index.shards == shards
         for digest in present:
             assert index.mtime(digest) == backend.stat(layout.chunk_key(digest)).mtime
@@ -108,7 +111,7 @@ def test_a_failed_listing_fails_the_lookups_of_its_shard() -> None:
         assert index.mtime(Digest(b"\xff" * 32)) is None
 
 
-def make_store(backend: MemoryBackend | FaultyBackend, clock: FakeClock | None = None) -> Store:
+def make_store(backend: Backend, clock: FakeClock | None = None) -> Store:
     config = write_config(backend, StoreConfig(chunker=PARAMS), exist_ok=True)
     store = Store(backend, config, workers=4)
     if clock is not None:
@@ -204,15 +207,15 @@ def test_chunk_stored_by_another_writer_after_the_listing_gets_its_real_time(
 
     def other_writer() -> None:
         # Stores the same chunks after the put listed: create-only, same bytes.
-        other = make_store(counted.inner, clock)  # type: ignore[arg-type]
+        other = make_store(counted.inner, clock)
         other.put(tmp_path / "a.bin", "other")
         ready.set()
 
     original = ChunkIndex.complete
     raced: list[bool] = []
 
-    def complete_then_race(infos: object, requests: int) -> ChunkIndex:
-        index = original(infos, requests)  # type: ignore[arg-type]
+    def complete_then_race(infos: Iterable[ObjectInfo], requests: int) -> ChunkIndex:
+        index = original(infos, requests)
         if not raced:  # the other writer lists too: it must not race again
             raced.append(True)
             thread = threading.Thread(target=other_writer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from helpers import KiB, random_bytes
 from servers import Server
 
 import cas
-from cas.backends import Backend
 from cas.errors import ConfigurationError, InvalidInputError
 from cas.ml.checkpoint import CheckpointManager, load_arrays, read_safetensors, save_arrays
 from cas.ml.diff import diff
@@ -21,6 +21,9 @@ from cas.ml.plain_storage import (
     get_storage_from_uri,
     set_default_storage,
 )
+
+if TYPE_CHECKING:
+    from cas.backends.s3 import S3Backend
 
 ENV = ("STORAGE_BACKEND", "STORAGE_BUCKET", "STORAGE_PREFIX", "STORAGE_BASE_PATH")
 
@@ -145,9 +148,9 @@ def test_unknown_backend_is_refused() -> None:
 
 
 def test_s3_by_parts_round_trip_on_a_real_server(
-    s3_backend: Backend, moto_server: Server, tmp_path: Path
+    s3_backend: S3Backend, moto_server: Server, tmp_path: Path
 ) -> None:
-    bucket = s3_backend.bucket  # type: ignore[attr-defined]
+    bucket = s3_backend.bucket
     storage = get_storage_backend(
         "s3", bucket=bucket, prefix="compat", region="us-east-1", endpoint_url=moto_server.endpoint
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,8 @@ def test_a_restore_hints_every_chunk_once_in_order_and_a_bounded_way_ahead(
         real_submitted(self, length)
         gaps.append(self.hinted - self.handed)
 
-    def prefetch(digests_: object) -> None:
-        hinted.extend(digests_)  # type: ignore[call-overload]
+    def prefetch(digests_: Iterable[Digest]) -> None:
+        hinted.extend(digests_)
 
     monkeypatch.setattr(cas.transfer._restore._ReadAhead, "submitted", submitted)
     monkeypatch.setattr(store.chunks, "prefetch", prefetch)

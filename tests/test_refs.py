@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cas.backends import LocalBackend, MemoryBackend
+from cas.backends import LocalBackend, MemoryBackend, ObjectInfo
 from cas.backends.base import Backend
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, RefNotFoundError
@@ -78,9 +79,9 @@ class LaggingListBackend(MemoryBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        self.frozen: list = []
+        self.frozen: list[ObjectInfo] = []
 
-    def list_objects(self, prefix: str = ""):  # type: ignore[no-untyped-def]
+    def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         return iter(self.frozen)
 
 

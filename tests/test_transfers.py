@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from helpers import KiB, MiB, ok, random_bytes, run_cas
@@ -22,6 +23,7 @@ from cas.transfer import _budget as inflight
 from cas.transfer._budget import InFlight
 
 PARAMS = ChunkerParams.from_average(16 * KiB)
+T = TypeVar("T")
 
 
 def test_background_hasher_equals_the_inline_one() -> None:
@@ -96,7 +98,12 @@ def test_in_flight_waits_on_whichever_limit_comes_first() -> None:
     room.acquire(500)  # larger than the byte limit: admitted, but alone
     assert room.full(1)
     released: list[int] = []
-    waiter = threading.Thread(target=lambda: (room.acquire(1), released.append(1)))
+
+    def acquire_then_record() -> None:
+        room.acquire(1)
+        released.append(1)
+
+    waiter = threading.Thread(target=acquire_then_record)
     waiter.start()
     time.sleep(0.05)
     assert not released  # still waiting for the big one
@@ -116,7 +123,7 @@ class SlowChunks(MemoryBackend):
         self.active = 0
         self.most = 0
 
-    def _slowly(self, key: str, call: Any) -> Any:
+    def _slowly(self, key: str, call: Callable[[], T]) -> T:
         if not key.startswith(layout.CHUNKS):
             return call()
         with self._lock:
@@ -129,11 +136,11 @@ class SlowChunks(MemoryBackend):
             with self._lock:
                 self.active -= 1
 
-    def put(self, key: str, data: Any, **conditions: Any) -> Any:
-        return self._slowly(key, lambda: super(SlowChunks, self).put(key, data, **conditions))
+    def put(self, key: str, data: bytes | bytearray | memoryview, **conditions: Any) -> None:
+        self._slowly(key, lambda: super(SlowChunks, self).put(key, data, **conditions))
 
     def get(self, key: str) -> bytes:
-        return self._slowly(key, lambda: super(SlowChunks, self).get(key))  # type: ignore[no-any-return]
+        return self._slowly(key, lambda: super(SlowChunks, self).get(key))
 
 
 def test_puts_and_gets_keep_a_bounded_number_of_bytes_in_flight(
