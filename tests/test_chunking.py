@@ -249,7 +249,7 @@ def follow(
     seen = bytearray()
     out, offset, reused = [], 0, 0
     chunks = follow_chunks(
-        io.BufferedReader(io.BytesIO(new)),  # type: ignore[arg-type]
+        io.BufferedReader(io.BytesIO(new)),
         params,
         previous,
         former_size,

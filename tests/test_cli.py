@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -37,9 +38,9 @@ def store(tmp_path: Path) -> Path:
     return root
 
 
-def put(store: Path, src: Path, key: str, **kwargs: object) -> None:
+def put(store: Path, src: Path, key: str, **kwargs: Any) -> None:
     """Set-up through the library, to keep the subprocess calls for what is under test."""
-    cas.open(store, create=False).put(src, key, **kwargs)  # type: ignore[arg-type]
+    cas.open(store, create=False).put(src, key, **kwargs)
 
 
 # -- entry points and store selection ------------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import build_sample_tree, ok, run_cas, small_store, snapshot
@@ -11,11 +13,11 @@ from helpers import build_sample_tree, ok, run_cas, small_store, snapshot
 import cas
 from cas.digest import Digest
 from cas.repository import _layout as layout
-from cas.repository._manifest import Entry, Manifest
+from cas.repository._manifest import ArtifactKind, Entry, Manifest
 from cas.repository._refs import utc_now
 
 
-def assert_usage_error(proc, *words: str) -> None:  # type: ignore[no-untyped-def]
+def assert_usage_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("cas: error: ") or "usage:" in proc.stderr, proc.stderr
@@ -249,10 +251,12 @@ def test_argparse_errors_exit_2(env: tuple[Path, Path]) -> None:
 # -- malicious manifests ---------------------------------------------------------------------
 
 
-def plant(store_root: Path, key: str, entries: tuple[Entry, ...], kind: str = "directory") -> str:
+def plant(
+    store_root: Path, key: str, entries: tuple[Entry, ...], kind: ArtifactKind = "directory"
+) -> str:
     """Commit a hand-made manifest, as an attacker with write access to the store could."""
     store = cas.open(store_root, create=False)
-    manifest = Manifest(key=key, kind=kind, created=utc_now(), entries=entries)  # type: ignore[arg-type]
+    manifest = Manifest(key=key, kind=kind, created=utc_now(), entries=entries)
     blob = manifest.to_bytes()
     manifest_id = Digest.of(blob)
     store.backend.put(layout.manifest_key(manifest_id), blob)
@@ -347,10 +351,11 @@ def test_forced_get_never_replaces_a_folder_holding_the_store(tmp_path: Path, de
     assert [v["ref"] for v in json_log(project)] == ["m@1"]
 
 
-def json_log(cwd: Path) -> list[dict]:  # type: ignore[type-arg]
+def json_log(cwd: Path) -> list[dict[str, Any]]:
     import json
 
-    return json.loads(ok(run_cas("log", "m", "--json", cwd=cwd)).stdout)
+    log: list[dict[str, Any]] = json.loads(ok(run_cas("log", "m", "--json", cwd=cwd)).stdout)
+    return log
 
 
 # -- the parser built for one command -------------------------------------------------

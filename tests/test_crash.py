@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -52,10 +53,11 @@ def put_argv(store: Path, work: Path, iteration: int) -> list[str]:
     return [*CAS, "--store", str(store), "put", str(work), KEY, "--meta", f"iteration={iteration}"]
 
 
-def committed(store: Path) -> list[dict]:  # type: ignore[type-arg]
+def committed(store: Path) -> list[dict[str, Any]]:
     proc = run_cas("log", KEY, "--json", store=store)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    log: list[dict[str, Any]] = json.loads(proc.stdout)
+    return log
 
 
 def check_store(store: Path, expected: dict[int, dict[str, str]], scratch: Path) -> list[int]:
@@ -143,8 +145,8 @@ def test_kill_9_during_put_leaves_committed_versions_intact(tmp_path: Path) -> N
     ok(run_cas("put", work, KEY, "--meta", "iteration=999", store=store))
     seen = check_store(store, expected, scratch)
     assert 999 in seen
-    proc = run_cas("verify", "--deep", store=store)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    verified = run_cas("verify", "--deep", store=store)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     # The kills really landed mid-put: some after chunks were written but before the
     # commit (what they left behind is garbage collection's job, not a defect).
     assert mid_write >= 1, f"none of {done} kills hit a put while it was writing"

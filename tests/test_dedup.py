@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import MiB, chunk_files, digests, random_bytes, small_store, text_bytes
 
+from cas.chunks._chunking import follow_chunks
 from cas.digest import Digest
 from cas.store import Store
 
@@ -166,17 +169,14 @@ def test_dedup_does_not_depend_on_the_codec(tmp_path: Path) -> None:
 @pytest.fixture
 def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each chunk a put gives through follow_chunks was taken at a former cut."""
-    import cas.transfer._ingest
-
     record: list[bool] = []
-    real = cas.transfer._ingest.follow_chunks
 
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        for view, digest in real(*args, **kwargs):
+    def recording(*args: Any, **kwargs: Any) -> Iterator[tuple[memoryview, bytes | None]]:
+        for view, digest in follow_chunks(*args, **kwargs):
             record.append(digest is not None)
             yield view, digest
 
-    monkeypatch.setattr(cas.transfer._ingest, "follow_chunks", recording)
+    monkeypatch.setattr("cas.transfer._ingest.follow_chunks", recording)
     return record
 
 

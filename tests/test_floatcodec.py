@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -31,6 +32,7 @@ SPECIALS = {
     "<f2": [np.nan, np.inf, -np.inf, 0.0, -0.0, 6e-8, -6e-5, 65504.0],
     "<f8": [np.nan, np.inf, -0.0, 5e-324, 1.7e308],
 }
+FLOAT_BITS: dict[int, Literal[16, 32, 64]] = {2: 16, 4: 32, 8: 64}
 
 
 def arrays(dtype: np.dtype) -> st.SearchStrategy[np.ndarray]:
@@ -38,7 +40,7 @@ def arrays(dtype: np.dtype) -> st.SearchStrategy[np.ndarray]:
     if dtype.kind == "f":
         elements = st.one_of(
             st.sampled_from(SPECIALS[dtype.str]),
-            st.floats(width=dtype.itemsize * 8, allow_nan=True, allow_subnormal=True),
+            st.floats(width=FLOAT_BITS[dtype.itemsize], allow_nan=True, allow_subnormal=True),
         )
         return hnp.arrays(dtype, st.integers(0, 600), elements=elements)
     return hnp.arrays(dtype, st.integers(0, 600))

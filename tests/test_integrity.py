@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ def setup(tmp_path: Path) -> tuple[Path, Store, Path]:
     return root, store, src
 
 
-def assert_failed_cleanly(proc, dest_parent: Path) -> None:  # type: ignore[no-untyped-def]
+def assert_failed_cleanly(proc: subprocess.CompletedProcess[str], dest_parent: Path) -> None:
     assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
     assert temp_leftovers(dest_parent) == []

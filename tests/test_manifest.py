@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import zstandard
@@ -33,8 +34,8 @@ def file_entry(path: str, mode: int = 0o644) -> Entry:
     return Entry(path, "file", mode, size=7, digest=D3, chunks=(ChunkRef(D1, 3), ChunkRef(D2, 4)))
 
 
-def sample(**overrides: object) -> Manifest:
-    fields: dict[str, object] = {
+def sample(**overrides: Any) -> Manifest:
+    fields: dict[str, Any] = {
         "key": "runs/bert/ckpt",
         "kind": "directory",
         "created": "2025-01-02T03:04:05.000006Z",
@@ -52,7 +53,7 @@ def sample(**overrides: object) -> Manifest:
         "message": "first run — ok",
     }
     fields.update(overrides)
-    return Manifest(**fields)  # type: ignore[arg-type]
+    return Manifest(**fields)
 
 
 # -- canonical form ------------------------------------------------------------------

@@ -40,7 +40,7 @@ FILE_MODES = [0o644, 0o600, 0o640, 0o755, 0o700, 0o444, 0o400, 0o775]
 DIR_MODES = [0o755, 0o700, 0o750, 0o775, 0o555]
 
 names = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="/\x00\\"),
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="/\x00\\"),
     min_size=1,
     max_size=10,
 ).filter(lambda s: s not in (".", "..") and len(s.encode()) <= 100)
@@ -138,7 +138,9 @@ counter = itertools.count()
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(tree=trees, data=st.data())
-def test_directory_round_trip(workspace: tuple[Store, Path], tree: dict[str, Any], data) -> None:  # type: ignore[no-untyped-def]
+def test_directory_round_trip(
+    workspace: tuple[Store, Path], tree: dict[str, Any], data: st.DataObject
+) -> None:
     store, base = workspace
     work = Path(tempfile.mkdtemp(dir=base))
     try:

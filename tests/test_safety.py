@@ -90,8 +90,6 @@ def test_unreadable_path_is_bad_input_even_for_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Root reads any file whatever its mode, so deny access where cas asks for it.
-    import cas.transfer._ingest
-
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "ok.bin").write_bytes(b"fine")
@@ -99,8 +97,7 @@ def test_unreadable_path_is_bad_input_even_for_root(
     secret.write_bytes(b"top secret")
     real_access = os.access
     monkeypatch.setattr(
-        cas.transfer._ingest.os,
-        "access",
+        "cas.transfer._ingest.os.access",
         lambda p, mode: Path(p).name != "secret.bin" and real_access(p, mode),
     )
     store = cas.open(tmp_path / "store")

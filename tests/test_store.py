@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -326,7 +327,9 @@ def test_verify_report(store: Store, tree: Path) -> None:
         (lambda s, p: s.log("nothing"), RefNotFoundError),
     ],
 )
-def test_api_errors(store: Store, tree: Path, call, error) -> None:  # type: ignore[no-untyped-def]
+def test_api_errors(
+    store: Store, tree: Path, call: Callable[[Store, Path], object], error: type[Exception]
+) -> None:
     store.put(tree, "k")
     with pytest.raises(error):
         call(store, tree)
