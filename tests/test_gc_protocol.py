@@ -26,7 +26,7 @@ from gc_helpers import (
 )
 
 from cas.errors import ConcurrentCollectionError
-from cas.gc._collect import Collector, GcReport
+from cas.gc._collect import Collector, GcReport, _Tally
 from cas.gc._session import PUTS
 from cas.repository import _layout as layout
 from cas.store import Store
@@ -42,8 +42,8 @@ def world(request: pytest.FixtureRequest) -> World:
     return make_world(kind, backend)
 
 
-def collector(world: World, store: Store, **kwargs: object) -> Collector:
-    return Collector(store.backend, clock=world.clock, workers=2, grace=world.grace, **kwargs)  # type: ignore[arg-type]
+def collector(world: World, store: Store) -> Collector:
+    return Collector(store.backend, clock=world.clock, workers=2, grace=world.grace)
 
 
 def assert_intact(store: Store, expected: dict[str, bytes], tmp_path: Path) -> None:
@@ -81,7 +81,9 @@ def test_gc_reclaims_only_old_unreachable_objects(world: World, tmp_path: Path) 
     store.put(write(tmp_path / "a.bin", a), "k")
     store.put(write(tmp_path / "b.bin", b), "k")
     gone = set(chunk_keys(store, "k@1"))
-    gone_manifest = layout.manifest_key(store.resolve("k@1").manifest_id)  # type: ignore[arg-type]
+    gone_manifest_id = store.resolve("k@1").manifest_id
+    assert gone_manifest_id is not None
+    gone_manifest = layout.manifest_key(gone_manifest_id)
     store.delete("k@1")
     size_of = {i.key: i.size for i in store.backend.list_objects()}
 
@@ -195,7 +197,7 @@ def test_put_reusing_an_old_unreferenced_chunk_while_gc_deletes_it(
         batch_done.wait(WAIT)
 
     class Observed(Collector):
-        def _delete_batch(self, keys: list[str]) -> object:  # type: ignore[override]
+        def _delete_batch(self, keys: list[str]) -> _Tally:
             try:
                 return super()._delete_batch(keys)
             finally:

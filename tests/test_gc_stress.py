@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 from gc_helpers import GC_BACKENDS, REAL_GRACE, live_objects, random_bytes, stored_keys
@@ -38,6 +39,14 @@ BLOCK_SIZE = 96 * KiB
 PARAMS = ChunkerParams.from_average(32 * KiB)
 
 
+class Recipe(TypedDict):
+    """What :func:`content` makes a file from."""
+
+    parts: list[int]
+    tail_size: int
+    tail_seed: int
+
+
 def content(parts: list[int], tail_size: int, tail_seed: int) -> bytes:
     """A file of shared blocks plus a tail of its own: the same recipe, the same bytes."""
     blocks = b"".join(random_bytes(BLOCK_SIZE, seed=1000 + i) for i in parts)
@@ -48,8 +57,8 @@ def writer(uri: str, number: int, seconds: float, log: Path, workdir: Path) -> N
     """Put, and now and then delete an older version, until time is up; log what committed."""
     store = Store.open(uri, create=False)
     rng = random.Random(number)
-    mine: dict[str, list[tuple[str, dict[str, object]]]] = {}
-    gone: list[dict[str, object]] = []
+    mine: dict[str, list[tuple[str, Recipe]]] = {}
+    gone: list[Recipe] = []
     deadline = time.monotonic() + seconds
     count = 0
     with log.open("a") as out:
@@ -64,14 +73,14 @@ def writer(uri: str, number: int, seconds: float, log: Path, workdir: Path) -> N
             if gone and rng.random() < 0.3:
                 # The content of a deleted version again: its unique chunks
                 # are unreferenced and ageing, maybe being collected right now.
-                recipe = rng.choice(gone)
+                recipe: Recipe = rng.choice(gone)
             else:
                 recipe = {
                     "parts": rng.sample(range(BLOCKS), rng.randrange(2, 5)),
                     "tail_size": rng.randrange(1, 64 * KiB),
                     "tail_seed": number * 1_000_000 + count,
                 }
-            data = content(**recipe)  # type: ignore[arg-type]
+            data = content(**recipe)
             path = workdir / f"w{number}-{count}.bin"
             path.write_bytes(data)
             try:

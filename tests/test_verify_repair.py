@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gc_helpers import GC_BACKENDS, PARAMS, chunk_keys, random_bytes, stored_keys, write
@@ -123,9 +124,9 @@ def test_sample_reads_a_random_share(store: Store, filled: dict[str, bytes]) -> 
         ({"repair": True}, "--repair needs --deep or --sample"),
     ],
 )
-def test_bad_verify_options(store: Store, kwargs: dict[str, object], message: str) -> None:
+def test_bad_verify_options(store: Store, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
-        store.verify(**kwargs)  # type: ignore[arg-type]
+        store.verify(**kwargs)
 
 
 def test_missing_manifest_and_malformed_ref_are_reported_not_raised(

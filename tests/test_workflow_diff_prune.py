@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,9 +245,9 @@ def test_chunks_used_by_another_key_are_not_reclaimable(run: Store, tmp_path: Pa
         ({"keep_last": 1, "metric": "loss"}, "go with --keep-best"),
     ],
 )
-def test_bad_policies_are_refused(policy_args: dict[str, object], message: str) -> None:
+def test_bad_policies_are_refused(policy_args: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
-        Policy(**policy_args)  # type: ignore[arg-type]
+        Policy(**policy_args)
 
 
 def test_cli_prune(run: Store, capsys: pytest.CaptureFixture[str]) -> None:

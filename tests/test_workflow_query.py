@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import load_script, small_store
@@ -14,7 +15,7 @@ from cas.errors import InvalidInputError, RefNotFoundError
 from cas.ml.lineage import lineage
 from cas.ml.query import Condition, Query, catalog, find
 from cas.repository._metadata import ArtifactInfo
-from cas.store import Store
+from cas.store import Store, Version
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     s = small_store(tmp / "store")
     f = tmp / "f"
 
-    def put(key: str, **kw: object) -> str:
+    def put(key: str, **kw: Any) -> str:
         f.write_text(f"{key} {len(s.refs.version_numbers(key))}")
-        return s.put(f, key, **kw).ref  # type: ignore[arg-type]
+        return s.put(f, key, **kw).ref
 
     corpus = put("datasets/corpus", info=ArtifactInfo(type="dataset"), metadata={"rows": 1000})
     parent = corpus
@@ -49,7 +50,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     return s
 
 
-def refs(versions: list) -> list[str]:  # type: ignore[type-arg]
+def refs(versions: list[Version]) -> list[str]:
     return [v.ref for v in versions]
 
 
