@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def installed_model() -> Path | None:
     return model if (model / "model.safetensors").is_file() else None
 
 
-def read_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+def read_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
     """(offset of the tensor data, the safetensors header) of ``path``."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
@@ -96,7 +97,7 @@ def fine_tune(path: Path, prefix: str) -> int:
         for name, spec in header.items():
             if not name.startswith(prefix) or spec["dtype"] != "F32":
                 continue
-            begin, end = (start + int(x) for x in spec["data_offsets"])  # type: ignore[attr-defined]
+            begin, end = (start + int(x) for x in spec["data_offsets"])
             f.seek(begin)
             weights = np.frombuffer(f.read(end - begin), dtype="<f4")
             weights = weights + np.float32(STEP) * rng.standard_normal(weights.size, "<f4")
