@@ -12,15 +12,24 @@ from servers import Server
 
 import cas
 from cas.errors import ConfigurationError, InvalidInputError
-from cas.ml.checkpoint import CheckpointManager, load_arrays, read_safetensors, save_arrays
+from cas.ml.checkpoint import (
+    CheckpointManager,
+    load_arrays,
+    read_safetensors,
+    save_arrays,
+    write_safetensors,
+)
 from cas.ml.diff import diff
 from cas.ml.plain_storage import (
     Storage,
+    Transfer,
     get_default_storage,
     get_storage_backend,
     get_storage_from_uri,
     set_default_storage,
 )
+from cas.repository._manifest import Entry
+from cas.tensors._cutting import cut_local_file
 
 if TYPE_CHECKING:
     from cas.backends.s3 import S3Backend
@@ -101,6 +110,76 @@ def test_download_if_newer_decides_by_content_and_moves_only_new_chunks(tmp_path
     assert local.read_bytes() == data
     assert 0 < moved.fetched_bytes < 100 * KiB
     assert moved.reused_bytes + moved.fetched_bytes == len(data)
+
+
+SMALL_CHUNKS = cas.store.ChunkerParams.from_average(16 * KiB)
+
+
+def write_weights(path: Path, seed: int, changed: str | None = None) -> None:
+    """A safetensors file of 24 fp32 tensors of 32 KiB; ``changed`` gets other values."""
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for i in range(24):
+        name = f"layer.{i}.weight"
+        values = rng.standard_normal(8192).astype("<f4")
+        if name == changed:
+            values = values + np.float32(1e-3)
+        tensors.append((name, "F32", (8192,), values.tobytes()))
+    with path.open("wb") as stream:
+        write_safetensors(stream, tensors, {"format": "pt"})
+
+
+def stored_file(storage: Storage, key: str) -> Entry:
+    ref = storage.store.resolve(key)
+    assert ref.manifest_id is not None
+    (entry,) = storage.store.load_manifest(ref.manifest_id).entries
+    return entry
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "plain"])
+def test_a_local_file_is_cut_as_the_store_cut_it(tmp_path: Path, kind: str) -> None:
+    storage = Storage(cas.Store.init(tmp_path / "store", chunker=SMALL_CHUNKS))
+    src = tmp_path / "model.bin"
+    if kind == "safetensors":
+        write_weights(src, seed=1)
+    else:
+        src.write_bytes(random_bytes(600 * KiB, 3))
+    storage.upload(src, "model")
+    entry = stored_file(storage, "model")
+    stored = [c.digest.raw for c in entry.chunks]
+    for former in (None, entry):  # as a new file, and as the next version of the stored one
+        local = cut_local_file(src, SMALL_CHUNKS, former)
+        assert local is not None
+        assert local.count == len(stored)
+        assert set(local.where) == set(stored)
+        assert local.digest == entry.digest
+    assert cut_local_file(tmp_path / "absent", SMALL_CHUNKS, entry) is None
+
+
+def test_download_if_newer_fetches_only_the_changed_tensor(tmp_path: Path) -> None:
+    storage = Storage(cas.Store.init(tmp_path / "store", chunker=SMALL_CHUNKS))
+    src, local = tmp_path / "model.safetensors", tmp_path / "local" / "model.safetensors"
+    write_weights(src, seed=1)
+    storage.upload(src, "model")
+    assert storage.download_if_newer("model", local) is True
+    stored = stored_file(storage, "model")
+
+    assert storage.download_if_newer("model", local) is False
+    assert storage.last_transfer == Transfer(
+        reused_bytes=stored.size, reused_chunks=len(stored.chunks)
+    )
+
+    write_weights(src, seed=1, changed="layer.7.weight")
+    storage.upload(src, "model")
+    assert storage.download_if_newer("model", local) is True
+    assert local.read_bytes() == src.read_bytes()
+    stored = stored_file(storage, "model")
+    moved = storage.last_transfer
+    assert moved is not None
+    # One tensor of 32 KiB, cut in two chunks of the 16 KiB average; the rest is reused.
+    assert (moved.fetched_chunks, moved.fetched_bytes) == (2, 32 * KiB)
+    assert moved.fetched_chunks + moved.reused_chunks == len(stored.chunks)
+    assert moved.fetched_bytes + moved.reused_bytes == stored.size
 
 
 def test_download_if_newer_with_a_directory(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
             record.append(digest is not None)
             yield view, digest
 
-    monkeypatch.setattr("cas.transfer._ingest.follow_chunks", recording)
+    monkeypatch.setattr("cas.tensors._cutting.follow_chunks", recording)
     return record
 
 

@@ -24,8 +24,8 @@ from cas.errors import (
 from cas.ml.checkpoint import write_safetensors
 from cas.repository import _layout as layout
 from cas.store import Store
+from cas.tensors._cutting import read_spans
 from cas.tensors._safetensors import Span, chunk_keys, parse_header, plan, sniff
-from cas.tensors._writer import TensorWriter
 
 KiB = 1024
 PARAMS = ChunkerParams(min_size=16 * KiB, avg_size=64 * KiB, max_size=256 * KiB)
@@ -472,7 +472,7 @@ def test_a_file_that_grows_while_read_is_refused() -> None:
     stream = io.BytesIO(b"x" * 10)
     spans = [Span(0, 4), Span(4, 4)]
     with pytest.raises(SourceError, match="grew while it was read"):
-        list(TensorWriter.read_spans(stream, spans, lambda _view: None, "w.safetensors"))
+        list(read_spans(stream, spans, lambda _view: None, "w.safetensors"))
 
 
 def test_cli_init_sets_the_delta_chain_limit(tmp_path: Path) -> None:

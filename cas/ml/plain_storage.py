@@ -14,8 +14,9 @@ every download is verified. A remote key is a cas key, so its segments are
 letters, digits, ``.``, ``_`` and ``-``.
 
 :meth:`Storage.download_if_newer` decides by content, not by timestamps: the
-local file is chunked the way the store chunks, and only the chunks it does
-not already hold are fetched.
+local file is cut into chunks as a put of it would cut it (at tensor
+boundaries for a safetensors file, else by FastCDC), and only the stored
+chunks it does not already hold are fetched.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import TEMP_PREFIX
-from ..chunks._chunking import iter_chunks
 from ..digest import Digest, StreamingHasher, hash_bytes
 from ..errors import (
     ConfigurationError,
@@ -41,11 +41,13 @@ from ..errors import (
 )
 from ..repository._manifest import Entry
 from ..store import DEFAULT_STORE, Store, Version
+from ..tensors._cutting import cut_local_file
 
 log = logging.getLogger("cas.compat")
 
 BACKENDS = ("local", "s3", "gcs", "azure")
 _SCHEMES = {"s3": "s3", "gcs": "gs", "azure": "az"}
+_BLOCK = 16 * 1024 * 1024
 # The option each cloud backend takes for a custom endpoint (an emulator, MinIO...).
 _ENDPOINT_OPTION = {"s3": "endpoint_url", "gcs": "endpoint_url", "azure": "account_url"}
 
@@ -129,12 +131,15 @@ class Storage:
             return self._directory_if_newer(remote_key, manifest.entries, local)
         (entry,) = manifest.entries
         assert entry.digest is not None
-        index, whole = self._local_chunks(local)
-        if whole == entry.digest:
-            self.last_transfer = Transfer(reused_bytes=entry.size, reused_chunks=len(index))
+        # Cut as a put of the local file as the next version would cut it:
+        # the stored chunks are then found in it, whatever the file's format.
+        local_chunks = cut_local_file(local, self.store.config.chunker, entry)
+        if local_chunks is not None and local_chunks.digest == entry.digest:
+            self.last_transfer = Transfer(reused_bytes=entry.size, reused_chunks=len(entry.chunks))
             log.info("%s: %s is up to date, nothing moved", remote_key, local)
             return False
-        transfer = self._rebuild(entry, local, index, label=f"{ref.key}@{ref.number}")
+        where = local_chunks.where if local_chunks is not None else {}
+        transfer = self._rebuild(entry, local, where, label=f"{ref.key}@{ref.number}")
         self.last_transfer = transfer
         log.info(
             "%s -> %s: fetched %d bytes in %d chunks, reused %d bytes from the local file",
@@ -147,19 +152,6 @@ class Storage:
         return True
 
     # -- helpers -----------------------------------------------------------------------
-
-    def _local_chunks(self, path: Path) -> tuple[dict[bytes, tuple[int, int]], Digest | None]:
-        """Chunk digest -> (offset, length) of a local file, and its whole BLAKE3."""
-        if not path.is_file():
-            return {}, None
-        hasher = StreamingHasher()
-        index: dict[bytes, tuple[int, int]] = {}
-        offset = 0
-        with open(path, "rb") as stream:
-            for view in iter_chunks(stream, self.store.config.chunker, on_read=hasher.update):
-                index.setdefault(hash_bytes(view), (offset, len(view)))
-                offset += len(view)
-        return index, hasher.digest()
 
     def _rebuild(
         self, entry: Entry, dest: Path, index: dict[bytes, tuple[int, int]], *, label: str
@@ -216,13 +208,23 @@ class Storage:
             if not same:
                 break
             if entry.type == "file":
-                _, whole = self._local_chunks(local / entry.path)
-                same = whole == entry.digest
+                same = _file_digest(local / entry.path) == entry.digest
         if same:
             self.last_transfer = Transfer(reused_bytes=sum(e.size for e in entries))
             return False
         self.download(remote_key, local)
         return True
+
+
+def _file_digest(path: Path) -> Digest | None:
+    """BLAKE3 of a local file, or None when it is not a regular file."""
+    if not path.is_file():
+        return None
+    hasher = StreamingHasher()
+    with open(path, "rb") as stream:
+        while block := stream.read(_BLOCK):
+            hasher.update(block)
+    return hasher.digest()
 
 
 # -- factories ---------------------------------------------------------------------------

@@ -24,10 +24,9 @@ garbage collection, as it does every chunk it reuses (docs/gc.md).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from ..chunks import _codec as codec
 from ..chunks._chunking import ChunkerParams
@@ -38,11 +37,10 @@ from ..errors import (
     ConcurrentCollectionError,
     CorruptObjectError,
     NotFoundError,
-    SourceError,
 )
 from ..repository import _layout as layout
 from ..repository._manifest import Entry, Manifest
-from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file, plan, sniff
+from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file
 
 # Chunks up to twice this size are encoded whole to compare with their delta; for
 # larger ones a sample of this size estimates the whole encoding.
@@ -208,12 +206,8 @@ class TensorWriter:
 
     # -- the reader's side: what to cut ------------------------------------------------
 
-    def plan(self, path: str, stream: BinaryIO, size: int) -> FilePlan | None:
-        """The tensor-aligned plan of a file, or None to cut it with FastCDC."""
-        header = sniff(stream, size)
-        if header is None:
-            return None
-        spans = plan(header, size, self.params)
+    def plan(self, path: str, spans: list[Span]) -> FilePlan:
+        """A safetensors file's plan: its tensor-aligned ``spans`` and its parent's chunks."""
         parents, clock = self._parent_chunks(path)
         return FilePlan(spans, parents, clock)
 
@@ -239,28 +233,6 @@ class TensorWriter:
             return StoredFile(self.chunks, entry, label).header()
         except ValueError:
             return None  # the parent's file is not a safetensors file: no bases from it
-
-    @staticmethod
-    def read_spans(
-        stream: BinaryIO,
-        spans: list[Span],
-        on_read: Callable[[memoryview], None],
-        name: str = "the file",
-    ) -> Iterator[tuple[memoryview, int, Span]]:
-        """(bytes, index, span) of each span, read in file order; a new buffer each."""
-        for index, span in enumerate(spans):
-            # read(), not readinto() a new bytearray: a bytearray is filled with
-            # zeros first, one more pass over every byte of the file.
-            data = stream.read(span.length)
-            view = memoryview(data)
-            on_read(view)
-            yield view, index, span
-            if len(data) < span.length:
-                return  # the file shrank: the size check of the entry reports it
-        # The plan covers the size the file had when it was listed; bytes past
-        # it would be left out silently, where FastCDC would have read them.
-        if stream.read(1):
-            raise SourceError(f"{name} grew while it was read; put it again once it is written")
 
     # -- the workers' side: how to store ---------------------------------------------------
 

@@ -17,10 +17,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from io import BufferedReader
 from pathlib import Path
 
-from ..chunks._chunking import ChunkerParams, follow_chunks, iter_chunks
+from ..chunks._chunking import ChunkerParams
 from ..chunks._store import ChunkStore, PutResult, SeenSet
 from ..digest import Digest, StreamingHasher, hash_bytes, hasher_for
 from ..errors import SourceError, UnsafePathError
@@ -32,6 +31,7 @@ from ..repository._manifest import (
     check_entries,
     check_link_target,
 )
+from ..tensors._cutting import cut_file, tensor_spans
 from ..tensors._safetensors import Span
 from ..tensors._writer import FilePlan, TensorWriter
 from ._budget import InFlight
@@ -204,18 +204,23 @@ class Ingestor:
         futures: list[Future[ChunkRef]] = []
         try:
             with open(item.absolute, "rb") as stream:
-                plan = None
+                spans, plan, former = None, None, None
                 if self.tensors is not None:
-                    plan = self.tensors.plan(item.path, stream, item.size)
-                work: Iterator[tuple[memoryview, int, Span | None, bytes | None]]
-                if plan is not None:
-                    spans = TensorWriter.read_spans(
-                        stream, plan.spans, self._reader(hasher), str(item.absolute)
-                    )
-                    work = ((view, index, span, None) for view, index, span in spans)
-                else:
-                    work = ((v, 0, None, d) for v, d in self._cut(item, stream, hasher))
-                for view, index, span, known in work:
+                    spans = tensor_spans(stream, item.size, self.params)
+                if self.tensors is not None and spans is not None:
+                    plan = self.tensors.plan(item.path, spans)
+                elif self.previous is not None:
+                    former = self.previous(item.path)
+                cuts = cut_file(
+                    stream,
+                    item.size,
+                    self.params,
+                    spans=spans,
+                    former=former,
+                    on_read=self._reader(hasher),
+                    name=str(item.absolute),
+                )
+                for view, index, span, known in cuts:
                     size = len(view)
                     self._slots.acquire(size)
                     try:
@@ -230,21 +235,6 @@ class Ingestor:
         except OSError as err:
             raise SourceError(f"cannot read {item.absolute}: {err.strerror}") from None
         return hasher.digest(), futures
-
-    def _cut(
-        self, item: SourceItem, stream: BufferedReader, hasher: StreamingHasher
-    ) -> Iterator[tuple[memoryview, bytes | None]]:
-        """FastCDC's chunks of a file, led by a former version's where one exists."""
-        former = self.previous(item.path) if self.previous is not None else None
-        if former is None or former.type != "file" or not former.chunks:
-            chunks = iter_chunks(
-                stream, self.params, size_hint=item.size, on_read=self._reader(hasher)
-            )
-            return ((view, None) for view in chunks)
-        lengths = [(c.length, c.digest.raw) for c in former.chunks]
-        return follow_chunks(
-            stream, self.params, lengths, former.size, item.size, on_read=self._reader(hasher)
-        )
 
     def _done(self, size: int, future: Future[ChunkRef]) -> None:
         if not future.cancelled() and self._error is None:
