@@ -240,6 +240,51 @@ def test_unknown_scheme(tmp_path: Path) -> None:
     assert_usage_error(run_cas("ls", store="ftp://host/x"), "scheme")
 
 
+@pytest.mark.parametrize(
+    ("location", "form"),
+    [
+        ("s3:/x", "s3://bucket/prefix"),
+        ("s3:bucket/x", "s3://bucket/prefix"),
+        ("S3:/x", "s3://bucket/prefix"),
+        ("gs:/b/p", "gs://bucket/prefix"),
+        ("az:x", "az://container/prefix"),
+        ("file:/x", "file:///"),
+    ],
+)
+def test_a_mistyped_cloud_location_is_not_a_local_folder(
+    tmp_path: Path, location: str, form: str
+) -> None:
+    src = tmp_path / "model.bin"
+    src.write_bytes(b"weights")
+    proc = run_cas("put", src, "k", store=location, cwd=tmp_path)
+    assert_usage_error(proc, form, f"./{location}")
+    assert os.listdir(tmp_path) == ["model.bin"]
+
+
+def test_a_local_folder_named_like_a_location_is_written_as_a_path(tmp_path: Path) -> None:
+    src = tmp_path / "model.bin"
+    src.write_bytes(b"weights")
+    ok(run_cas("put", src, "k", store="./s3:/x", cwd=tmp_path))
+    ok(run_cas("put", src, "k", store=(tmp_path / "gs:b").as_uri(), cwd=tmp_path))
+    assert (tmp_path / "s3:" / "x" / "config").is_file()
+    assert (tmp_path / "gs:b" / "config").is_file()
+
+
+def test_a_missing_sdk_is_named_with_its_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from cas.backends import open_backend
+    from cas.errors import ConfigurationError
+
+    monkeypatch.delitem(sys.modules, "cas.backends.azure", raising=False)
+    monkeypatch.setitem(sys.modules, "requests", None)  # as if it were not installed
+    with pytest.raises(ConfigurationError) as caught:
+        open_backend("az://container/prefix")
+    message = str(caught.value)
+    assert "Azure SDK (azure-storage-blob)" in message
+    assert "pip install 'cas-store[azure]'" in message
+
+
 def test_argparse_errors_exit_2(env: tuple[Path, Path]) -> None:
     store, _ = env
     for args in (["put"], ["get", "k"], ["frobnicate"], ["ls", "--bogus"]):
