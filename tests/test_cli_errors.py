@@ -101,6 +101,25 @@ def test_malformed_key_on_put(env: tuple[Path, Path], key: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        ("a//b", ["empty segment", "single '/'"]),
+        ("/abs/key", ["leading '/'"]),
+        ("a/b/", ["trailing '/'"]),
+        ("a/../b", ["'..' is not allowed"]),
+        ("a/b c", ["'b c'", "letters, digits"]),
+    ],
+)
+def test_a_malformed_key_says_what_is_wrong(
+    env: tuple[Path, Path], key: str, words: list[str]
+) -> None:
+    store, tree = env
+    proc = run_cas("put", tree, key, store=store)
+    assert_usage_error(proc, *words)
+    assert "segment ''" not in proc.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "words"),
     [
         (["--tag", "123"], ["invalid tag"]),
@@ -217,6 +236,17 @@ def test_store_that_is_not_a_store(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert_usage_error(run_cas("put", tree, "k", store=afile), "afile")
+    assert afile.read_text() == "x"
+
+
+def test_a_store_location_that_cannot_be_made_names_the_path_and_the_reason(
+    tmp_path: Path,
+) -> None:
+    if os.path.isdir("/proc"):  # a file system where no folder can be made
+        assert_usage_error(run_cas("init", store="/proc/x"), "/proc/x", "No such file")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_usage_error(run_cas("init", store=afile / "store"), f"{afile}", "Not a directory")
     assert afile.read_text() == "x"
 
 

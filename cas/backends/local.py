@@ -22,11 +22,17 @@ from pathlib import Path
 from ..errors import (
     AlreadyExistsError,
     BackendError,
+    CasError,
+    ConfigurationError,
     InvalidInputError,
     NotFoundError,
     PreconditionFailedError,
 )
 from .base import TEMP_PREFIX, Backend, BytesLike, ObjectInfo, check_key, check_put_conditions
+
+# Errors of the location itself (a folder this user cannot make or write, a
+# read-only file system): a setting to change, not a failure of the storage.
+_LOCATION_ERRNOS = frozenset((errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR))
 
 
 def _token(st: os.stat_result) -> str:
@@ -171,10 +177,23 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _os_error(err: OSError, key: str) -> BackendError:
+    def _os_error(self, err: OSError, key: str | None, action: str) -> CasError:
+        """The error of a failed file operation, naming the path and the system's reason."""
+        target = os.path.join(self._root, key) if key is not None else self._root
+        failed = err.filename if isinstance(err.filename, str) else target
+        if os.path.basename(failed).startswith(TEMP_PREFIX):
+            failed = target  # the temporary file says less than the object it was for
+        where = f"{action} {target}" if failed == target else f"create {failed} for {target}"
+        reason = err.strerror or str(err)
+        if err.errno in _LOCATION_ERRNOS:
+            return ConfigurationError(
+                f"local store {self._root}: cannot {where}: {reason}; "
+                "choose a location this user can write, or fix its permissions"
+            )
         transient = err.errno in (errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT)
-        return BackendError(f"local store: {err.strerror} for {key!r}", is_transient=transient)
+        return BackendError(
+            f"local store {self._root}: cannot {where}: {reason}", is_transient=transient
+        )
 
     # -- contract ----------------------------------------------------------------
 
@@ -217,7 +236,7 @@ class LocalBackend(Backend):
         except AlreadyExistsError:
             raise  # also a FileExistsError, so an OSError: keep it out of the clause below
         except OSError as err:
-            raise self._os_error(err, key) from err
+            raise self._os_error(err, key, "write") from err
 
     def _note_unsynced(self, size: int) -> None:
         with self._unsynced_lock:
@@ -261,7 +280,7 @@ class LocalBackend(Backend):
         except OSError as err:
             with self._unsynced_lock:
                 self._unsynced = True
-            raise self._os_error(err, "flush") from err
+            raise self._os_error(err, None, "sync") from err
 
     @contextlib.contextmanager
     def _locked(self, directory: str) -> Iterator[None]:
@@ -279,7 +298,7 @@ class LocalBackend(Backend):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
         except OSError as err:
-            raise self._os_error(err, key) from err
+            raise self._os_error(err, key, "read") from err
 
     def prefetch(self, keys: Sequence[str]) -> None:
         """Start reading the files into the page cache (posix_fadvise WILLNEED).
@@ -313,7 +332,7 @@ class LocalBackend(Backend):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
         except OSError as err:
-            raise self._os_error(err, key) from err
+            raise self._os_error(err, key, "read") from err
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         if start < 0 or length < 0:
@@ -325,7 +344,7 @@ class LocalBackend(Backend):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
         except OSError as err:
-            raise self._os_error(err, key) from err
+            raise self._os_error(err, key, "read") from err
 
     def stat(self, key: str) -> ObjectInfo:
         try:
@@ -333,7 +352,7 @@ class LocalBackend(Backend):
         except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
         except OSError as err:
-            raise self._os_error(err, key) from err
+            raise self._os_error(err, key, "read") from err
         if not stat.S_ISREG(st.st_mode):
             raise NotFoundError(f"object {key!r} not found in {self.uri}")
         return _info(key, st)
@@ -375,7 +394,7 @@ class LocalBackend(Backend):
             except (FileNotFoundError, NotADirectoryError):
                 pass
             except OSError as err:
-                raise self._os_error(err, key) from err
+                raise self._os_error(err, key, "delete") from err
 
     def touch(self, key: str) -> None:
         try:
@@ -383,4 +402,4 @@ class LocalBackend(Backend):
         except (FileNotFoundError, NotADirectoryError):
             raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
         except OSError as err:
-            raise self._os_error(err, key) from err
+            raise self._os_error(err, key, "touch") from err
