@@ -43,11 +43,18 @@ def check_key(key: str) -> str:
     """Validate a logical key: '/'-separated segments of letters, digits, '.', '_', '-'."""
     if not key:
         raise InvalidKeyError("key is empty")
+    if key.startswith("/"):
+        raise InvalidKeyError(f"invalid key {key!r}: a key is relative; drop the leading '/'")
+    if key.endswith("/"):
+        raise InvalidKeyError(f"invalid key {key!r}: drop the trailing '/'")
+    if "//" in key:
+        raise InvalidKeyError(f"invalid key {key!r}: empty segment ('//'); use a single '/'")
     for segment in key.split("/"):
-        if not _SEGMENT.fullmatch(segment) or segment in (".", ".."):
+        if segment in (".", ".."):
+            raise InvalidKeyError(f"invalid key {key!r}: segment {segment!r} is not allowed")
+        if not _SEGMENT.fullmatch(segment):
             raise InvalidKeyError(
-                f"invalid key {key!r}: segment {segment!r} must be letters, digits, "
-                "'.', '_' or '-' (and not '.' or '..')"
+                f"invalid key {key!r}: segment {segment!r} must be letters, digits, '.', '_' or '-'"
             )
     return key
 
