@@ -54,3 +54,8 @@ def format_duration(seconds: float) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def counted(count: int, noun: str, plural: str | None = None) -> str:
+    """'1 file', '2 files', '0 files': a count with its noun in the right number."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"

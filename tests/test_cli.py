@@ -352,6 +352,34 @@ def test_verify_human_and_json(store: Path, tree: Path) -> None:
     assert (shallow["ok"], shallow["deep"], shallow["chunks_read"]) == (True, False, 0)
 
 
+ONE_PLURAL = re.compile(r"\b1 (files|versions|objects|chunks|manifests)\b")
+
+
+def test_counts_of_one_are_singular(store: Path, tmp_path: Path) -> None:
+    src = tmp_path / "small.txt"
+    src.write_text("one chunk")
+    put(store, src, "k")
+    put(store, src, "gone")
+    cas.open(store, create=False).delete("gone@1")
+    texts = [
+        ok(run_cas("show", "k", store=store)).stdout,
+        ok(run_cas("verify", store=store)).stdout,
+        ok(run_cas("gc", "--grace", "0", store=store)).stdout,
+    ]
+    assert "1 file," in texts[0]
+    assert "checked 1 version, 1 chunk" in texts[1]
+    assert re.search(r"^deleted:\s+1 object \(0 chunks, 1 manifest\)", texts[2], re.MULTILINE)
+    for text in texts:
+        assert not ONE_PLURAL.search(text), text
+
+
+def test_counted() -> None:
+    from cas.units import counted
+
+    assert [counted(n, "file") for n in (0, 1, 2)] == ["0 files", "1 file", "2 files"]
+    assert counted(2, "entry", "entries") == "2 entries"
+
+
 def test_empty_store_commands(store: Path) -> None:
     assert ok(run_cas("ls", store=store)).stdout.strip() == ""
     assert run_json("ls", store=store) == []

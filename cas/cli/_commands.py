@@ -17,7 +17,7 @@ from ..store import (
     ChunkerParams,
     Store,
 )
-from ..units import format_size, parse_size
+from ..units import counted, format_size, parse_size
 from ._common import (
     AddCommand,
     emit,
@@ -129,7 +129,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"ref:      {v.ref}",
         f"manifest: {v.manifest_id}",
         f"created:  {v.created}",
-        f"kind:     {v.kind}, {v.files} files, {format_size(v.size)}",
+        f"kind:     {v.kind}, {counted(v.files, 'file')}, {format_size(v.size)}",
     ]
     # The typed fields set at put (--type, --job...): scalars on one line, type first.
     fields = sorted(v.artifact.items(), key=lambda item: item[0] != "type")
@@ -215,7 +215,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             deep=args.deep, sample=args.sample, repair=args.repair, progress=on_progress
         )
     lines = [
-        f"checked {report.versions} versions, {report.chunks_referenced} chunks"
+        f"checked {counted(report.versions, 'version')}, "
+        f"{counted(report.chunks_referenced, 'chunk')}"
         + (f" ({report.chunks_read} read and rehashed)" if report.deep else " (existence)")
     ]
     for damage in report.damaged:
@@ -231,7 +232,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             + ", ".join(report.reput)
         )
     count = len(report.damaged)
-    lines.append("ok" if report.ok else f"{count} damaged version{'s' if count != 1 else ''}")
+    lines.append("ok" if report.ok else counted(count, "damaged version"))
     emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.ok else 3
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from ..units import format_duration, format_size, parse_duration
+from ..units import counted, format_duration, format_size, parse_duration
 from ._common import AddCommand, emit, open_store
 
 if TYPE_CHECKING:
@@ -39,19 +39,23 @@ def _text(report: GcReport) -> str:
     lines = [
         f"{'dry run: ' if report.dry_run else ''}grace {format_duration(report.grace)}: "
         f"unreferenced objects older than {_when(report.threshold)} (backend clock) go",
-        f"marked:        {report.versions} versions, {report.manifests_marked} manifests, "
-        f"{report.chunks_marked} chunks ({format_size(report.mark_bytes)} of digests)",
-        f"scanned:       {report.scanned} objects ({report.scanned_chunks} chunks, "
-        f"{report.scanned_manifests} manifests)",
-        f"reachable:     {report.reachable} objects, {format_size(report.reachable_bytes)}",
-        f"{verb + ':':<14} {report.deleted} objects ({report.deleted_chunks} chunks, "
-        f"{report.deleted_manifests} manifests), {format_size(report.bytes_reclaimed)} "
+        f"marked:        {counted(report.versions, 'version')}, "
+        f"{counted(report.manifests_marked, 'manifest')}, "
+        f"{counted(report.chunks_marked, 'chunk')} ({format_size(report.mark_bytes)} of digests)",
+        f"scanned:       {counted(report.scanned, 'object')} "
+        f"({counted(report.scanned_chunks, 'chunk')}, "
+        f"{counted(report.scanned_manifests, 'manifest')})",
+        f"reachable:     {counted(report.reachable, 'object')}, "
+        f"{format_size(report.reachable_bytes)}",
+        f"{verb + ':':<14} {counted(report.deleted, 'object')} "
+        f"({counted(report.deleted_chunks, 'chunk')}, "
+        f"{counted(report.deleted_manifests, 'manifest')}), {format_size(report.bytes_reclaimed)} "
         f"{'reclaimable' if report.dry_run else 'reclaimed'}",
-        f"kept by grace: {report.kept_by_grace} objects, "
+        f"kept by grace: {counted(report.kept_by_grace, 'object')}, "
         f"{format_size(report.bytes_kept_by_grace)} (unreferenced but recent)",
     ]
     if report.deferred:
-        lines.append(f"deferred:      {report.deferred} objects (left for the next gc)")
+        lines.append(f"deferred:      {counted(report.deferred, 'object')} (left for the next gc)")
     if report.puts_in_flight:
         lines.append(f"puts running:  {report.puts_in_flight}")
     lines.append(f"took:          {format_duration(report.seconds)}")

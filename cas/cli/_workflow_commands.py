@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
 from ..store import ARTIFACT_TYPES, ArtifactInfo
-from ..units import format_size
+from ..units import counted, format_size
 from ._common import AddCommand, emit, open_store, pairs, version_line
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             sys.stdout.write(dot)
         else:
             Path(args.dot).write_text(dot, encoding="utf-8")
-            print(f"wrote {args.dot} ({len(graph.nodes)} versions)", file=sys.stderr)
+            print(f"wrote {args.dot} ({counted(len(graph.nodes), 'version')})", file=sys.stderr)
         return 0
     emit(args, graph.to_dict(), graph.to_text())
     return 0
@@ -208,7 +208,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         + ("to delete" if report.dry_run else "deleted")
         + "; the next gc "
         + ("would reclaim" if report.dry_run else "can reclaim")
-        + f" {format_size(report.reclaimable_bytes)} ({report.reclaimable_chunks} chunks, "
+        + f" {format_size(report.reclaimable_bytes)} "
+        f"({counted(report.reclaimable_chunks, 'chunk')}, "
         f"{format_size(report.reclaimable_stored_bytes)} stored) once its grace period has passed"
     )
     emit(args, report.to_dict(), "\n".join(lines))
