@@ -49,6 +49,8 @@ def test_open_creates_a_store_on_first_use(tmp_path: Path) -> None:
     assert (location / "config").is_file()
     # A second open reads the same config.
     assert cas.open(location).config == store.config
+    assert repr(store) == f"Store({location.as_uri()!r})"
+    assert repr(cas.open("memory://repr")) == "Store('memory://repr')"
 
 
 def test_open_default_locations(

@@ -111,6 +111,9 @@ class Store:
             config = dataclasses.replace(config, max_delta_reads=max_delta_reads)
         return cls(backend, write_config(backend, config, exist_ok=False))
 
+    def __repr__(self) -> str:
+        return f"Store({self.backend.uri!r})"
+
     def close(self) -> None:
         self.backend.close()
 
