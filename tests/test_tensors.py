@@ -415,6 +415,32 @@ def test_stats_count_delta_bases_as_live(store: Store, tmp_path: Path) -> None:
     )
 
 
+def test_stats_after_deleting_a_delta_parent_say_what_its_bases_hold(
+    store: Store, tmp_path: Path
+) -> None:
+    fine_tune(store, tmp_path, versions=2)
+    before = store.stats()
+    assert (before.delta_base_bytes, before.repack_frees_bytes) == (0, 0)
+    store.delete("ft@1")
+    store.gc(grace=0)
+    stats = store.stats()
+    # ft@2's own chunks: nothing is counted twice, the dedup ratio is not below 1.
+    assert stats.unique_bytes == stats.logical_bytes == (tmp_path / "v2.safetensors").stat().st_size
+    assert stats.dedup_ratio == 1.0
+    own = {c.digest.raw for c in entry_chunks(store, "ft@2")}
+    sizes = {digest.raw: info.size for digest, info in store.chunks.list_chunks()}
+    assert stats.delta_base_bytes == sum(size for raw, size in sizes.items() if raw not in own)
+    assert stats.version_bytes + stats.delta_base_bytes == stats.live_bytes
+    assert stats.live_bytes == stats.stored_bytes  # collected: nothing else is left
+    # Whole, ft@2 would cost about what ft@1 did: repacking frees about its deltas.
+    deltas = sum(sizes[c.digest.raw] for c in entry_chunks(store, "ft@2") if c.bases)
+    assert 0.5 * deltas < stats.repack_frees_bytes < 1.5 * deltas
+    text = ok(run_cas("stats", store=tmp_path / "store")).stdout
+    assert "delta bases:" in text
+    assert "cas cannot repack yet" in text
+    assert "dedup ratio:       1.00x" in text
+
+
 def test_cli_rm_parent_gc_grace_0_child_restores(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     Store.init(store_dir, chunker=PARAMS).close()

@@ -15,6 +15,7 @@ from ..store import (
     FOLDER_WORKERS,
     OBJECT_STORE_WORKERS,
     ChunkerParams,
+    Stats,
     Store,
 )
 from ..units import counted, format_size, parse_size
@@ -198,6 +199,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"unique bytes:      {format_size(s.unique_bytes)}",
             f"stored bytes:      {format_size(s.stored_bytes)}"
             f" ({format_size(s.live_bytes)} needed by live versions)",
+            *_delta_base_lines(s),
             f"chunks:            {s.chunks} ({s.referenced_chunks} referenced)",
             f"dedup ratio:       {s.dedup_ratio:.2f}x",
             f"compression ratio: {s.compression_ratio:.2f}x",
@@ -206,6 +208,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     emit(args, s.to_dict(), text)
     return 0
+
+
+def _delta_base_lines(s: Stats) -> list[str]:
+    """What live versions need splits in two once the versions their deltas are based on
+    are deleted: say which part is theirs, and what only their bases keep."""
+    if not s.delta_base_bytes:
+        return []
+    return [
+        f"  own chunks:      {format_size(s.version_bytes)} (of live versions, manifests included)",
+        f"  delta bases:     {format_size(s.delta_base_bytes)} (of deleted versions; "
+        "live versions are deltas of them)",
+        f"  repacking:       would free about {format_size(s.repack_frees_bytes)}; "
+        "cas cannot repack yet",
+    ]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -444,42 +444,11 @@ class Store:
     # -- store-wide ----------------------------------------------------------------
 
     def stats(self) -> Stats:
-        keys: set[str] = set()
-        versions = logical = 0
-        referenced: dict[bytes, int] = {}
-        live_manifests: set[str] = set()
+        """What the store holds: live versions, what they need, what only deltas keep."""
         from ..gc._verify import iter_live_versions
+        from ._stats import measure
 
-        for ref in iter_live_versions(self.refs):
-            assert ref.manifest_id is not None
-            manifest = self.load_manifest(ref.manifest_id)
-            live_manifests.add(layout.manifest_key(ref.manifest_id))
-            keys.add(ref.key)
-            versions += 1
-            logical += manifest.size
-            for entry in manifest.entries:
-                for chunk in entry.chunks:
-                    referenced[chunk.digest.raw] = chunk.length
-                    for base in chunk.bases:  # a delta's base is as long as the delta
-                        referenced[base.raw] = chunk.length
-        stored = chunk_count = live = 0
-        for digest, info in self.chunks.list_chunks():
-            stored += info.size
-            chunk_count += 1
-            live += info.size if digest.raw in referenced else 0
-        for info in self.backend.list_objects(layout.MANIFESTS):
-            stored += info.size
-            live += info.size if info.key in live_manifests else 0
-        return Stats(
-            keys=len(keys),
-            versions=versions,
-            logical_bytes=logical,
-            unique_bytes=sum(referenced.values()),
-            stored_bytes=stored,
-            chunks=chunk_count,
-            referenced_chunks=len(referenced),
-            live_bytes=live,
-        )
+        return measure(iter_live_versions(self.refs), self.load_manifest, self.chunks, self.backend)
 
     def verify(
         self,

@@ -94,13 +94,23 @@ class Stats:
     keys: int
     versions: int
     logical_bytes: int  # sum of the sizes of all live versions
-    unique_bytes: int  # raw bytes of the distinct chunks they reference
+    unique_bytes: int  # raw bytes of the distinct chunks they name
     stored_bytes: int  # bytes of every object under chunks/ and manifests/
     chunks: int  # chunk objects in the store
-    referenced_chunks: int
-    # stored bytes of the chunks and manifests live versions reference: what
-    # the store would hold after a full garbage collection
+    referenced_chunks: int  # distinct chunks live versions name or need as delta bases
+    # stored bytes of the chunks (delta bases included) and manifests live
+    # versions need: what the store would hold after a full garbage collection
     live_bytes: int = 0
+    # stored bytes of chunks kept only as delta bases of live versions' chunks
+    # (their own versions deleted): part of live_bytes that no collection frees
+    delta_base_bytes: int = 0
+    # about what re-storing those deltas whole would free
+    repack_frees_bytes: int = 0
+
+    @property
+    def version_bytes(self) -> int:
+        """Stored bytes of the chunks and manifests live versions name themselves."""
+        return self.live_bytes - self.delta_base_bytes
 
     @property
     def dedup_ratio(self) -> float:
@@ -124,6 +134,9 @@ class Stats:
             "chunks": self.chunks,
             "referenced_chunks": self.referenced_chunks,
             "live_bytes": self.live_bytes,
+            "version_bytes": self.version_bytes,
+            "delta_base_bytes": self.delta_base_bytes,
+            "repack_frees_bytes": self.repack_frees_bytes,
             "dedup_ratio": round(self.dedup_ratio, 4),
             "compression_ratio": round(self.compression_ratio, 4),
             "total_ratio": round(self.total_ratio, 4),

@@ -1,0 +1,84 @@
+"""What a store holds, in the terms a user acts on (``cas stats``).
+
+A live version names its chunks; a chunk stored as a delta also needs its
+bases. Once the version a base came from is deleted, the base is kept only
+for the deltas of live versions: those bytes belong to no live version's
+content, yet no collection can free them. Re-storing those deltas whole
+(repacking) would free them, less what the whole chunks cost; each whole
+chunk is estimated at the stored size of its chain's root, a whole chunk of
+the same tensor range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from ..backends import Backend
+from ..chunks._store import ChunkStore
+from ..digest import Digest
+from ..repository import _layout as layout
+from ..repository._manifest import ChunkRef, Manifest
+from ..repository._refs import VersionRef
+from ._values import Stats
+
+
+def measure(
+    live_versions: Iterator[VersionRef],
+    load_manifest: Callable[[Digest], Manifest],
+    chunks: ChunkStore,
+    backend: Backend,
+) -> Stats:
+    """Sizes and counts of the store that holds ``live_versions``."""
+    keys: set[str] = set()
+    versions = logical = 0
+    named: dict[bytes, ChunkRef] = {}  # chunks live versions name, by raw digest
+    bases: set[bytes] = set()
+    live_manifests: set[str] = set()
+    for ref in live_versions:
+        assert ref.manifest_id is not None
+        manifest = load_manifest(ref.manifest_id)
+        live_manifests.add(layout.manifest_key(ref.manifest_id))
+        keys.add(ref.key)
+        versions += 1
+        logical += manifest.size
+        for entry in manifest.entries:
+            for chunk in entry.chunks:
+                named[chunk.digest.raw] = chunk
+                bases.update(base.raw for base in chunk.bases)
+    stored_sizes = {digest.raw: info.size for digest, info in chunks.list_chunks()}
+    base_only = bases - named.keys()
+    manifest_bytes = live_manifest_bytes = 0
+    for info in backend.list_objects(layout.MANIFESTS):
+        manifest_bytes += info.size
+        live_manifest_bytes += info.size if info.key in live_manifests else 0
+    needed = named.keys() | bases
+    base_only_bytes = sum(stored_sizes.get(raw, 0) for raw in base_only)
+    return Stats(
+        keys=len(keys),
+        versions=versions,
+        logical_bytes=logical,
+        unique_bytes=sum(chunk.length for chunk in named.values()),
+        stored_bytes=sum(stored_sizes.values()) + manifest_bytes,
+        chunks=len(stored_sizes),
+        referenced_chunks=len(needed),
+        live_bytes=sum(stored_sizes.get(raw, 0) for raw in needed) + live_manifest_bytes,
+        delta_base_bytes=base_only_bytes,
+        repack_frees_bytes=_repack_frees(named, base_only, base_only_bytes, stored_sizes),
+    )
+
+
+def _repack_frees(
+    named: dict[bytes, ChunkRef],
+    base_only: set[bytes],
+    base_only_bytes: int,
+    stored_sizes: dict[bytes, int],
+) -> int:
+    """About what re-storing whole the deltas that need ``base_only`` chunks would free."""
+    if not base_only:
+        return 0
+    dropped = added = 0
+    for raw, chunk in named.items():
+        if any(base.raw in base_only for base in chunk.bases):
+            dropped += stored_sizes.get(raw, 0)
+            added += stored_sizes.get(chunk.bases[-1].raw, 0)
+    return max(base_only_bytes + dropped - added, 0)
