@@ -135,3 +135,14 @@ class ConfigurationError(CasError):
     """The store location or its options are wrong (scheme, SDK, credentials)."""
 
     exit_code = EXIT_USAGE
+
+
+# --- warnings: the command succeeded, but the user may not have meant it ------------
+
+
+class CasWarning(UserWarning):
+    """Root of the warnings cas gives (through :mod:`warnings`)."""
+
+
+class KindChangeWarning(CasWarning):
+    """A put made a single file the next version of a folder key, or the reverse."""

@@ -195,6 +195,37 @@ def test_put_and_get_a_single_file(store: Path, tmp_path: Path) -> None:
     assert snapshot(dest) == snapshot(src)
 
 
+def test_a_put_that_changes_the_kind_of_a_key_warns(
+    store: Path, tree: Path, tmp_path: Path
+) -> None:
+    single = tmp_path / "model.bin"
+    single.write_bytes(b"weights")
+    first = run_cas("put", tree, "k", store=store)
+    assert first.stderr == ""
+    proc = ok(run_cas("put", single, "k", store=store))
+    assert proc.stdout.strip() == "k@2"
+    assert "cas: warning: k@2 is a single file, where k@1 was a folder" in proc.stderr
+    back = run_cas("--json", "put", tree, "k", store=store)
+    assert json.loads(back.stdout)["warnings"] == [
+        "k@3 is a folder, where k@2 was a single file; a get of k now writes a folder"
+    ]
+    same = run_cas("--json", "put", tree, "k", store=store)
+    assert (json.loads(same.stdout)["warnings"], same.stderr) == ([], "")
+    lines = ok(run_cas("log", "k", store=store)).stdout.splitlines()
+    assert [line.split()[5] for line in lines] == ["directory", "directory", "file", "directory"]
+
+
+def test_the_library_warns_of_a_kind_change(tmp_path: Path, tree: Path) -> None:
+    from cas.errors import KindChangeWarning
+
+    store = small_store(tmp_path / "lib")
+    single = tmp_path / "model.bin"
+    single.write_bytes(b"weights")
+    store.put(single, "k")
+    with pytest.warns(KindChangeWarning, match="k@2 is a folder, where k@1 was a single file"):
+        store.put(tree, "k")
+
+
 # -- listing and inspection --------------------------------------------------------------
 
 

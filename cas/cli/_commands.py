@@ -28,6 +28,7 @@ from ._common import (
     progress,
     tree_size,
     version_line,
+    warnings_noted,
 )
 from ._workflow_commands import add_artifact_arguments, artifact_from_args
 
@@ -61,7 +62,7 @@ def cmd_put(args: argparse.Namespace) -> int:
     metrics, metadata = parse_metrics(args.metric), parse_metadata(args.meta)
     metadata = {**file_metadata, **metadata}
     total = tree_size(args.path) if sys.stderr.isatty() and os.path.exists(args.path) else None
-    with progress(args, total, "put") as on_progress:
+    with warnings_noted() as noted, progress(args, total, "put") as on_progress:
         version = store.put(
             args.path,
             args.key,
@@ -74,7 +75,7 @@ def cmd_put(args: argparse.Namespace) -> int:
             info=info,
             workers=args.jobs,
         )
-    emit(args, version.to_dict(), version.ref)
+    emit(args, {**version.to_dict(), "warnings": noted}, version.ref)
     return 0
 
 

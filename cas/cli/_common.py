@@ -6,11 +6,12 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import InvalidInputError
+from ..errors import CasWarning, InvalidInputError
 from ..store import DEFAULT_STORE, Store, Version
 from ..units import format_size
 
@@ -27,6 +28,24 @@ def emit(args: argparse.Namespace, data: Any, text: str) -> None:
         print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
     elif text:
         print(text)
+
+
+@contextmanager
+def warnings_noted() -> Iterator[list[str]]:
+    """Collect the warnings cas gives inside the block; each is printed to stderr as
+    ``cas: warning: ...`` when it ends, and the list is there for the --json output."""
+    noted: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CasWarning)
+        yield noted
+    for warning in caught:
+        if issubclass(warning.category, CasWarning):
+            noted.append(str(warning.message))
+            print(f"cas: warning: {warning.message}", file=sys.stderr)
+        else:  # not ours: shown as it would have been
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
 
 
 @contextmanager
@@ -73,7 +92,9 @@ def version_line(v: Version) -> str:
     if v.message:
         extras.append(v.message)
     tail = f"  {'  '.join(extras)}" if extras else ""
-    return f"{v.ref:<28} {v.created[:19].replace('T', ' ')}  {format_size(v.size):>10}{tail}"
+    when = v.created[:19].replace("T", " ")
+    line = f"{v.ref:<28} {when}  {format_size(v.size):>10}  {v.kind:<9}{tail}"
+    return line.rstrip()
 
 
 def pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:

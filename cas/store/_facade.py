@@ -44,6 +44,7 @@ from ..repository._manifest import Entry, Manifest, Parent, canonical_json, chec
 from ..repository._metadata import ArtifactInfo, Summary
 from ..repository._refs import Refs, VersionRef, utc_now
 from ._config import StoreConfig, default_chunker, load_config, write_config
+from ._notices import warn_of_kind_change
 from ._values import Details, KeySummary, Stats, Version
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ class Store:
             )
             parent_manifests = [self.load_manifest(p.manifest_id) for p in parents]
             latest_manifest = latest.submit(self._latest_manifest, key, parents)
+            former_kind = latest.submit(self._former_kind, key)
             ingestor = Ingestor(
                 chunks,
                 self.config.chunker,
@@ -252,7 +254,9 @@ class Store:
             session.before_commit()
             self.backend.flush()  # chunks and manifest durable before the ref names them
             summary = Summary.of_manifest(manifest).for_ref()
+            former = former_kind.result()  # read before this version exists
             ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
+            warn_of_kind_change(ref, former, manifest.kind)
         finally:
             latest.shutdown(wait=True)
             if index is not None:
@@ -270,6 +274,14 @@ class Store:
         if latest.manifest_id is None or any(p.manifest_id == latest.manifest_id for p in parents):
             return []
         return [self.load_manifest(latest.manifest_id)]
+
+    def _former_kind(self, key: str) -> tuple[int, str] | None:
+        """The number and kind of the key's latest version before a put, if it has one."""
+        try:
+            latest = self.refs.latest(key)
+            return latest.number, self.summary(latest).kind
+        except CasError:
+            return None  # none, or unreadable: not worth failing the put over a warning
 
     def _check_workers(self, workers: int | None) -> int:
         if workers is None:
