@@ -216,9 +216,10 @@ MANIFEST_SLACK = 64
 SIZE = r"\d+(?:\.\d)? (?:B|KiB|MiB|GiB|TiB)"
 WITH_MANIFESTS = [
     re.compile(
-        r'"(?:stored_bytes|live_bytes|reachable_bytes|bytes_reclaimed|bytes_kept_by_grace|'
-        r'reclaimable_stored_bytes)": (?P<n>\d+)'
+        r'"(?:stored_bytes|live_bytes|version_bytes|reachable_bytes|bytes_reclaimed|'
+        r'bytes_kept_by_grace|reclaimable_stored_bytes)": (?P<n>\d+)'
     ),
+    re.compile(rf"^  own chunks: +(?P<s>{SIZE}) \("),
     re.compile(rf"^stored bytes: +(?P<s>{SIZE}) \((?P<s2>{SIZE}) needed by live versions\)"),
     re.compile(rf"^reachable: +\d+ objects, (?P<s>{SIZE})$"),
     re.compile(rf"^(?:deleted|would delete): .*\), (?P<s>{SIZE}) reclaim"),
