@@ -147,13 +147,16 @@ def test_a_local_file_is_cut_as_the_store_cut_it(tmp_path: Path, kind: str) -> N
     storage.upload(src, "model")
     entry = stored_file(storage, "model")
     stored = [c.digest.raw for c in entry.chunks]
-    for former in (None, entry):  # as a new file, and as the next version of the stored one
-        local = cut_local_file(src, SMALL_CHUNKS, former)
+    # As a new file, and as the next version of the stored one (through the Store).
+    for local in (
+        cut_local_file(src, SMALL_CHUNKS, None),
+        storage.store.cut_local_file(src, entry),
+    ):
         assert local is not None
         assert local.count == len(stored)
         assert set(local.where) == set(stored)
         assert local.digest == entry.digest
-    assert cut_local_file(tmp_path / "absent", SMALL_CHUNKS, entry) is None
+    assert storage.store.cut_local_file(tmp_path / "absent", entry) is None
 
 
 def test_download_if_newer_fetches_only_the_changed_tensor(tmp_path: Path) -> None:

@@ -41,7 +41,6 @@ from ..errors import (
 )
 from ..repository._manifest import Entry
 from ..store import DEFAULT_STORE, Store, Version
-from ..tensors._cutting import cut_local_file
 
 log = logging.getLogger("cas.compat")
 
@@ -133,7 +132,7 @@ class Storage:
         assert entry.digest is not None
         # Cut as a put of the local file as the next version would cut it:
         # the stored chunks are then found in it, whatever the file's format.
-        local_chunks = cut_local_file(local, self.store.config.chunker, entry)
+        local_chunks = self.store.cut_local_file(local, entry)
         if local_chunks is not None and local_chunks.digest == entry.digest:
             self.last_transfer = Transfer(reused_bytes=entry.size, reused_chunks=len(entry.chunks))
             log.info("%s: %s is up to date, nothing moved", remote_key, local)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     # it imports, and a get needs none of the put's, nor a put the get's.
     from ..gc._collect import GcReport
     from ..gc._verify import VerifyReport
+    from ..tensors._cutting import LocalChunks
     from ..transfer._ingest import SourceItem
 
 ProgressFn = Callable[[int], None]
@@ -367,6 +368,13 @@ class Store:
                 f"destination {dest} holds this store ({root}); restoring there would "
                 "replace the store itself: choose another destination"
             )
+
+    def cut_local_file(self, path: str | os.PathLike[str], former: Entry) -> LocalChunks | None:
+        """A local file cut as a put of it as the version after ``former`` would cut it:
+        where each stored chunk of ``former`` lies in it (None if it is not a file)."""
+        from ..tensors._cutting import cut_local_file
+
+        return cut_local_file(Path(path), self.config.chunker, former)
 
     def read_tensor(self, ref: str, file: str | None, name: str) -> Any:
         """One tensor of a stored safetensors file as a numpy array (BF16 as float32).
