@@ -32,7 +32,13 @@ from helpers import (
 from cas.backends import Backend
 from cas.chunks._chunking import ChunkerParams
 from cas.digest import Digest
-from cas.errors import BackendError, CorruptObjectError, MissingObjectError, RefNotFoundError
+from cas.errors import (
+    BackendError,
+    CorruptObjectError,
+    KindChangeWarning,
+    MissingObjectError,
+    RefNotFoundError,
+)
 from cas.repository import _layout as layout
 from cas.store import Store
 from cas.testing.faults import FaultyBackend
@@ -60,7 +66,8 @@ def test_tree_and_file_round_trip(store: Store, tmp_path: Path) -> None:
     assert (first.ref, first.tags, first.files) == ("runs/exp@1", ("best",), 5)
     single = tmp_path / "single.bin"
     single.write_bytes(random_bytes(300 * KiB, 1))
-    store.put(single, "runs/exp")
+    with pytest.warns(KindChangeWarning, match="runs/exp@2 is a single file"):
+        store.put(single, "runs/exp")
 
     store.get("runs/exp:best", tmp_path / "tree", workers=3)
     assert snapshot(tmp_path / "tree") == snapshot(src)
