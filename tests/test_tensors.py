@@ -25,7 +25,8 @@ from cas.ml.checkpoint import write_safetensors
 from cas.repository import _layout as layout
 from cas.store import Store
 from cas.tensors._cutting import read_spans
-from cas.tensors._safetensors import Span, chunk_keys, parse_header, plan, sniff
+from cas.tensors._formats import sniff
+from cas.tensors._safetensors import Span, chunk_keys, parse_header, plan
 
 KiB = 1024
 PARAMS = ChunkerParams(min_size=16 * KiB, avg_size=64 * KiB, max_size=256 * KiB)
@@ -251,7 +252,7 @@ def test_read_tensor_errors(store: Store, tmp_path: Path) -> None:
     plain = tmp_path / "notes.txt"
     plain.write_text("not tensors " * 100)
     store.put(plain, "notes")
-    with pytest.raises(InvalidInputError, match="not a safetensors file"):
+    with pytest.raises(InvalidInputError, match="not a tensor file"):
         store.read_tensor("notes", None, "x")
 
 

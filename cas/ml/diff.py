@@ -1,10 +1,11 @@
-"""What changed between two versions: files, tensors inside safetensors files, and bytes.
+"""What changed between two versions: files, tensors inside tensor files, and bytes.
 
 Files are compared by their recorded BLAKE3, so no data is read for them.
-For a ``.safetensors`` file that changed, the header of each side is read
-(its first chunk or two) and each tensor compared: first by the chunks that
-cover it (identical chunk runs at the same offset mean identical bytes, read
-nothing), and only when that cannot decide, by hashing the tensor's bytes.
+For a safetensors, torch.save or numpy file that changed, the structure of
+each side is read (a safetensors header; a zip's directory and pickle) and
+each tensor compared: first by the chunks that cover it (identical chunk
+runs at the same offset mean identical bytes, read nothing), and only when
+that cannot decide, by hashing the tensor's bytes.
 Byte counts are over distinct chunks: ``shared`` bytes are already in the
 old version, ``new`` bytes are what the new version added to it.
 """
@@ -20,12 +21,16 @@ from typing import TYPE_CHECKING, Any
 from ..chunks._store import ChunkStore
 from ..digest import Digest, StreamingHasher
 from ..repository._manifest import Entry, Manifest
-from ..tensors._safetensors import StoredFile, TensorInfo, parse_header
+from ..tensors._formats import parse
+from ..tensors._safetensors import StoredFile, TensorInfo
 
 if TYPE_CHECKING:
     from ..store import Store
 
-SAFETENSORS_SUFFIX = ".safetensors"
+#: Files whose tensors a diff compares: safetensors, torch.save and numpy files by their
+#: usual names (a put recognises them by their bytes; a diff, to read nothing of other
+#: files, by their names).
+TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npy", ".npz")
 
 
 @dataclass(frozen=True)
@@ -151,22 +156,34 @@ class _ChunkCache:
         return data
 
 
-def read_safetensors_header(reader: _FileReader) -> tuple[dict[str, TensorInfo], Any]:
-    """Tensors by name, and the ``__metadata__`` object, of a stored safetensors file."""
-    header = parse_header(reader.read, reader.entry.size)
-    return {t.name: t for t in header.tensors}, header.metadata
+def read_tensor_header(reader: _FileReader) -> tuple[dict[str, TensorInfo], Any]:
+    """Tensors by name, and the metadata, of a stored safetensors, torch.save or numpy file."""
+    header = parse(reader.read, reader.entry.size)
+    return {t.name: t for t in header.named}, header.metadata
 
 
-def diff_safetensors(old: _FileReader, new: _FileReader) -> TensorDiff:
+def _expected_format(path: str) -> str:
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    return "numpy" if path.endswith((".npy", ".npz")) else "torch.save"
+
+
+def diff_tensors(old: _FileReader, new: _FileReader) -> TensorDiff:
     try:
-        old_tensors, old_meta = read_safetensors_header(old)
-        new_tensors, new_meta = read_safetensors_header(new)
+        old_tensors, old_meta = read_tensor_header(old)
+        new_tensors, new_meta = read_tensor_header(new)
     except (ValueError, KeyError, TypeError) as err:
-        return TensorDiff(error=f"not a readable safetensors file ({err})")
+        kind = _expected_format(new.entry.path)
+        return TensorDiff(error=f"not a readable {kind} file ({err})")
     changed, unchanged = [], 0
     for name in sorted(old_tensors.keys() & new_tensors.keys()):
         a, b = old_tensors[name], new_tensors[name]
-        if (a.dtype, a.shape, a.end - a.start) != (b.dtype, b.shape, b.end - b.start):
+        if (a.dtype, a.shape, a.strides, a.end - a.start) != (
+            b.dtype,
+            b.shape,
+            b.strides,
+            b.end - b.start,
+        ):
             changed.append(name)
         elif old.signature(a.start, a.end) == new.signature(b.start, b.end):
             unchanged += 1  # the same chunks at the same offsets: the same bytes, none read
@@ -224,11 +241,11 @@ def diff_manifests(
                 continue
             tensors = None
             if (
-                path.endswith(SAFETENSORS_SUFFIX)
+                path.endswith(TENSOR_SUFFIXES)
                 and a.type == b.type == "file"
                 and a.digest != b.digest
             ):
-                tensors = diff_safetensors(
+                tensors = diff_tensors(
                     _FileReader(chunks, a, cache, old_label),
                     _FileReader(chunks, b, cache, new_label),
                 )

@@ -377,7 +377,9 @@ class Store:
         return cut_local_file(Path(path), self.config.chunker, former)
 
     def read_tensor(self, ref: str, file: str | None, name: str) -> Any:
-        """One tensor of a stored safetensors file as a numpy array (BF16 as float32).
+        """One tensor of a stored safetensors, torch.save or numpy file as a numpy array.
+
+        BF16 comes back as float32, which holds it exactly.
 
         Fetches and verifies only the chunks that hold the header and the
         tensor. ``file`` is the file's path in the version; for a one-file
@@ -387,7 +389,8 @@ class Store:
         assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
         label = f"{version_ref.key}@{version_ref.number}"
-        from ..tensors._safetensors import find_file, read_tensor
+        from ..tensors._formats import read_tensor
+        from ..tensors._safetensors import find_file
 
         return read_tensor(self.chunks, find_file(manifest, file), name, label=label)
 

@@ -1,6 +1,7 @@
 """How a file is cut into chunks: the one rule a put follows, and whatever must match its cuts.
 
-A safetensors file is cut at tensor boundaries (:func:`cas.tensors._safetensors.plan`);
+A tensor file (safetensors, torch.save or numpy, :mod:`cas.tensors._formats`)
+is cut at tensor boundaries (:func:`cas.tensors._safetensors.plan`);
 any other file by FastCDC, led by the cuts of its former version where one
 is known (:func:`cas.chunks._chunking.follow_chunks`, which cuts as FastCDC
 alone would, only faster). A put cuts by this rule, and so must anything
@@ -21,7 +22,8 @@ from ..chunks._chunking import ChunkerParams, follow_chunks, iter_chunks
 from ..digest import Digest, StreamingHasher, hash_bytes
 from ..errors import SourceError
 from ..repository._manifest import Entry
-from ._safetensors import Span, plan, sniff
+from ._formats import sniff
+from ._safetensors import Span, plan
 
 #: A chunk as it is cut: its bytes, its index in the file's tensor plan (0
 #: for FastCDC), the tensor span it holds (None for FastCDC) and its BLAKE3
@@ -30,7 +32,7 @@ Cut = tuple[memoryview, int, Span | None, bytes | None]
 
 
 def tensor_spans(stream: BufferedIOBase, size: int, params: ChunkerParams) -> list[Span] | None:
-    """The tensor-aligned chunks of a safetensors file, or None to cut it with FastCDC."""
+    """The tensor-aligned chunks of a tensor file, or None to cut it with FastCDC."""
     header = sniff(stream, size)
     return plan(header, size, params) if header is not None else None
 

@@ -31,8 +31,6 @@ from ..chunks._floatcodec import Layout
 from ..errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from ..chunks._store import ChunkStore
     from ..digest import Digest
     from ..repository._manifest import Entry, Manifest
@@ -62,7 +60,7 @@ DTYPES: dict[str, tuple[int, Layout | None]] = {
 
 # numpy has no bfloat16: a BF16 tensor is read as float32, which holds every
 # bfloat16 value exactly (its upper half is the bfloat16).
-_NUMPY = {
+NUMPY_DTYPES = {
     "F64": "<f8",
     "F32": "<f4",
     "F16": "<f2",
@@ -89,6 +87,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int  # absolute offsets in the file
     end: int
+    #: Element strides when the tensor is a strided view of its bytes (torch, Fortran-order numpy).
+    strides: tuple[int, ...] | None = None
 
     @property
     def itemsize(self) -> int:
@@ -101,19 +101,28 @@ class TensorInfo:
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    """A parsed safetensors header."""
+    """The tensors of a file: a safetensors header, or what a torch.save or numpy parser found."""
 
-    #: Bytes of the length prefix and the JSON: where the tensors' data begins.
+    #: Bytes of the header: where the tensors' data begins (0 when no header leads).
     length: int
-    #: Every tensor, by start offset.
+    #: The byte ranges to cut on, by start offset, none overlapping: each tensor
+    #: of a safetensors file, each storage record of a torch.save file.
     tensors: tuple[TensorInfo, ...]
     metadata: Any = None
+    #: Every tensor by name when that differs from ``tensors`` (torch views of a storage).
+    views: tuple[TensorInfo, ...] = ()
+    format: str = "safetensors"
+
+    @property
+    def named(self) -> tuple[TensorInfo, ...]:
+        """Every tensor a reader can ask for by name."""
+        return self.views or self.tensors
 
     def tensor(self, name: str) -> TensorInfo:
-        for info in self.tensors:
+        for info in self.named:
             if info.name == name:
                 return info
-        raise NotFoundError(f"no tensor named {name!r} in this safetensors file")
+        raise NotFoundError(f"no tensor named {name!r} in this {self.format} file")
 
 
 def parse_header(read: Callable[[int, int], bytes], size: int) -> Header:
@@ -155,30 +164,6 @@ def parse_header(read: Callable[[int, int], bytes], size: int) -> Header:
         tensors.append(TensorInfo(name, dtype, shape, base + begin, base + end))
     tensors.sort(key=lambda t: (t.start, t.end))
     return Header(base, tuple(tensors), header.get("__metadata__"))
-
-
-def sniff(stream: Any, size: int) -> Header | None:
-    """The header of an open file if it is a safetensors file whose tensors do not overlap."""
-
-    def read(offset: int, length: int) -> bytes:
-        stream.seek(offset)
-        data: bytes = stream.read(length)
-        if len(data) != length:
-            raise InvalidInputError("file is shorter than its header says")
-        return data
-
-    try:
-        header = parse_header(read, size)
-    except InvalidInputError:
-        return None
-    finally:
-        stream.seek(0)
-    position = header.length
-    for info in header.tensors:
-        if info.start < position:
-            return None  # overlapping ranges: valid JSON, not a file we can cut
-        position = info.end
-    return header
 
 
 # -- tensor-aligned boundaries -----------------------------------------------------------
@@ -356,27 +341,3 @@ def find_file(manifest: Manifest, path: str | None) -> Entry:
     if manifest.only_file is not None:
         return manifest.only_file
     raise NotFoundError(f"no file {path!r} in this version")
-
-
-def read_tensor(chunks: ChunkStore, entry: Entry, name: str, *, label: str) -> np.ndarray[Any, Any]:
-    """One tensor of a stored safetensors file as a numpy array (BF16 as float32, exactly)."""
-    import numpy as np
-
-    reader = StoredFile(chunks, entry, label)
-    try:
-        header = reader.header()
-    except InvalidInputError as err:
-        raise InvalidInputError(
-            f"{label}: file {entry.path!r} is not a safetensors file ({err})"
-        ) from None
-    info = header.tensor(name)
-    data = reader.read(info.start, info.end - info.start)
-    if info.dtype == "BF16":
-        words = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-        out: np.ndarray[Any, Any] = words.view(np.float32).reshape(info.shape)
-        return out
-    if info.dtype not in _NUMPY:
-        raise InvalidInputError(f"{label}: tensor {name!r} has dtype {info.dtype} numpy lacks")
-    array: np.ndarray[Any, Any] = np.frombuffer(data, dtype=_NUMPY[info.dtype])
-    shaped: np.ndarray[Any, Any] = array.reshape(info.shape).copy()
-    return shaped

@@ -40,6 +40,7 @@ from ..errors import (
 )
 from ..repository import _layout as layout
 from ..repository._manifest import Entry, Manifest
+from ._formats import parse
 from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file
 
 # Chunks up to twice this size are encoded whole to compare with their delta; for
@@ -230,9 +231,9 @@ class TensorWriter:
 
     def _stored_header(self, entry: Entry, label: str) -> Header | None:
         try:
-            return StoredFile(self.chunks, entry, label).header()
+            return parse(StoredFile(self.chunks, entry, label).read, entry.size)
         except ValueError:
-            return None  # the parent's file is not a safetensors file: no bases from it
+            return None  # the parent's file is not a tensor file: no bases from it
 
     # -- the workers' side: how to store ---------------------------------------------------
 
