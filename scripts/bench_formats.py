@@ -104,15 +104,17 @@ def bench_model(work: Path, dtype: str, fmt: str, rounds: int) -> dict[str, Any]
     suffix = "safetensors" if fmt == "safetensors" else "pt"
     first = write(cast(base, dtype), work / f"v1-{dtype}.{suffix}", fmt)
     second = write(cast(tuned, dtype), work / f"v2-{dtype}.{suffix}", fmt)
-    puts, gets, added = [], [], []
+    puts: list[float] = []
+    gets: list[float] = []
+    added: list[float] = []
     for index in range(rounds):
         store = Store.init(work / f"store-{fmt}-{dtype}-{index}")
-        puts.append(timed(lambda s=store: s.put(first, "m")))
+        puts.append(timed(lambda: store.put(first, "m")))  # noqa: B023 - called at once
         one = chunk_bytes(store)
         store.put(second, "m", parents=["m@1"])
         added = [one / first.stat().st_size, (chunk_bytes(store) - one) / second.stat().st_size]
         out = work / f"out-{fmt}-{dtype}-{index}"
-        gets.append(timed(lambda s=store, o=out: s.get("m@1", o)))
+        gets.append(timed(lambda: store.get("m@1", out)))  # noqa: B023 - called at once
         assert out.read_bytes() == first.read_bytes()
     return {
         "format": fmt,
@@ -162,11 +164,19 @@ def training_run(work: Path, checkpoints: int, every: int) -> list[Path]:
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
-    config = GPT2Config(vocab_size=256, n_positions=128, n_embd=256, n_layer=4, n_head=4)
+    config = GPT2Config(
+        vocab_size=256,
+        n_positions=128,
+        n_embd=256,
+        n_layer=4,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     net = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.01)
     total = checkpoints * every
-    scheduler = get_linear_schedule_with_warmup(optimizer, total // 10, total)
+    scheduler = get_linear_schedule_with_warmup(optimizer, total // 10, total)  # type: ignore[no-untyped-call]
     tokens = corpus()
     losses: list[float] = []
     out = []
@@ -178,7 +188,7 @@ def training_run(work: Path, checkpoints: int, every: int) -> list[Path]:
         loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % every == 0:
             directory = work / f"checkpoint-{step}"
             out.append(write_checkpoint(directory, step, net, optimizer, scheduler, losses))
@@ -197,7 +207,7 @@ def bench_run(work: Path, checkpoints: int, every: int) -> dict[str, Any]:
     directories = training_run(work / "run", checkpoints, every)
     plain = Store.init(work / "store-run")
     chained = Store.init(work / "store-run-parents")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for number, directory in enumerate(directories, 1):
         size = tree_bytes(directory)
         before = (chunk_bytes(plain), chunk_bytes(chained))
@@ -220,7 +230,7 @@ def bench_run(work: Path, checkpoints: int, every: int) -> dict[str, Any]:
         if path.is_file():
             assert (restored / path.relative_to(directories[-1])).read_bytes() == path.read_bytes()
     summary = {
-        key: statistics.mean(row[key] for row in rows)
+        key: statistics.mean(float(row[key]) for row in rows)
         for key in ("no_parent", "parent", "tar_zstd3", "optimizer_share")
     }
     return {"checkpoints": rows, "mean": summary}

@@ -105,6 +105,19 @@ def test_a_state_dict_is_named_by_its_paths_with_each_dtype(tmp_path: Path) -> N
     assert sum(s.length for s in spans) == (tmp_path / "weights.anything").stat().st_size
 
 
+def test_small_records_share_chunks_with_the_zip_headers_between_them(tmp_path: Path) -> None:
+    state = {f"bias.{i}": torch.randn(100) for i in range(40)}
+    state["big"] = torch.randn(20000)
+    path = saved(state, tmp_path / "small.pt")
+    header = header_of(path)
+    assert header is not None
+    spans = plan(header, path.stat().st_size, PARAMS)
+    assert len(spans) < 10  # not one chunk per record and one per zip header
+    [big] = [s for s in spans if s.pieces and s.pieces[0].name == "big"]
+    assert big.layout is not None
+    assert sum(s.length for s in spans) == path.stat().st_size
+
+
 def test_optimizer_and_lightning_state_get_stable_names(tmp_path: Path) -> None:
     net = model()
     optimizer = train(net, 2)

@@ -197,36 +197,72 @@ class Span:
         return self.pieces
 
 
+# Bytes between tensors shorter than this (a zip's local headers between the
+# records of a torch.save or .npz file) join the small tensors around them in
+# one chunk, rather than each becoming a chunk of a few dozen bytes.
+SMALL_GAP = 4096
+
+
 def plan(header: Header, size: int, params: ChunkerParams) -> list[Span]:
-    """The chunks of a safetensors file, in file order, covering it exactly."""
+    """The chunks of a tensor file, in file order, covering it exactly."""
     spans: list[Span] = []
     spans.extend(_opaque(0, header.length, params))
-    group: list[TensorInfo] = []
+    run = _Run(params)
     position = header.length
-
-    def flush() -> None:
-        if group:
-            spans.append(_group_span(group))
-            group.clear()
-
     for info in header.tensors:
         if info.start > position:  # bytes no tensor claims
-            flush()
-            spans.extend(_opaque(position, info.start, params))
-        nbytes = info.end - info.start
-        if nbytes >= params.min_size:
-            flush()
+            if info.start - position < SMALL_GAP:
+                spans.extend(run.add_gap(position, info.start))
+            else:
+                spans.extend(run.flush())
+                spans.extend(_opaque(position, info.start, params))
+        if info.end - info.start >= params.min_size:
+            spans.extend(run.flush())
             spans.extend(_split(info, params))
-        else:
-            total = sum(t.end - t.start for t in group)
-            if group and (group[0].dtype != info.dtype or total + nbytes > params.avg_size):
-                flush()
-            if nbytes:
-                group.append(info)
+        elif info.end > info.start:
+            spans.extend(run.add(info))
         position = max(position, info.end)
-    flush()
+    spans.extend(run.flush())
     spans.extend(_opaque(position, size, params))
     return spans
+
+
+class _Run:
+    """Consecutive small tensors (and the small gaps between them), cut into chunks of about
+    the average size: byte-grouped when they are tensors of one dtype and nothing else."""
+
+    def __init__(self, params: ChunkerParams) -> None:
+        self.params = params
+        self.tensors: list[TensorInfo] = []
+        self.start = self.end = 0
+        self.mixed = False
+
+    def add(self, info: TensorInfo) -> list[Span]:
+        other_dtype = bool(self.tensors) and self.tensors[0].dtype != info.dtype
+        too_big = self.end > self.start and info.end - self.start > self.params.avg_size
+        out = self.flush() if (other_dtype and not self.mixed) or too_big else []
+        if self.end == self.start:
+            self.start = info.start
+        self.tensors.append(info)
+        self.end = info.end
+        return out
+
+    def add_gap(self, start: int, end: int) -> list[Span]:
+        out = self.flush() if end - self.start > self.params.avg_size else []
+        if self.end == self.start:
+            self.start = start
+        self.end, self.mixed = end, True
+        return out
+
+    def flush(self) -> list[Span]:
+        if self.end == self.start:
+            return []
+        if self.mixed or not self.tensors:
+            span = Span(self.start, self.end - self.start)
+        else:
+            span = _group_span(self.tensors)
+        self.tensors, self.start, self.end, self.mixed = [], 0, 0, False
+        return [span]
 
 
 def _opaque(start: int, end: int, params: ChunkerParams) -> Iterator[Span]:
