@@ -162,19 +162,20 @@ def read_tensor_header(reader: _FileReader) -> tuple[dict[str, TensorInfo], Any]
     return {t.name: t for t in header.named}, header.metadata
 
 
-def _expected_format(path: str) -> str:
-    if path.endswith(".safetensors"):
-        return "safetensors"
-    return "numpy" if path.endswith((".npy", ".npz")) else "torch.save"
+def diff_tensors(old: _FileReader, new: _FileReader) -> TensorDiff | None:
+    """The tensors that changed; None for a file that is not a tensor file cas reads.
 
-
-def diff_tensors(old: _FileReader, new: _FileReader) -> TensorDiff:
+    A ``.safetensors`` file is one by its name, so one that does not parse is
+    reported as unreadable; a ``.bin`` or ``.pt`` file may hold anything (a
+    pickled object, any binary), and is then compared as a whole file.
+    """
     try:
         old_tensors, old_meta = read_tensor_header(old)
         new_tensors, new_meta = read_tensor_header(new)
     except (ValueError, KeyError, TypeError) as err:
-        kind = _expected_format(new.entry.path)
-        return TensorDiff(error=f"not a readable {kind} file ({err})")
+        if new.entry.path.endswith(".safetensors"):
+            return TensorDiff(error=f"not a readable safetensors file ({err})")
+        return None
     changed, unchanged = [], 0
     for name in sorted(old_tensors.keys() & new_tensors.keys()):
         a, b = old_tensors[name], new_tensors[name]

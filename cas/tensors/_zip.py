@@ -85,27 +85,34 @@ def records(read: Callable[[int, int], bytes], size: int) -> list[Record]:
         with zipfile.ZipFile(_BoundedReader(read, size)) as archive:
             infos = archive.infolist()
             directory = archive.start_dir
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as err:
+    except (
+        zipfile.BadZipFile,
+        NotImplementedError,
+        ValueError,
+        OSError,
+        EOFError,
+        struct.error,
+    ) as err:
         raise InvalidInputError(f"not a readable zip file ({err})") from None
     if len(infos) > MAX_RECORDS:
         raise InvalidInputError("too many zip records")
-    out = sorted((_record(read, info) for info in infos), key=lambda r: r.header)
+    out = sorted((_record(read, info, size) for info in infos), key=lambda r: r.header)
     limit = min(directory, size)
-    for record, following in zip(out, [*out[1:], None], strict=True):
-        end = following.header if following is not None else limit
+    for index, record in enumerate(out):
+        end = out[index + 1].header if index + 1 < len(out) else limit
         if record.end > end:
             raise InvalidInputError(f"zip record {record.name!r} overlaps what follows it")
     return out
 
 
-def _record(read: Callable[[int, int], bytes], info: zipfile.ZipInfo) -> Record:
+def _record(read: Callable[[int, int], bytes], info: zipfile.ZipInfo, size: int) -> Record:
+    if not 0 <= info.header_offset <= size - _LOCAL.size:
+        raise InvalidInputError(f"zip record {info.filename!r} lies outside the file")
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & _ENCRYPTED:
         raise InvalidInputError(f"zip record {info.filename!r} is compressed or encrypted")
     if info.compress_size != info.file_size:
         raise InvalidInputError(f"zip record {info.filename!r}: its sizes disagree")
     head = read(info.header_offset, _LOCAL.size)
-    if len(head) != _LOCAL.size:
-        raise InvalidInputError(f"zip record {info.filename!r} lies outside the file")
     magic, _, flags, method, _, _, _, packed, plain, name_length, extra_length = _LOCAL.unpack(head)
     name = read(info.header_offset + _LOCAL.size, name_length)
     if magic != _LOCAL_MAGIC or method != zipfile.ZIP_STORED or name != _encoded(info):
