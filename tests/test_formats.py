@@ -404,3 +404,19 @@ def test_any_state_dict_round_trips(
         assert np.array_equal(
             got, tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
         )
+
+
+def test_a_local_copy_is_cut_as_the_put_cut_it(store: Store, tmp_path: Path) -> None:
+    """Downloads and checkouts find stored chunks in a local torch.save file by the same cuts."""
+    from cas.tensors._cutting import cut_local_file
+
+    path = saved(model().state_dict(), tmp_path / "model.bin")
+    store.put(path, "local")
+    chunks = file_chunks(store, "local")
+    header = header_of(path)
+    assert header is not None
+    assert len(chunks) == len(plan(header, path.stat().st_size, PARAMS))  # cut on tensors
+    local = cut_local_file(path, PARAMS, None)
+    assert local is not None
+    assert local.count == len(chunks)
+    assert {c.digest.raw for c in chunks} == set(local.where)
