@@ -231,8 +231,15 @@ def test_show_returns_details_with_entries(store: Store, tree: Path) -> None:
 def test_delete_tagged_needs_force(store: Store, tree: Path) -> None:
     store.put(tree, "k", tags=["keep"])
     store.put(tree, "k")
-    with pytest.raises(InvalidInputError, match="tagged"):
+    with pytest.raises(InvalidInputError, match="tagged") as err:
         store.delete("k@1")
+    # In API terms for the library; the command line names its flag instead.
+    assert str(err.value) == "k@1 is tagged (keep); pass force=True to delete it and its tags"
+    assert err.value.worded({"force": "pass --force"}).endswith(
+        "pass --force to delete it and its tags"
+    )
+    with pytest.raises(InvalidInputError, match=r"^workers must be a whole number >= 1, not 0$"):
+        store.get("k@1", tree.parent / "out", workers=0)
     assert [v.number for v in store.log("k")] == [2, 1]
     deleted = store.delete("k@2")
     assert deleted.number == 2

@@ -12,6 +12,7 @@ from gc_helpers import GC_BACKENDS, PARAMS, chunk_keys, random_bytes, stored_key
 from helpers import run_cas
 
 from cas.backends.base import Backend
+from cas.cli import main
 from cas.errors import InvalidInputError
 from cas.gc._verify import QUARANTINE
 from cas.repository import _layout as layout
@@ -121,12 +122,18 @@ def test_sample_reads_a_random_share(store: Store, filled: dict[str, bytes]) -> 
     [
         ({"sample": 0}, "percentage"),
         ({"sample": 101}, "percentage"),
-        ({"repair": True}, "--repair needs --deep or --sample"),
+        ({"repair": True}, "repair needs deep or sample"),
     ],
 )
 def test_bad_verify_options(store: Store, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInputError, match=message):
         store.verify(**kwargs)
+
+
+def test_cli_names_the_verify_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Store.init(tmp_path / "store").close()
+    assert main(["--store", str(tmp_path / "store"), "verify", "--repair"]) == 2
+    assert "--repair needs --deep or --sample" in capsys.readouterr().err
 
 
 def test_missing_manifest_and_malformed_ref_are_reported_not_raised(

@@ -136,9 +136,16 @@ def verify_store(
     it is corrupt.
     """
     if sample is not None and not 0 < sample <= 100:
-        raise InvalidInputError(f"--sample takes a percentage in (0, 100], got {sample:g}")
+        raise InvalidInputError.naming(
+            "{sample} takes a percentage in (0, 100], got {got:g}", sample="sample", got=sample
+        )
     if repair and not deep and sample is None:
-        raise InvalidInputError("--repair needs --deep or --sample: only reading finds corruption")
+        raise InvalidInputError.naming(
+            "{repair} needs {deep} or {sample}: only reading finds corruption",
+            repair="repair",
+            deep="deep",
+            sample="sample",
+        )
     usage = _Usage()
     damaged: dict[str, Damage] = {}
     versions = 0

@@ -40,23 +40,41 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
-            raise InvalidInputError(f"--keep-last must be at least 1, got {self.keep_last}")
+            raise InvalidInputError.naming(
+                "{keep_last} must be at least 1, got {got}",
+                keep_last="keep_last",
+                got=self.keep_last,
+            )
         if self.keep_best is not None:
             if self.keep_best < 1:
-                raise InvalidInputError(f"--keep-best must be at least 1, got {self.keep_best}")
+                raise InvalidInputError.naming(
+                    "{keep_best} must be at least 1, got {got}",
+                    keep_best="keep_best",
+                    got=self.keep_best,
+                )
             if not self.metric:
-                raise InvalidInputError("--keep-best needs --metric NAME")
+                raise InvalidInputError.naming(
+                    "{keep_best} needs {metric_name}", keep_best="keep_best", metric_name="a metric"
+                )
             if self.direction not in ("min", "max"):
-                raise InvalidInputError(
-                    "--keep-best needs --min (lower is better) or --max (higher is better)"
+                raise InvalidInputError.naming(
+                    "{keep_best} needs {min} (lower is better) or {max} (higher is better)",
+                    keep_best="keep_best",
+                    min="direction 'min'",
+                    max="'max'",
                 )
         elif self.metric or self.direction:
-            raise InvalidInputError("--metric, --min and --max go with --keep-best N")
+            raise InvalidInputError.naming(
+                "{metric_and_direction} go with {keep_best_n}",
+                metric_and_direction="metric and direction",
+                keep_best_n="keep_best",
+            )
         if not (self.keep_last or self.keep_best or self.keep_tagged or self.keep_ancestors_of):
-            raise InvalidInputError(
-                "no retention rule given: pass --keep-last, --keep-best, --keep-tagged or "
-                "--keep-ancestors-of (prune refuses to delete every version of a key; "
-                "use `cas rm --all KEY` for that)"
+            raise InvalidInputError.naming(
+                "no retention rule given: pass {rules} (prune refuses to delete every version "
+                "of a key; use {delete_all} for that)",
+                rules="keep_last, keep_best, keep_tagged or keep_ancestors_of",
+                delete_all="Store.delete_all",
             )
 
 

@@ -121,15 +121,22 @@ class Condition:
     def parse(cls, text: str) -> Condition:
         match = _CONDITION.fullmatch(text)
         if match is None:
-            raise InvalidInputError(
-                f"--where {text!r}: expected METRIC OP NUMBER with OP one of "
-                "< <= > >= == !=, e.g. 'loss<0.3'"
+            raise InvalidInputError.naming(
+                "{condition} {text!r}: expected METRIC OP NUMBER with OP one of "
+                "< <= > >= == !=, e.g. 'loss<0.3'",
+                condition="condition",
+                text=text,
             )
         name, op, raw = match.groups()
         try:
             value = float(raw)
         except ValueError:
-            raise InvalidInputError(f"--where {text!r}: {raw!r} is not a number") from None
+            raise InvalidInputError.naming(
+                "{condition} {text!r}: {raw!r} is not a number",
+                condition="condition",
+                text=text,
+                raw=raw,
+            ) from None
         return cls(name, op, value)
 
     def __call__(self, version: Version) -> bool:
@@ -201,7 +208,9 @@ class Query:
                 f"unknown artifact type {self.type!r}; use one of {', '.join(ARTIFACT_TYPES)}"
             )
         if self.limit is not None and self.limit < 1:
-            raise InvalidInputError(f"--limit must be at least 1, got {self.limit}")
+            raise InvalidInputError.naming(
+                "{limit} must be at least 1, got {got}", limit="limit", got=self.limit
+            )
         for tag in self.tags:
             layout.check_tag(tag)
 

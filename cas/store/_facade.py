@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 ProgressFn = Callable[[int], None]
 DEFAULT_STORE = ".cas"
+#: How errors of calls that take ``force`` say to pass it (the CLI says ``pass --force``).
+FORCE = "pass force=True"
 #: A put that loses a reused chunk to a concurrent collection starts over this often.
 PUT_ATTEMPTS = 3
 
@@ -288,7 +290,9 @@ class Store:
         if workers is None:
             return self.workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InvalidInputError(f"--jobs must be a whole number >= 1, not {workers!r}")
+            raise InvalidInputError.naming(
+                "{workers} must be a whole number >= 1, not {got!r}", workers="workers", got=workers
+            )
         return workers
 
     def _write_manifest(self, manifest: Manifest) -> Digest:
@@ -441,9 +445,11 @@ class Store:
         version_ref = self.resolve(ref)
         version = self.show(f"{version_ref.key}@{version_ref.number}").version
         if version.tags and not force:
-            raise InvalidInputError(
-                f"{version.ref} is tagged ({', '.join(version.tags)}); "
-                "pass --force to delete it and its tags"
+            raise InvalidInputError.naming(
+                "{ref} is tagged ({tags}); {force} to delete it and its tags",
+                ref=version.ref,
+                tags=", ".join(version.tags),
+                force=FORCE,
             )
         for tag in version.tags:
             self.refs.remove_tag(version.key, tag)
@@ -455,9 +461,11 @@ class Store:
         versions = self.log(key)
         tagged = [v for v in versions if v.tags]
         if tagged and not force:
-            raise InvalidInputError(
-                f"{key} has tagged versions ({', '.join(v.ref for v in tagged)}); "
-                "pass --force to delete them and their tags"
+            raise InvalidInputError.naming(
+                "{key} has tagged versions ({refs}); {force} to delete them and their tags",
+                key=key,
+                refs=", ".join(v.ref for v in tagged),
+                force=FORCE,
             )
         return [self.delete(v.ref, force=True) for v in versions]
 
