@@ -205,7 +205,6 @@ def live_objects(store: Store) -> tuple[set[str], set[str]]:
     chunks: set[str] = set()
     manifests: set[str] = set()
     for ref in iter_live_versions(store.refs):
-        assert ref.manifest_id is not None
         manifests.add(layout.manifest_key(ref.manifest_id))
         for entry in store.load_manifest(ref.manifest_id).entries:
             chunks.update(layout.chunk_key(c.digest) for c in entry.chunks)

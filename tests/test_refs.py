@@ -13,7 +13,7 @@ from cas.backends.base import Backend
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, RefNotFoundError
 from cas.repository import _layout as layout
-from cas.repository._refs import Refs
+from cas.repository._refs import DeletedRef, Refs, VersionRef
 
 M1 = Digest.of(b"manifest one")
 M2 = Digest.of(b"manifest two")
@@ -45,12 +45,19 @@ def race(refs: Refs, key: str, threads: int, each: int) -> list[int]:
     return results
 
 
+def live(refs: Refs, key: str, number: int) -> VersionRef:
+    """A version ref that must be live: a tombstone has no manifest to compare."""
+    ref = refs.read_version(key, number)
+    assert isinstance(ref, VersionRef)
+    return ref
+
+
 def test_create_next_numbers_from_one() -> None:
     refs = Refs(MemoryBackend())
     assert [refs.create_next("k", M1).number for _ in range(3)] == [1, 2, 3]
     assert refs.create_next("other", M2).number == 1
     assert refs.version_numbers("k") == [1, 2, 3]
-    ref = refs.read_version("k", 2)
+    ref = live(refs, "k", 2)
     assert (ref.key, ref.number, ref.manifest_id, ref.deleted) == ("k", 2, M1, False)
 
 
@@ -61,7 +68,7 @@ def test_create_next_races_on_memory_backend() -> None:
     assert sorted(numbers) == list(range(1, 201)), "every writer got a distinct number, no gap"
     assert refs.version_numbers("runs/a") == list(range(1, 201))
     # Each ref names the manifest of the writer that won it.
-    owners = {refs.read_version("runs/a", n).manifest_id for n in range(1, 201)}
+    owners = {live(refs, "runs/a", n).manifest_id for n in range(1, 201)}
     assert owners == {Digest.of(f"{i}".encode()) for i in range(8)}
 
 
@@ -98,6 +105,9 @@ def test_tombstoned_numbers_are_never_reused() -> None:
     second = refs.create_next("k", M2)
     refs.mark_deleted(second)
     assert refs.read_version("k", 2).deleted
+    assert isinstance(refs.read_version("k", 2), DeletedRef)
+    assert refs.read_live("k", 2) is None
+    assert refs.read_live("k", 1) == first
     assert refs.latest("k").number == 1
     assert refs.create_next("k", M2).number == 3
     assert [r.number for r in refs.live_versions("k")] == [1, 3]

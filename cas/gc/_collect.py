@@ -41,7 +41,7 @@ from ..digest import DIGEST_SIZE, Digest
 from ..errors import CorruptObjectError, MissingObjectError, NotFoundError, RefNotFoundError
 from ..repository import _layout as layout
 from ..repository._manifest import SCHEMAS
-from ..repository._refs import Refs
+from ..repository._refs import DeletedRef, Refs
 from ._digestset import DigestSet
 from ._session import (
     PUTS,
@@ -286,8 +286,8 @@ class Collector:
             ref = self.refs.read_version(parsed.key, parsed.version)
         except RefNotFoundError:
             return None
-        if ref.manifest_id is None:
-            return None  # deleted: a tombstone
+        if isinstance(ref, DeletedRef):
+            return None  # a tombstone
         label = f"{ref.key}@{ref.number}"
         if ref.manifest_id.raw in self.manifests:
             return ref.manifest_id.raw, []  # marked already (read by the main thread only)

@@ -98,7 +98,7 @@ def iter_live_versions(refs: Refs) -> Iterator[VersionRef]:
     for key, numbers in refs.iter_keys():
         for number in numbers:
             ref = refs.read_version(key, number)
-            if not ref.deleted:
+            if isinstance(ref, VersionRef):
                 yield ref
 
 
@@ -114,7 +114,7 @@ def _versions(refs: Refs, damaged: dict[str, Damage]) -> Iterator[VersionRef]:
                 continue
             except NotFoundError:
                 continue  # removed while we listed
-            if not ref.deleted:
+            if isinstance(ref, VersionRef):
                 yield ref
 
 
@@ -153,7 +153,6 @@ def verify_store(
     for ref in _versions(refs, damaged):
         versions += 1
         label = f"{ref.key}@{ref.number}"
-        assert ref.manifest_id is not None
         try:
             manifest = load_manifest(ref.manifest_id)
         except CasError as err:

@@ -409,7 +409,6 @@ def _format(store: Store, ref: str) -> str | None:
     from ..tensors._safetensors import StoredFile
 
     version_ref = store.resolve(ref)
-    assert version_ref.manifest_id is not None
     manifest = store.load_manifest(version_ref.manifest_id)
     files = [e for e in manifest.entries if e.type == "file" and e.path.endswith(".safetensors")]
     if len(files) != 1:

@@ -252,7 +252,6 @@ def diff(store: Store, old_ref: str, new_ref: str) -> DiffReport:
     sides = []
     for text in (old_ref, new_ref):
         ref = store.resolve(text)
-        assert ref.manifest_id is not None
         sides.append((f"{ref.key}@{ref.number}", store.load_manifest(ref.manifest_id)))
     (old_label, old), (new_label, new) = sides
     return diff_manifests(store.chunks, old, new, old_label=old_label, new_label=new_label)

@@ -123,7 +123,6 @@ class Storage:
         the ``cas.compat`` logger) say how many bytes moved.
         """
         ref = self.store.resolve(remote_key)
-        assert ref.manifest_id is not None
         manifest = self.store.load_manifest(ref.manifest_id)
         local = Path(local_path)
         if manifest.kind != "file":

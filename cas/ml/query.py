@@ -76,12 +76,9 @@ def catalog(store: Store, prefix: str = "") -> list[Version]:
 
     def read(job: tuple[str, int, dict[int, list[str]]]) -> Version | None:
         key, number, tags = job
-        try:
-            ref = store.refs.read_version(key, number)
-        except RefNotFoundError:
-            return None  # removed while we listed
-        if ref.deleted:
-            return None
+        ref = store.refs.read_live(key, number)
+        if ref is None:
+            return None  # deleted, or removed while we listed
         return store._version(ref, store.summary(ref), tags=tags)
 
     def read_batch(batch: Sequence[tuple[str, int, dict[int, list[str]]]]) -> list[Version]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.base import Backend
 from ..digest import Digest
@@ -36,19 +36,33 @@ def utc_now() -> str:
 
 @dataclass(frozen=True, slots=True)
 class VersionRef:
-    """A version as its ref records it: the manifest it commits (None once deleted)."""
+    """A live version as its ref records it: the manifest it commits."""
+
+    deleted: ClassVar[bool] = False
 
     key: str
     number: int
-    manifest_id: Digest | None  # None: deleted
+    manifest_id: Digest
     created: str
     # None: not recorded (older refs, or too large), read the manifest instead.
     # Left out of == and hash: it is derived from the manifest, and a dict is unhashable.
     summary: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
-    def deleted(self) -> bool:
-        return self.manifest_id is None
+    def label(self) -> str:
+        """``KEY@N``."""
+        return f"{self.key}@{self.number}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedRef:
+    """A deleted version: its tombstone keeps the number from being handed out again."""
+
+    deleted: ClassVar[bool] = True
+
+    key: str
+    number: int
+    created: str
 
 
 class Refs:
@@ -66,7 +80,7 @@ class Refs:
                 numbers.append(int(name))
         return sorted(numbers)
 
-    def read_version(self, key: str, number: int) -> VersionRef:
+    def read_version(self, key: str, number: int) -> VersionRef | DeletedRef:
         object_key = layout.version_key(key, number)
         try:
             blob = self.backend.get(object_key)
@@ -75,25 +89,33 @@ class Refs:
         try:
             data = json.loads(blob)
             manifest = data.get("manifest")
-            summary = data.get("summary") if manifest else None
+            created = str(data["created"])
+            if not manifest:
+                return DeletedRef(key, number, created)
+            summary = data.get("summary")
             return VersionRef(
                 key,
                 number,
-                Digest.parse(manifest) if manifest else None,
-                str(data["created"]),
+                Digest.parse(manifest),
+                created,
                 summary if isinstance(summary, dict) else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
 
+    def read_live(self, key: str, number: int) -> VersionRef | None:
+        """Version ``number`` of ``key`` if live; None when deleted or removed since listed."""
+        try:
+            ref = self.read_version(key, number)
+        except RefNotFoundError:
+            return None
+        return ref if isinstance(ref, VersionRef) else None
+
     def live_versions(self, key: str, *, newest_first: bool = False) -> Iterator[VersionRef]:
         numbers = self.version_numbers(key)
         for number in reversed(numbers) if newest_first else numbers:
-            try:
-                ref = self.read_version(key, number)
-            except RefNotFoundError:
-                continue  # removed while we listed
-            if not ref.deleted:
+            ref = self.read_live(key, number)
+            if ref is not None:
                 yield ref
 
     def latest(self, key: str) -> VersionRef:
@@ -131,7 +153,7 @@ class Refs:
         except NotFoundError:
             return False
 
-    def mark_deleted(self, ref: VersionRef) -> None:
+    def mark_deleted(self, ref: VersionRef | DeletedRef) -> None:
         body = canonical_json({"manifest": None, "created": ref.created, "deleted": utc_now()})
         self.backend.put(layout.version_key(ref.key, ref.number), body)
 

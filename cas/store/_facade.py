@@ -42,7 +42,7 @@ from ..gc._session import (
 from ..repository import _layout as layout
 from ..repository._manifest import Entry, Manifest, Parent, canonical_json, check_metric
 from ..repository._metadata import ArtifactInfo, Summary
-from ..repository._refs import Refs, VersionRef, utc_now
+from ..repository._refs import DeletedRef, Refs, VersionRef, utc_now
 from ._config import StoreConfig, default_chunker, load_config, write_config
 from ._notices import warn_of_kind_change
 from ._values import Details, KeySummary, Stats, Version
@@ -274,7 +274,7 @@ class Store:
             latest = self.refs.latest(key)
         except RefNotFoundError:
             return []
-        if latest.manifest_id is None or any(p.manifest_id == latest.manifest_id for p in parents):
+        if any(p.manifest_id == latest.manifest_id for p in parents):
             return []
         return [self.load_manifest(latest.manifest_id)]
 
@@ -305,7 +305,6 @@ class Store:
 
     def _parent(self, text: str) -> Parent:
         ref = self.resolve(text)
-        assert ref.manifest_id is not None
         return Parent(ref.key, ref.number, ref.manifest_id)
 
     # -- reading -----------------------------------------------------------------
@@ -316,12 +315,12 @@ class Store:
         if reference.tag is not None:
             number = self.refs.read_tag(reference.key, reference.tag)
             ref = self.refs.read_version(reference.key, number)
-            if ref.deleted:
+            if isinstance(ref, DeletedRef):
                 raise RefNotFoundError(f"tag {text} points at deleted version {number}")
             return ref
         if reference.version is not None:
             ref = self.refs.read_version(reference.key, reference.version)
-            if ref.deleted:
+            if isinstance(ref, DeletedRef):
                 raise RefNotFoundError(f"version {text} was deleted")
             return ref
         return self.refs.latest(reference.key)
@@ -352,7 +351,6 @@ class Store:
         workers = self._check_workers(workers)
         self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
-        assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
         from ..transfer._restore import Restorer
 
@@ -388,7 +386,6 @@ class Store:
         artifact any name (or None) will do.
         """
         version_ref = self.resolve(ref)
-        assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
         label = f"{version_ref.key}@{version_ref.number}"
         from ..tensors._safetensors import find_file, read_tensor
@@ -397,7 +394,6 @@ class Store:
 
     def show(self, ref: str) -> Details:
         version_ref = self.resolve(ref)
-        assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
         return Details(self._version(version_ref, manifest), manifest.entries)
 
@@ -547,7 +543,6 @@ class Store:
         """What queries need of a version: from its ref when recorded there, else its manifest."""
         summary = Summary.from_ref(ref.summary)
         if summary is None:
-            assert ref.manifest_id is not None
             summary = Summary.of_manifest(self.load_manifest(ref.manifest_id))
         return summary
 
@@ -561,7 +556,6 @@ class Store:
         if tags is None:
             tags = self._tags_by_version(ref.key)
         current = tags.get(ref.number, []) if isinstance(tags, dict) else list(tags)
-        assert ref.manifest_id is not None
         return Version(
             key=ref.key,
             number=ref.number,

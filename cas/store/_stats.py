@@ -35,7 +35,6 @@ def measure(
     bases: set[bytes] = set()
     live_manifests: set[str] = set()
     for ref in live_versions:
-        assert ref.manifest_id is not None
         manifest = load_manifest(ref.manifest_id)
         live_manifests.add(layout.manifest_key(ref.manifest_id))
         keys.add(ref.key)
