@@ -13,6 +13,7 @@ from cas.backends.base import Backend
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, RefNotFoundError
 from cas.repository import _layout as layout
+from cas.repository._live import LiveVersions
 from cas.repository._refs import DeletedRef, Refs, VersionRef
 
 M1 = Digest.of(b"manifest one")
@@ -159,3 +160,38 @@ def test_iter_keys_groups_versions_and_ignores_tags() -> None:
     found = dict(refs.iter_keys())
     assert found == {"a": [1, 2], "a/x": [1], "a-b": [1], "b": [1]}
     assert dict(refs.iter_keys("a/")) == {"a/x": [1]}
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_live_versions_walk_every_key_in_order(workers: int) -> None:
+    backend = MemoryBackend()
+    refs = Refs(backend)
+    for key in ("b", "a/x", "a"):
+        for manifest in (M1, M2, M1):
+            refs.create_next(key, manifest)
+    refs.mark_deleted(refs.latest("a"))
+    refs.set_tag("b", "best", 1)
+    refs.set_tag("a", "first", 1)
+    seen: list[str] = []
+    walk = LiveVersions(refs, lambda ref: ref.manifest_id, workers=workers, tick=lambda: None)
+    walked = [(ref.label, manifest) for ref, manifest in walk]
+    assert walked == [
+        ("a@1", M1),
+        ("a@2", M2),
+        ("a/x@1", M1),
+        ("a/x@2", M2),
+        ("a/x@3", M1),
+        ("b@1", M1),
+        ("b@2", M2),
+        ("b@3", M1),
+    ]
+    assert walk.tags == 2
+    # A ref that cannot be read stops the walk, unless the caller takes it.
+    backend.put(layout.version_key("a/x", 2), b"{not json")
+    with pytest.raises(CorruptObjectError, match="malformed"):
+        list(LiveVersions(refs, lambda ref: None, workers=workers))
+    taken = LiveVersions(
+        refs, lambda ref: None, workers=workers, on_unreadable=lambda label, _: seen.append(label)
+    )
+    assert [ref.label for ref, _ in taken] == ["a@1", "a@2", "a/x@1", "a/x@3", "b@1", "b@2", "b@3"]
+    assert seen == ["a/x@2"]

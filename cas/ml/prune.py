@@ -6,24 +6,21 @@ through :meth:`Store.delete`, which writes tombstones; prune never touches
 chunks or manifests -- garbage collection reclaims them later, after its
 grace period.
 
-The bytes reported are those the next GC can reclaim because of this prune:
-chunks used by the deleted versions and by no version that stays, anywhere
-in the store (not the deleted versions' logical size, which dedup makes
-meaningless). Their manifests are counted too when nothing else uses them.
+The bytes reported are those the next GC can reclaim because of this prune
+(:meth:`Store.reclaimable`): chunks the deleted versions keep alive and no
+version that stays does, anywhere in the store, delta bases included (not the
+deleted versions' logical size, which dedup makes meaningless). Their
+manifests are counted too when nothing else uses them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..digest import Digest
 from ..errors import InvalidInputError, NotFoundError
-from ..repository import _layout as layout
 from .lineage import lineage
-from .query import catalog
 
 if TYPE_CHECKING:
     from ..store import Store, Version
@@ -84,7 +81,7 @@ class PruneReport:
     kept: tuple[Version, ...]
     reasons: dict[str, tuple[str, ...]]  # ref -> why it is kept
     deleted: tuple[Version, ...]
-    reclaimable_bytes: int  # raw bytes of chunks only the deleted versions use
+    reclaimable_bytes: int  # raw bytes of chunks only the deleted versions need
     reclaimable_stored_bytes: int  # what those chunks and manifests occupy in the store
     reclaimable_chunks: int
     dry_run: bool
@@ -133,12 +130,11 @@ def select(store: Store, versions: Sequence[Version], policy: Policy) -> dict[st
 
 
 def prune(store: Store, key: str, policy: Policy, *, dry_run: bool = False) -> PruneReport:
-    layout.check_key(key)
     versions = store.log(key)  # newest first; RefNotFoundError if none
     reasons = select(store, versions, policy)
     kept = tuple(v for v in versions if v.ref in reasons)
     doomed = tuple(v for v in versions if v.ref not in reasons)
-    raw, stored, count = reclaimable(store, doomed)
+    freed = store.reclaimable(doomed)
     skipped: list[str] = []
     deleted: list[Version] = []
     if not dry_run:
@@ -156,45 +152,9 @@ def prune(store: Store, key: str, policy: Policy, *, dry_run: bool = False) -> P
         kept=kept,
         reasons={ref: tuple(why) for ref, why in reasons.items()},
         deleted=doomed if dry_run else tuple(deleted),
-        reclaimable_bytes=raw,
-        reclaimable_stored_bytes=stored,
-        reclaimable_chunks=count,
+        reclaimable_bytes=freed.raw_bytes,
+        reclaimable_stored_bytes=freed.stored_bytes,
+        reclaimable_chunks=freed.chunks,
         dry_run=dry_run,
         skipped=tuple(skipped),
     )
-
-
-def reclaimable(store: Store, doomed: Sequence[Version]) -> tuple[int, int, int]:
-    """(raw bytes, stored bytes, chunk count) that deleting ``doomed`` frees at the next GC."""
-    if not doomed:
-        return 0, 0, 0
-    doomed_refs = {v.ref for v in doomed}
-    doomed_manifests = {v.manifest_id for v in doomed}
-    others = {v.manifest_id for v in catalog(store) if v.ref not in doomed_refs}
-    load = store.load_manifest
-
-    with ThreadPoolExecutor(store.workers, thread_name_prefix="cas-prune") as pool:
-        candidates: dict[bytes, int] = {}
-        for manifest in pool.map(lambda m: load(Digest.parse(m)), sorted(doomed_manifests)):
-            for entry in manifest.entries:
-                for chunk in entry.chunks:
-                    candidates[chunk.digest.raw] = chunk.length
-        # A manifest that a kept version shares is not going anywhere.
-        for manifest in pool.map(lambda m: load(Digest.parse(m)), sorted(others)):
-            for entry in manifest.entries:
-                for chunk in entry.chunks:
-                    candidates.pop(chunk.digest.raw, None)
-            if not candidates:
-                break
-        freed_manifests = [Digest.parse(m) for m in doomed_manifests - others]
-        keys = [layout.chunk_key(Digest(raw)) for raw in candidates]
-        keys += [layout.manifest_key(m) for m in freed_manifests]
-        stored = sum(pool.map(lambda k: _stored_size(store, k), keys))
-    return sum(candidates.values()), stored, len(candidates)
-
-
-def _stored_size(store: Store, object_key: str) -> int:
-    try:
-        return store.backend.stat(object_key).size
-    except NotFoundError:
-        return 0  # already gone (a damaged store): nothing to reclaim

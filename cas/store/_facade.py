@@ -45,7 +45,7 @@ from ..repository._metadata import ArtifactInfo, Summary
 from ..repository._refs import DeletedRef, Refs, VersionRef, utc_now
 from ._config import StoreConfig, default_chunker, load_config, write_config
 from ._notices import warn_of_kind_change
-from ._values import Details, KeySummary, Stats, Version
+from ._values import Details, KeySummary, Reclaimable, Stats, Version
 
 if TYPE_CHECKING:
     # Imported where used: each command pays at start-up for every module
@@ -469,10 +469,22 @@ class Store:
 
     def stats(self) -> Stats:
         """What the store holds: live versions, what they need, what only deltas keep."""
-        from ..gc._verify import iter_live_versions
         from ._stats import measure
 
-        return measure(iter_live_versions(self.refs), self.load_manifest, self.chunks, self.backend)
+        return measure(
+            self.refs, self.load_manifest, self.chunks, self.backend, workers=self.workers
+        )
+
+    def reclaimable(self, versions: Iterable[Version]) -> Reclaimable:
+        """What the next garbage collection frees once ``versions`` are deleted.
+
+        The chunks they keep alive (delta bases included) that no other live
+        version needs, and their manifests unless shared; nothing is deleted.
+        """
+        from ..gc._usage import reclaimable
+
+        doomed = {v.ref: Digest.parse(v.manifest_id) for v in versions}
+        return reclaimable(self.refs, self.load_manifest, doomed, workers=self.workers)
 
     def verify(
         self,

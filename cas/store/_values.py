@@ -1,4 +1,7 @@
-"""What the Store hands back: immutable, typed results with JSON forms."""
+"""What the Store hands back: immutable, typed results with JSON forms.
+
+``Reclaimable`` is made by the gc layer, which counts what is live.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..gc._usage import Reclaimable
 from ..repository._manifest import Entry
 from ..repository._metadata import ArtifactInfo
 
@@ -141,3 +145,6 @@ class Stats:
             "compression_ratio": round(self.compression_ratio, 4),
             "total_ratio": round(self.total_ratio, 4),
         }
+
+
+__all__ = ["Details", "KeySummary", "Reclaimable", "Stats", "Version"]
