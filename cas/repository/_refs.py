@@ -16,7 +16,7 @@ fall back to the manifest.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,6 +52,15 @@ class VersionRef:
     def label(self) -> str:
         """``KEY@N``."""
         return f"{self.key}@{self.number}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRefs:
+    """What one listing of ``refs/`` finds under a key: version numbers and tag names."""
+
+    key: str
+    numbers: list[int] = field(default_factory=list)  # deleted ones included, ascending
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +171,18 @@ class Refs:
     def tags(self, key: str) -> dict[str, int]:
         """Tag name -> version number, for every tag of ``key``."""
         out: dict[str, int] = {}
-        for info in self.backend.list_objects(layout.tags_prefix(key)):
-            tag = info.key.rpartition("/")[2]
+        for tag in self._list_tags(key):
             try:
                 out[tag] = self.read_tag(key, tag)
             except RefNotFoundError:
                 continue
         return out
+
+    def _list_tags(self, key: str) -> list[str]:
+        return [
+            info.key.rpartition("/")[2]
+            for info in self.backend.list_objects(layout.tags_prefix(key))
+        ]
 
     def read_tag(self, key: str, tag: str) -> int:
         object_key = layout.tag_key(key, tag)
@@ -191,16 +205,35 @@ class Refs:
 
     def iter_keys(self, prefix: str = "") -> Iterator[tuple[str, list[int]]]:
         """Yield (key, version numbers) for every key starting with ``prefix``, sorted."""
-        current: str | None = None
-        numbers: list[int] = []
+        for listed in self.scan(prefix):
+            if listed.numbers and listed.key.startswith(prefix):
+                yield listed.key, listed.numbers
+
+    def scan(self, prefix: str = "") -> Iterator[KeyRefs]:
+        """Every key whose refs' object keys start with ``refs/<prefix>``, sorted, with what
+        one listing finds under it (a prefix ending in ``/`` also finds the key before it)."""
+        current: KeyRefs | None = None
         for info in self.backend.list_objects(layout.REFS + prefix):
             parsed = layout.parse_ref_key(info.key)
-            if parsed is None or parsed.version is None or not parsed.key.startswith(prefix):
+            if parsed is None:
                 continue
-            if parsed.key != current:
+            if current is None or parsed.key != current.key:
                 if current is not None:
-                    yield current, numbers
-                current, numbers = parsed.key, []
-            numbers.append(parsed.version)
+                    yield current
+                current = KeyRefs(parsed.key)
+            if parsed.version is not None:
+                current.numbers.append(parsed.version)
+            elif parsed.tag is not None:
+                current.tags.append(parsed.tag)
         if current is not None:
-            yield current, numbers
+            yield current
+
+    def tags_by_version(self, key: str, names: Iterable[str] | None = None) -> dict[int, list[str]]:
+        """Version number -> its tags, sorted, of tags ``names`` of ``key`` (None: all)."""
+        out: dict[int, list[str]] = {}
+        for tag in sorted(self._list_tags(key) if names is None else names):
+            try:
+                out.setdefault(self.read_tag(key, tag), []).append(tag)
+            except RefNotFoundError:
+                continue  # removed while we listed
+        return out
