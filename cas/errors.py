@@ -46,10 +46,17 @@ class CasError(Exception):
         return error
 
     def worded(self, spelling: Mapping[str, str]) -> str:
-        """The message, with each field that ``spelling`` names spelled its way."""
+        """The message, with each field that ``spelling`` names spelled its way.
+
+        A spelling may quote the error's other fields (``"cas rm {label}"``).
+        """
         if self.template is None:
             return str(self)
-        own = {name: word for name, word in spelling.items() if name in self.words}
+        own = {
+            name: word.format_map(self.words)
+            for name, word in spelling.items()
+            if name in self.words
+        }
         return self.template.format_map({**self.words, **own})
 
 

@@ -13,7 +13,7 @@ from helpers import KiB, MiB, ok, random_bytes, run_cas
 
 from cas.backends import MemoryBackend
 from cas.chunks._chunking import ChunkerParams
-from cas.cli._common import FLAG_WORDS
+from cas.cli._common import CLI_WORDS
 from cas.digest import BackgroundHasher, Digest, StreamingHasher
 from cas.errors import BackendError, InvalidInputError, MissingObjectError
 from cas.repository import _layout as layout
@@ -57,11 +57,11 @@ def test_bad_worker_counts_are_refused(bad: object, tmp_path: Path) -> None:
     # The library names its argument; the command line words it as its flag.
     with pytest.raises(InvalidInputError, match=r"^workers must be") as err:
         store.put(tmp_path / "a", "k", workers=bad)  # type: ignore[arg-type]
-    assert "--jobs" in err.value.worded(FLAG_WORDS)
+    assert "--jobs" in err.value.worded(CLI_WORDS)
     store.put(tmp_path / "a", "k")
     with pytest.raises(InvalidInputError, match=r"^workers must be") as err:
         store.get("k", tmp_path / "out", workers=bad)  # type: ignore[arg-type]
-    assert "--jobs" in err.value.worded(FLAG_WORDS)
+    assert "--jobs" in err.value.worded(CLI_WORDS)
 
 
 def test_cli_jobs_must_be_a_positive_number(tmp_path: Path) -> None:

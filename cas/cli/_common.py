@@ -20,8 +20,8 @@ Handler = Callable[[argparse.Namespace], int]
 AddCommand = Callable[[str, Handler, str], argparse.ArgumentParser]
 
 #: How the command line words what the library's errors name in API terms
-#: (see :meth:`cas.errors.CasError.naming`): by the flags that set it.
-FLAG_WORDS = {
+#: (see :meth:`cas.errors.CasError.naming`): by its flags and commands.
+CLI_WORDS = {
     "workers": "--jobs",
     "force": "pass --force",
     "keep_last": "--keep-last",
@@ -39,6 +39,8 @@ FLAG_WORDS = {
     "repair": "--repair",
     "deep": "--deep",
     "grace_zero": "`cas gc --grace 0`",
+    "verify": "Run `cas verify`",
+    "delete_version": "`cas rm {label}`",
 }
 
 

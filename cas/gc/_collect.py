@@ -37,7 +37,7 @@ from typing import Any
 
 from ..backends.base import Backend, ObjectInfo
 from ..digest import DIGEST_SIZE, Digest
-from ..errors import CorruptObjectError, MissingObjectError, NotFoundError
+from ..errors import CorruptObjectError, IntegrityError, MissingObjectError, NotFoundError
 from ..repository import _layout as layout
 from ..repository._live import LiveVersions
 from ..repository._manifest import live_chunk_names
@@ -136,20 +136,27 @@ def manifest_chunks(backend: Backend, manifest_id: Digest, label: str) -> list[b
     names are unknown, and deleting them could destroy what a repair needs.
     """
     where = f"version {label}: manifest {manifest_id.hex}"
-    advice = (
-        f"garbage collection stopped before deleting anything. Run `cas verify`; "
-        f"if {label} cannot be repaired, `cas rm {label}` lets gc run again"
-    )
     try:
         blob = backend.get(layout.manifest_key(manifest_id))
     except NotFoundError:
-        raise MissingObjectError(f"{where} is missing; {advice}") from None
+        raise _stopped(MissingObjectError, f"{where} is missing", label) from None
     if Digest.of(blob) != manifest_id:
-        raise CorruptObjectError(f"{where} does not match its hash; {advice}")
+        raise _stopped(CorruptObjectError, f"{where} does not match its hash", label)
     try:
         return live_chunk_names(blob, name=where)
     except CorruptObjectError as err:
-        raise CorruptObjectError(f"{err}; {advice}") from None
+        raise _stopped(CorruptObjectError, str(err), label) from None
+
+
+def _stopped(kind: type[IntegrityError], problem: str, label: str) -> IntegrityError:
+    return kind.naming(
+        "{problem}; garbage collection stopped before deleting anything. {verify}; "
+        "if {label} cannot be repaired, {delete_version} lets gc run again",
+        problem=problem,
+        label=label,
+        verify="Verify the store (Store.verify)",
+        delete_version=f"deleting {label}",
+    )
 
 
 class Collector:
