@@ -11,16 +11,20 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..backends.base import Backend
 from ..digest import Digest
 from ..errors import NotFoundError
 from ..repository import _layout as layout
-from ..repository._live import LiveVersions
-from ..repository._manifest import Manifest
-from ..repository._refs import Refs, VersionRef
 
-LoadManifest = Callable[[Digest], Manifest]
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..repository._manifest import Manifest
+    from ..repository._refs import Refs, VersionRef
+
+# The walk is imported where used: every command loads this module for its
+# value type, and only prune walks the store with it.
+LoadManifest = Callable[[Digest], "Manifest"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,8 @@ def _keep_what_others_need(
     workers: int,
 ) -> set[Digest]:
     """Drop from ``candidates`` what the versions that stay keep alive; their manifests."""
+    from ..repository._live import LiveVersions
+
     seen: set[Digest] = set()
 
     def read(ref: VersionRef) -> Manifest | None:

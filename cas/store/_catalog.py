@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from ..digest import Digest
 from ..errors import RefNotFoundError
@@ -30,13 +29,15 @@ _BATCH = 256
 _Job = tuple[str, int, Mapping[int, list[str]]]
 
 
-@dataclass(frozen=True)
 class Catalog:
     """The versions of a store's refs, described by their summaries."""
 
-    refs: Refs
-    load_manifest: Callable[[Digest], Manifest]
-    workers: int
+    def __init__(
+        self, refs: Refs, load_manifest: Callable[[Digest], Manifest], workers: int
+    ) -> None:
+        self.refs = refs
+        self.load_manifest = load_manifest
+        self.workers = workers
 
     def summary(self, ref: VersionRef) -> Summary:
         """What a version is: from its ref when recorded there, else from its manifest."""
