@@ -39,6 +39,7 @@ CLI_WORDS = {
     "repair": "--repair",
     "deep": "--deep",
     "grace_zero": "`cas gc --grace 0`",
+    "create_bucket": "run `cas init --create-bucket`",
     "verify": "Run `cas verify`",
     "delete_version": "`cas rm {label}`",
 }
