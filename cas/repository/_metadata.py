@@ -20,6 +20,7 @@ their manifest instead.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -256,7 +257,8 @@ class Summary:
     Made from a manifest (:meth:`of_manifest`), kept in the version ref
     (:meth:`for_ref`, :meth:`from_ref`), and extended by the public
     ``cas.store.Version`` with the version's name and current tags.
-    Mappings are wrapped read-only and left out of the hash.
+    Mappings are copied and wrapped read-only (a read-only view given is
+    kept as it is), and left out of the hash.
     """
 
     kind: str
@@ -271,7 +273,11 @@ class Summary:
 
     def __post_init__(self) -> None:
         for name in ("metrics", "metadata", "artifact"):
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+            value = getattr(self, name)
+            # A read-only view is kept as it is: a Version made from a Summary
+            # shares the summary's copy instead of copying once per version.
+            if not isinstance(value, MappingProxyType):
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
 
     @classmethod
     def of_manifest(cls, manifest: Manifest) -> Summary:
@@ -289,7 +295,7 @@ class Summary:
 
     def described(self) -> dict[str, Any]:
         """The fields of the summary, by name, as they are (for building a subclass)."""
-        return {name: getattr(self, name) for name in _SUMMARY_FIELDS}
+        return dict(zip(_SUMMARY_FIELDS, _summary_values(self), strict=True))
 
     def to_dict(self) -> dict[str, Any]:
         return {name: _plain(value) for name, value in self.described().items()}
@@ -331,6 +337,8 @@ _SUMMARY_READERS: dict[str, Callable[[Any], Any]] = {
     "artifact": check_record,
 }
 _SUMMARY_FIELDS = tuple(f.name for f in fields(Summary))
+# One C-level call for all of them: catalogs build a Version per version listed.
+_summary_values = operator.attrgetter(*_SUMMARY_FIELDS)
 
 
 def _plain(value: Any) -> Any:

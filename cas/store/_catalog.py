@@ -104,5 +104,5 @@ class Catalog:
         for key, number, tags in batch:
             ref = self.refs.read_live(key, number)
             if ref is not None:  # else deleted, or removed since the listing
-                out.append(self.version(ref, tags=tags.get(number, [])))
+                out.append(Version.of(ref, self.summary(ref), tags.get(number, ())))
         return out

@@ -33,8 +33,10 @@ class Version(Summary):
     @classmethod
     def of(cls, ref: VersionRef, summary: Summary, tags: Iterable[str]) -> Version:
         """The version ``ref`` names, described by ``summary``, with its current ``tags``."""
+        described = summary.described()
+        described["tags"] = tuple(tags)
         return cls(
-            **{**summary.described(), "tags": tuple(tags)},
+            **described,
             key=ref.key,
             number=ref.number,
             manifest_id=ref.manifest_id.hex,
