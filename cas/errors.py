@@ -9,16 +9,55 @@ the builtins still catch them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TypeVar
+
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTEGRITY = 3
 EXIT_BACKEND = 4
 
 
+_E = TypeVar("_E", bound="CasError")
+
+
 class CasError(Exception):
-    """Root of every error raised by cas."""
+    """Root of every error raised by cas.
+
+    A message that names arguments of the call is made by :meth:`naming`, in
+    the library's terms (``keep_last``, ``force=True``); a front end spells
+    those arguments its own way with :meth:`worded` (the CLI: ``--keep-last``,
+    ``--force``), so the library never speaks of flags it does not have.
+    """
 
     exit_code: int = EXIT_FAILURE
+    #: For an error made by :meth:`naming`: the ``str.format`` template of its message.
+    template: str | None = None
+    #: The template's fields: how the library names each argument, and the values quoted.
+    words: Mapping[str, object] = MappingProxyType({})
+
+    @classmethod
+    def naming(cls: type[_E], template: str, /, **words: object) -> _E:
+        """The error whose message is ``template`` filled with ``words``."""
+        error = cls(template.format_map(words))
+        error.template = template
+        error.words = MappingProxyType(words)
+        return error
+
+    def worded(self, spelling: Mapping[str, str]) -> str:
+        """The message, with each field that ``spelling`` names spelled its way.
+
+        A spelling may quote the error's other fields (``"cas rm {label}"``).
+        """
+        if self.template is None:
+            return str(self)
+        own = {
+            name: word.format_map(self.words)
+            for name, word in spelling.items()
+            if name in self.words
+        }
+        return self.template.format_map({**self.words, **own})
 
 
 # --- bad input: the user can fix it by changing what they typed ---------------

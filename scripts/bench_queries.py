@@ -30,6 +30,7 @@ from cas.repository._metadata import ArtifactInfo, Summary
 from cas.repository._refs import utc_now
 from cas.store import Store
 from cas.store._config import load_config
+from cas.store._writing import write_manifest
 
 TARGET_SECONDS = 2.0
 
@@ -61,7 +62,7 @@ def build_store(root: Path, versions: int = 10_000, keys: int = 100) -> Store:
             metadata={"lr": 0.001, "seed": number % 7},
             artifact=info.record(),
         )
-        manifest_id = store._write_manifest(manifest)
+        manifest_id = write_manifest(backend, manifest)
         body = {
             "manifest": manifest_id.hex,
             "created": manifest.created,

@@ -259,7 +259,6 @@ def bench_series(
             for n, k, s, a in current
         ]
     version = store.resolve("series")
-    assert version.manifest_id is not None
     manifest = store.load_manifest(version.manifest_id)
     depth = max(len(c.bases) for e in manifest.entries for c in e.chunks)
     started = time.perf_counter()

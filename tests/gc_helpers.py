@@ -199,16 +199,15 @@ def chunk_keys(store: Store, ref: str) -> list[str]:
 
 def live_objects(store: Store) -> tuple[set[str], set[str]]:
     """(chunk keys, manifest keys) that live versions reference."""
-    from cas.gc._verify import iter_live_versions
     from cas.repository import _layout as layout
 
     chunks: set[str] = set()
     manifests: set[str] = set()
-    for ref in iter_live_versions(store.refs):
-        assert ref.manifest_id is not None
-        manifests.add(layout.manifest_key(ref.manifest_id))
-        for entry in store.load_manifest(ref.manifest_id).entries:
-            chunks.update(layout.chunk_key(c.digest) for c in entry.chunks)
+    for key, _ in store.refs.iter_keys():
+        for ref in store.refs.live_versions(key):
+            manifests.add(layout.manifest_key(ref.manifest_id))
+            for entry in store.load_manifest(ref.manifest_id).entries:
+                chunks.update(layout.chunk_key(c.digest) for c in entry.chunks)
     return chunks, manifests
 
 

@@ -183,7 +183,7 @@ def test_chunk_listed_but_collected_before_use_is_stored_again(
     # What a collection between the listing and the put does: remove them all.
     backend.delete([i.key for i in backend.list_objects(layout.CHUNKS)])
 
-    monkeypatch.setattr("cas.store._facade.plan_index", lambda *args, **kwargs: listed)
+    monkeypatch.setattr("cas.store._writing.plan_index", lambda *args, **kwargs: listed)
     store.put(write(tmp_path / "b.bin", data), "new")
     store.get("new@1", tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data

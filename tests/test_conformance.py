@@ -13,6 +13,7 @@ import servers
 from backend_fixtures import CLOUD_KINDS, unique_name
 
 from cas.backends import Backend, open_backend
+from cas.cli._common import CLI_WORDS
 from cas.errors import (
     AlreadyExistsError,
     BackendError,
@@ -139,8 +140,10 @@ def test_create_bucket_is_idempotent(cloud: Cloud) -> None:
 def test_missing_bucket_says_how_to_fix(cloud: Cloud) -> None:
     backend = cloud.open(unique_name("missing"), "p")
     for call in (lambda: backend.put("k", b"x"), lambda: list(backend.list_objects())):
-        with pytest.raises(BackendError, match=r"does not exist.*cas init --create-bucket"):
+        with pytest.raises(BackendError, match=r"does not exist.*create_bucket=True") as err:
             call()
+        # The library names its argument; the command line, the flag that sets it.
+        assert "run `cas init --create-bucket`" in err.value.worded(CLI_WORDS)
 
 
 def test_unreachable_service_is_transient(cloud: Cloud) -> None:

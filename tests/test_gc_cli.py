@@ -9,6 +9,7 @@ import pytest
 from gc_helpers import GC_BACKENDS, PARAMS, random_bytes, write
 from helpers import ok, run_cas, run_json
 
+from cas.errors import MissingObjectError
 from cas.store import Store
 
 KiB = 1024
@@ -114,3 +115,22 @@ def test_gc_set_grace_and_bad_input(uri: str, tmp_path: Path) -> None:
     proc = run_cas("gc", store=tmp_path / "nothing-here")
     assert proc.returncode == 2
     assert "not a cas store" in proc.stderr
+
+
+def test_a_lost_manifest_stops_gc_with_advice_in_the_callers_terms(
+    tmp_path: Path, files: list[Path]
+) -> None:
+    store = Store.init(tmp_path / "store", chunker=PARAMS)
+    store.put(files[0], "k")
+    for info in list(store.backend.list_objects("manifests/")):
+        store.backend.delete([info.key])
+    with pytest.raises(MissingObjectError) as err:
+        store.gc(grace=0)
+    assert "Verify the store (Store.verify); if k@1 cannot be repaired, deleting k@1" in str(
+        err.value
+    )
+    proc = run_cas("gc", "--grace", "0", store=tmp_path / "store")
+    assert proc.returncode == 3
+    assert "Run `cas verify`; if k@1 cannot be repaired, `cas rm k@1` lets gc run again" in (
+        proc.stderr
+    )

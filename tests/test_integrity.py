@@ -183,7 +183,6 @@ def test_verify_reports_missing_chunk(setup: tuple[Path, Store, Path]) -> None:
 def test_damaged_manifest(setup: tuple[Path, Store, Path], tmp_path: Path) -> None:
     root, store, _ = setup
     manifest_id = store.resolve("runs/exp@1").manifest_id
-    assert manifest_id is not None
     path = root / layout.manifest_key(manifest_id)
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0x10

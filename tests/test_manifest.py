@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, InvalidInputError, UnsafePathError
@@ -23,6 +26,7 @@ from cas.repository._manifest import (
     check_link_target,
     check_metric,
     check_relative_path,
+    live_chunk_names,
 )
 
 D1 = Digest.of(b"one")
@@ -184,6 +188,49 @@ def test_manifest_is_frozen() -> None:
 def test_from_bytes_rejects_garbage(blob: bytes) -> None:
     with pytest.raises(CorruptObjectError, match="manifest xyz"):
         Manifest.from_bytes(blob, name="manifest xyz")
+    with pytest.raises(CorruptObjectError, match="manifest xyz"):
+        live_chunk_names(blob, name="manifest xyz")
+
+
+# -- what a manifest keeps alive -----------------------------------------------------
+
+digests = st.binary(min_size=32, max_size=32).map(Digest)
+chunk_refs = st.builds(
+    ChunkRef, digests, st.integers(0, 1 << 30), st.lists(digests, max_size=3).map(tuple)
+)
+
+
+@given(st.lists(st.lists(chunk_refs, max_size=6), max_size=4))
+def test_live_chunks_are_the_chunks_and_their_bases(files: list[list[ChunkRef]]) -> None:
+    entries = tuple(
+        Entry(f"f{i}", "file", 0o644, size=sum(c.length for c in chunks), digest=D3,
+              chunks=tuple(chunks))
+        for i, chunks in enumerate(files)
+    )  # fmt: skip
+    manifest = Manifest(key="k", kind="directory", created="t", entries=entries)
+    live = list(manifest.live_chunks())
+    expected = [
+        (entry, digest, chunk.length)
+        for entry in entries
+        for chunk in entry.chunks
+        for digest in (chunk.digest, *chunk.bases)
+    ]
+    assert live == expected
+    # The light parse of the stored bytes (what garbage collection marks) agrees.
+    assert live_chunk_names(manifest.to_bytes()) == [digest.raw for _, digest, _ in live]
+
+
+@pytest.mark.parametrize(
+    "spelling", [str.upper, lambda text: text[:-2], lambda text: "zz" + text[2:]]
+)
+def test_chunk_names_must_be_canonical_digests(spelling: Callable[[str], str]) -> None:
+    data = sample().to_dict()
+    data["entries"][1]["chunks"][0][0] = spelling(D1.hex)
+    blob = zstandard.ZstdCompressor().compress(canonical_json(data))
+    with pytest.raises(CorruptObjectError, match="not a BLAKE3 hex digest"):
+        Manifest.from_bytes(blob)
+    with pytest.raises(CorruptObjectError, match="not a BLAKE3 hex digest"):
+        live_chunk_names(blob)
 
 
 def test_from_dict_rejects_bad_entries() -> None:

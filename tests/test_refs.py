@@ -13,7 +13,8 @@ from cas.backends.base import Backend
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, RefNotFoundError
 from cas.repository import _layout as layout
-from cas.repository._refs import Refs
+from cas.repository._live import LiveVersions
+from cas.repository._refs import DeletedRef, Refs, VersionRef
 
 M1 = Digest.of(b"manifest one")
 M2 = Digest.of(b"manifest two")
@@ -45,12 +46,19 @@ def race(refs: Refs, key: str, threads: int, each: int) -> list[int]:
     return results
 
 
+def live(refs: Refs, key: str, number: int) -> VersionRef:
+    """A version ref that must be live: a tombstone has no manifest to compare."""
+    ref = refs.read_version(key, number)
+    assert isinstance(ref, VersionRef)
+    return ref
+
+
 def test_create_next_numbers_from_one() -> None:
     refs = Refs(MemoryBackend())
     assert [refs.create_next("k", M1).number for _ in range(3)] == [1, 2, 3]
     assert refs.create_next("other", M2).number == 1
     assert refs.version_numbers("k") == [1, 2, 3]
-    ref = refs.read_version("k", 2)
+    ref = live(refs, "k", 2)
     assert (ref.key, ref.number, ref.manifest_id, ref.deleted) == ("k", 2, M1, False)
 
 
@@ -61,7 +69,7 @@ def test_create_next_races_on_memory_backend() -> None:
     assert sorted(numbers) == list(range(1, 201)), "every writer got a distinct number, no gap"
     assert refs.version_numbers("runs/a") == list(range(1, 201))
     # Each ref names the manifest of the writer that won it.
-    owners = {refs.read_version("runs/a", n).manifest_id for n in range(1, 201)}
+    owners = {live(refs, "runs/a", n).manifest_id for n in range(1, 201)}
     assert owners == {Digest.of(f"{i}".encode()) for i in range(8)}
 
 
@@ -98,6 +106,9 @@ def test_tombstoned_numbers_are_never_reused() -> None:
     second = refs.create_next("k", M2)
     refs.mark_deleted(second)
     assert refs.read_version("k", 2).deleted
+    assert isinstance(refs.read_version("k", 2), DeletedRef)
+    assert refs.read_live("k", 2) is None
+    assert refs.read_live("k", 1) == first
     assert refs.latest("k").number == 1
     assert refs.create_next("k", M2).number == 3
     assert [r.number for r in refs.live_versions("k")] == [1, 3]
@@ -149,3 +160,38 @@ def test_iter_keys_groups_versions_and_ignores_tags() -> None:
     found = dict(refs.iter_keys())
     assert found == {"a": [1, 2], "a/x": [1], "a-b": [1], "b": [1]}
     assert dict(refs.iter_keys("a/")) == {"a/x": [1]}
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_live_versions_walk_every_key_in_order(workers: int) -> None:
+    backend = MemoryBackend()
+    refs = Refs(backend)
+    for key in ("b", "a/x", "a"):
+        for manifest in (M1, M2, M1):
+            refs.create_next(key, manifest)
+    refs.mark_deleted(refs.latest("a"))
+    refs.set_tag("b", "best", 1)
+    refs.set_tag("a", "first", 1)
+    seen: list[str] = []
+    walk = LiveVersions(refs, lambda ref: ref.manifest_id, workers=workers, tick=lambda: None)
+    walked = [(ref.label, manifest) for ref, manifest in walk]
+    assert walked == [
+        ("a@1", M1),
+        ("a@2", M2),
+        ("a/x@1", M1),
+        ("a/x@2", M2),
+        ("a/x@3", M1),
+        ("b@1", M1),
+        ("b@2", M2),
+        ("b@3", M1),
+    ]
+    assert walk.tags == 2
+    # A ref that cannot be read stops the walk, unless the caller takes it.
+    backend.put(layout.version_key("a/x", 2), b"{not json")
+    with pytest.raises(CorruptObjectError, match="malformed"):
+        list(LiveVersions(refs, lambda ref: None, workers=workers))
+    taken = LiveVersions(
+        refs, lambda ref: None, workers=workers, on_unreadable=lambda label, _: seen.append(label)
+    )
+    assert [ref.label for ref, _ in taken] == ["a@1", "a@2", "a/x@1", "a/x@3", "b@1", "b@2", "b@3"]
+    assert seen == ["a/x@2"]

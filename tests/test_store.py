@@ -23,6 +23,7 @@ from cas.errors import (
 )
 from cas.gc._verify import VerifyReport
 from cas.repository._manifest import Entry
+from cas.repository._metadata import Summary
 from cas.store import Details, KeySummary, Stats, Store, Version
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -231,8 +232,15 @@ def test_show_returns_details_with_entries(store: Store, tree: Path) -> None:
 def test_delete_tagged_needs_force(store: Store, tree: Path) -> None:
     store.put(tree, "k", tags=["keep"])
     store.put(tree, "k")
-    with pytest.raises(InvalidInputError, match="tagged"):
+    with pytest.raises(InvalidInputError, match="tagged") as err:
         store.delete("k@1")
+    # In API terms for the library; the command line names its flag instead.
+    assert str(err.value) == "k@1 is tagged (keep); pass force=True to delete it and its tags"
+    assert err.value.worded({"force": "pass --force"}).endswith(
+        "pass --force to delete it and its tags"
+    )
+    with pytest.raises(InvalidInputError, match=r"^workers must be a whole number >= 1, not 0$"):
+        store.get("k@1", tree.parent / "out", workers=0)
     assert [v.number for v in store.log("k")] == [2, 1]
     deleted = store.delete("k@2")
     assert deleted.number == 2
@@ -256,6 +264,48 @@ def test_delete_all(store: Store, tree: Path) -> None:
     removed = store.delete_all("k", force=True)
     assert sorted(v.number for v in removed) == [1, 2, 3]
     assert store.list_keys() == []
+
+
+def test_reads_the_ml_layer_builds_on(store: Store, tree: Path, tmp_path: Path) -> None:
+    first = store.put(tree, "k", tags=["first"])
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "one").write_bytes(random_bytes(90 * KiB, 7))
+    second = store.put(tmp_path / "two", "k")
+    other = store.put(tmp_path / "two", "other")
+    assert store.uri == store.backend.uri
+    assert store.uri.startswith("file://")
+    # The catalog: every live version with its current tags, by key then newest first.
+    assert store.catalog() == [second, first, other]
+    assert store.catalog("o") == [other]
+    assert store.catalog()[1].tags == ("first",)
+    # A manifest by reference or by resolved ref.
+    manifest = store.manifest("k:first")
+    assert manifest == store.manifest(store.resolve("k@1"))
+    assert manifest.entries == store.show("k@1").entries
+    # Random access to one stored file, chunk by chunk.
+    (entry,) = [e for e in manifest.entries if e.path == "weights.bin"]
+    data = (tree / "weights.bin").read_bytes()
+    reader = store.open_file(entry, label="k@1")
+    assert reader.read(1000, 70 * KiB) == data[1000 : 1000 + 70 * KiB]
+    assert reader.chunk(1) == data[reader.starts[1] : reader.starts[1] + entry.chunks[1].length]
+    # What deleting versions frees: k@2 shares all its chunks with other@1.
+    assert store.reclaimable([second]).chunks == 0
+    assert store.reclaimable([second, other]).raw_bytes == 90 * KiB
+    freed = store.reclaimable([first])
+    assert freed.raw_bytes == manifest.size
+    assert freed.chunks == len({c.digest for e in manifest.entries for c in e.chunks})
+    store.delete("k@1", force=True)
+    assert store.gc(grace=0).bytes_reclaimed == freed.stored_bytes
+    # A version is its summary, with a name and current tags.
+    assert isinstance(first, Summary)
+    assert first.to_dict() == {
+        "ref": "k@1",
+        "key": "k",
+        "version": 1,
+        "manifest": first.manifest_id,
+        "created": first.created,
+        **Summary.of_manifest(manifest).to_dict(),
+    }
 
 
 def test_list_and_prefix(store: Store, tree: Path) -> None:

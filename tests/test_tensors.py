@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import ok, run_cas
+from helpers import ok, run_cas, run_json
 
 from cas.chunks import _codec as codec
 from cas.chunks._chunking import ChunkerParams
@@ -22,6 +22,7 @@ from cas.errors import (
     SourceError,
 )
 from cas.ml.checkpoint import write_safetensors
+from cas.ml.prune import Policy, prune
 from cas.repository import _layout as layout
 from cas.store import Store
 from cas.tensors._cutting import read_spans
@@ -87,7 +88,6 @@ def store(tmp_path: Path) -> Store:
 
 def entry_chunks(store: Store, ref: str) -> list[Any]:
     version = store.resolve(ref)
-    assert version.manifest_id is not None
     manifest = store.load_manifest(version.manifest_id)
     (entry,) = [e for e in manifest.entries if e.type == "file"]
     return list(entry.chunks)
@@ -328,7 +328,6 @@ def test_manifest_schema_marks_delta_entries(store: Store, tmp_path: Path) -> No
     schemas = []
     for number in (1, 2):
         version = store.resolve(f"ft@{number}")
-        assert version.manifest_id is not None
         schemas.append(store.load_manifest(version.manifest_id).to_dict()["schema"])
     assert schemas == [1, 2]
 
@@ -400,11 +399,7 @@ def test_stats_count_delta_bases_as_live(store: Store, tmp_path: Path) -> None:
         for chunk in entry_chunks(store, f"ft@{number}")
         for digest in (chunk.digest, *chunk.bases)
     }
-    live_manifests = set()
-    for number in (2, 3):
-        manifest_id = store.resolve(f"ft@{number}").manifest_id
-        assert manifest_id is not None
-        live_manifests.add(manifest_id.hex)
+    live_manifests = {store.resolve(f"ft@{number}").manifest_id.hex for number in (2, 3)}
     stats = store.stats()
     assert stats.referenced_chunks == len(needed)
     assert stats.live_bytes == sum(
@@ -440,6 +435,52 @@ def test_stats_after_deleting_a_delta_parent_say_what_its_bases_hold(
     assert "delta bases:" in text
     assert "cas cannot repack yet" in text
     assert "dedup ratio:       1.00x" in text
+
+
+def test_prune_dry_run_reports_what_gc_then_frees(tmp_path: Path) -> None:
+    # A fine-tuned copy of bf16 weights: every weight changed a little, so each
+    # chunk of w@2 is a delta against w@1's. Deleting w@1 frees its manifest only.
+    store_dir = tmp_path / "store"
+    Store.init(store_dir, chunker=PARAMS).close()
+    arrays = weights(3)
+    first = save(tmp_path / "w1.safetensors", arrays)
+    second = save(tmp_path / "w2.safetensors", step(arrays, seed=1))
+    ok(run_cas("put", first, "w", store=store_dir))
+    ok(run_cas("put", second, "w", "--parent", "w@1", store=store_dir))
+    with Store.open(store_dir) as store:
+        bases = {b for c in entry_chunks(store, "w@2") for b in c.bases}
+        assert len(bases) > 1
+        assert bases <= {c.digest for c in entry_chunks(store, "w@1")}
+    dry = run_json("prune", "w", "--keep-last", "1", "--dry-run", store=store_dir)
+    ok(run_cas("prune", "w", "--keep-last", "1", store=store_dir))
+    collected = run_json("gc", "--grace", "0", store=store_dir)
+    assert collected["deleted_manifests"] == 1
+    assert dry["reclaimable_chunks"] == collected["deleted_chunks"] == 0
+    assert dry["reclaimable_bytes"] == 0
+    assert dry["reclaimable_stored_bytes"] == collected["bytes_reclaimed"]
+    ok(run_cas("verify", "--deep", store=store_dir))
+
+
+@pytest.mark.parametrize("kept", [{3}, {1, 3}, {1, 2}, {2}])
+def test_prune_of_a_delta_chain_reclaims_what_it_reports(
+    store: Store, tmp_path: Path, kept: set[int]
+) -> None:
+    fine_tune(store, tmp_path, versions=3)
+    for number in kept:
+        store.tag(f"ft@{number}", f"keep{number}")
+    policy = Policy(keep_tagged=True)
+    dry = prune(store, "ft", policy, dry_run=True)
+    done = prune(store, "ft", policy)
+    assert sorted(v.number for v in done.kept) == sorted(kept)
+    assert (done.reclaimable_bytes, done.reclaimable_chunks) == (
+        dry.reclaimable_bytes,
+        dry.reclaimable_chunks,
+    )
+    collected = store.gc(grace=0)
+    assert collected.deleted_chunks == dry.reclaimable_chunks
+    assert collected.bytes_reclaimed == dry.reclaimable_stored_bytes
+    assert collected.deleted_manifests == 3 - len(kept)
+    assert store.verify(deep=True).ok
 
 
 def test_cli_rm_parent_gc_grace_0_child_restores(tmp_path: Path) -> None:

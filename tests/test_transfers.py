@@ -13,6 +13,7 @@ from helpers import KiB, MiB, ok, random_bytes, run_cas
 
 from cas.backends import MemoryBackend
 from cas.chunks._chunking import ChunkerParams
+from cas.cli._common import CLI_WORDS
 from cas.digest import BackgroundHasher, Digest, StreamingHasher
 from cas.errors import BackendError, InvalidInputError, MissingObjectError
 from cas.repository import _layout as layout
@@ -53,11 +54,14 @@ def test_any_number_of_workers_round_trips(workers: int, tmp_path: Path) -> None
 def test_bad_worker_counts_are_refused(bad: object, tmp_path: Path) -> None:
     store = Store.init(tmp_path / "store", chunker=PARAMS)
     (tmp_path / "a").write_bytes(b"a")
-    with pytest.raises(InvalidInputError, match="--jobs"):
+    # The library names its argument; the command line words it as its flag.
+    with pytest.raises(InvalidInputError, match=r"^workers must be") as err:
         store.put(tmp_path / "a", "k", workers=bad)  # type: ignore[arg-type]
+    assert "--jobs" in err.value.worded(CLI_WORDS)
     store.put(tmp_path / "a", "k")
-    with pytest.raises(InvalidInputError, match="--jobs"):
+    with pytest.raises(InvalidInputError, match=r"^workers must be") as err:
         store.get("k", tmp_path / "out", workers=bad)  # type: ignore[arg-type]
+    assert "--jobs" in err.value.worded(CLI_WORDS)
 
 
 def test_cli_jobs_must_be_a_positive_number(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from gc_helpers import GC_BACKENDS, PARAMS, chunk_keys, random_bytes, stored_key
 from helpers import run_cas
 
 from cas.backends.base import Backend
+from cas.cli import main
 from cas.errors import InvalidInputError
 from cas.gc._verify import QUARANTINE
 from cas.repository import _layout as layout
@@ -121,7 +122,7 @@ def test_sample_reads_a_random_share(store: Store, filled: dict[str, bytes]) -> 
     [
         ({"sample": 0}, "percentage"),
         ({"sample": 101}, "percentage"),
-        ({"repair": True}, "--repair needs --deep or --sample"),
+        ({"repair": True}, "repair needs deep or sample"),
     ],
 )
 def test_bad_verify_options(store: Store, kwargs: dict[str, Any], message: str) -> None:
@@ -129,11 +130,16 @@ def test_bad_verify_options(store: Store, kwargs: dict[str, Any], message: str) 
         store.verify(**kwargs)
 
 
+def test_cli_names_the_verify_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Store.init(tmp_path / "store").close()
+    assert main(["--store", str(tmp_path / "store"), "verify", "--repair"]) == 2
+    assert "--repair needs --deep or --sample" in capsys.readouterr().err
+
+
 def test_missing_manifest_and_malformed_ref_are_reported_not_raised(
     store: Store, filled: dict[str, bytes]
 ) -> None:
     manifest_id = store.resolve("other@1").manifest_id
-    assert manifest_id is not None
     store.backend.delete([layout.manifest_key(manifest_id)])
     store.backend.put(layout.version_key("runs/exp", 2), b"{not json")
     report = store.verify(deep=True)

@@ -236,18 +236,39 @@ def test_chunks_used_by_another_key_are_not_reclaimable(run: Store, tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    ("policy_args", "message"),
+    ("policy_args", "flags", "message", "library_message"),
     [
-        ({}, "no retention rule given"),
-        ({"keep_last": 0}, "--keep-last must be at least 1"),
-        ({"keep_best": 2}, "--keep-best needs --metric"),
-        ({"keep_best": 2, "metric": "loss"}, "--keep-best needs --min"),
-        ({"keep_last": 1, "metric": "loss"}, "go with --keep-best"),
+        ({}, [], "no retention rule given", "pass keep_last, keep_best"),
+        ({"keep_last": 0}, ["--keep-last", "0"], "--keep-last must be at least 1", "keep_last"),
+        ({"keep_best": 2}, ["--keep-best", "2"], "--keep-best needs --metric", "a metric"),
+        (
+            {"keep_best": 2, "metric": "loss"},
+            ["--keep-best", "2", "--metric", "loss"],
+            "--keep-best needs --min",
+            "direction 'min'",
+        ),
+        (
+            {"keep_last": 1, "metric": "loss"},
+            ["--keep-last", "1", "--metric", "loss"],
+            "go with --keep-best",
+            "metric and direction go with keep_best",
+        ),
     ],
 )
-def test_bad_policies_are_refused(policy_args: dict[str, Any], message: str) -> None:
-    with pytest.raises(InvalidInputError, match=message):
+def test_bad_policies_are_refused(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    policy_args: dict[str, Any],
+    flags: list[str],
+    message: str,
+    library_message: str,
+) -> None:
+    # The library names its own arguments; the command line names its flags.
+    with pytest.raises(InvalidInputError, match=library_message) as err:
         Policy(**policy_args)
+    assert "--" not in str(err.value)
+    assert main(["--store", str(tmp_path / "store"), "prune", "k", *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_cli_prune(run: Store, capsys: pytest.CaptureFixture[str]) -> None:

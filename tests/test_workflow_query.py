@@ -155,7 +155,7 @@ def test_bad_where_names_the_expression(text: str) -> None:
 def test_bad_query_arguments() -> None:
     with pytest.raises(InvalidInputError, match="unknown artifact type 'weights'"):
         Query(type="weights")
-    with pytest.raises(InvalidInputError, match="--limit must be at least 1"):
+    with pytest.raises(InvalidInputError, match=r"^limit must be at least 1"):
         Query(limit=0)
 
 
@@ -168,6 +168,8 @@ def test_cli_find_json_and_errors(store: Store, capsys: pytest.CaptureFixture[st
     assert out[1]["artifact"]["labels"] == {"team": "nlp"}
     assert main(["--store", uri, "find", "--where", "loss<<1"]) == 2
     assert "--where 'loss<<1'" in capsys.readouterr().err
+    assert main(["--store", uri, "find", "--limit", "0"]) == 2
+    assert "--limit must be at least 1" in capsys.readouterr().err
     assert main(["--store", uri, "find", "--meta", "novalue"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
     assert main(["--store", uri, "find", "--tag", "12"]) == 2

@@ -195,9 +195,11 @@ class CloudBackend(Backend):
     def _contract_error(self, fault: Fault, request: Request) -> CasError:
         where = self._where(request.key)
         if fault is Fault.NO_BUCKET:
-            return BackendError(
-                f"{self.bucket_kind} {self.bucket!r} does not exist: "
-                "create it or run `cas init --create-bucket`"
+            return BackendError.naming(
+                "{kind} {bucket!r} does not exist: create it or {create_bucket}",
+                kind=self.bucket_kind,
+                bucket=self.bucket,
+                create_bucket="make the store with Store.init(..., create_bucket=True)",
             )
         if fault is Fault.CONFLICT:
             if request.if_absent:

@@ -23,7 +23,7 @@ from . import _commands as commands
 from . import _gc_commands as gc_commands
 from . import _process as process
 from . import _workflow_commands as workflow_commands
-from ._common import Handler
+from ._common import CLI_WORDS, Handler
 
 COMMAND_MODULES = [commands, workflow_commands, gc_commands]
 
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except CasError as err:
-        print(f"cas: error: {err}", file=sys.stderr)
+        print(f"cas: error: {err.worded(CLI_WORDS)}", file=sys.stderr)
         return err.exit_code
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away: not an error of ours.

@@ -49,8 +49,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     coder = ", FSE exponents, format 2" if store.config.holds_fse else ""
     emit(
         args,
-        {"store": store.backend.uri, "config": json.loads(store.config.to_bytes())},
-        f"initialised cas store at {store.backend.uri} (chunks {format_size(params.min_size)}"
+        {"store": store.uri, "config": json.loads(store.config.to_bytes())},
+        f"initialised cas store at {store.uri} (chunks {format_size(params.min_size)}"
         f" / {format_size(params.avg_size)} / {format_size(params.max_size)}{coder})",
     )
     return 0

@@ -19,6 +19,31 @@ Handler = Callable[[argparse.Namespace], int]
 #: ``add(name, handler, help)``: defines a command and returns its parser.
 AddCommand = Callable[[str, Handler, str], argparse.ArgumentParser]
 
+#: How the command line words what the library's errors name in API terms
+#: (see :meth:`cas.errors.CasError.naming`): by its flags and commands.
+CLI_WORDS = {
+    "workers": "--jobs",
+    "force": "pass --force",
+    "keep_last": "--keep-last",
+    "keep_best": "--keep-best",
+    "keep_best_n": "--keep-best N",
+    "metric_name": "--metric NAME",
+    "min": "--min",
+    "max": "--max",
+    "metric_and_direction": "--metric, --min and --max",
+    "rules": "--keep-last, --keep-best, --keep-tagged or --keep-ancestors-of",
+    "delete_all": "`cas rm --all KEY`",
+    "condition": "--where",
+    "limit": "--limit",
+    "sample": "--sample",
+    "repair": "--repair",
+    "deep": "--deep",
+    "grace_zero": "`cas gc --grace 0`",
+    "create_bucket": "run `cas init --create-bucket`",
+    "verify": "Run `cas verify`",
+    "delete_version": "`cas rm {label}`",
+}
+
 
 # -- output helpers -----------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 ``_session`` is a writer's side of the lock-free GC protocol (its marker,
 the refreshing of reused chunks), ``_collect`` the mark and sweep itself,
-``_digestset`` the compact set of live chunk hashes it marks into, and
-``_verify`` the integrity check of every live version. See docs/gc.md.
+``_digestset`` the compact set of live chunk hashes it marks into,
+``_verify`` the integrity check of every live version, and ``_usage`` what
+deleting versions frees. All of them walk what is live as the repository
+layer defines it (``cas.repository._live``), as ``cas stats`` does
+(``cas.store._stats``). See docs/gc.md.
 """

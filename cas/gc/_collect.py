@@ -6,8 +6,10 @@ The protocol (docs/gc.md explains why it is safe, and what it assumes):
    ``t0``, "now" on the backend's clock. Nothing older than
    ``threshold = t0 - grace`` may be in use by a put that has not committed.
 2. **Mark.** List ``refs/`` once; read every version ref and the manifest of
-   every live one; collect the chunks they name (with the delta bases their
-   entries list: a delta chunk needs them) in a :class:`DigestSet`.
+   every live one (:class:`~cas.repository._live.LiveVersions`); collect the
+   chunks each keeps alive (with the delta bases their entries list: a delta
+   chunk needs them; :func:`~cas.repository._manifest.live_chunk_names`) in a
+   :class:`DigestSet`.
    Tags add no roots: a tag names a version of its key, whose ref is itself
    a root, and deleting a version removes its tags first.
 3. **Sweep.** List ``manifests/`` and ``chunks/`` once each, streaming. An
@@ -25,23 +27,21 @@ bytes that keeps its number from being handed out again.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
-
-import zstandard
+from typing import Any
 
 from ..backends.base import Backend, ObjectInfo
 from ..digest import DIGEST_SIZE, Digest
-from ..errors import CorruptObjectError, MissingObjectError, NotFoundError, RefNotFoundError
+from ..errors import CorruptObjectError, IntegrityError, MissingObjectError, NotFoundError
 from ..repository import _layout as layout
-from ..repository._manifest import SCHEMAS
-from ..repository._refs import Refs
+from ..repository._live import LiveVersions
+from ..repository._manifest import live_chunk_names
+from ..repository._refs import Refs, VersionRef
 from ._digestset import DigestSet
 from ._session import (
     PUTS,
@@ -61,8 +61,6 @@ HEARTBEAT = 60.0
 STALE_MARKER_AGE = 3600.0
 
 ProgressFn = Callable[[int], None]
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass
@@ -130,60 +128,35 @@ class _Sweep:
     pending: deque[Future[_Tally]] = field(default_factory=deque)
 
 
-def bounded_map(
-    pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], limit: int
-) -> Iterator[R]:
-    """``pool.map`` that keeps at most ``limit`` calls in flight, results in order."""
-    pending: deque[Future[R]] = deque()
-    try:
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= limit:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
-
-
 def manifest_chunks(backend: Backend, manifest_id: Digest, label: str) -> list[bytes]:
-    """The raw digests of every chunk a manifest names, after checking its hash.
+    """The raw digests of every chunk a manifest keeps alive, after checking its hash.
 
     A light parse (no dataclasses) because marking reads every manifest. A
     manifest that is missing or damaged stops the collection: the chunks it
     names are unknown, and deleting them could destroy what a repair needs.
     """
     where = f"version {label}: manifest {manifest_id.hex}"
-    advice = (
-        f"garbage collection stopped before deleting anything. Run `cas verify`; "
-        f"if {label} cannot be repaired, `cas rm {label}` lets gc run again"
-    )
     try:
         blob = backend.get(layout.manifest_key(manifest_id))
     except NotFoundError:
-        raise MissingObjectError(f"{where} is missing; {advice}") from None
+        raise _stopped(MissingObjectError, f"{where} is missing", label) from None
     if Digest.of(blob) != manifest_id:
-        raise CorruptObjectError(f"{where} does not match its hash; {advice}")
+        raise _stopped(CorruptObjectError, f"{where} does not match its hash", label)
     try:
-        data = json.loads(zstandard.ZstdDecompressor().decompress(blob))
-        if data["schema"] not in SCHEMAS:
-            raise ValueError(f"unsupported schema {data['schema']!r}")
-        out = []
-        for entry in data["entries"]:
-            if entry["type"] == "file":
-                for chunk in entry["chunks"]:
-                    # A delta chunk lists its chain of bases third: each is
-                    # needed to decode it, so each is reachable.
-                    names = [chunk[0], *chunk[2]] if len(chunk) == 3 else [chunk[0]]
-                    for text in names:
-                        raw = bytes.fromhex(text)
-                        if len(raw) != DIGEST_SIZE:
-                            raise ValueError(f"bad chunk digest {text!r}")
-                        out.append(raw)
-    except (zstandard.ZstdError, ValueError, KeyError, TypeError) as err:
-        raise CorruptObjectError(f"{where} cannot be read ({err}); {advice}") from None
-    return out
+        return live_chunk_names(blob, name=where)
+    except CorruptObjectError as err:
+        raise _stopped(CorruptObjectError, str(err), label) from None
+
+
+def _stopped(kind: type[IntegrityError], problem: str, label: str) -> IntegrityError:
+    return kind.naming(
+        "{problem}; garbage collection stopped before deleting anything. {verify}; "
+        "if {label} cannot be repaired, {delete_version} lets gc run again",
+        problem=problem,
+        label=label,
+        verify="Verify the store (Store.verify)",
+        delete_version=f"deleting {label}",
+    )
 
 
 class Collector:
@@ -256,42 +229,22 @@ class Collector:
     def mark(self) -> None:
         """Every chunk and manifest reachable from a live version ref."""
         report = self.report
-        with ThreadPoolExecutor(self.workers, "cas-gc-mark") as pool:
-            refs = self.backend.list_objects(layout.REFS)
-            for result in bounded_map(pool, self._read_ref, refs, self.workers * 4):
-                self._beat()
-                if result is None:
-                    continue
-                if isinstance(result, str):
-                    report.tags += 1
-                    continue
-                report.versions += 1
-                manifest_raw, chunks = result
-                if self.manifests.add(manifest_raw):
-                    for raw in chunks:
-                        self.chunks.add(raw)
+        live = LiveVersions(self.refs, self._live_chunks, workers=self.workers, tick=self._beat)
+        for ref, chunks in live:
+            report.versions += 1
+            if self.manifests.add(ref.manifest_id.raw):
+                for raw in chunks:
+                    self.chunks.add(raw)
+        report.tags = live.tags
         self.chunks.compact()
         report.manifests_marked = len(self.manifests)
         report.chunks_marked = len(self.chunks)
         report.mark_bytes = self.chunks.nbytes + self.manifests.nbytes
 
-    def _read_ref(self, info: ObjectInfo) -> tuple[bytes, list[bytes]] | str | None:
-        """A live version's (manifest, chunks); a tag's name; None for the rest."""
-        parsed = layout.parse_ref_key(info.key)
-        if parsed is None:
-            return None
-        if parsed.version is None:
-            return parsed.tag
-        try:
-            ref = self.refs.read_version(parsed.key, parsed.version)
-        except RefNotFoundError:
-            return None
-        if ref.manifest_id is None:
-            return None  # deleted: a tombstone
-        label = f"{ref.key}@{ref.number}"
+    def _live_chunks(self, ref: VersionRef) -> list[bytes]:
         if ref.manifest_id.raw in self.manifests:
-            return ref.manifest_id.raw, []  # marked already (read by the main thread only)
-        return ref.manifest_id.raw, manifest_chunks(self.backend, ref.manifest_id, label)
+            return []  # marked already (the set is written by the main thread only)
+        return manifest_chunks(self.backend, ref.manifest_id, ref.label)
 
     def sweep(self) -> None:
         """Delete what is unreachable and older than the threshold: manifests, then chunks."""

@@ -151,9 +151,10 @@ def read_settings(backend: Backend, *, with_time: bool = False) -> GcSettings:
 def write_settings(backend: Backend, grace: float) -> GcSettings:
     """Set the grace writers use; compare-and-swap so concurrent changes are not lost."""
     if not math.isfinite(grace) or grace <= 0:
-        raise InvalidInputError(
+        raise InvalidInputError.naming(
             "the store's grace must be more than 0 seconds; "
-            "for one collection without writers use `cas gc --grace 0`"
+            "for one collection without writers use {grace_zero}",
+            grace_zero="gc(grace=0)",
         )
     while True:
         try:

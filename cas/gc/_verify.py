@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +27,7 @@ from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..errors import CasError, IntegrityError, InvalidInputError, MissingObjectError, NotFoundError
 from ..repository import _layout as layout
+from ..repository._live import LiveVersions
 from ..repository._manifest import Manifest
 from ..repository._refs import Refs, VersionRef
 
@@ -85,37 +86,69 @@ class VerifyReport:
 
 
 @dataclass
-class _Usage:
-    """Which (version, file) pairs use each chunk."""
+class _Survey:
+    """What the live versions need: which (version, file) pairs use each chunk."""
 
     by_chunk: dict[bytes, list[tuple[str, str]]] = field(default_factory=dict)
+    damaged: dict[str, Damage] = field(default_factory=dict)
+    versions: int = 0
+    manifests: set[bytes] = field(default_factory=set)
 
-    def add(self, digest: Digest, ref: str, path: str) -> None:
-        self.by_chunk.setdefault(digest.raw, []).append((ref, path))
+    def add(self, ref: VersionRef, manifest: Manifest | CasError) -> None:
+        self.versions += 1
+        if isinstance(manifest, CasError):
+            problem = f"manifest {ref.manifest_id.hex}: {manifest}"
+            self.damaged[ref.label] = Damage(ref.label, problem)
+            return
+        self.manifests.add(ref.manifest_id.raw)
+        for entry, digest, _ in manifest.live_chunks():
+            self.by_chunk.setdefault(digest.raw, []).append((ref.label, entry.path))
+
+    def unreadable(self, label: str, error: IntegrityError) -> None:
+        self.damaged[label] = Damage(label, f"ref: {error}")
+
+    def record(self, missing: list[bytes], corrupt: list[bytes]) -> None:
+        """Per damaged version: the chunks behind each kind of problem, and the files hit."""
+        found_by_label: dict[str, dict[str, set[str]]] = {}
+        files_by_label: dict[str, set[str]] = {}
+        for problem, raws in (("missing", missing), ("corrupt", corrupt)):
+            for raw in raws:
+                for label, path in self.by_chunk[raw]:
+                    found_by_label.setdefault(label, {}).setdefault(problem, set()).add(raw.hex())
+                    files_by_label.setdefault(label, set()).add(path)
+        for label, problems in found_by_label.items():
+            files = tuple(sorted(files_by_label[label]))
+            self.damaged[label] = Damage(label, _describe(problems), files)
 
 
-def iter_live_versions(refs: Refs) -> Iterator[VersionRef]:
-    for key, numbers in refs.iter_keys():
-        for number in numbers:
-            ref = refs.read_version(key, number)
-            if not ref.deleted:
-                yield ref
+def _survey(refs: Refs, load_manifest: Callable[[Digest], Manifest], workers: int) -> _Survey:
+    """Every live version's manifest; what cannot be read is recorded as damage, not raised."""
+    survey = _Survey()
+
+    def read(ref: VersionRef) -> Manifest | CasError:
+        try:
+            return load_manifest(ref.manifest_id)
+        except CasError as err:
+            return err
+
+    live = LiveVersions(refs, read, workers=workers, on_unreadable=survey.unreadable)
+    for ref, manifest in live:
+        survey.add(ref, manifest)
+    return survey
 
 
-def _versions(refs: Refs, damaged: dict[str, Damage]) -> Iterator[VersionRef]:
-    """Live versions; a ref that cannot be read is recorded as damage, not raised."""
-    for key, numbers in refs.iter_keys():
-        for number in numbers:
-            label = f"{key}@{number}"
-            try:
-                ref = refs.read_version(key, number)
-            except IntegrityError as err:
-                damaged[label] = Damage(label, f"ref: {err}")
-                continue
-            except NotFoundError:
-                continue  # removed while we listed
-            if not ref.deleted:
-                yield ref
+def _check_options(deep: bool, sample: float | None, repair: bool) -> None:
+    if sample is not None and not 0 < sample <= 100:
+        raise InvalidInputError.naming(
+            "{sample} takes a percentage in (0, 100], got {got:g}", sample="sample", got=sample
+        )
+    if repair and not deep and sample is None:
+        raise InvalidInputError.naming(
+            "{repair} needs {deep} or {sample}: only reading finds corruption",
+            repair="repair",
+            deep="deep",
+            sample="sample",
+        )
 
 
 def verify_store(
@@ -135,79 +168,50 @@ def verify_store(
     ``repair`` needs ``deep`` or ``sample``: only reading a chunk shows that
     it is corrupt.
     """
-    if sample is not None and not 0 < sample <= 100:
-        raise InvalidInputError(f"--sample takes a percentage in (0, 100], got {sample:g}")
-    if repair and not deep and sample is None:
-        raise InvalidInputError("--repair needs --deep or --sample: only reading finds corruption")
-    usage = _Usage()
-    damaged: dict[str, Damage] = {}
-    versions = 0
-    manifests: set[bytes] = set()
-    for ref in _versions(refs, damaged):
-        versions += 1
-        label = f"{ref.key}@{ref.number}"
-        assert ref.manifest_id is not None
-        try:
-            manifest = load_manifest(ref.manifest_id)
-        except CasError as err:
-            damaged[label] = Damage(label, f"manifest {ref.manifest_id.hex}: {err}")
-            continue
-        manifests.add(ref.manifest_id.raw)
-        for entry in manifest.entries:
-            for chunk in entry.chunks:
-                usage.add(chunk.digest, label, entry.path)
-                # A delta chunk is only as good as its chain of bases.
-                for base in chunk.bases:
-                    usage.add(base, label, entry.path)
-
+    _check_options(deep, sample, repair)
+    survey = _survey(refs, load_manifest, workers)
     present = {digest.raw for digest, _ in chunks.list_chunks()}
-    missing = [raw for raw in usage.by_chunk if raw not in present]
+    missing = [raw for raw in survey.by_chunk if raw not in present]
     corrupt: list[bytes] = []
     to_read: list[bytes] = []
     if deep or sample is not None:
-        to_read = [raw for raw in usage.by_chunk if raw in present]
+        to_read = [raw for raw in survey.by_chunk if raw in present]
         if sample is not None and sample < 100:
             count = math.ceil(len(to_read) * sample / 100)
             to_read = (rng or random.Random()).sample(to_read, count)
         found = _read_all(chunks, to_read, workers, progress)
         corrupt = [raw for raw, problem in found if problem == "corrupt"]
         missing += [raw for raw, problem in found if problem == "missing"]
-
-    # Per damaged version: the chunks behind each kind of problem, and the files hit.
-    found_by_label: dict[str, dict[str, set[str]]] = {}
-    files_by_label: dict[str, set[str]] = {}
-    for problem, raws in (("missing", missing), ("corrupt", corrupt)):
-        for raw in raws:
-            for label, path in usage.by_chunk[raw]:
-                found_by_label.setdefault(label, {}).setdefault(problem, set()).add(raw.hex())
-                files_by_label.setdefault(label, set()).add(path)
-    for label, problems in found_by_label.items():
-        damaged[label] = Damage(label, _describe(problems), tuple(sorted(files_by_label[label])))
-
+    survey.record(missing, corrupt)
     quarantined: list[tuple[str, str]] = []
     reput: set[str] = set()
     if repair:
-        for raw in corrupt:
-            moved = quarantine_chunk(chunks, Digest(raw))
-            if moved is not None:
-                quarantined.append((raw.hex(), moved))
+        quarantined = _quarantine_all(chunks, corrupt)
         # A missing chunk heals the same way as a quarantined one.
         for raw in (*missing, *corrupt):
-            reput.update(label for label, _ in usage.by_chunk[raw])
-
+            reput.update(label for label, _ in survey.by_chunk[raw])
     return VerifyReport(
-        versions=versions,
-        manifests=len(manifests),
-        chunks_referenced=len(usage.by_chunk),
+        versions=survey.versions,
+        manifests=len(survey.manifests),
+        chunks_referenced=len(survey.by_chunk),
         chunks_read=len(to_read),
         missing_chunks=tuple(sorted(r.hex() for r in missing)),
         corrupt_chunks=tuple(sorted(r.hex() for r in corrupt)),
-        damaged=tuple(damaged[k] for k in sorted(damaged)),
+        damaged=tuple(survey.damaged[k] for k in sorted(survey.damaged)),
         deep=deep or sample is not None,
         sample=sample,
         quarantined=tuple(sorted(quarantined)),
         reput=tuple(sorted(reput)),
     )
+
+
+def _quarantine_all(chunks: ChunkStore, corrupt: list[bytes]) -> list[tuple[str, str]]:
+    quarantined = []
+    for raw in corrupt:
+        moved = quarantine_chunk(chunks, Digest(raw))
+        if moved is not None:
+            quarantined.append((raw.hex(), moved))
+    return quarantined
 
 
 def _read_all(

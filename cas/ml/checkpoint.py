@@ -406,16 +406,12 @@ class CheckpointManager:
 
 def _format(store: Store, ref: str) -> str | None:
     """The ``format`` recorded in a stored safetensors header, read from its first bytes."""
-    from ..tensors._safetensors import StoredFile
-
-    version_ref = store.resolve(ref)
-    assert version_ref.manifest_id is not None
-    manifest = store.load_manifest(version_ref.manifest_id)
+    manifest = store.manifest(ref)
     files = [e for e in manifest.entries if e.type == "file" and e.path.endswith(".safetensors")]
     if len(files) != 1:
         return None
     try:
-        metadata = StoredFile(store.chunks, files[0], ref).header().metadata
+        metadata = store.open_file(files[0], label=ref).header().metadata
     except (ValueError, KeyError, TypeError):
         return None
     return metadata.get("format") if isinstance(metadata, dict) else None

@@ -12,17 +12,13 @@ old version, ``new`` bytes are what the new version added to it.
 
 from __future__ import annotations
 
-import bisect
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..chunks._store import ChunkStore
-from ..digest import Digest, StreamingHasher
 from ..repository._manifest import Entry, Manifest
 from ..tensors._formats import parse
-from ..tensors._safetensors import StoredFile, TensorInfo
+from ..tensors._safetensors import ChunkCache, StoredFile, TensorInfo
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -107,62 +103,13 @@ class DiffReport:
         }
 
 
-# -- reading byte ranges of a stored file, chunk by chunk ---------------------------
-
-
-class _FileReader(StoredFile):
-    """A stored file read through a cache shared by both sides of a diff."""
-
-    def __init__(self, chunks: ChunkStore, entry: Entry, cache: _ChunkCache, label: str):
-        super().__init__(chunks, entry, label, fetch=lambda d, ctx: cache.get(chunks, d, ctx))
-
-    def covering(self, start: int, end: int) -> tuple[int, int]:
-        """Indexes [first, last] of the chunks holding bytes [start, end)."""
-        first = bisect.bisect_right(self.starts, start) - 1
-        last = bisect.bisect_right(self.starts, max(start, end - 1)) - 1
-        return max(first, 0), max(last, 0)
-
-    def signature(self, start: int, end: int) -> tuple[int, tuple[bytes, ...], int]:
-        """Identifies the bytes [start, end) by chunk digests: equal signatures, equal bytes."""
-        if end <= start:
-            return 0, (), 0
-        first, last = self.covering(start, end)
-        digests = tuple(c.digest.raw for c in self.entry.chunks[first : last + 1])
-        return start - self.starts[first], digests, end - start
-
-    def digest(self, start: int, end: int) -> Digest:
-        hasher = StreamingHasher()
-        for piece in self.pieces(start, end):
-            hasher.update(piece)
-        return hasher.digest()
-
-
-class _ChunkCache:
-    """The last few chunks read: a tensor's neighbours usually share its edge chunks."""
-
-    def __init__(self, capacity: int = 16) -> None:
-        self.capacity = capacity
-        self.items: OrderedDict[bytes, bytes] = OrderedDict()
-
-    def get(self, chunks: ChunkStore, digest: Digest, context: str) -> bytes:
-        data = self.items.get(digest.raw)
-        if data is None:
-            data = chunks.get(digest, context=context)
-            self.items[digest.raw] = data
-            if len(self.items) > self.capacity:
-                self.items.popitem(last=False)
-        else:
-            self.items.move_to_end(digest.raw)
-        return data
-
-
-def read_tensor_header(reader: _FileReader) -> tuple[dict[str, TensorInfo], Any]:
+def read_tensor_header(reader: StoredFile) -> tuple[dict[str, TensorInfo], Any]:
     """Tensors by name, and the metadata, of a stored safetensors, torch.save or numpy file."""
     header = parse(reader.read, reader.entry.size)
     return {t.name: t for t in header.named}, header.metadata
 
 
-def diff_tensors(old: _FileReader, new: _FileReader) -> TensorDiff | None:
+def diff_tensors(old: StoredFile, new: StoredFile) -> TensorDiff | None:
     """The tensors that changed; None for a file that is not a tensor file cas reads.
 
     A ``.safetensors`` file is one by its name, so one that does not parse is
@@ -217,7 +164,7 @@ def _chunk_bytes(manifest: Manifest) -> dict[bytes, int]:
 
 
 def diff_manifests(
-    chunks: ChunkStore, old: Manifest, new: Manifest, *, old_label: str, new_label: str
+    store: Store, old: Manifest, new: Manifest, *, old_label: str, new_label: str
 ) -> DiffReport:
     old_entries, new_entries = _comparable(old), _comparable(new)
     renamed: dict[str, str] = {}
@@ -227,7 +174,8 @@ def diff_manifests(
         if old_path != new_path:
             old_entries = {new_path: entry}
             renamed[new_path] = old_path
-    cache = _ChunkCache()
+    # One cache for both sides: their tensors often share chunks.
+    cache = ChunkCache()
     changes: list[FileChange] = []
     unchanged = 0
     for path in sorted(old_entries.keys() | new_entries.keys()):
@@ -247,8 +195,8 @@ def diff_manifests(
                 and a.digest != b.digest
             ):
                 tensors = diff_tensors(
-                    _FileReader(chunks, a, cache, old_label),
-                    _FileReader(chunks, b, cache, new_label),
+                    store.open_file(a, label=old_label, cache=cache),
+                    store.open_file(b, label=new_label, cache=cache),
                 )
             changes.append(FileChange(path, "changed", a.size, b.size, renamed.get(path), tensors))
     old_chunks, new_chunks = _chunk_bytes(old), _chunk_bytes(new)
@@ -270,7 +218,6 @@ def diff(store: Store, old_ref: str, new_ref: str) -> DiffReport:
     sides = []
     for text in (old_ref, new_ref):
         ref = store.resolve(text)
-        assert ref.manifest_id is not None
-        sides.append((f"{ref.key}@{ref.number}", store.load_manifest(ref.manifest_id)))
+        sides.append((ref.label, store.manifest(ref)))
     (old_label, old), (new_label, new) = sides
-    return diff_manifests(store.chunks, old, new, old_label=old_label, new_label=new_label)
+    return diff_manifests(store, old, new, old_label=old_label, new_label=new_label)

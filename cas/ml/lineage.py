@@ -3,8 +3,9 @@
 Parents are recorded in each manifest (and in the ref's summary) as
 ``KEY@N``. Ancestors follow those links upwards; descendants need the
 reverse links, so one catalog of the whole store (refs only, see
-:mod:`cas.query`) is read and inverted. A parent that has been deleted still
-appears, marked deleted: the link is a fact of history, only its data is gone.
+:meth:`Store.catalog <cas.store.Store.catalog>`) is read and inverted. A
+parent that has been deleted still appears, marked deleted: the link is a
+fact of history, only its data is gone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..repository._metadata import DEFAULT_TYPE
-from .query import catalog
 
 if TYPE_CHECKING:
     from ..store import Store, Version
@@ -169,9 +169,8 @@ def _tree(
 
 def lineage(store: Store, ref: str, *, depth: int | None = None) -> Lineage:
     """Ancestors and descendants of ``ref`` (KEY, KEY@N or KEY:TAG), up to ``depth`` levels."""
-    root_ref = store.resolve(ref)
-    root = f"{root_ref.key}@{root_ref.number}"
-    versions = {v.ref: v for v in catalog(store)}
+    root = store.resolve(ref).label
+    versions = {v.ref: v for v in store.catalog()}
     all_children: dict[str, list[str]] = {}
     for version in versions.values():
         for parent in version.parents:

@@ -3,7 +3,7 @@
 Code written against a plain storage layer (one object per remote key, last
 write wins) moves over unchanged::
 
-    from .plain_storage import get_storage_backend
+    from cas.compat import get_storage_backend
     storage = get_storage_backend("s3", bucket="ml-artifacts", prefix="team-a")
     storage.upload("model.pt", "models/bert/model.pt")
     storage.download("models/bert/model.pt", "/tmp/model.pt")
@@ -71,7 +71,7 @@ class Storage:
 
     @property
     def uri(self) -> str:
-        return self.store.backend.uri
+        return self.store.uri
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -123,8 +123,7 @@ class Storage:
         the ``cas.compat`` logger) say how many bytes moved.
         """
         ref = self.store.resolve(remote_key)
-        assert ref.manifest_id is not None
-        manifest = self.store.load_manifest(ref.manifest_id)
+        manifest = self.store.manifest(ref)
         local = Path(local_path)
         if manifest.kind != "file":
             return self._directory_if_newer(remote_key, manifest.entries, local)
@@ -138,7 +137,7 @@ class Storage:
             log.info("%s: %s is up to date, nothing moved", remote_key, local)
             return False
         where = local_chunks.where if local_chunks is not None else {}
-        transfer = self._rebuild(entry, local, where, label=f"{ref.key}@{ref.number}")
+        transfer = self._rebuild(entry, local, where, label=ref.label)
         self.last_transfer = transfer
         log.info(
             "%s -> %s: fetched %d bytes in %d chunks, reused %d bytes from the local file",
@@ -160,10 +159,11 @@ class Storage:
         temp = dest.parent / f"{TEMP_PREFIX}-{uuid.uuid4().hex}"
         fetched = fetched_chunks = reused = reused_chunks = 0
         hasher = StreamingHasher()
+        stored = self.store.open_file(entry, label=label)
         source = open(dest, "rb") if index else None  # noqa: SIM115 - closed in finally
         try:
             with open(temp, "wb") as out:
-                for chunk in entry.chunks:
+                for number, chunk in enumerate(entry.chunks):
                     data = None
                     where = index.get(chunk.digest.raw)
                     if where is not None and source is not None:
@@ -177,8 +177,7 @@ class Storage:
                             reused += len(data)
                             reused_chunks += 1
                     if data is None:
-                        context = f"{label}: file {entry.path!r}"
-                        data = self.store.chunks.get(chunk.digest, context=context)
+                        data = stored.chunk(number)
                         fetched += len(data)
                         fetched_chunks += 1
                     out.write(data)

@@ -6,24 +6,21 @@ through :meth:`Store.delete`, which writes tombstones; prune never touches
 chunks or manifests -- garbage collection reclaims them later, after its
 grace period.
 
-The bytes reported are those the next GC can reclaim because of this prune:
-chunks used by the deleted versions and by no version that stays, anywhere
-in the store (not the deleted versions' logical size, which dedup makes
-meaningless). Their manifests are counted too when nothing else uses them.
+The bytes reported are those the next GC can reclaim because of this prune
+(:meth:`Store.reclaimable`): chunks the deleted versions keep alive and no
+version that stays does, anywhere in the store, delta bases included (not the
+deleted versions' logical size, which dedup makes meaningless). Their
+manifests are counted too when nothing else uses them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..digest import Digest
 from ..errors import InvalidInputError, NotFoundError
-from ..repository import _layout as layout
 from .lineage import lineage
-from .query import catalog
 
 if TYPE_CHECKING:
     from ..store import Store, Version
@@ -40,23 +37,41 @@ class Policy:
 
     def __post_init__(self) -> None:
         if self.keep_last is not None and self.keep_last < 1:
-            raise InvalidInputError(f"--keep-last must be at least 1, got {self.keep_last}")
+            raise InvalidInputError.naming(
+                "{keep_last} must be at least 1, got {got}",
+                keep_last="keep_last",
+                got=self.keep_last,
+            )
         if self.keep_best is not None:
             if self.keep_best < 1:
-                raise InvalidInputError(f"--keep-best must be at least 1, got {self.keep_best}")
+                raise InvalidInputError.naming(
+                    "{keep_best} must be at least 1, got {got}",
+                    keep_best="keep_best",
+                    got=self.keep_best,
+                )
             if not self.metric:
-                raise InvalidInputError("--keep-best needs --metric NAME")
+                raise InvalidInputError.naming(
+                    "{keep_best} needs {metric_name}", keep_best="keep_best", metric_name="a metric"
+                )
             if self.direction not in ("min", "max"):
-                raise InvalidInputError(
-                    "--keep-best needs --min (lower is better) or --max (higher is better)"
+                raise InvalidInputError.naming(
+                    "{keep_best} needs {min} (lower is better) or {max} (higher is better)",
+                    keep_best="keep_best",
+                    min="direction 'min'",
+                    max="'max'",
                 )
         elif self.metric or self.direction:
-            raise InvalidInputError("--metric, --min and --max go with --keep-best N")
+            raise InvalidInputError.naming(
+                "{metric_and_direction} go with {keep_best_n}",
+                metric_and_direction="metric and direction",
+                keep_best_n="keep_best",
+            )
         if not (self.keep_last or self.keep_best or self.keep_tagged or self.keep_ancestors_of):
-            raise InvalidInputError(
-                "no retention rule given: pass --keep-last, --keep-best, --keep-tagged or "
-                "--keep-ancestors-of (prune refuses to delete every version of a key; "
-                "use `cas rm --all KEY` for that)"
+            raise InvalidInputError.naming(
+                "no retention rule given: pass {rules} (prune refuses to delete every version "
+                "of a key; use {delete_all} for that)",
+                rules="keep_last, keep_best, keep_tagged or keep_ancestors_of",
+                delete_all="Store.delete_all",
             )
 
 
@@ -66,7 +81,7 @@ class PruneReport:
     kept: tuple[Version, ...]
     reasons: dict[str, tuple[str, ...]]  # ref -> why it is kept
     deleted: tuple[Version, ...]
-    reclaimable_bytes: int  # raw bytes of chunks only the deleted versions use
+    reclaimable_bytes: int  # raw bytes of chunks only the deleted versions need
     reclaimable_stored_bytes: int  # what those chunks and manifests occupy in the store
     reclaimable_chunks: int
     dry_run: bool
@@ -115,12 +130,11 @@ def select(store: Store, versions: Sequence[Version], policy: Policy) -> dict[st
 
 
 def prune(store: Store, key: str, policy: Policy, *, dry_run: bool = False) -> PruneReport:
-    layout.check_key(key)
     versions = store.log(key)  # newest first; RefNotFoundError if none
     reasons = select(store, versions, policy)
     kept = tuple(v for v in versions if v.ref in reasons)
     doomed = tuple(v for v in versions if v.ref not in reasons)
-    raw, stored, count = reclaimable(store, doomed)
+    freed = store.reclaimable(doomed)
     skipped: list[str] = []
     deleted: list[Version] = []
     if not dry_run:
@@ -138,45 +152,9 @@ def prune(store: Store, key: str, policy: Policy, *, dry_run: bool = False) -> P
         kept=kept,
         reasons={ref: tuple(why) for ref, why in reasons.items()},
         deleted=doomed if dry_run else tuple(deleted),
-        reclaimable_bytes=raw,
-        reclaimable_stored_bytes=stored,
-        reclaimable_chunks=count,
+        reclaimable_bytes=freed.raw_bytes,
+        reclaimable_stored_bytes=freed.stored_bytes,
+        reclaimable_chunks=freed.chunks,
         dry_run=dry_run,
         skipped=tuple(skipped),
     )
-
-
-def reclaimable(store: Store, doomed: Sequence[Version]) -> tuple[int, int, int]:
-    """(raw bytes, stored bytes, chunk count) that deleting ``doomed`` frees at the next GC."""
-    if not doomed:
-        return 0, 0, 0
-    doomed_refs = {v.ref for v in doomed}
-    doomed_manifests = {v.manifest_id for v in doomed}
-    others = {v.manifest_id for v in catalog(store) if v.ref not in doomed_refs}
-    load = store.load_manifest
-
-    with ThreadPoolExecutor(store.workers, thread_name_prefix="cas-prune") as pool:
-        candidates: dict[bytes, int] = {}
-        for manifest in pool.map(lambda m: load(Digest.parse(m)), sorted(doomed_manifests)):
-            for entry in manifest.entries:
-                for chunk in entry.chunks:
-                    candidates[chunk.digest.raw] = chunk.length
-        # A manifest that a kept version shares is not going anywhere.
-        for manifest in pool.map(lambda m: load(Digest.parse(m)), sorted(others)):
-            for entry in manifest.entries:
-                for chunk in entry.chunks:
-                    candidates.pop(chunk.digest.raw, None)
-            if not candidates:
-                break
-        freed_manifests = [Digest.parse(m) for m in doomed_manifests - others]
-        keys = [layout.chunk_key(Digest(raw)) for raw in candidates]
-        keys += [layout.manifest_key(m) for m in freed_manifests]
-        stored = sum(pool.map(lambda k: _stored_size(store, k), keys))
-    return sum(candidates.values()), stored, len(candidates)
-
-
-def _stored_size(store: Store, object_key: str) -> int:
-    try:
-        return store.backend.stat(object_key).size
-    except NotFoundError:
-        return 0  # already gone (a damaged store): nothing to reclaim

@@ -1,12 +1,11 @@
-"""Queries over many versions, answered from refs alone: ``find`` and the catalog under it.
+"""Queries over many versions, answered from refs alone: ``find`` over the store's catalog.
 
-One listing of ``refs/<prefix>`` yields every version ref and every tag under
-a prefix; each version ref carries its summary (see :mod:`cas.repository._metadata`), so
-a query reads small ref objects and never a manifest, except for versions
-whose ref has no summary (written before summaries existed), whose manifest
-is read instead. Nothing is cached between calls, so a query can never be
-stale; on the local backend 10,000 versions take well under a second (see
-``scripts/bench_queries.py``).
+:meth:`Store.catalog <cas.store.Store.catalog>` lists every live version under
+a prefix from one listing of ``refs/<prefix>``; each version ref carries a
+summary of its manifest, so a query reads small ref objects and never a
+manifest (except for refs written before summaries existed). Nothing is
+cached between calls, so a query can never be stale; on the local backend
+10,000 versions take well under a second (see ``scripts/bench_queries.py``).
 """
 
 from __future__ import annotations
@@ -14,85 +13,24 @@ from __future__ import annotations
 import json
 import operator
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidInputError, RefNotFoundError
+from ..errors import InvalidInputError
 from ..repository import _layout as layout
 from ..repository._metadata import ARTIFACT_TYPES, DEFAULT_TYPE
 
 if TYPE_CHECKING:
     from ..store import Store, Version
 
-# Reading refs is one small GET each: a pool hides the latency of object
-# stores; on a local disk it costs little.
-_BATCH = 256
-
-
-def iter_refs(
-    store: Store, prefix: str = ""
-) -> Iterator[tuple[str, list[int], dict[int, list[str]]]]:
-    """(key, version numbers, tags by version number) for every key under ``prefix``, sorted.
-
-    One listing serves versions and tags alike; tag objects are read here
-    (they are few), version refs by the caller.
-    """
-    current: str | None = None
-    numbers: list[int] = []
-    tag_names: list[str] = []
-
-    def flush(key: str) -> tuple[str, list[int], dict[int, list[str]]]:
-        tags: dict[int, list[str]] = {}
-        for tag in sorted(tag_names):
-            try:
-                tags.setdefault(store.refs.read_tag(key, tag), []).append(tag)
-            except RefNotFoundError:
-                continue  # removed while we listed
-        return key, numbers, tags
-
-    for info in store.backend.list_objects(layout.REFS + prefix):
-        parsed = layout.parse_ref_key(info.key)
-        if parsed is None:
-            continue
-        if parsed.key != current:
-            if current is not None:
-                yield flush(current)
-            current, numbers, tag_names = parsed.key, [], []
-        if parsed.version is not None:
-            numbers.append(parsed.version)
-        elif parsed.tag is not None:
-            tag_names.append(parsed.tag)
-    if current is not None:
-        yield flush(current)
-
 
 def catalog(store: Store, prefix: str = "") -> list[Version]:
-    """Every live version under ``prefix``, with current tags; by key, then newest first."""
-    jobs: list[tuple[str, int, dict[int, list[str]]]] = []
-    for key, numbers, tags in iter_refs(store, prefix):
-        jobs.extend((key, number, tags) for number in reversed(numbers))
+    """Every live version under ``prefix``, with current tags; by key, then newest first.
 
-    def read(job: tuple[str, int, dict[int, list[str]]]) -> Version | None:
-        key, number, tags = job
-        try:
-            ref = store.refs.read_version(key, number)
-        except RefNotFoundError:
-            return None  # removed while we listed
-        if ref.deleted:
-            return None
-        return store._version(ref, store.summary(ref), tags=tags)
-
-    def read_batch(batch: Sequence[tuple[str, int, dict[int, list[str]]]]) -> list[Version]:
-        return [v for v in map(read, batch) if v is not None]
-
-    # Batches, not one task per ref: a future per small read costs more than the read.
-    batches = [jobs[i : i + _BATCH] for i in range(0, len(jobs), _BATCH)]
-    if len(batches) <= 1 or store.workers <= 1:
-        return [v for batch in batches for v in read_batch(batch)]
-    with ThreadPoolExecutor(store.workers, thread_name_prefix="cas-query") as pool:
-        return [v for done in pool.map(read_batch, batches) for v in done]
+    The same as :meth:`Store.catalog <cas.store.Store.catalog>`.
+    """
+    return store.catalog(prefix)
 
 
 # -- filters ------------------------------------------------------------------------
@@ -121,15 +59,22 @@ class Condition:
     def parse(cls, text: str) -> Condition:
         match = _CONDITION.fullmatch(text)
         if match is None:
-            raise InvalidInputError(
-                f"--where {text!r}: expected METRIC OP NUMBER with OP one of "
-                "< <= > >= == !=, e.g. 'loss<0.3'"
+            raise InvalidInputError.naming(
+                "{condition} {text!r}: expected METRIC OP NUMBER with OP one of "
+                "< <= > >= == !=, e.g. 'loss<0.3'",
+                condition="condition",
+                text=text,
             )
         name, op, raw = match.groups()
         try:
             value = float(raw)
         except ValueError:
-            raise InvalidInputError(f"--where {text!r}: {raw!r} is not a number") from None
+            raise InvalidInputError.naming(
+                "{condition} {text!r}: {raw!r} is not a number",
+                condition="condition",
+                text=text,
+                raw=raw,
+            ) from None
         return cls(name, op, value)
 
     def __call__(self, version: Version) -> bool:
@@ -201,7 +146,9 @@ class Query:
                 f"unknown artifact type {self.type!r}; use one of {', '.join(ARTIFACT_TYPES)}"
             )
         if self.limit is not None and self.limit < 1:
-            raise InvalidInputError(f"--limit must be at least 1, got {self.limit}")
+            raise InvalidInputError.naming(
+                "{limit} must be at least 1, got {got}", limit="limit", got=self.limit
+            )
         for tag in self.tags:
             layout.check_tag(tag)
 

@@ -1,8 +1,14 @@
-"""Manifests: what one version of a key is made of.
+"""Manifests: what one version of a key is made of, and what it keeps alive.
 
 A manifest is canonical JSON (sorted keys, compact separators, UTF-8, no NaN
 or infinity), framed with zstd. Its id is the BLAKE3 of those stored bytes,
 so the same content always gets the same id and a changed byte is detected.
+
+A manifest keeps alive every chunk of its files and, for a chunk stored as a
+delta, the chain of bases its entry lists: :meth:`Manifest.live_chunks` says
+so, and :func:`live_chunk_names` says the same from a manifest's stored bytes
+without building it (garbage collection reads every manifest). Both read a
+chunk entry through :func:`_chunk_names`, the one place that rule is written.
 """
 
 from __future__ import annotations
@@ -10,14 +16,14 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import zstandard
 
 from .._zstd import zstd_compressor, zstd_decompressor
-from ..digest import Digest
+from ..digest import DIGEST_SIZE, Digest
 from ..errors import CorruptObjectError, InvalidInputError, UnsafePathError
 
 SCHEMA_VERSION = 1
@@ -98,6 +104,20 @@ class Manifest:
     def file_count(self) -> int:
         return sum(1 for e in self.entries if e.type == "file")
 
+    def live_chunks(self) -> Iterator[tuple[Entry, Digest, int]]:
+        """Every chunk object this manifest keeps alive, with the file that needs it.
+
+        Each chunk of each file, then the delta bases its entry lists (a delta
+        is decoded through its whole chain). The length is the chunk's raw
+        length; a base is counted at the length of the delta that needs it.
+        A chunk appears once per use.
+        """
+        for entry in self.entries:
+            for chunk in entry.chunks:
+                yield entry, chunk.digest, chunk.length
+                for base in chunk.bases:
+                    yield entry, base, chunk.length
+
     @property
     def only_file(self) -> Entry | None:
         """The file of a one-file artifact (kind "file"), which answers to any name."""
@@ -132,15 +152,11 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, blob: bytes, *, name: str = "manifest") -> Manifest:
-        try:
-            data = json.loads(zstd_decompressor().decompress(blob, max_output_size=1 << 31))
-        except (zstandard.ZstdError, ValueError) as err:
-            raise CorruptObjectError(f"{name}: cannot be read ({err})") from None
-        return cls.from_dict(data, name=name)
+        return cls.from_dict(_decode(blob, name), name=name)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, name: str = "manifest") -> Manifest:
-        schema = data.get("schema") if isinstance(data, Mapping) else None
+        schema = _schema(data)
         if schema not in SCHEMAS:
             raise CorruptObjectError(f"{name}: unsupported manifest schema {schema!r}")
         try:
@@ -161,6 +177,37 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None
+
+
+def _decode(blob: bytes, name: str) -> Any:
+    try:
+        return json.loads(zstd_decompressor().decompress(blob, max_output_size=1 << 31))
+    except (zstandard.ZstdError, ValueError) as err:
+        raise CorruptObjectError(f"{name}: cannot be read ({err})") from None
+
+
+def live_chunk_names(blob: bytes, *, name: str = "manifest") -> list[bytes]:
+    """The raw digests :meth:`Manifest.live_chunks` names, read from a manifest's
+    stored bytes without building it; a chunk appears once per use.
+
+    Raises CorruptObjectError when the bytes are not a manifest this cas reads.
+    """
+    data = _decode(blob, name)
+    if not isinstance(data, Mapping) or data.get("schema") not in SCHEMAS:
+        raise CorruptObjectError(f"{name}: unsupported manifest schema {_schema(data)!r}")
+    out: list[bytes] = []
+    try:
+        for entry in data["entries"]:
+            if entry["type"] == "file":
+                for item in entry["chunks"]:
+                    out.extend(_chunk_names(item))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None
+    return out
+
+
+def _schema(data: Any) -> Any:
+    return data.get("schema") if isinstance(data, Mapping) else None
 
 
 def canonical_json(value: Any) -> bytes:
@@ -194,12 +241,31 @@ def _chunk_to_list(chunk: ChunkRef) -> list[Any]:
     return [chunk.digest.hex, chunk.length]
 
 
-def _chunk_from_list(item: Any) -> ChunkRef:
-    """``[hash, length]``, or ``[hash, length, [base, ...]]`` for a delta chunk."""
+def _chunk_names(item: Any) -> list[bytes]:
+    """The chunk objects a chunk entry names, raw: the chunk, then its delta bases.
+
+    An entry is ``[hash, length]``, or ``[hash, length, [base, ...]]`` for a
+    delta chunk, whose chain of bases is needed to decode it.
+    """
     if not isinstance(item, list) or len(item) not in (2, 3):
         raise ValueError(f"chunk entry {item!r} is not [hash, length(, bases)]")
-    bases = tuple(Digest.parse(h) for h in item[2]) if len(item) == 3 else ()
-    return ChunkRef(Digest.parse(item[0]), int(item[1]), bases)
+    texts = [item[0], *item[2]] if len(item) == 3 else [item[0]]
+    names = []
+    for text in texts:
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raw = b""
+        # fromhex also takes upper case and spaces: only the canonical spelling is a name.
+        if len(raw) != DIGEST_SIZE or raw.hex() != text:
+            raise InvalidInputError(f"not a BLAKE3 hex digest: {text!r}")
+        names.append(raw)
+    return names
+
+
+def _chunk_from_list(item: Any) -> ChunkRef:
+    digest, *bases = _chunk_names(item)
+    return ChunkRef(Digest(digest), int(item[1]), tuple(Digest(b) for b in bases))
 
 
 def _entry_from_dict(data: Mapping[str, Any]) -> Entry:

@@ -20,8 +20,10 @@ their manifest instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
@@ -248,19 +250,34 @@ def check_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return dict(record)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Summary:
-    """A manifest without its entries' chunk lists: what queries need of a version."""
+    """What a version is, without its file list: the one description of a version.
+
+    Made from a manifest (:meth:`of_manifest`), kept in the version ref
+    (:meth:`for_ref`, :meth:`from_ref`), and extended by the public
+    ``cas.store.Version`` with the version's name and current tags.
+    Mappings are copied and wrapped read-only (a read-only view given is
+    kept as it is), and left out of the hash.
+    """
 
     kind: str
     size: int
     files: int
     parents: tuple[str, ...] = ()  # "KEY@N"
-    tags: tuple[str, ...] = ()  # tags given at creation (current tags live in refs)
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    metadata: Mapping[str, Any] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()  # in a ref: tags given at creation (current tags live in refs)
+    metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
     message: str = ""
-    artifact: Mapping[str, Any] = field(default_factory=dict)
+    artifact: Mapping[str, Any] = field(default_factory=dict, hash=False)  # typed fields set
+
+    def __post_init__(self) -> None:
+        for name in ("metrics", "metadata", "artifact"):
+            value = getattr(self, name)
+            # A read-only view is kept as it is: a Version made from a Summary
+            # shares the summary's copy instead of copying once per version.
+            if not isinstance(value, MappingProxyType):
+                object.__setattr__(self, name, MappingProxyType(dict(value)))
 
     @classmethod
     def of_manifest(cls, manifest: Manifest) -> Summary:
@@ -270,24 +287,18 @@ class Summary:
             files=manifest.file_count,
             parents=tuple(f"{p.key}@{p.version}" for p in manifest.parents),
             tags=tuple(manifest.tags),
-            metrics=dict(manifest.metrics),
-            metadata=dict(manifest.metadata),
+            metrics=manifest.metrics,
+            metadata=manifest.metadata,
             message=manifest.message,
-            artifact=dict(manifest.artifact),
+            artifact=manifest.artifact,
         )
 
+    def described(self) -> dict[str, Any]:
+        """The fields of the summary, by name, as they are (for building a subclass)."""
+        return dict(zip(_SUMMARY_FIELDS, _summary_values(self), strict=True))
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "size": self.size,
-            "files": self.files,
-            "parents": list(self.parents),
-            "tags": list(self.tags),
-            "metrics": dict(self.metrics),
-            "metadata": dict(self.metadata),
-            "message": self.message,
-            "artifact": dict(self.artifact),
-        }
+        return {name: _plain(value) for name, value in self.described().items()}
 
     def for_ref(self) -> dict[str, Any] | None:
         """The dict to embed in a version ref, or None when it is too large to embed."""
@@ -304,17 +315,36 @@ class Summary:
         if data is None:
             return None
         try:
-            summary = cls(
-                kind=str(data["kind"]),
-                size=int(data["size"]),
-                files=int(data["files"]),
-                parents=tuple(str(p) for p in data["parents"]),
-                tags=tuple(str(t) for t in data["tags"]),
-                metrics=check_metrics(data["metrics"]),
-                metadata=dict(data["metadata"]),
-                message=str(data["message"]),
-                artifact=check_record(data["artifact"]),
-            )
+            return cls(**{name: read(data[name]) for name, read in _SUMMARY_READERS.items()})
         except (KeyError, TypeError, ValueError):
             return None
-        return summary
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    return tuple(str(item) for item in value)
+
+
+#: How each field of a summary is read back from a ref, in field order.
+_SUMMARY_READERS: dict[str, Callable[[Any], Any]] = {
+    "kind": str,
+    "size": int,
+    "files": int,
+    "parents": _texts,
+    "tags": _texts,
+    "metrics": check_metrics,
+    "metadata": dict,
+    "message": str,
+    "artifact": check_record,
+}
+_SUMMARY_FIELDS = tuple(f.name for f in fields(Summary))
+# One C-level call for all of them: catalogs build a Version per version listed.
+_summary_values = operator.attrgetter(*_SUMMARY_FIELDS)
+
+
+def _plain(value: Any) -> Any:
+    """A field value in JSON types: tuples as lists, mappings as dicts."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value

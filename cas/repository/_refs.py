@@ -16,9 +16,9 @@ fall back to the manifest.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..backends.base import Backend
 from ..digest import Digest
@@ -36,19 +36,42 @@ def utc_now() -> str:
 
 @dataclass(frozen=True, slots=True)
 class VersionRef:
-    """A version as its ref records it: the manifest it commits (None once deleted)."""
+    """A live version as its ref records it: the manifest it commits."""
+
+    deleted: ClassVar[bool] = False
 
     key: str
     number: int
-    manifest_id: Digest | None  # None: deleted
+    manifest_id: Digest
     created: str
     # None: not recorded (older refs, or too large), read the manifest instead.
     # Left out of == and hash: it is derived from the manifest, and a dict is unhashable.
     summary: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
-    def deleted(self) -> bool:
-        return self.manifest_id is None
+    def label(self) -> str:
+        """``KEY@N``."""
+        return f"{self.key}@{self.number}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRefs:
+    """What one listing of ``refs/`` finds under a key: version numbers and tag names."""
+
+    key: str
+    numbers: list[int] = field(default_factory=list)  # deleted ones included, ascending
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedRef:
+    """A deleted version: its tombstone keeps the number from being handed out again."""
+
+    deleted: ClassVar[bool] = True
+
+    key: str
+    number: int
+    created: str
 
 
 class Refs:
@@ -66,7 +89,7 @@ class Refs:
                 numbers.append(int(name))
         return sorted(numbers)
 
-    def read_version(self, key: str, number: int) -> VersionRef:
+    def read_version(self, key: str, number: int) -> VersionRef | DeletedRef:
         object_key = layout.version_key(key, number)
         try:
             blob = self.backend.get(object_key)
@@ -75,25 +98,33 @@ class Refs:
         try:
             data = json.loads(blob)
             manifest = data.get("manifest")
-            summary = data.get("summary") if manifest else None
+            created = str(data["created"])
+            if not manifest:
+                return DeletedRef(key, number, created)
+            summary = data.get("summary")
             return VersionRef(
                 key,
                 number,
-                Digest.parse(manifest) if manifest else None,
-                str(data["created"]),
+                Digest.parse(manifest),
+                created,
                 summary if isinstance(summary, dict) else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
 
+    def read_live(self, key: str, number: int) -> VersionRef | None:
+        """Version ``number`` of ``key`` if live; None when deleted or removed since listed."""
+        try:
+            ref = self.read_version(key, number)
+        except RefNotFoundError:
+            return None
+        return ref if isinstance(ref, VersionRef) else None
+
     def live_versions(self, key: str, *, newest_first: bool = False) -> Iterator[VersionRef]:
         numbers = self.version_numbers(key)
         for number in reversed(numbers) if newest_first else numbers:
-            try:
-                ref = self.read_version(key, number)
-            except RefNotFoundError:
-                continue  # removed while we listed
-            if not ref.deleted:
+            ref = self.read_live(key, number)
+            if ref is not None:
                 yield ref
 
     def latest(self, key: str) -> VersionRef:
@@ -131,7 +162,7 @@ class Refs:
         except NotFoundError:
             return False
 
-    def mark_deleted(self, ref: VersionRef) -> None:
+    def mark_deleted(self, ref: VersionRef | DeletedRef) -> None:
         body = canonical_json({"manifest": None, "created": ref.created, "deleted": utc_now()})
         self.backend.put(layout.version_key(ref.key, ref.number), body)
 
@@ -140,13 +171,18 @@ class Refs:
     def tags(self, key: str) -> dict[str, int]:
         """Tag name -> version number, for every tag of ``key``."""
         out: dict[str, int] = {}
-        for info in self.backend.list_objects(layout.tags_prefix(key)):
-            tag = info.key.rpartition("/")[2]
+        for tag in self._list_tags(key):
             try:
                 out[tag] = self.read_tag(key, tag)
             except RefNotFoundError:
                 continue
         return out
+
+    def _list_tags(self, key: str) -> list[str]:
+        return [
+            info.key.rpartition("/")[2]
+            for info in self.backend.list_objects(layout.tags_prefix(key))
+        ]
 
     def read_tag(self, key: str, tag: str) -> int:
         object_key = layout.tag_key(key, tag)
@@ -169,16 +205,35 @@ class Refs:
 
     def iter_keys(self, prefix: str = "") -> Iterator[tuple[str, list[int]]]:
         """Yield (key, version numbers) for every key starting with ``prefix``, sorted."""
-        current: str | None = None
-        numbers: list[int] = []
+        for listed in self.scan(prefix):
+            if listed.numbers and listed.key.startswith(prefix):
+                yield listed.key, listed.numbers
+
+    def scan(self, prefix: str = "") -> Iterator[KeyRefs]:
+        """Every key whose refs' object keys start with ``refs/<prefix>``, sorted, with what
+        one listing finds under it (a prefix ending in ``/`` also finds the key before it)."""
+        current: KeyRefs | None = None
         for info in self.backend.list_objects(layout.REFS + prefix):
             parsed = layout.parse_ref_key(info.key)
-            if parsed is None or parsed.version is None or not parsed.key.startswith(prefix):
+            if parsed is None:
                 continue
-            if parsed.key != current:
+            if current is None or parsed.key != current.key:
                 if current is not None:
-                    yield current, numbers
-                current, numbers = parsed.key, []
-            numbers.append(parsed.version)
+                    yield current
+                current = KeyRefs(parsed.key)
+            if parsed.version is not None:
+                current.numbers.append(parsed.version)
+            elif parsed.tag is not None:
+                current.tags.append(parsed.tag)
         if current is not None:
-            yield current, numbers
+            yield current
+
+    def tags_by_version(self, key: str, names: Iterable[str] | None = None) -> dict[int, list[str]]:
+        """Version number -> its tags, sorted, of tags ``names`` of ``key`` (None: all)."""
+        out: dict[int, list[str]] = {}
+        for tag in sorted(self._list_tags(key) if names is None else names):
+            try:
+                out.setdefault(self.read_tag(key, tag), []).append(tag)
+            except RefNotFoundError:
+                continue  # removed while we listed
+        return out

@@ -1,51 +1,39 @@
-"""The Store facade: what the CLI and library users talk to.
+"""The Store facade: what the CLI, the ML layer and library users talk to.
 
 A put writes chunks, then the manifest, then creates the version ref
-only-if-absent. That last write is the commit point: a crash before it leaves
-only unreferenced objects, which garbage collection reclaims.
+only-if-absent (:mod:`cas.store._writing`). That last write is the commit
+point: a crash before it leaves only unreferenced objects, which garbage
+collection reclaims. Versions are read from their refs (:mod:`cas.store._catalog`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..backends import Backend, open_backend
 from ..chunks._chunking import ChunkerParams
-from ..chunks._listing import expected_chunks
-from ..chunks._listing import plan_in_background as plan_index
 from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..errors import (
-    AlreadyExistsError,
     CasError,
-    ConcurrentCollectionError,
     CorruptObjectError,
     InvalidInputError,
     MissingObjectError,
     NotFoundError,
     RefNotFoundError,
 )
-from ..gc._session import (
-    SYSTEM_CLOCK,
-    Clock,
-    GcSettings,
-    WriteSession,
-    read_settings,
-    write_settings,
-)
+from ..gc._session import SYSTEM_CLOCK, Clock, GcSettings, read_settings, write_settings
 from ..repository import _layout as layout
-from ..repository._manifest import Entry, Manifest, Parent, canonical_json, check_metric
+from ..repository._manifest import Entry, Manifest, Parent
 from ..repository._metadata import ArtifactInfo, Summary
-from ..repository._refs import Refs, VersionRef, utc_now
+from ..repository._refs import DeletedRef, Refs, VersionRef
+from ._catalog import Catalog
 from ._config import StoreConfig, default_chunker, load_config, write_config
-from ._notices import warn_of_kind_change
-from ._values import Details, KeySummary, Stats, Version
+from ._values import Details, KeySummary, Reclaimable, Stats, Version
 
 if TYPE_CHECKING:
     # Imported where used: each command pays at start-up for every module
@@ -53,12 +41,12 @@ if TYPE_CHECKING:
     from ..gc._collect import GcReport
     from ..gc._verify import VerifyReport
     from ..tensors._cutting import LocalChunks
-    from ..transfer._ingest import SourceItem
+    from ..tensors._safetensors import ChunkCache, StoredFile
 
 ProgressFn = Callable[[int], None]
 DEFAULT_STORE = ".cas"
-#: A put that loses a reused chunk to a concurrent collection starts over this often.
-PUT_ATTEMPTS = 3
+#: How errors of calls that take ``force`` say to pass it (the CLI says ``pass --force``).
+FORCE = "pass force=True"
 
 
 class Store:
@@ -148,163 +136,48 @@ class Store:
         ``workers`` is the number of chunks hashed, compressed and uploaded
         in parallel (default: the store's, from the backend's concurrency).
         """
-        workers = self._check_workers(workers)
-        layout.check_key(key)
-        if info is not None:
-            parents = (*info.parents, *parents)
-            tags = (*info.tags, *tags)
-            metrics = {**info.metrics, **(metrics or {})}
-        tags = tuple(dict.fromkeys(layout.check_tag(t) for t in tags))
-        metrics = {name: check_metric(name, value) for name, value in (metrics or {}).items()}
-        metadata = dict(metadata or {})
-        try:
-            canonical_json(metadata)
-        except (TypeError, ValueError) as err:
-            raise InvalidInputError(f"metadata is not JSON-serialisable: {err}") from None
-        resolved = tuple(dict.fromkeys(self._parent(p) for p in parents))
         from ..transfer._ingest import scan
+        from ._writing import Put, Record, VersionWriter
 
+        workers = self._check_workers(workers)
+        record = Record.of(
+            key,
+            parents=parents,
+            tags=tags,
+            metrics=metrics,
+            metadata=metadata,
+            message=message,
+            info=info,
+        )
+        resolved = tuple(dict.fromkeys(self._parent(p) for p in record.parents))
         kind, items = scan(Path(path), skip=self.backend.local_root)
-
-        def build(entries: tuple[Entry, ...]) -> Manifest:
-            return Manifest(
-                key=key,
-                kind=kind,
-                created=utc_now(),
-                entries=entries,
-                parents=resolved,
-                tags=tags,
-                metrics=metrics,
-                metadata=metadata,
-                message=message,
-                artifact=info.record() if info is not None else {},
-            )
-
-        for attempt in range(1, PUT_ATTEMPTS + 1):
-            try:
-                ref, manifest = self._store_version(
-                    key, items, build, progress, workers, parents=resolved
-                )
-                break
-            except ConcurrentCollectionError:
-                # A collection removed a chunk this put was reusing, before
-                # anything was committed; a new attempt uploads it again.
-                if attempt == PUT_ATTEMPTS:
-                    raise
-        for tag in tags:
+        writer = VersionWriter(
+            self.backend, self.config, self.refs, self.clock, self.load_manifest, self.summary
+        )
+        ref, manifest = writer.commit(Put(record, kind, items, resolved, progress, workers))
+        for tag in record.tags:
             self.refs.set_tag(key, tag, ref.number)
-        return self._version(ref, manifest, tags)
-
-    def _store_version(
-        self,
-        key: str,
-        items: list[SourceItem],
-        build: Callable[[tuple[Entry, ...]], Manifest],
-        progress: ProgressFn | None,
-        workers: int,
-        *,
-        parents: tuple[Parent, ...] = (),
-    ) -> tuple[VersionRef, Manifest]:
-        """Chunks, then the manifest, then the ref; garbage collection cannot take
-        what the ref names (see docs/gc.md and :mod:`cas.gc._session`)."""
-        from ..tensors._writer import TensorWriter
-        from ..transfer._ingest import FormerFiles, Ingestor, build_entries
-
-        session = WriteSession(self.backend, clock=self.clock, workers=workers).start()
-        index = None
-        # The latest version's manifest is read beside the files, not before them.
-        latest = ThreadPoolExecutor(1, thread_name_prefix="cas-latest")
-        try:
-            # One listing of chunks/ instead of a stat per chunk, when cheaper.
-            sizes = (item.size for item in items if item.type == "file")
-            expected = expected_chunks(sizes, self.config.chunker)
-            index = plan_index(self.backend, expected, workers=workers)
-            chunks = ChunkStore(
-                self.backend,
-                level=self.config.zstd_level,
-                refresh_after=session.refresh_after,
-                index=index,
-            )
-            parent_manifests = [self.load_manifest(p.manifest_id) for p in parents]
-            latest_manifest = latest.submit(self._latest_manifest, key, parents)
-            former_kind = latest.submit(self._former_kind, key)
-            ingestor = Ingestor(
-                chunks,
-                self.config.chunker,
-                workers=workers,
-                progress=progress,
-                reference_time=session.reference_time,
-                observer=session.observe,
-                previous=FormerFiles(parent_manifests, latest_manifest).find,
-                tensors=TensorWriter(
-                    chunks,
-                    self.config.chunker,
-                    # Delta bases come from the parents' versions of the same files.
-                    parents=[
-                        (m, p.version) for m, p in zip(parent_manifests, parents, strict=True)
-                    ],
-                    known=latest_manifest,
-                    max_reads=self.config.max_delta_reads,
-                    level=self.config.zstd_level,
-                    fse=self.config.holds_fse,
-                ),
-            )
-            manifest = build(build_entries(items, ingestor))
-            manifest_id = self._write_manifest(manifest)
-            session.adopt(layout.manifest_key(manifest_id))
-            session.before_commit()
-            self.backend.flush()  # chunks and manifest durable before the ref names them
-            summary = Summary.of_manifest(manifest).for_ref()
-            former = former_kind.result()  # read before this version exists
-            ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
-            warn_of_kind_change(ref, former, manifest.kind)
-        finally:
-            latest.shutdown(wait=True)
-            if index is not None:
-                index.close()
-            session.close()
-        return ref, manifest
-
-    def _latest_manifest(self, key: str, parents: tuple[Parent, ...]) -> Sequence[Manifest]:
-        """The manifest of the key's latest version unless a parent: what a new version
-        of a key most often reuses, so its chains spare a header read per reused chunk."""
-        try:
-            latest = self.refs.latest(key)
-        except RefNotFoundError:
-            return []
-        if latest.manifest_id is None or any(p.manifest_id == latest.manifest_id for p in parents):
-            return []
-        return [self.load_manifest(latest.manifest_id)]
-
-    def _former_kind(self, key: str) -> tuple[int, str] | None:
-        """The number and kind of the key's latest version before a put, if it has one."""
-        try:
-            latest = self.refs.latest(key)
-            return latest.number, self.summary(latest).kind
-        except CasError:
-            return None  # none, or unreadable: not worth failing the put over a warning
+        return self._catalog().version(ref, manifest, record.tags)
 
     def _check_workers(self, workers: int | None) -> int:
         if workers is None:
             return self.workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InvalidInputError(f"--jobs must be a whole number >= 1, not {workers!r}")
+            raise InvalidInputError.naming(
+                "{workers} must be a whole number >= 1, not {got!r}", workers="workers", got=workers
+            )
         return workers
-
-    def _write_manifest(self, manifest: Manifest) -> Digest:
-        blob = manifest.to_bytes()
-        manifest_id = Digest.of(blob)
-        # An existing manifest of that name holds identical bytes.
-        with contextlib.suppress(AlreadyExistsError):
-            self.backend.put(layout.manifest_key(manifest_id), blob, if_absent=True)
-        return manifest_id
 
     def _parent(self, text: str) -> Parent:
         ref = self.resolve(text)
-        assert ref.manifest_id is not None
         return Parent(ref.key, ref.number, ref.manifest_id)
 
     # -- reading -----------------------------------------------------------------
+
+    @property
+    def uri(self) -> str:
+        """Where the store lives, as a URI (``file:///...``, ``s3://bucket/prefix``...)."""
+        return self.backend.uri
 
     def resolve(self, text: str) -> VersionRef:
         """Turn ``KEY``, ``KEY@N`` or ``KEY:TAG`` into a live version ref."""
@@ -312,17 +185,24 @@ class Store:
         if reference.tag is not None:
             number = self.refs.read_tag(reference.key, reference.tag)
             ref = self.refs.read_version(reference.key, number)
-            if ref.deleted:
+            if isinstance(ref, DeletedRef):
                 raise RefNotFoundError(f"tag {text} points at deleted version {number}")
             return ref
         if reference.version is not None:
             ref = self.refs.read_version(reference.key, reference.version)
-            if ref.deleted:
+            if isinstance(ref, DeletedRef):
                 raise RefNotFoundError(f"version {text} was deleted")
             return ref
         return self.refs.latest(reference.key)
 
+    def manifest(self, ref: str | VersionRef) -> Manifest:
+        """The manifest of a version (``KEY``, ``KEY@N``, ``KEY:TAG`` or a resolved ref):
+        its files, each with its size, mode, BLAKE3 and chunks."""
+        version_ref = self.resolve(ref) if isinstance(ref, str) else ref
+        return self.load_manifest(version_ref.manifest_id)
+
     def load_manifest(self, manifest_id: Digest) -> Manifest:
+        """The manifest stored under ``manifest_id``, checked against its hash."""
         key = layout.manifest_key(manifest_id)
         try:
             blob = self.backend.get(key)
@@ -331,6 +211,18 @@ class Store:
         if Digest.of(blob) != manifest_id:
             raise CorruptObjectError(f"manifest {manifest_id.hex} does not match its hash")
         return Manifest.from_bytes(blob, name=f"manifest {manifest_id.hex}")
+
+    def open_file(self, entry: Entry, *, label: str, cache: ChunkCache | None = None) -> StoredFile:
+        """Random access to the bytes of one stored file (an entry of a manifest).
+
+        Reads fetch and verify only the chunks that hold the bytes asked for.
+        ``label`` (``KEY@N``) names the version in errors; ``cache`` keeps the
+        chunks last read, and may be shared by several files (by default a
+        file keeps its last chunk, where a safetensors header usually ends).
+        """
+        from ..tensors._safetensors import StoredFile
+
+        return StoredFile(self.chunks, entry, label, cache=cache)
 
     def get(
         self,
@@ -348,14 +240,12 @@ class Store:
         workers = self._check_workers(workers)
         self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
-        assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
         from ..transfer._restore import Restorer
 
         restorer = Restorer(self.chunks, workers=workers, progress=progress)
-        label = f"{version_ref.key}@{version_ref.number}"
-        restorer.restore(manifest, Path(dest), label=label, force=force)
-        return self._version(version_ref, manifest)
+        restorer.restore(manifest, Path(dest), label=version_ref.label, force=force)
+        return self._catalog().version(version_ref, manifest)
 
     def _refuse_replacing_self(self, dest: Path) -> None:
         """A forced restore replaces DEST whole: never when DEST holds this store."""
@@ -386,41 +276,41 @@ class Store:
         artifact any name (or None) will do.
         """
         version_ref = self.resolve(ref)
-        assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
-        label = f"{version_ref.key}@{version_ref.number}"
         from ..tensors._formats import read_tensor
         from ..tensors._safetensors import find_file
 
-        return read_tensor(self.chunks, find_file(manifest, file), name, label=label)
+        return read_tensor(self.chunks, find_file(manifest, file), name, label=version_ref.label)
 
     def show(self, ref: str) -> Details:
+        """A version and the entries of its manifest."""
         version_ref = self.resolve(ref)
-        assert version_ref.manifest_id is not None
         manifest = self.load_manifest(version_ref.manifest_id)
-        return Details(self._version(version_ref, manifest), manifest.entries)
+        return Details(self._catalog().version(version_ref, manifest), manifest.entries)
+
+    def summary(self, ref: VersionRef) -> Summary:
+        """What a version is: from its ref when recorded there, else from its manifest."""
+        return self._catalog().summary(ref)
 
     def log(self, key: str) -> list[Version]:
         """Live versions of ``key``, newest first."""
-        layout.check_key(key)
-        tags = self._tags_by_version(key)
-        out = []
-        for ref in self.refs.live_versions(key, newest_first=True):
-            out.append(self._version(ref, self.summary(ref), tags=tags))
-        if not out:
-            raise RefNotFoundError(f"key {key!r} has no versions")
-        return out
+        return self._catalog().log(key)
 
     def list_keys(self, prefix: str = "") -> list[KeySummary]:
         """Keys under ``prefix`` that have live versions, with their latest version."""
-        out = []
-        for key, numbers in sorted(self.refs.iter_keys(prefix)):
-            del numbers  # read each ref below: some may be tombstones
-            live = list(self.refs.live_versions(key, newest_first=True))
-            if live:
-                latest = self._version(live[0], self.summary(live[0]))
-                out.append(KeySummary(key, len(live), latest))
-        return out
+        return self._catalog().keys(prefix)
+
+    def catalog(self, prefix: str = "") -> list[Version]:
+        """Every live version of every key under ``prefix``, with its current tags.
+
+        By key, then newest first. Read from the version refs alone (each
+        carries a summary of its manifest), in parallel: no manifest is read
+        except for refs written without a summary.
+        """
+        return self._catalog().everything(prefix)
+
+    def _catalog(self) -> Catalog:
+        return Catalog(self.refs, self.load_manifest, self.workers)
 
     # -- tags and deletion ---------------------------------------------------------
 
@@ -429,7 +319,7 @@ class Store:
         layout.check_tag(tag)
         version_ref = self.resolve(ref)
         self.refs.set_tag(version_ref.key, tag, version_ref.number)
-        return self.show(f"{version_ref.key}@{version_ref.number}").version
+        return self.show(version_ref.label).version
 
     def untag(self, key: str, tag: str) -> None:
         layout.check_key(key)
@@ -442,11 +332,13 @@ class Store:
         Space comes back at the next garbage collection after the grace period.
         """
         version_ref = self.resolve(ref)
-        version = self.show(f"{version_ref.key}@{version_ref.number}").version
+        version = self.show(version_ref.label).version
         if version.tags and not force:
-            raise InvalidInputError(
-                f"{version.ref} is tagged ({', '.join(version.tags)}); "
-                "pass --force to delete it and its tags"
+            raise InvalidInputError.naming(
+                "{ref} is tagged ({tags}); {force} to delete it and its tags",
+                ref=version.ref,
+                tags=", ".join(version.tags),
+                force=FORCE,
             )
         for tag in version.tags:
             self.refs.remove_tag(version.key, tag)
@@ -458,9 +350,11 @@ class Store:
         versions = self.log(key)
         tagged = [v for v in versions if v.tags]
         if tagged and not force:
-            raise InvalidInputError(
-                f"{key} has tagged versions ({', '.join(v.ref for v in tagged)}); "
-                "pass --force to delete them and their tags"
+            raise InvalidInputError.naming(
+                "{key} has tagged versions ({refs}); {force} to delete them and their tags",
+                key=key,
+                refs=", ".join(v.ref for v in tagged),
+                force=FORCE,
             )
         return [self.delete(v.ref, force=True) for v in versions]
 
@@ -468,10 +362,22 @@ class Store:
 
     def stats(self) -> Stats:
         """What the store holds: live versions, what they need, what only deltas keep."""
-        from ..gc._verify import iter_live_versions
         from ._stats import measure
 
-        return measure(iter_live_versions(self.refs), self.load_manifest, self.chunks, self.backend)
+        return measure(
+            self.refs, self.load_manifest, self.chunks, self.backend, workers=self.workers
+        )
+
+    def reclaimable(self, versions: Iterable[Version]) -> Reclaimable:
+        """What the next garbage collection frees once ``versions`` are deleted.
+
+        The chunks they keep alive (delta bases included) that no other live
+        version needs, and their manifests unless shared; nothing is deleted.
+        """
+        from ..gc._usage import reclaimable
+
+        doomed = {v.ref: Digest.parse(v.manifest_id) for v in versions}
+        return reclaimable(self.refs, self.load_manifest, doomed, workers=self.workers)
 
     def verify(
         self,
@@ -530,49 +436,6 @@ class Store:
         """Set the grace that writers refresh against and collections default to."""
         return write_settings(self.backend, seconds)
 
-    # -- helpers -------------------------------------------------------------------
-
-    def _tags_by_version(self, key: str) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
-        for tag, number in sorted(self.refs.tags(key).items()):
-            out.setdefault(number, []).append(tag)
-        return out
-
-    def summary(self, ref: VersionRef) -> Summary:
-        """What queries need of a version: from its ref when recorded there, else its manifest."""
-        summary = Summary.from_ref(ref.summary)
-        if summary is None:
-            assert ref.manifest_id is not None
-            summary = Summary.of_manifest(self.load_manifest(ref.manifest_id))
-        return summary
-
-    def _version(
-        self,
-        ref: VersionRef,
-        source: Manifest | Summary,
-        tags: Iterable[str] | dict[int, list[str]] | None = None,
-    ) -> Version:
-        summary = source if isinstance(source, Summary) else Summary.of_manifest(source)
-        if tags is None:
-            tags = self._tags_by_version(ref.key)
-        current = tags.get(ref.number, []) if isinstance(tags, dict) else list(tags)
-        assert ref.manifest_id is not None
-        return Version(
-            key=ref.key,
-            number=ref.number,
-            manifest_id=ref.manifest_id.hex,
-            created=ref.created,
-            kind=summary.kind,
-            size=summary.size,
-            files=summary.files,
-            parents=summary.parents,
-            tags=tuple(current),
-            metrics=dict(summary.metrics),
-            metadata=dict(summary.metadata),
-            message=summary.message,
-            artifact=dict(summary.artifact),
-        )
-
 
 def open(
     location: str | os.PathLike[str] | None = None, *, create: bool = True, **options: Any
@@ -583,4 +446,4 @@ def open(
     return Store.open(location, create=create, **options)
 
 
-__all__ = ["CasError", "Details", "KeySummary", "Stats", "Store", "Version", "open"]
+__all__ = ["CasError", "Details", "KeySummary", "Reclaimable", "Stats", "Store", "Version", "open"]

@@ -11,47 +11,48 @@ the same tensor range.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from ..backends import Backend
 from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..repository import _layout as layout
+from ..repository._live import LiveVersions
 from ..repository._manifest import ChunkRef, Manifest
-from ..repository._refs import VersionRef
+from ..repository._refs import Refs
 from ._values import Stats
 
 
 def measure(
-    live_versions: Iterator[VersionRef],
+    refs: Refs,
     load_manifest: Callable[[Digest], Manifest],
     chunks: ChunkStore,
     backend: Backend,
+    *,
+    workers: int = 1,
 ) -> Stats:
-    """Sizes and counts of the store that holds ``live_versions``."""
+    """Sizes and counts of the store behind ``refs``, walked as garbage collection walks it."""
     keys: set[str] = set()
     versions = logical = 0
     named: dict[bytes, ChunkRef] = {}  # chunks live versions name, by raw digest
-    bases: set[bytes] = set()
+    needed: set[bytes] = set()  # and what they keep alive: those and their delta bases
     live_manifests: set[str] = set()
-    for ref in live_versions:
-        assert ref.manifest_id is not None
-        manifest = load_manifest(ref.manifest_id)
+    walk = LiveVersions(refs, lambda ref: load_manifest(ref.manifest_id), workers=workers)
+    for ref, manifest in walk:
         live_manifests.add(layout.manifest_key(ref.manifest_id))
         keys.add(ref.key)
         versions += 1
         logical += manifest.size
+        needed.update(digest.raw for _, digest, _ in manifest.live_chunks())
         for entry in manifest.entries:
             for chunk in entry.chunks:
                 named[chunk.digest.raw] = chunk
-                bases.update(base.raw for base in chunk.bases)
     stored_sizes = {digest.raw: info.size for digest, info in chunks.list_chunks()}
-    base_only = bases - named.keys()
+    base_only = needed - named.keys()
     manifest_bytes = live_manifest_bytes = 0
     for info in backend.list_objects(layout.MANIFESTS):
         manifest_bytes += info.size
         live_manifest_bytes += info.size if info.key in live_manifests else 0
-    needed = named.keys() | bases
     base_only_bytes = sum(stored_sizes.get(raw, 0) for raw in base_only)
     return Stats(
         keys=len(keys),

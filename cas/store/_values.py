@@ -1,39 +1,47 @@
-"""What the Store hands back: immutable, typed results with JSON forms."""
+"""What the Store hands back: immutable, typed results with JSON forms.
+
+``Reclaimable`` is made by the gc layer, which counts what is live.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
+from ..gc._usage import Reclaimable
 from ..repository._manifest import Entry
-from ..repository._metadata import ArtifactInfo
+from ..repository._metadata import ArtifactInfo, Summary
+from ..repository._refs import VersionRef
 
 
-@dataclass(frozen=True, slots=True)
-class Version:
-    """One committed version of a key, as users see it."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Version(Summary):
+    """One committed version of a key, as users see it.
+
+    What the version is (kind, size, files, parents, metrics, metadata,
+    message, typed ``artifact`` fields) is its :class:`Summary`; a version
+    adds its name, its manifest and when it was committed, and carries its
+    current tags. A version is identified by its key, number and manifest.
+    """
 
     key: str
     number: int
     manifest_id: str
     created: str
-    kind: str
-    size: int
-    files: int
-    parents: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
-    # Mappings are wrapped read-only and left out of the hash (a version is
-    # identified by its key, number and manifest; these only describe it).
-    metrics: Mapping[str, float] = field(default_factory=dict, hash=False)
-    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    message: str = ""
-    artifact: Mapping[str, Any] = field(default_factory=dict, hash=False)  # typed fields set
 
-    def __post_init__(self) -> None:
-        for name in ("metrics", "metadata", "artifact"):
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+    @classmethod
+    def of(cls, ref: VersionRef, summary: Summary, tags: Iterable[str]) -> Version:
+        """The version ``ref`` names, described by ``summary``, with its current ``tags``."""
+        described = summary.described()
+        described["tags"] = tuple(tags)
+        return cls(
+            **described,
+            key=ref.key,
+            number=ref.number,
+            manifest_id=ref.manifest_id.hex,
+            created=ref.created,
+        )
 
     @property
     def ref(self) -> str:
@@ -58,15 +66,7 @@ class Version:
             "version": self.number,
             "manifest": self.manifest_id,
             "created": self.created,
-            "kind": self.kind,
-            "size": self.size,
-            "files": self.files,
-            "parents": list(self.parents),
-            "tags": list(self.tags),
-            "metrics": dict(self.metrics),
-            "metadata": dict(self.metadata),
-            "message": self.message,
-            "artifact": dict(self.artifact),
+            **Summary.to_dict(self),
         }
 
 
@@ -141,3 +141,6 @@ class Stats:
             "compression_ratio": round(self.compression_ratio, 4),
             "total_ratio": round(self.total_ratio, 4),
         }
+
+
+__all__ = ["Details", "KeySummary", "Reclaimable", "Stats", "Version"]

@@ -22,17 +22,18 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..chunks._chunking import ChunkerParams
 from ..chunks._floatcodec import Layout
+from ..digest import Digest, StreamingHasher
 from ..errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:
     from ..chunks._store import ChunkStore
-    from ..digest import Digest
     from ..repository._manifest import Entry, Manifest
 
 # A header larger than this is not a plausible safetensors header (the
@@ -318,38 +319,52 @@ def chunk_keys(header: Header, lengths: list[int]) -> Iterator[tuple[Piece, ...]
 # -- reading stored files ----------------------------------------------------------------
 
 
+class ChunkCache:
+    """The chunks last read, by digest, verified: a tensor's neighbours usually share
+    its edge chunks, and a safetensors header's length and JSON its first chunk."""
+
+    def __init__(self, capacity: int = 16) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, chunks: ChunkStore, digest: Digest, context: str) -> bytes:
+        data = self.items.get(digest.raw)
+        if data is None:
+            data = chunks.get(digest, context=context)
+            self.items[digest.raw] = data
+            if len(self.items) > self.capacity:
+                self.items.popitem(last=False)
+        else:
+            self.items.move_to_end(digest.raw)
+        return data
+
+
 class StoredFile:
     """Byte ranges of a stored file, fetching (and verifying) only the chunks that hold them.
 
-    ``fetch`` gets a chunk by digest (``context`` names the file in errors);
-    by default the last chunk read is kept, since a safetensors header's
-    length and its JSON usually share the first chunk.
+    Chunks are read through ``cache``, which several files may share; by
+    default a file keeps its last chunk only.
     """
 
     def __init__(
-        self,
-        chunks: ChunkStore,
-        entry: Entry,
-        label: str,
-        fetch: Callable[[Digest, str], bytes] | None = None,
+        self, chunks: ChunkStore, entry: Entry, label: str, *, cache: ChunkCache | None = None
     ) -> None:
         self.chunks = chunks
         self.entry = entry
         self.label = label
         self.starts = entry.chunk_offsets()
-        self._fetch = fetch or self._fetch_keeping_last
-        self._last: tuple[bytes, bytes] | None = None
+        self.cache = cache or ChunkCache(capacity=1)
+        self._context = f"{label}: file {entry.path!r}"
 
     def pieces(self, start: int, end: int) -> list[bytes]:
         """The bytes [start, end) of the file, as slices of the chunks that hold them."""
         end = min(end, self.entry.size)
         if end <= start:
             return []
-        context = f"{self.label}: file {self.entry.path!r}"
         parts = []
         index = bisect.bisect_right(self.starts, start) - 1
         while index < len(self.starts) and self.starts[index] < end:
-            data = self._fetch(self.entry.chunks[index].digest, context)
+            data = self.chunk(index)
             base = self.starts[index]
             parts.append(data[max(start - base, 0) : min(end - base, len(data))])
             index += 1
@@ -358,15 +373,34 @@ class StoredFile:
     def read(self, start: int, length: int) -> bytes:
         return b"".join(self.pieces(start, start + length))
 
-    def _fetch_keeping_last(self, digest: Digest, context: str) -> bytes:
-        if self._last is not None and self._last[0] == digest.raw:
-            return self._last[1]
-        data = self.chunks.get(digest, context=context)
-        self._last = (digest.raw, data)
-        return data
+    def chunk(self, index: int) -> bytes:
+        """The whole chunk ``index`` of the file (in file order), verified."""
+        return self.cache.get(self.chunks, self.entry.chunks[index].digest, self._context)
 
     def header(self) -> Header:
         return parse_header(self.read, self.entry.size)
+
+    def covering(self, start: int, end: int) -> tuple[int, int]:
+        """Indexes [first, last] of the chunks holding bytes [start, end)."""
+        first = bisect.bisect_right(self.starts, start) - 1
+        last = bisect.bisect_right(self.starts, max(start, end - 1)) - 1
+        return max(first, 0), max(last, 0)
+
+    def signature(self, start: int, end: int) -> tuple[int, tuple[bytes, ...], int]:
+        """Names the bytes [start, end) by chunk digests, reading nothing: two ranges
+        with equal signatures hold equal bytes (unequal ones may too)."""
+        if end <= start:
+            return 0, (), 0
+        first, last = self.covering(start, end)
+        digests = tuple(c.digest.raw for c in self.entry.chunks[first : last + 1])
+        return start - self.starts[first], digests, end - start
+
+    def digest(self, start: int, end: int) -> Digest:
+        """The BLAKE3 of the bytes [start, end)."""
+        hasher = StreamingHasher()
+        for piece in self.pieces(start, end):
+            hasher.update(piece)
+        return hasher.digest()
 
 
 def find_file(manifest: Manifest, path: str | None) -> Entry:

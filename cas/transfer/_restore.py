@@ -80,8 +80,10 @@ class Restorer:
         check_entries(manifest.entries)
         dest = Path(os.path.abspath(dest))
         if os.path.lexists(dest) and not force:
-            raise DestinationExistsError(
-                f"destination {dest} already exists; choose another or pass --force"
+            raise DestinationExistsError.naming(
+                "destination {dest} already exists; choose another or {force}",
+                dest=dest,
+                force="pass force=True",
             )
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
