@@ -83,6 +83,7 @@ class CloudBackend(Backend):
 
     remote = True
     list_page_size = 1000  # a listing request answers up to 1,000 names on S3 and GCS
+    default_concurrency: ClassVar[int] = OBJECT_STORE_CONCURRENCY
 
     #: URI scheme (``s3``), name of the service in messages (``S3``), the
     #: article before it, and what the service calls a bucket.

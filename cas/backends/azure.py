@@ -24,16 +24,7 @@ from azure.storage.blob import BlobServiceClient, ExponentialRetry
 from urllib3.util.retry import Retry
 
 from ..errors import BackendError, CasError, ConfigurationError
-from ._cloud import (
-    OBJECT_STORE_CONCURRENCY,
-    CloudBackend,
-    Fault,
-    Listed,
-    OptionReader,
-    Request,
-    as_is,
-    is_transient_status,
-)
+from ._cloud import CloudBackend, Fault, Listed, OptionReader, Request, as_is, is_transient_status
 from .base import BytesLike
 
 _Adapter: type[requests.adapters.HTTPAdapter]
@@ -78,7 +69,7 @@ class AzureBackend(CloudBackend):
         credential: Any = None,
         account_url: str | None = None,
         api_version: str | None = None,
-        concurrency: int = OBJECT_STORE_CONCURRENCY,
+        concurrency: int = CloudBackend.default_concurrency,
         page_size: int = 5000,
         max_attempts: int = 4,
     ) -> None:

@@ -25,16 +25,7 @@ from google.cloud import storage
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from ..errors import BackendError, CasError, ConfigurationError, PreconditionFailedError
-from ._cloud import (
-    OBJECT_STORE_CONCURRENCY,
-    CloudBackend,
-    Fault,
-    Listed,
-    OptionReader,
-    Request,
-    as_is,
-    is_transient_status,
-)
+from ._cloud import CloudBackend, Fault, Listed, OptionReader, Request, as_is, is_transient_status
 from .base import BytesLike
 
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
@@ -75,7 +66,7 @@ class GCSBackend(CloudBackend):
         project: str | None = None,
         emulator_host: str | None = None,
         endpoint_url: str | None = None,
-        concurrency: int = OBJECT_STORE_CONCURRENCY,
+        concurrency: int = CloudBackend.default_concurrency,
         touch: str | None = None,
         timeout: float = 60.0,
         retry_timeout: float = 60.0,

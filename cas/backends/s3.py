@@ -27,16 +27,7 @@ from botocore.config import Config
 from botocore.handlers import add_expect_header
 
 from ..errors import BackendError, CasError, ConfigurationError
-from ._cloud import (
-    OBJECT_STORE_CONCURRENCY,
-    CloudBackend,
-    Fault,
-    Listed,
-    OptionReader,
-    Request,
-    as_is,
-    is_transient_status,
-)
+from ._cloud import CloudBackend, Fault, Listed, OptionReader, Request, as_is, is_transient_status
 from .base import BytesLike
 
 MiB = 1024 * 1024
@@ -105,7 +96,7 @@ class S3Backend(CloudBackend):
         *,
         multipart_threshold: int = 64 * MiB,
         part_size: int = 16 * MiB,
-        concurrency: int = OBJECT_STORE_CONCURRENCY,
+        concurrency: int = CloudBackend.default_concurrency,
         max_attempts: int = 5,
         region: str | None = None,
         endpoint_url: str | None = None,
