@@ -132,6 +132,14 @@ class UnsupportedFormatError(StoreError):
     """The store was written in a format version this cas does not read."""
 
 
+class BackgroundSaveError(CasError):
+    """A save that ran in the background failed: the checkpoint it names was not stored.
+
+    Raised by the next save, by ``wait()`` and at interpreter exit, chained to
+    the error the upload met, so a failed upload is never silent.
+    """
+
+
 class ConcurrentCollectionError(CasError):
     """A garbage collection removed an object a put was reusing; nothing was committed.
 

@@ -17,15 +17,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from ..errors import ConfigurationError, InvalidInputError, RefNotFoundError
 from ..repository import _layout as layout
 from ..repository._metadata import ArtifactInfo
 from ..tensors._safetensors import parse_header
+from ._background import BackgroundUploader
 
 if TYPE_CHECKING:
     from ..store import Store, Version
@@ -156,6 +158,14 @@ def _torch_tensors(state: Mapping[str, Any]) -> Iterator[tuple[str, str, tuple[i
         # Raw bytes through a uint8 view: works for bfloat16, which numpy lacks.
         data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
         yield name, dtype, tuple(tensor.shape), data
+
+
+def _nbytes(state: Mapping[str, Any], torch: bool) -> int:
+    """The bytes a host copy of ``state`` takes, known before copying it."""
+    if torch:
+        return sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "numel"))
+    np = _numpy()
+    return sum(np.asarray(v).nbytes for v in state.values())
 
 
 # -- store helpers -----------------------------------------------------------------------
@@ -315,6 +325,13 @@ class CheckpointManager:
     Each :meth:`save` is a new version whose parent is the previous one, so
     ``cas lineage`` shows the run as a chain and ``cas prune --keep-best``
     can thin it by any metric.
+
+    ``save(..., background=True)`` copies the tensors to host memory and
+    returns; a worker stores the copy. The copies waiting to be stored stay
+    within ``memory_budget`` bytes (default: a quarter of the machine's
+    memory): a save that would exceed it waits. A failed background save
+    raises :class:`~cas.errors.BackgroundSaveError` at the next save, at
+    :meth:`wait` and at exit.
     """
 
     def __init__(
@@ -326,6 +343,7 @@ class CheckpointManager:
         framework: Literal["auto", "torch", "numpy"] = "auto",
         info: ArtifactInfo | None = None,
         parent: str | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         self.store = store
         #: What the run's first checkpoint derives from (a dataset, a base model).
@@ -334,12 +352,45 @@ class CheckpointManager:
         self.key = layout.check_key(key or f"runs/{run}/checkpoint")
         self.framework = framework
         self.info = info or ArtifactInfo(type="checkpoint", job=run)
+        self.memory_budget = memory_budget
+        self._uploader: BackgroundUploader | None = None
 
     def _is_torch(self, state: Mapping[str, Any]) -> bool:
         if self.framework != "auto":
             return self.framework == "torch"
         first = next(iter(state.values()), None)
         return type(first).__module__.startswith("torch")
+
+    @property
+    def uploader(self) -> BackgroundUploader:
+        """The worker that runs this manager's background saves (made on first use)."""
+        if self._uploader is None:
+            self._uploader = BackgroundUploader(self.memory_budget)
+        return self._uploader
+
+    @overload
+    def save(
+        self,
+        state: Mapping[str, Any],
+        step: int,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        tags: Iterable[str] = (),
+        message: str = "",
+        background: Literal[False] = False,
+    ) -> Version: ...
+
+    @overload
+    def save(
+        self,
+        state: Mapping[str, Any],
+        step: int,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        tags: Iterable[str] = (),
+        message: str = "",
+        background: Literal[True],
+    ) -> Future[Version]: ...
 
     def save(
         self,
@@ -349,23 +400,67 @@ class CheckpointManager:
         *,
         tags: Iterable[str] = (),
         message: str = "",
+        background: bool = False,
+    ) -> Version | Future[Version]:
+        """Store ``state`` (a torch state_dict or numpy arrays) as the checkpoint of ``step``.
+
+        With ``background=True`` the tensors are copied to host memory and a
+        future of the version is returned at once; see the class docstring.
+        """
+        if self._uploader is not None:
+            self._uploader.check()
+        metrics = {**(metrics or {}), "step": step}
+        torch = self._is_torch(state)
+        fmt = "pt" if torch else "np"
+        tensors = _torch_tensors if torch else _array_tensors
+        tags = tuple(tags)
+        if not background:
+            if self._uploader is not None:
+                # In order: the background saves before this one are its ancestors.
+                self._uploader.wait(self.key)
+            return self._put(tensors(state), fmt, metrics, tags, message)
+        uploader = self.uploader
+        nbytes = _nbytes(state, torch)
+        uploader.reserve(nbytes, f"the checkpoint of step {step} of {self.key}")
+        try:
+            snapshot = list(tensors(state))
+        except BaseException:
+            uploader.release(nbytes)
+            raise
+        return uploader.submit(
+            self.key,
+            f"{self.key} step {step}",
+            lambda: self._put(iter(snapshot), fmt, metrics, tags, message),
+            hold=nbytes,
+        )
+
+    def wait(self) -> None:
+        """Wait for this manager's background saves; raise the first that failed."""
+        if self._uploader is not None:
+            self._uploader.wait(self.key)
+
+    def _put(
+        self,
+        tensors: Iterable[tuple[str, str, tuple[int, ...], bytes]],
+        fmt: str,
+        metrics: Mapping[str, float],
+        tags: tuple[str, ...],
+        message: str,
     ) -> Version:
-        """Store ``state`` (a torch state_dict or numpy arrays) as the checkpoint of ``step``."""
         try:
             parent: str | None = self.store.log(self.key)[0].ref
         except RefNotFoundError:
             parent = self.parent
-        metrics = {**(metrics or {}), "step": step}
-        helper = save_state_dict if self._is_torch(state) else save_arrays
-        return helper(
+        return _save(
             self.store,
             self.key,
-            state,
+            tensors,
             metrics=metrics,
             parent=parent,
             info=self.info,
             tags=tags,
             message=message,
+            fmt=fmt,
         )
 
     def _load(self, version: Version) -> Checkpoint:
@@ -383,6 +478,8 @@ class CheckpointManager:
         )
 
     def versions(self) -> list[Version]:
+        if self._uploader is not None:
+            self._uploader.wait_below(self.key, 1)  # the saves still in flight are versions too
         try:
             return self.store.log(self.key)
         except RefNotFoundError:
