@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         get_storage_backend,
         get_storage_from_uri,
     )
+    from .ml.storage_manager import ArtifactMetadata, StorageManager, get_storage_manager
     from .repository._metadata import ArtifactInfo
     from .store import Details, KeySummary, Stats, Store, Version, open
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = [
     "ArtifactInfo",
+    "ArtifactMetadata",
     "CasError",
     "Details",
     "GcReport",
@@ -46,12 +48,14 @@ __all__ = [
     "NotFoundError",
     "Stats",
     "Storage",
+    "StorageManager",
     "Store",
     "VerifyReport",
     "Version",
     "get_default_storage",
     "get_storage_backend",
     "get_storage_from_uri",
+    "get_storage_manager",
     "open",
 ]
 
@@ -63,6 +67,9 @@ _HOMES = {
     "get_default_storage": "ml.plain_storage",
     "get_storage_backend": "ml.plain_storage",
     "get_storage_from_uri": "ml.plain_storage",
+    "ArtifactMetadata": "ml.storage_manager",
+    "StorageManager": "ml.storage_manager",
+    "get_storage_manager": "ml.storage_manager",
     "Details": "store",
     "KeySummary": "store",
     "Stats": "store",
