@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import threading
@@ -181,7 +182,9 @@ def test_one_upload_per_key_at_a_time_and_keys_in_parallel() -> None:
         return n
 
     futures = [
-        uploader.submit(k, f"{k}{n}", lambda k=k, n=n: job(k, n)) for n in range(4) for k in "ab"
+        uploader.submit(key, f"{key}{n}", functools.partial(job, key, n))
+        for n in range(4)
+        for key in "ab"
     ]
     uploader.wait()
     assert [f.result() for f in futures] == [n for n in range(4) for _ in "ab"]

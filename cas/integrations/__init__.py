@@ -1,0 +1,1 @@
+"""Integrations with the frameworks where checkpoints are born; each module imports its own."""
