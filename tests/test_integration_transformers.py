@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from helpers import snapshot
 from peft import LoraConfig
-from test_background_saves import SlowBackend
+from test_background_saves import SlowBackend, failing_store
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
@@ -41,7 +41,6 @@ from cas.integrations.transformers import (
     restore_checkpoint,
 )
 from cas.store import Store
-from cas.testing.faults import FaultyBackend
 
 KEY = "runs/bert"
 
@@ -203,11 +202,6 @@ def test_resume_from_a_stored_checkpoint_goes_on_along_its_chain(
     resumed = callback.versions[4]
     assert resumed.parents == (f"{KEY}@1",)  # from the checkpoint it resumed from
     assert resumed.metrics["step"] == 4
-
-
-def failing_store(path: Path) -> Store:
-    base = Store.init(path)
-    return Store(FaultyBackend(base.backend, fail_on={"put"}, prefix="chunks/"), base.config)
 
 
 def test_a_failed_background_upload_stops_training_and_keeps_the_files(tmp_path: Path) -> None:

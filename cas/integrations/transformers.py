@@ -108,7 +108,8 @@ class CasCallback(TrainerCallback):
         # and the one kept for load_best_model_at_end.
         self._stored: deque[_Save] = deque()
         self._kept: Path | None = None
-        self._uploader = BackgroundUploader() if background else None
+        #: The worker that runs the background saves (None when saving in the foreground).
+        self.uploader = BackgroundUploader() if background else None
 
     # -- trainer events ---------------------------------------------------------------
 
@@ -142,14 +143,14 @@ class CasCallback(TrainerCallback):
             needed=bool(args.load_best_model_at_end)
             and state.best_global_step == state.global_step,
         )
-        if self._uploader is None:
+        if self.uploader is None:
             self._store_checkpoint(save, folder)
             self._drop_stored()
             return
-        self._uploader.check()
-        self._uploader.wait_below(self.key, self.max_pending)
+        self.uploader.check()
+        self.uploader.wait_below(self.key, self.max_pending)
         copy = _link_copy(folder, _output_dir(args) / PENDING_FOLDER / folder.name)
-        self._uploader.submit(
+        self.uploader.submit(
             self.key,
             f"{folder.name} to {self.key} (its files wait in {copy})",
             lambda: self._store_checkpoint(save, copy),
@@ -176,8 +177,8 @@ class CasCallback(TrainerCallback):
 
     def wait(self) -> None:
         """Wait for the background uploads; raise the first that failed."""
-        if self._uploader is not None:
-            self._uploader.wait(self.key)
+        if self.uploader is not None:
+            self.uploader.wait(self.key)
 
     # -- storing ----------------------------------------------------------------------
 
