@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,11 @@ def test_model_checkpoint_top_k_writes_versions_and_tags(tmp_path: Path) -> None
         assert len(version.parents) == 1  # each derives from the one saved before it
     # Every version Lightning saved got a number; the ones removed are tombstones now.
     assert max(v.number for v in live) == 8
+    # The records inside are named as Lightning names them, the same in every
+    # version whatever the file is called, so unchanged tensors keep their bytes.
+    store.get(best.ref, tmp_path / "best.ckpt")
+    with zipfile.ZipFile(tmp_path / "best.ckpt") as archive:
+        assert {name.split("/")[0] for name in archive.namelist()} == {"archive"}
 
 
 def test_resume_from_a_reference_and_load_by_path(tmp_path: Path) -> None:

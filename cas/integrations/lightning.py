@@ -41,7 +41,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from ..errors import CasError, RefNotFoundError
+from ..errors import InvalidInputError, RefNotFoundError
 from ..ml._background import BackgroundUploader
 from ..store import ArtifactInfo, Store, Version
 from ._common import Chain, finite_metrics, open_store
@@ -150,7 +150,11 @@ class CasCheckpointIO(CheckpointIO):
             tags.append("last")
         with tempfile.TemporaryDirectory(prefix="cas-ckpt-") as scratch:
             file = Path(scratch) / Path(name).name
-            torch.save(checkpoint, file)
+            with open(file, "wb") as stream:
+                # Written through a stream, the zip's records are named "archive/...", as
+                # Lightning's own saves are; saved to a path, torch would name them after
+                # the file, which changes every checkpoint and moves every record's bytes.
+                torch.save(checkpoint, stream)
             version = self._chain.put(
                 file, metrics=metrics, metadata={"path": name}, info=self.info, tags=tags
             )
@@ -179,8 +183,8 @@ class CasCheckpointIO(CheckpointIO):
             return stored[0]
         try:
             return self.store.show(name).version.ref
-        except CasError:
-            pass
+        except (InvalidInputError, RefNotFoundError):
+            pass  # not a reference (a path), or one that names nothing
         raise RefNotFoundError(
             f"no checkpoint {name!r} in {self.key}: not a path saved there, nor a reference"
         )
