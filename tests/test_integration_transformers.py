@@ -149,7 +149,7 @@ def test_every_checkpoint_is_a_version_with_metrics_tags_and_typed_fields(
         version = versions[number]
         assert version.parents == ((f"{KEY}@{number - 1}",) if number > 1 else ())
         assert version.metrics["step"] == step
-        assert {"loss", "eval_loss", "epoch"} <= set(version.metrics)
+        assert set(version.metrics) == {"loss", "eval_loss", "epoch", "step"}
         evals = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == step]
         assert version.metrics["eval_loss"] == evals[-1]["eval_loss"]
         assert version.info.to_dict() | {"metrics": {}, "created": None} == {

@@ -47,6 +47,9 @@ log = logging.getLogger("cas.integrations.transformers")
 
 __all__ = ["CasCallback", "restore_checkpoint"]
 
+# The suffixes of the Trainer's speed metrics (transformers' speed_metrics()).
+_SPEED_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second", "_compilation_time")
+
 #: Where background saves keep their hard-linked copy of a checkpoint folder,
 #: inside the output folder (one file system, so links work) but outside the
 #: ``checkpoint-*`` pattern the trainer rotates and resumes from.
@@ -276,7 +279,7 @@ def restore_checkpoint(
 
 
 def _metrics(state: TrainerState) -> dict[str, float]:
-    """The latest training loss and eval metrics of the log, with step and epoch."""
+    """The latest training loss and eval metrics of the log (not eval speed), step and epoch."""
     out: dict[str, float] = {}
     for entry in state.log_history:
         out.update(finite_metrics((k, v) for k, v in entry.items() if _is_kept(k)))
@@ -287,7 +290,10 @@ def _metrics(state: TrainerState) -> dict[str, float]:
 
 
 def _is_kept(name: str) -> bool:
-    return name in ("loss", "train_loss") or name.startswith("eval_")
+    # Model metrics, not how fast the evaluation ran (eval_runtime, eval_samples_per_second...).
+    if name.startswith("eval_"):
+        return not name.endswith(_SPEED_METRICS)
+    return name in ("loss", "train_loss")
 
 
 def _output_dir(args: TrainingArguments) -> Path:
