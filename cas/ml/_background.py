@@ -13,8 +13,9 @@ runs the second halves:
   it), :meth:`wait` and interpreter exit raise
   :class:`~cas.errors.BackgroundSaveError`, chained to the cause.
 
-Workers are daemon threads, so a process that exits is never held up by a
-hung store, and an ``atexit`` hook waits for the uploads still pending.
+When the interpreter shuts down, the uploads still pending are waited for
+(a checkpoint is not dropped because the script ended), and a failure among
+them is raised at exit.
 """
 
 from __future__ import annotations
@@ -183,17 +184,27 @@ class BackgroundUploader:
 
 
 _live: weakref.WeakSet[BackgroundUploader] = weakref.WeakSet()
+_unreported: list[BackgroundSaveError] = []
 
 
-@atexit.register
-def _wait_at_exit() -> None:
-    # Daemon workers would die with the interpreter: finish what was queued,
-    # and make a failure that no one was told of loud.
-    failures = []
+def _finish_pending() -> None:
+    # Daemon workers would die with the interpreter: finish what was queued.
     for uploader in list(_live):
         try:
             uploader.wait()
         except BackgroundSaveError as err:
-            failures.append(err)
-    if failures:
-        raise failures[0]
+            _unreported.append(err)
+
+
+@atexit.register
+def _raise_unreported() -> None:
+    # A failure that no one was told of is raised here, for Python to print.
+    if _unreported:
+        raise _unreported[0]
+
+
+# Pending uploads finish when the interpreter starts to shut down, as the
+# standard thread pools do: before the atexit handlers, which may remove the
+# temporary folders an upload still reads.
+_register = getattr(threading, "_register_atexit", atexit.register)
+_register(_finish_pending)
