@@ -340,9 +340,11 @@ class Store:
                 tags=", ".join(version.tags),
                 force=FORCE,
             )
-        for tag in version.tags:
-            self.refs.remove_tag(version.key, tag)
-        self.refs.mark_deleted(version_ref)
+        # Deleting is how space is freed: on a full device it may use the reserve.
+        with self.backend.drawing_on_reserve():
+            for tag in version.tags:
+                self.refs.remove_tag(version.key, tag)
+            self.refs.mark_deleted(version_ref)
         return version
 
     def delete_all(self, key: str, *, force: bool = False) -> list[Version]:
@@ -415,7 +417,9 @@ class Store:
         """Delete chunks and manifests no version needs, older than ``grace`` seconds.
 
         Safe while others put, as long as ``grace`` is at least the store's
-        setting (the default when None); see docs/gc.md.
+        setting (the default when None); see docs/gc.md. Also removes what
+        writers that died left: their markers, temporary files and partial
+        uploads. Works on a full device (it may use the store's reserve).
         """
         from ..gc._collect import collect
 
@@ -435,6 +439,10 @@ class Store:
     def set_gc_grace(self, seconds: float) -> GcSettings:
         """Set the grace that writers refresh against and collections default to."""
         return write_settings(self.backend, seconds)
+
+    def set_gc_lease(self, seconds: float) -> GcSettings:
+        """Set how long a marker may go unrenewed before its put or collection counts as dead."""
+        return write_settings(self.backend, lease=seconds)
 
 
 def open(

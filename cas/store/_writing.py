@@ -238,7 +238,10 @@ class VersionWriter:
         self.backend.flush()  # chunks and manifest durable before the ref names them
         summary = Summary.of_manifest(manifest).for_ref()
         former = former_kind.result()  # read before this version exists
-        ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
+        ref = session.commit(  # the commit point
+            lambda: self.refs.create_next(key, manifest_id, summary=summary),
+            self.refs.mark_deleted,
+        )
         # The warning points at the caller of Store.put, five frames up.
         warn_of_kind_change(ref, former, manifest.kind, stacklevel=6)
         return ref
