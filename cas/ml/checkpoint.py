@@ -26,6 +26,7 @@ from ..errors import ConfigurationError, InvalidInputError, RefNotFoundError
 from ..repository import _layout as layout
 from ..repository._metadata import ArtifactInfo
 from ..tensors._safetensors import parse_header
+from ._retry import save_with_retries
 
 if TYPE_CHECKING:
     from ..store import Store, Version
@@ -181,6 +182,8 @@ def _save(
     tags: Iterable[str],
     message: str,
     fmt: str,
+    if_changed: bool = False,
+    idempotency_token: str | None = None,
 ) -> Version:
     with _scratch() as directory:
         path = directory / FILENAME
@@ -196,6 +199,8 @@ def _save(
             metrics=metrics,
             message=message,
             info=info or ArtifactInfo(type="checkpoint"),
+            if_changed=if_changed,
+            idempotency_token=idempotency_token,
         )
 
 
@@ -209,8 +214,13 @@ def save_arrays(
     info: ArtifactInfo | None = None,
     tags: Iterable[str] = (),
     message: str = "",
+    if_changed: bool = False,
+    idempotency_token: str | None = None,
 ) -> Version:
-    """Store a dict of numpy arrays as a safetensors file, the next version of ``key``."""
+    """Store a dict of numpy arrays as a safetensors file, the next version of ``key``.
+
+    ``if_changed`` and ``idempotency_token`` are those of :meth:`Store.put`.
+    """
     return _save(
         store,
         key,
@@ -221,6 +231,8 @@ def save_arrays(
         tags=tags,
         message=message,
         fmt="np",
+        if_changed=if_changed,
+        idempotency_token=idempotency_token,
     )
 
 
@@ -249,8 +261,13 @@ def save_state_dict(
     info: ArtifactInfo | None = None,
     tags: Iterable[str] = (),
     message: str = "",
+    if_changed: bool = False,
+    idempotency_token: str | None = None,
 ) -> Version:
-    """Store a PyTorch ``state_dict`` as a safetensors file, the next version of ``key``."""
+    """Store a PyTorch ``state_dict`` as a safetensors file, the next version of ``key``.
+
+    ``if_changed`` and ``idempotency_token`` are those of :meth:`Store.put`.
+    """
     return _save(
         store,
         key,
@@ -261,6 +278,8 @@ def save_state_dict(
         tags=tags,
         message=message,
         fmt="pt",
+        if_changed=if_changed,
+        idempotency_token=idempotency_token,
     )
 
 
@@ -349,23 +368,38 @@ class CheckpointManager:
         *,
         tags: Iterable[str] = (),
         message: str = "",
+        idempotency_token: str | None = None,
     ) -> Version:
-        """Store ``state`` (a torch state_dict or numpy arrays) as the checkpoint of ``step``."""
-        try:
-            parent: str | None = self.store.log(self.key)[0].ref
-        except RefNotFoundError:
-            parent = self.parent
+        """Store ``state`` (a torch state_dict or numpy arrays) as the checkpoint of ``step``.
+
+        Saving never duplicates a checkpoint. A transient failure is retried
+        as the same save (with one idempotency token, the one given or a new
+        one), so a retry returns the version an earlier attempt committed.
+        A save of the same step with the same content and metrics as the
+        latest checkpoint (a save repeated after a restart) returns that
+        checkpoint instead of storing it again.
+        """
+        versions = self.versions()
+        parent = versions[0].ref if versions else self.parent
+        if versions and versions[0].metrics.get("step") == step:
+            # The step again: derived from what the latest one derives from.
+            parent = versions[0].parents[0] if versions[0].parents else self.parent
         metrics = {**(metrics or {}), "step": step}
         helper = save_state_dict if self._is_torch(state) else save_arrays
-        return helper(
-            self.store,
-            self.key,
-            state,
-            metrics=metrics,
-            parent=parent,
-            info=self.info,
-            tags=tags,
-            message=message,
+        return save_with_retries(
+            lambda token: helper(
+                self.store,
+                self.key,
+                state,
+                metrics=metrics,
+                parent=parent,
+                info=self.info,
+                tags=tags,
+                message=message,
+                if_changed=True,
+                idempotency_token=token,
+            ),
+            idempotency_token,
         )
 
     def _load(self, version: Version) -> Checkpoint:
