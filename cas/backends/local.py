@@ -149,8 +149,10 @@ class LocalBackend(Backend):
         self._unsynced_bytes = 0
         self._writeback: threading.Thread | None = None
         self._reserve_checked = False
-        # Cleanups in progress that may draw on the reserve (see drawing_on_reserve).
+        # Cleanups in progress that may draw on the reserve (see drawing_on_reserve),
+        # and whether one of them did.
         self._drawing = 0
+        self._released = False
 
     @property
     def local_root(self) -> Path:
@@ -474,35 +476,50 @@ class LocalBackend(Backend):
                 os.unlink(os.path.join(self._root, name))
 
     def ensure_reserve(self) -> None:
-        """Keep RESERVE_SIZE bytes allocated in a file at the root, if there is room.
+        """Keep RESERVE_SIZE bytes allocated in a file at the root, or as much as fits.
 
         Allocated, not sparse (posix_fallocate, else zeros), so that deleting
-        it really frees the blocks. Written under a temporary name and
-        renamed, so a crash never leaves a reserve that is too small.
+        it really frees the blocks. A reserve that had to be smaller (the
+        device was full) grows back once there is room.
         """
-        target = os.path.join(self._root, RESERVE_NAME)
-        if os.path.exists(target) or not os.path.isdir(self._root):
+        if not os.path.isdir(self._root):
             return
+        target = os.path.join(self._root, RESERVE_NAME)
+        try:
+            have = os.stat(target).st_size
+        except FileNotFoundError:
+            have = 0
+        size = RESERVE_SIZE
+        while size > have and size >= RESERVE_SIZE // 16 and not self._allocate(target, size):
+            size //= 2
+
+    def _allocate(self, target: str, size: int) -> bool:
+        """Replace ``target`` by a file of ``size`` allocated bytes; False if there is no room.
+
+        Written under a temporary name and renamed, so a crash never leaves a
+        reserve smaller than it says.
+        """
         temp = os.path.join(self._root, f"{TEMP_PREFIX}-{uuid.uuid4().hex}")
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 try:
-                    os.posix_fallocate(fd, 0, RESERVE_SIZE)
+                    os.posix_fallocate(fd, 0, size)
                 except (AttributeError, OSError) as err:
                     if isinstance(err, OSError) and err.errno in _FULL:
                         raise
-                    os.write(fd, bytes(RESERVE_SIZE))  # a file system without fallocate
+                    os.write(fd, bytes(size))  # a file system without fallocate
                 if self._fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, target)
         except OSError:
-            pass  # no room for it now: the next cleanup that frees space tries again
+            return False  # no room: the next cleanup that frees space tries again
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+        return True
 
     def _release_reserve(self) -> bool:
         """Free the reserve for a cleanup's write; False if there was none."""
@@ -510,10 +527,17 @@ class LocalBackend(Backend):
             os.unlink(os.path.join(self._root, RESERVE_NAME))
         except FileNotFoundError:
             return False
+        self._released = True
         return True
 
     @contextlib.contextmanager
     def drawing_on_reserve(self) -> Iterator[None]:
+        """Writes inside may free the reserve when the device is full.
+
+        Afterwards the reserve is set aside again from what is free: a
+        deletion writes tombstones no larger than the refs they replace, so
+        most of it comes back, and the next cleanup finds it there.
+        """
         with self._unsynced_lock:
             self._drawing += 1
         try:
@@ -521,3 +545,7 @@ class LocalBackend(Backend):
         finally:
             with self._unsynced_lock:
                 self._drawing -= 1
+                refill = self._released and not self._drawing
+                self._released = self._released and not refill
+            if refill:
+                self.ensure_reserve()

@@ -475,6 +475,5 @@ def collect(
     # reserve, which is set aside again once space is back.
     with backend.drawing_on_reserve():
         report = collector.run()
-    if not dry_run:
-        backend.ensure_reserve()
+    backend.ensure_reserve()
     return report
