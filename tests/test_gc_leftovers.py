@@ -35,7 +35,7 @@ def test_gc_removes_temporary_files_older_than_the_grace(tmp_path: Path) -> None
     recent.write_bytes(b"a ref being written")
 
     dry = ok(run_cas("gc", "--dry-run", store=store)).stdout
-    assert "leftovers:     1 temporary files or partial uploads" in dry
+    assert "leftovers:     1 temporary file or partial upload of writers" in dry
     assert "2.0 MiB would be removed" in dry
     assert old.exists()
     report = json.loads(ok(run_cas("gc", "--json", store=store)).stdout)

@@ -95,8 +95,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         emit(
             args,
             {"lease": settings.lease},
-            f"puts and collections now renew their markers within "
-            f"{format_duration(settings.lease)}; markers older than that belong to dead ones",
+            f"a marker not renewed for {format_duration(settings.lease)} now counts as a dead "
+            f"put's or collection's (live ones renew theirs every "
+            f"{format_duration(settings.lease / 6)})",
         )
         return 0
     grace = parse_duration(args.grace) if args.grace is not None else None

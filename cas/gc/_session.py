@@ -17,9 +17,13 @@ its version ref is created:
 * a touch cannot save an object that a running collection already saw with
   its old time and is about to delete (the delete is unconditional). A put
   that touched an object already older than the grace therefore checks for
-  running collections (``gc/runs/*``), waits out their deletion window, and
-  reads the object again; if it is gone, the put aborts with
-  :class:`ConcurrentCollectionError` and nothing is committed.
+  running collections (``gc/runs/*``), waits out their deletion window (or
+  until their lease has run out, :mod:`cas.gc._lease`), and reads the
+  object again; if it is gone, the put aborts with
+  :class:`ConcurrentCollectionError` and nothing is committed;
+* the commit must land within ``grace/4`` of that last check: a put paused
+  past it checks again, and one whose commit landed late confirms it or
+  turns it into a tombstone (:meth:`WriteSession.commit`).
 
 The grace writers use lives in ``gc/settings`` so that writers and
 collections agree on it; without that object it is :data:`DEFAULT_GRACE`.
