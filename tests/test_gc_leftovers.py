@@ -57,7 +57,7 @@ def test_gc_aborts_partial_uploads_older_than_the_grace(s3_backend: Backend) -> 
     store = Store.init(s3_backend.uri)
     store.set_gc_grace(grace)
     client, bucket = s3_backend._client, s3_backend.bucket
-    name = s3_backend._key("chunks/ab/" + "ab" * 32)
+    name = s3_backend._name("chunks/ab/" + "ab" * 32)
     upload = client.create_multipart_upload(Bucket=bucket, Key=name)
     client.upload_part(
         Bucket=bucket, Key=name, UploadId=upload["UploadId"], PartNumber=1, Body=bytes(1000)

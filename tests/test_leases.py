@@ -253,7 +253,12 @@ def test_put_paused_at_its_commit_fails_it(
 
     if where == "before the commit":
         flush = fake.backend.flush
-        monkeypatch.setattr(fake.backend, "flush", lambda: (pause(), flush()))
+
+        def paused_flush() -> None:
+            pause()
+            flush()
+
+        monkeypatch.setattr(fake.backend, "flush", paused_flush)
     else:
         fake.backend.on("put", lambda k: k == layout.version_key("k", 1), pause)
     version = store.put(source, "k")
