@@ -17,6 +17,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTEGRITY = 3
 EXIT_BACKEND = 4
+EXIT_NO_SPACE = 5
 
 
 _E = TypeVar("_E", bound="CasError")
@@ -176,6 +177,20 @@ class BackendError(CasError):
     def __init__(self, message: str, *, is_transient: bool = False) -> None:
         super().__init__(message)
         self.is_transient = is_transient
+
+
+class NoSpaceLeftError(BackendError):
+    """The device holding a local store is full (or the user's quota is used up).
+
+    Not a service outage and not transient: space must be freed first. A
+    store keeps a small reserve so that deleting versions and collecting
+    garbage still work when it happens (see docs/gc.md).
+    """
+
+    exit_code = EXIT_NO_SPACE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, is_transient=False)
 
 
 class ConfigurationError(CasError):

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import pytest
 
 from cas.backends import Backend, DelegatingBackend
 from cas.chunks._chunking import ChunkerParams
-from cas.gc._session import Clock
+from cas.gc._session import Clock, WriteSession
 from cas.store import Store
 from cas.store._config import StoreConfig, write_config
 
@@ -213,3 +214,26 @@ def live_objects(store: Store) -> tuple[set[str], set[str]]:
 
 def stored_keys(backend: Backend, prefix: str) -> set[str]:
     return {info.key for info in backend.list_objects(prefix)}
+
+
+def assert_intact(store: Store, expected: dict[str, bytes], tmp_path: Path) -> None:
+    """Every expected version restores byte for byte and the store verifies deep."""
+    for ref, data in expected.items():
+        dest = tmp_path / "restored" / ref.replace("/", "_").replace("@", "_")
+        store.get(ref, dest)
+        assert dest.read_bytes() == data, ref
+    report = store.verify(deep=True)
+    assert report.ok, report.damaged
+
+
+def count_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the put attempts (write sessions) started from now on."""
+    started: list[int] = []
+    original = WriteSession.start
+
+    def start(self: WriteSession) -> WriteSession:
+        started.append(1)
+        return original(self)
+
+    monkeypatch.setattr(WriteSession, "start", start)
+    return started

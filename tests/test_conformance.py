@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import pytest
 import servers
 from backend_fixtures import CLOUD_KINDS, unique_name
 
-from cas.backends import Backend, open_backend
+from cas.backends import Backend, LocalBackend, open_backend
+from cas.backends.base import TEMP_PREFIX
 from cas.cli._common import CLI_WORDS
 from cas.errors import (
     AlreadyExistsError,
@@ -35,6 +37,14 @@ class TestLocalBackend(BackendConformance):
     def backend(self, local_backend: Backend) -> Backend:
         return local_backend
 
+    def leave_leftover(self, backend: Backend, key: str, data: bytes) -> bool:
+        # What put() writes before its rename, as a killed writer leaves it.
+        assert isinstance(backend, LocalBackend)
+        directory = backend.root / key.rpartition("/")[0]
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{TEMP_PREFIX}-{uuid.uuid4().hex}").write_bytes(data)
+        return True
+
 
 class TestS3Backend(BackendConformance):
     mtime_resolution = 1.0  # Last-Modified is an HTTP date: whole seconds
@@ -42,6 +52,18 @@ class TestS3Backend(BackendConformance):
     @pytest.fixture
     def backend(self, s3_backend: Backend) -> Backend:
         return s3_backend
+
+    def leave_leftover(self, backend: Backend, key: str, data: bytes) -> bool:
+        # A multipart upload whose writer died before completing it.
+        from cas.backends.s3 import S3Backend
+
+        assert isinstance(backend, S3Backend)
+        name = backend._name(key)
+        upload = backend._client.create_multipart_upload(Bucket=backend.bucket, Key=name)
+        backend._client.upload_part(
+            Bucket=backend.bucket, Key=name, UploadId=upload["UploadId"], PartNumber=1, Body=data
+        )
+        return True
 
 
 class TestGCSBackend(BackendConformance):

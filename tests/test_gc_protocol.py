@@ -17,7 +17,9 @@ import pytest
 from gc_helpers import (
     GC_BACKENDS,
     World,
+    assert_intact,
     chunk_keys,
+    count_attempts,
     live_objects,
     make_world,
     random_bytes,
@@ -44,31 +46,6 @@ def world(request: pytest.FixtureRequest) -> World:
 
 def collector(world: World, store: Store) -> Collector:
     return Collector(store.backend, clock=world.clock, workers=2, grace=world.grace)
-
-
-def assert_intact(store: Store, expected: dict[str, bytes], tmp_path: Path) -> None:
-    """Every expected version restores byte for byte and the store verifies deep."""
-    for ref, data in expected.items():
-        dest = tmp_path / "restored" / ref.replace("/", "_").replace("@", "_")
-        store.get(ref, dest)
-        assert dest.read_bytes() == data, ref
-    report = store.verify(deep=True)
-    assert report.ok, report.damaged
-
-
-def count_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the put attempts (write sessions) started from now on."""
-    from cas.gc import _session as gcprotocol
-
-    started: list[int] = []
-    original = gcprotocol.WriteSession.start
-
-    def start(self: gcprotocol.WriteSession) -> gcprotocol.WriteSession:
-        started.append(1)
-        return original(self)
-
-    monkeypatch.setattr(gcprotocol.WriteSession, "start", start)
-    return started
 
 
 # -- the basics: grace, dry run, the report -----------------------------------------------

@@ -8,10 +8,11 @@ method of the contract.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TypeVar
 
-from .base import Backend, BytesLike, ObjectInfo
+from .base import Backend, BytesLike, Leftover, ObjectInfo
 
 T = TypeVar("T")
 
@@ -77,6 +78,18 @@ class DelegatingBackend(Backend):
 
     def create_bucket(self) -> None:
         self.inner.create_bucket()
+
+    def list_leftovers(self) -> Iterator[Leftover]:
+        return self.inner.list_leftovers()
+
+    def remove_leftovers(self, leftovers: Iterable[Leftover]) -> None:
+        self.inner.remove_leftovers(leftovers)
+
+    def ensure_reserve(self) -> None:
+        self.inner.ensure_reserve()
+
+    def drawing_on_reserve(self) -> AbstractContextManager[None]:
+        return self.inner.drawing_on_reserve()
 
     def close(self) -> None:
         self.inner.close()

@@ -36,7 +36,8 @@ Every implementation MUST give:
   What still fails raises :class:`~cas.errors.BackendError` with
   ``is_transient=True`` (the operation may succeed later); a permanent fault
   raises it with ``is_transient=False``. Nothing above a backend retries a
-  request again: docs/backends.md ("Retries") says why.
+  request again: docs/backends.md ("Retries") says why. A full device
+  raises :class:`~cas.errors.NoSpaceLeftError`, which is permanent.
 * **Conditional writes may report their own success as a conflict.** When
   the answer to a create-only or compare-and-swap write is lost and the
   request is retried, the retry finds the object written and raises
@@ -44,10 +45,26 @@ Every implementation MUST give:
   :class:`~cas.errors.PreconditionFailedError`. Callers read the object back
   (or rely on it being named by its content) before taking a conflict for a
   lost race.
+
+Two optional parts have defaults that do nothing, for services that need
+nothing of the kind:
+
+* **Leftovers.** :meth:`Backend.list_leftovers` names what writers that
+  died mid-write left behind outside the listed objects (a local folder's
+  temporary files, S3's unfinished multipart uploads), with the service's
+  time of their last write; :meth:`Backend.remove_leftovers` removes them.
+  Neither ever touches a listed object. Garbage collection removes the ones
+  older than its grace.
+* **A space reserve.** Where a device can fill up (a local folder),
+  :meth:`Backend.ensure_reserve` sets a little space aside, and writes made
+  inside :meth:`Backend.drawing_on_reserve` may use it when the device is
+  full, so that deleting versions and collecting garbage, which free
+  space, still work on a full device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -73,6 +90,19 @@ class ObjectInfo:
     #: Opaque version token for compare-and-swap; ``None`` when a listing
     #: does not carry it.
     token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """What a writer that died mid-write left behind: a temporary file, a partial upload."""
+
+    #: What the backend needs to remove it (a relative path, ``key#upload-id``...).
+    name: str
+    #: Bytes it holds, as far as the service says.
+    size: int
+    #: Server-side time of its last write (or of its start, where that is all
+    #: the service keeps), seconds since the epoch.
+    mtime: float
 
 
 def check_key(key: str) -> str:
@@ -202,6 +232,20 @@ class Backend(ABC):
 
         Cloud backends override this; a folder is created by its first write.
         """
+
+    def list_leftovers(self) -> Iterator[Leftover]:
+        """Yield what unfinished writes left behind; nothing where a service leaves nothing."""
+        return iter(())
+
+    def remove_leftovers(self, leftovers: Iterable[Leftover]) -> None:  # noqa: B027
+        """Remove leftovers named by :meth:`list_leftovers`; gone ones are ignored."""
+
+    def ensure_reserve(self) -> None:  # noqa: B027 - only a device that can fill up has one
+        """Set aside the space that cleanups may use once the device is full; never fails."""
+
+    def drawing_on_reserve(self) -> contextlib.AbstractContextManager[None]:
+        """Let writes inside use the reserve if the device is full (for deletes and gc)."""
+        return contextlib.nullcontext()
 
     def exists(self, key: str) -> bool:
         from ..errors import NotFoundError

@@ -25,10 +25,28 @@ from ..errors import (
     CasError,
     ConfigurationError,
     InvalidInputError,
+    NoSpaceLeftError,
     NotFoundError,
     PreconditionFailedError,
 )
-from .base import TEMP_PREFIX, Backend, BytesLike, ObjectInfo, check_key, check_put_conditions
+from .base import (
+    TEMP_PREFIX,
+    Backend,
+    BytesLike,
+    Leftover,
+    ObjectInfo,
+    check_key,
+    check_put_conditions,
+)
+
+#: errno values of a full device (or of a used-up quota).
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+#: The file at the root of a store that holds space back for cleanups; in
+#: the reserved ``.cas-tmp`` namespace, so no key can name it.
+RESERVE_NAME = f"{TEMP_PREFIX}-reserve"
+#: Space a cleanup needs at most: its marker, the tombstones it writes one at
+#: a time (each replaces a ref of the same size), a new directory block or two.
+RESERVE_SIZE = 256 * 1024
 
 # Errors of the location itself (a folder this user cannot make or write, a
 # read-only file system): a setting to change, not a failure of the storage.
@@ -130,6 +148,11 @@ class LocalBackend(Backend):
         # Bytes of them not yet handed to an early writeback (see _write_back_early).
         self._unsynced_bytes = 0
         self._writeback: threading.Thread | None = None
+        self._reserve_checked = False
+        # Cleanups in progress that may draw on the reserve (see drawing_on_reserve),
+        # and whether one of them did.
+        self._drawing = 0
+        self._released = False
 
     @property
     def local_root(self) -> Path:
@@ -185,6 +208,12 @@ class LocalBackend(Backend):
             failed = target  # the temporary file says less than the object it was for
         where = f"{action} {target}" if failed == target else f"create {failed} for {target}"
         reason = err.strerror or str(err)
+        if err.errno in _FULL:
+            doing = f" (cannot {action} {key!r})" if key is not None else ""
+            return NoSpaceLeftError(
+                f"no space left on device at {self._root}{doing}; free some space. "
+                "Deleting versions and collecting garbage still work on a full store"
+            )
         if err.errno in _LOCATION_ERRNOS:
             return ConfigurationError(
                 f"local store {self._root}: cannot {where}: {reason}; "
@@ -201,6 +230,19 @@ class LocalBackend(Backend):
         self, key: str, data: BytesLike, *, if_absent: bool = False, if_match: str | None = None
     ) -> None:
         check_put_conditions(if_absent, if_match)
+        try:
+            self._put(key, data, if_absent=if_absent, if_match=if_match)
+        except NoSpaceLeftError:
+            if not (self._drawing and self._release_reserve()):
+                raise
+            self._put(key, data, if_absent=if_absent, if_match=if_match)
+        if not self._reserve_checked and not self._drawing:
+            # Once per backend, after its first write made the folder: when
+            # the device fills up later, the reserve is there for the cleanup.
+            self._reserve_checked = True
+            self.ensure_reserve()
+
+    def _put(self, key: str, data: BytesLike, *, if_absent: bool, if_match: str | None) -> None:
         path = self._file(key)
         directory = os.path.dirname(path)
         try:
@@ -403,3 +445,107 @@ class LocalBackend(Backend):
             raise NotFoundError(f"object {key!r} not found in {self.uri}") from None
         except OSError as err:
             raise self._os_error(err, key, "touch") from err
+
+    # -- what dead writers leave, and space for cleanups --------------------------
+
+    def list_leftovers(self) -> Iterator[Leftover]:
+        """Temporary files of writes that never finished: their writer died.
+
+        A live write's temporary file exists only between its first byte
+        and its rename, and its time is that of its last write.
+        """
+        for directory, subdirs, files in os.walk(self._root):
+            subdirs.sort()
+            for name in sorted(files):
+                if not name.startswith(TEMP_PREFIX) or name == RESERVE_NAME:
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    st = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # its write finished meanwhile
+                relative = os.path.relpath(path, self._root).replace(os.sep, "/")
+                yield Leftover(name=relative, size=st.st_size, mtime=st.st_mtime)
+
+    def remove_leftovers(self, leftovers: Iterable[Leftover]) -> None:
+        for leftover in leftovers:
+            name = leftover.name
+            if not os.path.basename(name).startswith(TEMP_PREFIX) or ".." in name.split("/"):
+                raise InvalidInputError(f"{name!r} is not a temporary file of {self.uri}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._root, name))
+
+    def ensure_reserve(self) -> None:
+        """Keep RESERVE_SIZE bytes allocated in a file at the root, or as much as fits.
+
+        Allocated, not sparse (posix_fallocate, else zeros), so that deleting
+        it really frees the blocks. A reserve that had to be smaller (the
+        device was full) grows back once there is room.
+        """
+        if not os.path.isdir(self._root):
+            return
+        target = os.path.join(self._root, RESERVE_NAME)
+        try:
+            have = os.stat(target).st_size
+        except FileNotFoundError:
+            have = 0
+        size = RESERVE_SIZE
+        while size > have and size >= RESERVE_SIZE // 16 and not self._allocate(target, size):
+            size //= 2
+
+    def _allocate(self, target: str, size: int) -> bool:
+        """Replace ``target`` by a file of ``size`` allocated bytes; False if there is no room.
+
+        Written under a temporary name and renamed, so a crash never leaves a
+        reserve smaller than it says.
+        """
+        temp = os.path.join(self._root, f"{TEMP_PREFIX}-{uuid.uuid4().hex}")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except (AttributeError, OSError) as err:
+                    if isinstance(err, OSError) and err.errno in _FULL:
+                        raise
+                    os.write(fd, bytes(size))  # a file system without fallocate
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+        except OSError:
+            return False  # no room: the next cleanup that frees space tries again
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        return True
+
+    def _release_reserve(self) -> bool:
+        """Free the reserve for a cleanup's write; False if there was none."""
+        try:
+            os.unlink(os.path.join(self._root, RESERVE_NAME))
+        except FileNotFoundError:
+            return False
+        self._released = True
+        return True
+
+    @contextlib.contextmanager
+    def drawing_on_reserve(self) -> Iterator[None]:
+        """Writes inside may free the reserve when the device is full.
+
+        Afterwards the reserve is set aside again from what is free: a
+        deletion writes tombstones no larger than the refs they replace, so
+        most of it comes back, and the next cleanup finds it there.
+        """
+        with self._unsynced_lock:
+            self._drawing += 1
+        try:
+            yield
+        finally:
+            with self._unsynced_lock:
+                self._drawing -= 1
+                refill = self._released and not self._drawing
+                self._released = self._released and not refill
+            if refill:
+                self.ensure_reserve()

@@ -11,12 +11,13 @@ the ``AWS_ENDPOINT_URL`` / ``S3_ENDPOINT_URL`` environment variables.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import boto3
@@ -28,7 +29,7 @@ from botocore.handlers import add_expect_header
 
 from ..errors import BackendError, CasError, ConfigurationError
 from ._cloud import CloudBackend, Fault, Listed, OptionReader, Request, as_is, is_transient_status
-from .base import BytesLike
+from .base import BytesLike, Leftover, is_valid_key
 
 MiB = 1024 * 1024
 #: S3 DeleteObjects takes at most this many keys per request.
@@ -315,6 +316,53 @@ class S3Backend(CloudBackend):
             CopySource={"Bucket": self.bucket, "Key": name},
             MetadataDirective="REPLACE",
         )
+
+    def list_leftovers(self) -> Iterator[Leftover]:
+        """Multipart uploads neither completed nor aborted, named ``key#upload-id``.
+
+        Their parts are billed but belong to no object. The time given is
+        that of the last part uploaded (of the start, before any part).
+        """
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._root):
+                for upload in page.get("Uploads", ()):
+                    key = self._key_of(upload["Key"])
+                    if not is_valid_key(key):
+                        continue
+                    started = upload["Initiated"].timestamp()
+                    size, last = self._parts(upload["Key"], upload["UploadId"])
+                    name = f"{key}#{upload['UploadId']}"
+                    yield Leftover(name, size, max(started, last))
+        except self.sdk_errors as err:
+            self._fail(err, Request())
+
+    def _parts(self, name: str, upload_id: str) -> tuple[int, float]:
+        """Bytes uploaded so far, and the time of the last part (0 without parts)."""
+        paginator = self._client.get_paginator("list_parts")
+        size, last = 0, 0.0
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Key=name, UploadId=upload_id):
+                for part in page.get("Parts", ()):
+                    size += int(part["Size"])
+                    last = max(last, part["LastModified"].timestamp())
+        except bexc.ClientError as err:
+            if err.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise  # completed or aborted meanwhile: nothing left of it
+        return size, last
+
+    def remove_leftovers(self, leftovers: Iterable[Leftover]) -> None:
+        for leftover in leftovers:
+            key, _, upload_id = leftover.name.rpartition("#")
+            abort = functools.partial(self._abort, self._name(key), upload_id)
+            self._requesting(Request(key), abort)
+
+    def _abort(self, name: str, upload_id: str) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+        except bexc.ClientError as err:
+            if err.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise  # gone already: what was asked
 
     def close(self) -> None:
         self._client.close()

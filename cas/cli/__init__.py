@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 other failure, 2 bad input (usage, unknown ref,
 destination exists, not a store, unsafe path), 3 integrity failure (missing
-or corrupt data), 4 storage service failure, 130 interrupted.
+or corrupt data), 4 storage service failure, 5 no space left on the device
+of a local store, 130 interrupted.
 
 Each command module exposes ``register(add)``; this module builds the parser
 from them and maps errors to exit codes.

@@ -74,6 +74,8 @@ def cmd_put(args: argparse.Namespace) -> int:
             progress=on_progress,
             info=info,
             workers=args.jobs,
+            if_changed=args.if_changed,
+            idempotency_token=args.idempotency_token,
         )
     emit(args, {**version.to_dict(), "warnings": noted}, version.ref)
     return 0
@@ -341,6 +343,20 @@ def _register_put(add: AddCommand) -> None:
         help="metadata; JSON values keep their type (repeatable)",
     )
     p.add_argument("--message", "-m", metavar="TEXT")
+    p.add_argument(
+        "--if-changed",
+        "--skip-if-unchanged",
+        dest="if_changed",
+        action="store_true",
+        help="commit nothing if the content and metadata equal KEY's latest version; "
+        "print that version's ref instead (a retry then never duplicates)",
+    )
+    p.add_argument(
+        "--idempotency-token",
+        metavar="TOKEN",
+        help="name this save: a retry with the same TOKEN prints the version the first "
+        "attempt committed instead of storing again",
+    )
     add_jobs_argument(p, "chunks hashed, compressed and uploaded")
     add_artifact_arguments(p)
 

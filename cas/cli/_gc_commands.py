@@ -56,6 +56,23 @@ def _text(report: GcReport) -> str:
     ]
     if report.deferred:
         lines.append(f"deferred:      {counted(report.deferred, 'object')} (left for the next gc)")
+    if report.leftovers_removed:
+        what = counted(
+            report.leftovers_removed,
+            "temporary file or partial upload",
+            "temporary files or partial uploads",
+        )
+        lines.append(
+            f"{'leftovers:':<14} {what} of writers that died, "
+            f"{format_size(report.leftover_bytes)} "
+            f"{'would be removed' if report.dry_run else 'removed'}"
+        )
+    if report.markers_removed:
+        lines.append(
+            f"{'dead markers:':<14} {report.markers_removed} "
+            f"{'would be removed' if report.dry_run else 'removed'} "
+            "(puts or collections that stopped renewing their lease)"
+        )
     if report.puts_in_flight:
         lines.append(f"puts running:  {report.puts_in_flight}")
     lines.append(f"took:          {format_duration(report.seconds)}")
@@ -71,6 +88,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
             {"grace": settings.grace, "previous": settings.previous},
             f"writers now refresh against a grace of {format_duration(settings.grace)}; "
             f"cas gc uses it by default",
+        )
+        return 0
+    if args.set_lease is not None:
+        settings = store.set_gc_lease(parse_duration(args.set_lease))
+        emit(
+            args,
+            {"lease": settings.lease},
+            f"a marker not renewed for {format_duration(settings.lease)} now counts as a dead "
+            f"put's or collection's (live ones renew theirs every "
+            f"{format_duration(settings.lease / 6)})",
         )
         return 0
     grace = parse_duration(args.grace) if args.grace is not None else None
@@ -101,4 +128,10 @@ def register(add: AddCommand) -> None:
         "--set-grace",
         metavar="DURATION",
         help="record the grace writers refresh against (and gc's default), then exit",
+    )
+    p.add_argument(
+        "--set-lease",
+        metavar="DURATION",
+        help="record how long a put's or gc's marker may go unrenewed before others take it "
+        "for dead (default 30s, at least 3s), then exit",
     )

@@ -18,8 +18,14 @@ The protocol (docs/gc.md explains why it is safe, and what it assumes):
    deleted only if still that old, and only if the delete is sent within
    half the deletion window of those reads; otherwise they are left for the
    next run. Writers rely on that window (see :mod:`cas.gc._session`).
-4. **Finish.** Remove markers of puts and collections that died long ago,
-   then our own marker, after the last delete.
+4. **Finish.** Remove markers of puts and collections whose lease ran out
+   (they died), and what dead writers left (temporary files, partial
+   uploads) older than the threshold; then our own marker, after the last
+   delete.
+
+The marker is a lease (:mod:`cas.gc._lease`): renewed while the collection
+runs, and no delete goes out once the renewal before its reads is too old,
+so a collection paused past its lease deletes nothing when it wakes.
 
 Refs are never deleted: a deleted version is a tombstone of a few dozen
 bytes that keeps its number from being handed out again.
@@ -27,6 +33,7 @@ bytes that keeps its number from being handed out again.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import deque
@@ -35,14 +42,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..backends.base import Backend, ObjectInfo
+from ..backends.base import Backend, Leftover, ObjectInfo
 from ..digest import DIGEST_SIZE, Digest
-from ..errors import CorruptObjectError, IntegrityError, MissingObjectError, NotFoundError
+from ..errors import (
+    CasError,
+    CorruptObjectError,
+    IntegrityError,
+    MissingObjectError,
+    NotFoundError,
+)
 from ..repository import _layout as layout
 from ..repository._live import LiveVersions
 from ..repository._manifest import live_chunk_names
 from ..repository._refs import Refs, VersionRef
 from ._digestset import DigestSet
+from ._lease import (
+    DEFAULT_LEASE,
+    Lease,
+    delete_deadline,
+    expired,
+    iter_collections,
+    lease_for_window,
+)
 from ._session import (
     PUTS,
     RUNS,
@@ -55,10 +76,6 @@ from ._session import (
 
 #: Candidates read again and deleted together.
 BATCH = 32
-#: A collection touches its marker this often, so others see it is alive.
-HEARTBEAT = 60.0
-#: Markers not touched for this long belong to dead processes and are removed.
-STALE_MARKER_AGE = 3600.0
 
 ProgressFn = Callable[[int], None]
 
@@ -91,8 +108,17 @@ class GcReport:
     bytes_kept_by_grace: int = 0
     #: Candidates left for the next run: their deletion could not be sent in time.
     deferred: int = 0
+    #: Puts whose lease holds: running now.
     puts_in_flight: int = 0
+    #: Markers of puts and collections whose lease ran out: they died.
     markers_removed: int = 0
+    #: Temporary files and partial uploads of writers that died, older than
+    #: the threshold (removed, or with ``dry_run`` that would be).
+    leftovers_removed: int = 0
+    leftover_bytes: int = 0
+    #: How long this collection's marker may go unrenewed before others take
+    #: it for dead (and so how long it may take between renewal and delete).
+    lease: float = 0.0
     #: Memory held by the mark (the digests), in bytes.
     mark_bytes: int = 0
     seconds: float = 0.0
@@ -184,7 +210,9 @@ class Collector:
         self.chunks = DigestSet()
         self.manifests = DigestSet()
         self.report = GcReport(grace=0.0, window=0.0, dry_run=dry_run)
-        self._heartbeat_at = 0.0
+        self.lease = Lease(backend, self.marker, self._marker_body, clock=clock)
+        #: Lease of the puts' markers (the store's setting).
+        self.put_lease = DEFAULT_LEASE
         self._started_at = 0.0
 
     # -- phases -------------------------------------------------------------------------
@@ -206,9 +234,9 @@ class Collector:
         grace = settings.grace if self.requested_grace is None else self.requested_grace
         report = self.report
         report.grace, report.window = grace, deletion_window(grace)
-        body = marker_body(grace=grace, window=report.window, dry_run=report.dry_run)
-        self.backend.put(self.marker, body)
-        self._heartbeat_at = self.clock.monotonic()
+        report.lease = self.lease.length = lease_for_window(settings.lease, report.window)
+        self.put_lease = settings.lease
+        self.lease.acquire()
         report.started = self.backend.stat(self.marker).mtime
         report.threshold = report.started - grace
         safe = settings.safe_grace(report.started)
@@ -253,27 +281,38 @@ class Collector:
             self._sweep(pool, layout.CHUNKS, self.chunks, "chunks")
 
     def cleanup(self) -> None:
-        """Remove markers of puts and collections that died without removing their own."""
+        """Remove what dead processes left: markers whose lease ran out, temp files, uploads."""
         report = self.report
-        horizon = report.started - max(report.grace, STALE_MARKER_AGE)
+        now = self.lease.now()[0]
         stale_puts = []
         for info in self.backend.list_objects(PUTS):
-            if info.mtime < horizon:
+            if expired(info.mtime, self.put_lease, now):
                 stale_puts.append(info.key)
             else:
                 report.puts_in_flight += 1
         stale_runs = [
-            info.key
-            for info in self.backend.list_objects(RUNS)
-            if info.key != self.marker and info.mtime < report.started - STALE_MARKER_AGE
+            run.key
+            for run in iter_collections(self.backend, RUNS, report.window)
+            if run.key != self.marker and expired(run.mtime, run.lease, now)
         ]
+        leftovers = [x for x in self.backend.list_leftovers() if x.mtime < report.threshold]
         if not report.dry_run:
             self.backend.delete([*stale_puts, *stale_runs])
+            self._remove_leftovers(leftovers)
         report.markers_removed = len(stale_puts) + len(stale_runs)
+        report.leftovers_removed = len(leftovers)
+        report.leftover_bytes = sum(x.size for x in leftovers)
+
+    def _remove_leftovers(self, leftovers: list[Leftover]) -> None:
+        # Nothing refers to a leftover: its writer died before the rename or
+        # the completion that would have made it an object.
+        for start in range(0, len(leftovers), BATCH):
+            self._beat()
+            self.backend.remove_leftovers(leftovers[start : start + BATCH])
 
     def finish(self) -> None:
         """Remove our marker: after it, this collection deletes nothing more."""
-        self.backend.delete([self.marker])
+        self.lease.release()
         self.report.seconds = time.perf_counter() - self._started_at
 
     # -- sweeping --------------------------------------------------------------------------
@@ -337,13 +376,15 @@ class Collector:
 
         The listing may be minutes old; a put may have touched a candidate
         since. The delete goes out only if the reads are less than half the
-        deletion window old, the bound writers wait out (docs/gc.md). When a
-        slow service makes a batch miss that, its halves are tried afresh,
+        deletion window old, the bound writers wait out, and while the lease
+        under which they were made holds (docs/gc.md). When a slow service
+        (or a pause) makes a batch miss that, its halves are tried afresh,
         down to single objects; only an object whose own read and delete do
         not fit is left for the next run.
         """
         tally = _Tally()
         began = self.clock.monotonic()
+        renewed = self.lease.renewed  # the lease these reads are made under
         doomed: list[ObjectInfo] = []
         kept: list[ObjectInfo] = []
         for key in keys:
@@ -352,7 +393,7 @@ class Collector:
             except NotFoundError:
                 continue
             (doomed if info.mtime < self.report.threshold else kept).append(info)
-        if doomed and self.clock.monotonic() - began > self.report.window / 2:
+        if doomed and not self._may_delete(began, renewed):
             if len(keys) == 1:
                 tally.deferred = 1
                 return tally
@@ -373,19 +414,36 @@ class Collector:
         tally.kept_bytes = sum(info.size for info in kept)
         return tally
 
-    def _beat(self) -> None:
-        """Touch our marker now and then, so other collections see we are alive."""
+    def _may_delete(self, began: float, renewed: float) -> bool:
+        """Whether a delete decided by reads from ``began`` on may still go out now.
+
+        Within half the window of the reads (writers wait out the window),
+        and within the delete deadline of the lease renewal that preceded
+        them: a collection paused past its lease may be taken for dead by a
+        writer, which then stops waiting for it (docs/gc.md).
+        """
         now = self.clock.monotonic()
-        if now - self._heartbeat_at < HEARTBEAT:
-            return
-        self._heartbeat_at = now
-        try:
-            self.backend.touch(self.marker)
-        except NotFoundError:
-            body = marker_body(
-                grace=self.report.grace, window=self.report.window, dry_run=self.report.dry_run
-            )
-            self.backend.put(self.marker, body)
+        report = self.report
+        if now - began > report.window / 2:
+            return False
+        if now - renewed >= delete_deadline(report.lease, report.window):
+            self._beat()  # the renewal thread fell behind: later batches may go
+            return False
+        return True
+
+    def _beat(self) -> None:
+        """Renew our marker if its renewal is due (the renewal thread normally does it).
+
+        A renewal that fails is not an error: deletes wait for one that works.
+        """
+        with contextlib.suppress(CasError):
+            self.lease.renew_if_due()
+
+    def _marker_body(self) -> bytes:
+        report = self.report
+        return marker_body(
+            grace=report.grace, window=report.window, dry_run=report.dry_run, lease=report.lease
+        )
 
 
 def _digest_of(key: str) -> bytes | None:
@@ -413,4 +471,9 @@ def collect(
     collector = Collector(
         backend, grace=grace, dry_run=dry_run, workers=workers, clock=clock, progress=progress
     )
-    return collector.run()
+    # A collection frees space: on a full device its marker may use the
+    # reserve, which is set aside again once space is back.
+    with backend.drawing_on_reserve():
+        report = collector.run()
+    backend.ensure_reserve()
+    return report

@@ -17,9 +17,13 @@ its version ref is created:
 * a touch cannot save an object that a running collection already saw with
   its old time and is about to delete (the delete is unconditional). A put
   that touched an object already older than the grace therefore checks for
-  running collections (``gc/runs/*``), waits out their deletion window, and
-  reads the object again; if it is gone, the put aborts with
-  :class:`ConcurrentCollectionError` and nothing is committed.
+  running collections (``gc/runs/*``), waits out their deletion window (or
+  until their lease has run out, :mod:`cas.gc._lease`), and reads the
+  object again; if it is gone, the put aborts with
+  :class:`ConcurrentCollectionError` and nothing is committed;
+* the commit must land within ``grace/4`` of that last check: a put paused
+  past it checks again, and one whose commit landed late confirms it or
+  turns it into a tombstone (:meth:`WriteSession.commit`).
 
 The grace writers use lives in ``gc/settings`` so that writers and
 collections agree on it; without that object it is :data:`DEFAULT_GRACE`.
@@ -27,63 +31,58 @@ collections agree on it; without that object it is :data:`DEFAULT_GRACE`.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import platform
 import threading
-import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import TypeVar
 
 from ..backends.base import Backend
 from ..chunks._store import PutResult
 from ..digest import Digest
-from ..errors import (
-    CasError,
-    ConcurrentCollectionError,
-    InvalidInputError,
-    NotFoundError,
-    PreconditionFailedError,
-)
+from ..errors import ConcurrentCollectionError, NotFoundError
 from ..repository import _layout as layout
 from ..repository._manifest import canonical_json
 from ..repository._refs import utc_now
+from ._clock import SYSTEM_CLOCK, Clock
+from ._lease import PUTS, RUNS, Collection, Lease, iter_collections
+from ._settings import (
+    DEFAULT_GRACE,
+    SETTINGS_KEY,
+    GcSettings,
+    read_settings,
+    write_settings,
+)
 
-#: Default grace period: long enough for any put to finish many times over.
-DEFAULT_GRACE = 6 * 3600.0
 #: Longest time a collection may take between reading an object's time and
 #: deleting it; writers that touched a very old object wait this long.
 DEFAULT_WINDOW = 30.0
-SETTINGS_KEY = f"{layout.GC}settings"
-RUNS = f"{layout.GC}runs/"
-PUTS = f"{layout.GC}puts/"
 #: A put renews its reference time after this fraction of the grace.
 RENEW_FRACTION = 0.25
 #: Before the commit every object must be younger than this fraction of the grace.
 COMMIT_FRACTION = 0.75
 _MAX_ROUNDS = 8
+T = TypeVar("T")
 
-
-class Clock:
-    """Local elapsed time and sleeping; tests swap in a fake one.
-
-    Only durations are measured with it, never instants that are compared
-    with object times: those come from the backend.
-    """
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
-
-
-SYSTEM_CLOCK = Clock()
+__all__ = [
+    "DEFAULT_GRACE",
+    "PUTS",
+    "RUNS",
+    "SETTINGS_KEY",
+    "SYSTEM_CLOCK",
+    "Clock",
+    "GcSettings",
+    "WriteSession",
+    "deletion_window",
+    "marker_body",
+    "read_settings",
+    "running_collections",
+    "write_settings",
+]
 
 
 def deletion_window(grace: float) -> float:
@@ -100,105 +99,14 @@ def marker_body(**fields: object) -> bytes:
     )
 
 
-# -- settings ---------------------------------------------------------------------------
+def running_collections(backend: Backend) -> list[Collection]:
+    """Every collection that may delete something: not dry runs, and not finished.
 
-
-@dataclass(frozen=True, slots=True)
-class GcSettings:
-    """The grace writers refresh against, and the one before its last change."""
-
-    grace: float = DEFAULT_GRACE
-    previous: float | None = None
-    #: Backend time of the last change (the settings object's mtime), if known.
-    changed: float | None = None
-
-    def safe_grace(self, now: float) -> float:
-        """The shortest grace a collection starting at ``now`` may use while puts run.
-
-        Puts read the setting when they start and again every grace/4, so for
-        a while after the grace was lowered some of them still work with the
-        old one; until half the old grace has passed, the old one is the floor.
-        """
-        recent = (
-            self.previous is not None
-            and self.changed is not None
-            and now - self.changed < self.previous / 2
-        )
-        return max(self.grace, self.previous or 0.0) if recent else self.grace
-
-
-def _parse_settings(blob: bytes) -> tuple[float, float | None]:
-    try:
-        data = json.loads(blob)
-        grace = float(data["grace"])
-        previous = data.get("previous")
-        return grace, None if previous is None else float(previous)
-    except (ValueError, KeyError, TypeError) as err:
-        raise CasError(f"{SETTINGS_KEY} is malformed ({err})") from None
-
-
-def read_settings(backend: Backend, *, with_time: bool = False) -> GcSettings:
-    """The store's settings (defaults when never set); ``with_time`` also reads their mtime."""
-    try:
-        blob = backend.get(SETTINGS_KEY)
-        changed = backend.stat(SETTINGS_KEY).mtime if with_time else None
-    except NotFoundError:
-        return GcSettings()
-    grace, previous = _parse_settings(blob)
-    return GcSettings(grace, previous, changed)
-
-
-def write_settings(backend: Backend, grace: float) -> GcSettings:
-    """Set the grace writers use; compare-and-swap so concurrent changes are not lost."""
-    if not math.isfinite(grace) or grace <= 0:
-        raise InvalidInputError.naming(
-            "the store's grace must be more than 0 seconds; "
-            "for one collection without writers use {grace_zero}",
-            grace_zero="gc(grace=0)",
-        )
-    while True:
-        try:
-            blob, token = backend.get_versioned(SETTINGS_KEY)
-        except NotFoundError:
-            blob, token = b"", None
-        old_grace, old_previous = _parse_settings(blob) if token else (DEFAULT_GRACE, None)
-        # Keep the larger of the older values: collections use it as a floor
-        # until it can no longer matter (see GcSettings.safe_grace).
-        previous = max(old_grace, old_previous or 0.0)
-        body = canonical_json({"grace": grace, "previous": previous, "set": utc_now()})
-        try:
-            if token is None:
-                backend.put(SETTINGS_KEY, body, if_absent=True)
-            else:
-                backend.put(SETTINGS_KEY, body, if_match=token)
-        except (PreconditionFailedError, FileExistsError):
-            continue  # someone else changed it meanwhile: apply ours on top
-        backend.flush()
-        break
-    # A put writes its marker before it reads the setting, so if no marker
-    # exists now, no put can still be working with the old value: the floor
-    # is not needed (a put starting from here on reads the new one).
-    if next(iter(backend.list_objects(PUTS)), None) is None:
-        with contextlib.suppress(PreconditionFailedError, NotFoundError):
-            _, token = backend.get_versioned(SETTINGS_KEY)
-            body = canonical_json({"grace": grace, "previous": None, "set": utc_now()})
-            backend.put(SETTINGS_KEY, body, if_match=token)
-    return read_settings(backend, with_time=True)
-
-
-def running_collections(backend: Backend) -> Iterator[tuple[str, float]]:
-    """(marker key, deletion window) of every collection that may delete something."""
-    for info in backend.list_objects(RUNS):
-        try:
-            data = json.loads(backend.get(info.key))
-            if data.get("dry_run") is True:
-                continue  # a dry run deletes nothing
-            window = float(data.get("window", DEFAULT_WINDOW))
-        except NotFoundError:
-            continue  # it finished while we listed: its deletions are over
-        except (ValueError, TypeError, AttributeError):
-            window = DEFAULT_WINDOW
-        yield info.key, window
+    Dead ones are included: whether a marker has expired depends on "now",
+    which the caller has.
+    """
+    found = iter_collections(backend, RUNS, DEFAULT_WINDOW)
+    return [collection for collection in found if not collection.dry_run]
 
 
 # -- the put's session --------------------------------------------------------------------
@@ -216,6 +124,7 @@ class WriteSession:
         self.clock = clock
         self.workers = max(1, workers)
         self.marker = f"{PUTS}{uuid.uuid4().hex}"
+        self.lease = Lease(backend, self.marker, marker_body, clock=clock)
         self.grace = DEFAULT_GRACE
         self._lock = threading.RLock()
         # Per object: its key's digest (chunks) or its key (other objects),
@@ -228,6 +137,8 @@ class WriteSession:
         self._prior = array("d")
         self._reference = 0.0
         self._reference_mono = 0.0
+        # Local monotonic time just after the last read of the backend's clock.
+        self._read_done = 0.0
 
     @property
     def refresh_after(self) -> float:
@@ -235,26 +146,31 @@ class WriteSession:
         return self.grace / 2
 
     def start(self) -> WriteSession:
-        self.backend.put(self.marker, marker_body())
-        self._reference, self._reference_mono = self._now()
+        """Write the marker (its lease renewed from now on) and read the backend's clock."""
+        mono = self.clock.monotonic()
+        self.lease.acquire()
+        now = self.backend.stat(self.marker).mtime  # just written: no touch needed
+        self._read_settings()
+        self._reference, self._reference_mono = now, mono
+        self._read_done = self.clock.monotonic()
         return self
 
     def close(self) -> None:
-        """Remove the marker. A put that dies leaves it; collections remove old ones."""
-        with contextlib.suppress(CasError):
-            self.backend.delete([self.marker])
+        """Stop renewing and remove the marker. A put that dies leaves it to expire."""
+        self.lease.release()
 
     def _now(self) -> tuple[float, float]:
         """(the backend's clock now, local monotonic time just before reading it)."""
-        mono = self.clock.monotonic()
-        try:
-            self.backend.touch(self.marker)
-        except NotFoundError:
-            # A collection took our marker for a dead put's: we are alive.
-            self.backend.put(self.marker, marker_body())
-        now = self.backend.stat(self.marker).mtime
-        self.grace = read_settings(self.backend).grace
-        return now, mono
+        # Touching the marker renews it; a collection that took it for a dead
+        # put's (we were paused past the lease) has it recreated.
+        now, before, self._read_done = self.lease.now()
+        self._read_settings()
+        return now, before
+
+    def _read_settings(self) -> None:
+        settings = read_settings(self.backend)
+        self.grace = settings.grace
+        self.lease.length = settings.lease
 
     # -- during the put ---------------------------------------------------------------
 
@@ -310,11 +226,14 @@ class WriteSession:
                     continue  # the refresh took time: read the clock again
                 risky = [i for i, p in enumerate(self._prior) if p < now - self.grace]
                 if risky:
-                    self._resolve(risky, mono)
+                    self._resolve(risky, mono, now)
                     continue
                 self._reference, self._reference_mono = now, mono
                 return
-        raise ConcurrentCollectionError(
+        raise self._too_slow()
+
+    def _too_slow(self) -> ConcurrentCollectionError:
+        return ConcurrentCollectionError(
             f"this put could not bring its objects within the grace period "
             f"({self.grace:g}s) in {_MAX_ROUNDS} rounds; the grace is too short for this "
             "store's speed. Nothing was committed."
@@ -369,20 +288,26 @@ class WriteSession:
 
         self._parallel(refresh, stale)
 
-    def _resolve(self, risky: list[int], mono: float) -> None:
+    def _resolve(self, risky: list[int], mono: float, now: float) -> None:
         """Make sure touches of very old objects beat every collection that may have seen them.
 
         A collection deletes an object at most its window after reading its
-        time. Every touch here happened before ``mono``; after that plus the
-        window of every running collection, the objects are either gone (we
-        abort) or safe. A collection that finished has removed its marker
-        after its last delete, so reading the objects now is enough.
+        time, and only while its lease holds: every delete it sends lands
+        before its marker, as last renewed, is a lease old. Every touch here
+        happened before ``mono``; once every running collection's window has
+        passed since then, or its lease has run out, the objects are either
+        gone (we abort) or safe. A collection that finished has removed its
+        marker after its last delete, so reading the objects now is enough.
         """
-        windows = [window for _, window in running_collections(self.backend)]
-        if windows:
-            remaining = mono + max(windows) - self.clock.monotonic()
-            if remaining > 0:
-                self.clock.sleep(remaining)
+        waits = [0.0]
+        for collection in running_collections(self.backend):
+            by_window = mono + collection.window
+            # ``now`` was read before _read_done: the backend's clock is past
+            # it then, so the lease's end is at most this far away.
+            by_lease = self._read_done + (collection.mtime + collection.lease - now)
+            waits.append(min(by_window, by_lease) - self.clock.monotonic())
+        if max(waits) > 0:
+            self.clock.sleep(max(waits))
 
         def check(index: int) -> None:
             key = self._key(index)
@@ -393,3 +318,44 @@ class WriteSession:
             self._prior[index] = math.nan
 
         self._parallel(check, risky)
+
+    # -- the commit -------------------------------------------------------------------
+
+    def commit(self, write: Callable[[], T], undo: Callable[[T], None]) -> T:
+        """Write the commit while the last check holds; undo it if it landed too late.
+
+        The check leaves ``grace/4`` for the commit to land. A put paused
+        (or slowed) since then checks again before writing; one paused
+        between that check and the write finds out from the time the write
+        returned, makes sure of every object the version names, and if one
+        is gone undoes the commit (a tombstone) and raises
+        ConcurrentCollectionError: nothing it committed stays damaged.
+        """
+        budget = self.grace * (1 - COMMIT_FRACTION)
+        for _ in range(_MAX_ROUNDS):
+            if self.clock.monotonic() - self._reference_mono < budget:
+                break
+            self.before_commit()
+        else:
+            raise self._too_slow()
+        result = write()
+        if self.clock.monotonic() - self._reference_mono >= budget:
+            try:
+                self._confirm_late_commit()
+            except ConcurrentCollectionError:
+                undo(result)
+                raise
+        return result
+
+    def _confirm_late_commit(self) -> None:
+        """After a commit that may have landed late: is every object it names still there?
+
+        Touching them all makes them young for any collection that reads
+        them from now on; waiting out the collections that may have read
+        them before, and reading them again, tells whether one was taken.
+        """
+        with self._lock:
+            everything = list(range(len(self._lower)))
+            self._parallel(lambda index: self._touch(self._key(index)), everything)
+            now, mono = self._now()
+            self._resolve(everything, mono, now)

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +28,7 @@ from ..repository import _layout as layout
 from ..repository._metadata import ArtifactInfo
 from ..tensors._safetensors import parse_header
 from ._background import BackgroundUploader
+from ._retry import save_with_retries
 
 if TYPE_CHECKING:
     from ..store import Store, Version
@@ -191,6 +192,8 @@ def _save(
     tags: Iterable[str],
     message: str,
     fmt: str,
+    if_changed: bool = False,
+    idempotency_token: str | None = None,
 ) -> Version:
     with _scratch() as directory:
         path = directory / FILENAME
@@ -206,6 +209,8 @@ def _save(
             metrics=metrics,
             message=message,
             info=info or ArtifactInfo(type="checkpoint"),
+            if_changed=if_changed,
+            idempotency_token=idempotency_token,
         )
 
 
@@ -219,8 +224,13 @@ def save_arrays(
     info: ArtifactInfo | None = None,
     tags: Iterable[str] = (),
     message: str = "",
+    if_changed: bool = False,
+    idempotency_token: str | None = None,
 ) -> Version:
-    """Store a dict of numpy arrays as a safetensors file, the next version of ``key``."""
+    """Store a dict of numpy arrays as a safetensors file, the next version of ``key``.
+
+    ``if_changed`` and ``idempotency_token`` are those of :meth:`Store.put`.
+    """
     return _save(
         store,
         key,
@@ -231,6 +241,8 @@ def save_arrays(
         tags=tags,
         message=message,
         fmt="np",
+        if_changed=if_changed,
+        idempotency_token=idempotency_token,
     )
 
 
@@ -259,8 +271,13 @@ def save_state_dict(
     info: ArtifactInfo | None = None,
     tags: Iterable[str] = (),
     message: str = "",
+    if_changed: bool = False,
+    idempotency_token: str | None = None,
 ) -> Version:
-    """Store a PyTorch ``state_dict`` as a safetensors file, the next version of ``key``."""
+    """Store a PyTorch ``state_dict`` as a safetensors file, the next version of ``key``.
+
+    ``if_changed`` and ``idempotency_token`` are those of :meth:`Store.put`.
+    """
     return _save(
         store,
         key,
@@ -271,6 +288,8 @@ def save_state_dict(
         tags=tags,
         message=message,
         fmt="pt",
+        if_changed=if_changed,
+        idempotency_token=idempotency_token,
     )
 
 
@@ -317,6 +336,17 @@ class Checkpoint:
     version: Version
     step: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Save:
+    """What one save stores besides the tensors."""
+
+    step: int
+    metrics: Mapping[str, float]
+    tags: tuple[str, ...]
+    message: str
+    fmt: str
 
 
 class CheckpointManager:
@@ -378,6 +408,7 @@ class CheckpointManager:
         tags: Iterable[str] = (),
         message: str = "",
         background: Literal[False] = False,
+        idempotency_token: str | None = None,
     ) -> Version: ...
 
     @overload
@@ -390,6 +421,7 @@ class CheckpointManager:
         tags: Iterable[str] = (),
         message: str = "",
         background: Literal[True],
+        idempotency_token: str | None = None,
     ) -> Future[Version]: ...
 
     def save(
@@ -401,24 +433,31 @@ class CheckpointManager:
         tags: Iterable[str] = (),
         message: str = "",
         background: bool = False,
+        idempotency_token: str | None = None,
     ) -> Version | Future[Version]:
         """Store ``state`` (a torch state_dict or numpy arrays) as the checkpoint of ``step``.
 
         With ``background=True`` the tensors are copied to host memory and a
         future of the version is returned at once; see the class docstring.
+
+        Saving never duplicates a checkpoint. A transient failure is retried
+        as the same save (with one idempotency token, the one given or a new
+        one), so a retry returns the version an earlier attempt committed.
+        A save of the same step with the same content and metrics as the
+        latest checkpoint (a save repeated after a restart) returns that
+        checkpoint instead of storing it again.
         """
         if self._uploader is not None:
             self._uploader.check()
-        metrics = {**(metrics or {}), "step": step}
         torch = self._is_torch(state)
         fmt = "pt" if torch else "np"
         tensors = _torch_tensors if torch else _array_tensors
-        tags = tuple(tags)
+        save = _Save(step, {**(metrics or {}), "step": step}, tuple(tags), message, fmt)
         if not background:
             if self._uploader is not None:
                 # In order: the background saves before this one are its ancestors.
                 self._uploader.wait(self.key)
-            return self._put(tensors(state), fmt, metrics, tags, message)
+            return self._put(lambda: tensors(state), save, idempotency_token)
         uploader = self.uploader
         nbytes = _nbytes(state, torch)
         uploader.reserve(nbytes, f"the checkpoint of step {step} of {self.key}")
@@ -430,7 +469,7 @@ class CheckpointManager:
         return uploader.submit(
             self.key,
             f"{self.key} step {step}",
-            lambda: self._put(iter(snapshot), fmt, metrics, tags, message),
+            lambda: self._put(lambda: iter(snapshot), save, idempotency_token),
             hold=nbytes,
         )
 
@@ -441,26 +480,30 @@ class CheckpointManager:
 
     def _put(
         self,
-        tensors: Iterable[tuple[str, str, tuple[int, ...], bytes]],
-        fmt: str,
-        metrics: Mapping[str, float],
-        tags: tuple[str, ...],
-        message: str,
+        tensors: Callable[[], Iterable[tuple[str, str, tuple[int, ...], bytes]]],
+        save: _Save,
+        idempotency_token: str | None,
     ) -> Version:
-        try:
-            parent: str | None = self.store.log(self.key)[0].ref
-        except RefNotFoundError:
-            parent = self.parent
-        return _save(
-            self.store,
-            self.key,
-            tensors,
-            metrics=metrics,
-            parent=parent,
-            info=self.info,
-            tags=tags,
-            message=message,
-            fmt=fmt,
+        versions = self.versions()
+        parent = versions[0].ref if versions else self.parent
+        if versions and versions[0].metrics.get("step") == save.step:
+            # The step again: derived from what the latest one derives from.
+            parent = versions[0].parents[0] if versions[0].parents else self.parent
+        return save_with_retries(
+            lambda token: _save(
+                self.store,
+                self.key,
+                tensors(),
+                metrics=save.metrics,
+                parent=parent,
+                info=self.info,
+                tags=save.tags,
+                message=save.message,
+                fmt=save.fmt,
+                if_changed=True,
+                idempotency_token=token,
+            ),
+            idempotency_token,
         )
 
     def _load(self, version: Version) -> Checkpoint:

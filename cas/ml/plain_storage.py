@@ -41,6 +41,7 @@ from ..errors import (
 )
 from ..repository._manifest import Entry
 from ..store import DEFAULT_STORE, Store, Version
+from ._retry import save_with_retries
 
 log = logging.getLogger("cas.compat")
 
@@ -88,11 +89,17 @@ class Storage:
     # -- the plain API ---------------------------------------------------------------
 
     def upload(self, local_path: str | os.PathLike[str], remote_key: str) -> Version:
-        """Store a file (or a directory) as the new content of ``remote_key``."""
+        """Store a file (or a directory) as the new content of ``remote_key``.
+
+        A transient failure of the service is retried as the same upload: a
+        retry never adds a second version.
+        """
         path = Path(local_path)
         if not path.exists():
             raise NotFoundError(f"local file to upload does not exist: {path}")
-        return self.store.put(path, remote_key)
+        return save_with_retries(
+            lambda token: self.store.put(path, remote_key, idempotency_token=token)
+        )
 
     def download(self, remote_key: str, local_path: str | os.PathLike[str]) -> None:
         """Write the latest content of ``remote_key`` to ``local_path``, replacing it."""

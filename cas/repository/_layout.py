@@ -8,6 +8,7 @@ describes the same layout for people.
     manifests/<m[:2]>/<m>      one manifest, m = BLAKE3 of its stored bytes
     refs/<key>/@v/<N>          version N of key (N zero-padded to 12 digits)
     refs/<key>/@t/<tag>        a tag of key
+    refs/<key>/@i/<hash>       where to find the version a put with an idempotency token made
     gc/...                     garbage-collection state
 """
 
@@ -33,6 +34,7 @@ REFS = "refs/"
 GC = "gc/"
 VERSION_DIR = "@v"
 TAG_DIR = "@t"
+TOKEN_DIR = "@i"
 VERSION_DIGITS = 12
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
@@ -136,6 +138,11 @@ def tags_prefix(key: str) -> str:
 
 def tag_key(key: str, tag: str) -> str:
     return f"{tags_prefix(key)}{tag}"
+
+
+def token_key(key: str, hashed: str) -> str:
+    """The record of an idempotency token of ``key`` (see :mod:`cas.store._retries`)."""
+    return f"{REFS}{key}/{TOKEN_DIR}/{hashed}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,8 @@ class VersionRef:
     # None: not recorded (older refs, or too large), read the manifest instead.
     # Left out of == and hash: it is derived from the manifest, and a dict is unhashable.
     summary: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    #: Hash of the idempotency token of the put that committed it, if it had one.
+    token: str | None = field(default=None, compare=False)
 
     @property
     def label(self) -> str:
@@ -102,12 +104,14 @@ class Refs:
             if not manifest:
                 return DeletedRef(key, number, created)
             summary = data.get("summary")
+            token = data.get("token")
             return VersionRef(
                 key,
                 number,
                 Digest.parse(manifest),
                 created,
                 summary if isinstance(summary, dict) else None,
+                token if isinstance(token, str) else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
@@ -133,15 +137,25 @@ class Refs:
         raise RefNotFoundError(f"key {key!r} has no versions")
 
     def create_next(
-        self, key: str, manifest_id: Digest, *, summary: Mapping[str, Any] | None = None
+        self,
+        key: str,
+        manifest_id: Digest,
+        *,
+        summary: Mapping[str, Any] | None = None,
+        token: str | None = None,
     ) -> VersionRef:
-        """Commit a new version: create ``refs/<key>/@v/<N>`` only if absent, N = last + 1."""
+        """Commit a new version: create ``refs/<key>/@v/<N>`` only if absent, N = last + 1.
+
+        ``token`` is the hash of the put's idempotency token, recorded with it.
+        """
         numbers = self.version_numbers(key)
         number = (numbers[-1] if numbers else 0) + 1
         created = utc_now()
         fields: dict[str, Any] = {"manifest": manifest_id.hex, "created": created}
         if summary is not None:
             fields["summary"] = dict(summary)
+        if token is not None:
+            fields["token"] = token
         body = canonical_json(fields)
         while True:
             object_key = layout.version_key(key, number)
@@ -154,7 +168,7 @@ class Refs:
                     number += 1  # another writer took it: the next one is ours to try
                     continue
             self.backend.flush()  # the commit is durable before anyone is told of it
-            return VersionRef(key, number, manifest_id, created, fields.get("summary"))
+            return VersionRef(key, number, manifest_id, created, fields.get("summary"), token)
 
     def _holds(self, object_key: str, body: bytes) -> bool:
         try:

@@ -128,6 +128,8 @@ class Store:
         progress: ProgressFn | None = None,
         info: ArtifactInfo | None = None,
         workers: int | None = None,
+        if_changed: bool = False,
+        idempotency_token: str | None = None,
     ) -> Version:
         """Store a file or a directory as the next version of ``key``.
 
@@ -135,8 +137,11 @@ class Store:
         parents and tags join those given here, which win on a conflict.
         ``workers`` is the number of chunks hashed, compressed and uploaded
         in parallel (default: the store's, from the backend's concurrency).
+        ``if_changed`` and ``idempotency_token`` make a retry return the
+        version an earlier attempt committed (docs/concepts.md).
         """
         from ..transfer._ingest import scan
+        from ._retries import RetryGuard
         from ._writing import Put, Record, VersionWriter
 
         workers = self._check_workers(workers)
@@ -150,14 +155,24 @@ class Store:
             info=info,
         )
         resolved = tuple(dict.fromkeys(self._parent(p) for p in record.parents))
+        retry = RetryGuard(self.refs, key, idempotency_token, if_changed=if_changed)
+        earlier = retry.earlier_commit()
+        if earlier is not None:
+            return self._tagged(earlier, self.load_manifest(earlier.manifest_id), record.tags)
         kind, items = scan(Path(path), skip=self.backend.local_root)
         writer = VersionWriter(
             self.backend, self.config, self.refs, self.clock, self.load_manifest, self.summary
         )
-        ref, manifest = writer.commit(Put(record, kind, items, resolved, progress, workers))
-        for tag in record.tags:
-            self.refs.set_tag(key, tag, ref.number)
-        return self._catalog().version(ref, manifest, record.tags)
+        put = Put(record, kind, items, resolved, progress, workers, retry)
+        ref, manifest = writer.commit(put)
+        retry.committed(ref)
+        return self._tagged(ref, manifest, record.tags)
+
+    def _tagged(self, ref: VersionRef, manifest: Manifest, tags: tuple[str, ...]) -> Version:
+        """Set the tags a put was given (again, for a retry) and describe the version."""
+        for tag in tags:
+            self.refs.set_tag(ref.key, tag, ref.number)
+        return self._catalog().version(ref, manifest, tags)
 
     def _check_workers(self, workers: int | None) -> int:
         if workers is None:
@@ -340,9 +355,11 @@ class Store:
                 tags=", ".join(version.tags),
                 force=FORCE,
             )
-        for tag in version.tags:
-            self.refs.remove_tag(version.key, tag)
-        self.refs.mark_deleted(version_ref)
+        # Deleting is how space is freed: on a full device it may use the reserve.
+        with self.backend.drawing_on_reserve():
+            for tag in version.tags:
+                self.refs.remove_tag(version.key, tag)
+            self.refs.mark_deleted(version_ref)
         return version
 
     def delete_all(self, key: str, *, force: bool = False) -> list[Version]:
@@ -415,7 +432,9 @@ class Store:
         """Delete chunks and manifests no version needs, older than ``grace`` seconds.
 
         Safe while others put, as long as ``grace`` is at least the store's
-        setting (the default when None); see docs/gc.md.
+        setting (the default when None); see docs/gc.md. Also removes what
+        writers that died left: their markers, temporary files and partial
+        uploads. Works on a full device (it may use the store's reserve).
         """
         from ..gc._collect import collect
 
@@ -435,6 +454,10 @@ class Store:
     def set_gc_grace(self, seconds: float) -> GcSettings:
         """Set the grace that writers refresh against and collections default to."""
         return write_settings(self.backend, seconds)
+
+    def set_gc_lease(self, seconds: float) -> GcSettings:
+        """Set how long a marker may go unrenewed before its put or collection counts as dead."""
+        return write_settings(self.backend, lease=seconds)
 
 
 def open(

@@ -43,6 +43,7 @@ from ._notices import warn_of_kind_change
 
 if TYPE_CHECKING:
     from ..transfer._ingest import Ingestor, SourceItem
+    from ._retries import RetryGuard
 
 ProgressFn = Callable[[int], None]
 #: A put that loses a reused chunk to a concurrent collection starts over this often.
@@ -117,6 +118,8 @@ class Put:
     parents: tuple[Parent, ...]
     progress: ProgressFn | None
     workers: int
+    #: What keeps a retry from duplicating a version (if_changed, a token).
+    retry: RetryGuard
 
 
 def write_manifest(backend: Backend, manifest: Manifest) -> Digest:
@@ -178,7 +181,10 @@ class VersionWriter:
             former_kind = latest.submit(self._former_kind, put.record.key)
             entries = build_entries(put.items, ingestor)
             manifest = put.record.manifest(put.kind, parents, entries)
-            ref = self._commit_manifest(session, put.record.key, manifest, former_kind)
+            unchanged = put.retry.unchanged(manifest, self.load_manifest)
+            if unchanged is not None:
+                return unchanged  # nothing new to commit: the latest version is this one
+            ref = self._commit_manifest(session, manifest, former_kind, put.retry.token)
             return ref, manifest
         finally:
             latest.shutdown(wait=True)
@@ -228,9 +234,9 @@ class VersionWriter:
     def _commit_manifest(
         self,
         session: WriteSession,
-        key: str,
         manifest: Manifest,
         former_kind: Future[tuple[int, str] | None],
+        token: str | None,
     ) -> VersionRef:
         manifest_id = write_manifest(self.backend, manifest)
         session.adopt(layout.manifest_key(manifest_id))
@@ -238,7 +244,10 @@ class VersionWriter:
         self.backend.flush()  # chunks and manifest durable before the ref names them
         summary = Summary.of_manifest(manifest).for_ref()
         former = former_kind.result()  # read before this version exists
-        ref = self.refs.create_next(key, manifest_id, summary=summary)  # the commit point
+        ref = session.commit(  # the commit point
+            lambda: self.refs.create_next(manifest.key, manifest_id, summary=summary, token=token),
+            self.refs.mark_deleted,
+        )
         # The warning points at the caller of Store.put, five frames up.
         warn_of_kind_change(ref, former, manifest.kind, stacklevel=6)
         return ref

@@ -93,6 +93,14 @@ class BackendConformance:
     #: Test name -> why the *test server* cannot pass it (strict xfail).
     known_gaps: ClassVar[dict[str, str]] = {}
 
+    def leave_leftover(self, backend: Backend, key: str, data: bytes) -> bool:
+        """Leave behind what a writer of ``key`` that died mid-write would leave.
+
+        Subclasses of backends that can leave something (a temporary file, a
+        partial upload) override this; False means the backend leaves nothing.
+        """
+        return False
+
     @pytest.fixture(autouse=True)
     def _mark_known_gaps(self, request: pytest.FixtureRequest) -> None:
         name = getattr(request.node, "originalname", request.node.name)
@@ -402,3 +410,27 @@ class BackendConformance:
                     continue
                 pytest.fail(f"{name}({key!r}) did not raise InvalidKeyError")
         assert list(backend.list_objects()) == []
+
+    # -- what dead writers leave ----------
+
+    def test_leftovers_of_dead_writers_are_listed_and_removed(self, backend: Backend) -> None:
+        backend.put("kept/a", b"alpha")
+        backend.put("kept/b", b"beta", if_absent=True)
+        assert list(backend.list_leftovers()) == [], "a finished write left something"
+        backend.remove_leftovers([])
+        before = time.time()
+        if not self.leave_leftover(backend, "kept/c", b"x" * 1000):
+            return  # this backend never leaves anything: nothing more to check
+        [left] = backend.list_leftovers()
+        assert left.size == 1000
+        assert abs(left.mtime - before) < CLOCK_SKEW
+        # Not an object: listings, reads and create-only writes do not see it.
+        assert [i.key for i in backend.list_objects()] == ["kept/a", "kept/b"]
+        assert not backend.exists("kept/c")
+        backend.remove_leftovers([left])
+        backend.remove_leftovers([left])  # gone already: fine
+        assert list(backend.list_leftovers()) == []
+        assert [i.key for i in backend.list_objects()] == ["kept/a", "kept/b"]
+        assert backend.get("kept/a") == b"alpha"
+        backend.put("kept/c", b"gamma", if_absent=True)
+        assert backend.get("kept/c") == b"gamma"
