@@ -25,10 +25,17 @@ from typing import Any
 
 from ..chunks._store import ChunkStore
 from ..digest import Digest
-from ..errors import CasError, IntegrityError, InvalidInputError, MissingObjectError, NotFoundError
+from ..errors import (
+    CasError,
+    IntegrityError,
+    InvalidInputError,
+    MismatchedObjectError,
+    MissingObjectError,
+    NotFoundError,
+)
 from ..repository import _layout as layout
 from ..repository._live import LiveVersions
-from ..repository._manifest import Manifest
+from ..repository._manifest import ChunkRef, Manifest
 from ..repository._refs import Refs, VersionRef
 
 ProgressFn = Callable[[int], None]
@@ -53,6 +60,8 @@ class VerifyReport:
     chunks_read: int
     missing_chunks: tuple[str, ...] = ()
     corrupt_chunks: tuple[str, ...] = ()
+    #: Chunks whose header disagrees with a manifest listing them (length, delta base).
+    mismatched_chunks: tuple[str, ...] = ()
     damaged: tuple[Damage, ...] = ()
     deep: bool = False
     #: Percentage of chunks read when sampling, else None.
@@ -77,6 +86,7 @@ class VerifyReport:
             "chunks_read": self.chunks_read,
             "missing_chunks": list(self.missing_chunks),
             "corrupt_chunks": list(self.corrupt_chunks),
+            "mismatched_chunks": list(self.mismatched_chunks),
             "damaged": [
                 {"ref": d.ref, "problem": d.problem, "files": list(d.files)} for d in self.damaged
             ],
@@ -87,9 +97,13 @@ class VerifyReport:
 
 @dataclass
 class _Survey:
-    """What the live versions need: which (version, file) pairs use each chunk."""
+    """What the live versions need: which (version, file) pairs use each chunk.
 
-    by_chunk: dict[bytes, list[tuple[str, str]]] = field(default_factory=dict)
+    A chunk is counted as its manifests describe it (hash, length, chain):
+    one that two manifests describe differently is read once for each.
+    """
+
+    by_chunk: dict[ChunkRef, list[tuple[str, str]]] = field(default_factory=dict)
     damaged: dict[str, Damage] = field(default_factory=dict)
     versions: int = 0
     manifests: set[bytes] = field(default_factory=set)
@@ -101,24 +115,25 @@ class _Survey:
             self.damaged[ref.label] = Damage(ref.label, problem)
             return
         self.manifests.add(ref.manifest_id.raw)
-        for entry, digest, _ in manifest.live_chunks():
-            self.by_chunk.setdefault(digest.raw, []).append((ref.label, entry.path))
+        for entry, chunk in manifest.chunk_reads():
+            self.by_chunk.setdefault(chunk, []).append((ref.label, entry.path))
 
     def unreadable(self, label: str, error: IntegrityError) -> None:
         self.damaged[label] = Damage(label, f"ref: {error}")
 
-    def record(self, missing: list[bytes], corrupt: list[bytes]) -> None:
+    def record(self, problems: dict[str, list[ChunkRef]]) -> None:
         """Per damaged version: the chunks behind each kind of problem, and the files hit."""
         found_by_label: dict[str, dict[str, set[str]]] = {}
         files_by_label: dict[str, set[str]] = {}
-        for problem, raws in (("missing", missing), ("corrupt", corrupt)):
-            for raw in raws:
-                for label, path in self.by_chunk[raw]:
-                    found_by_label.setdefault(label, {}).setdefault(problem, set()).add(raw.hex())
+        for problem, bad in problems.items():
+            for chunk in bad:
+                for label, path in self.by_chunk[chunk]:
+                    found = found_by_label.setdefault(label, {}).setdefault(problem, set())
+                    found.add(chunk.digest.hex)
                     files_by_label.setdefault(label, set()).add(path)
-        for label, problems in found_by_label.items():
+        for label, found_here in found_by_label.items():
             files = tuple(sorted(files_by_label[label]))
-            self.damaged[label] = Damage(label, _describe(problems), files)
+            self.damaged[label] = Damage(label, _describe(found_here), files)
 
 
 def _survey(refs: Refs, load_manifest: Callable[[Digest], Manifest], workers: int) -> _Survey:
@@ -171,32 +186,35 @@ def verify_store(
     _check_options(deep, sample, repair)
     survey = _survey(refs, load_manifest, workers)
     present = {digest.raw for digest, _ in chunks.list_chunks()}
-    missing = [raw for raw in survey.by_chunk if raw not in present]
-    corrupt: list[bytes] = []
-    to_read: list[bytes] = []
+    missing = [c for c in survey.by_chunk if c.digest.raw not in present]
+    found: list[tuple[ChunkRef, str]] = []
+    to_read: list[ChunkRef] = []
     if deep or sample is not None:
-        to_read = [raw for raw in survey.by_chunk if raw in present]
+        to_read = [c for c in survey.by_chunk if c.digest.raw in present]
         if sample is not None and sample < 100:
             count = math.ceil(len(to_read) * sample / 100)
             to_read = (rng or random.Random()).sample(to_read, count)
         found = _read_all(chunks, to_read, workers, progress)
-        corrupt = [raw for raw, problem in found if problem == "corrupt"]
-        missing += [raw for raw, problem in found if problem == "missing"]
-    survey.record(missing, corrupt)
+    missing += [chunk for chunk, problem in found if problem == "missing"]
+    corrupt = [chunk for chunk, problem in found if problem == "corrupt"]
+    mismatched = [chunk for chunk, problem in found if problem == "mismatched"]
+    survey.record({"missing": missing, "corrupt": corrupt, "mismatched": mismatched})
     quarantined: list[tuple[str, str]] = []
     reput: set[str] = set()
     if repair:
+        # Only a chunk corrupt in itself: one that disagrees with a manifest may be whole.
         quarantined = _quarantine_all(chunks, corrupt)
         # A missing chunk heals the same way as a quarantined one.
-        for raw in (*missing, *corrupt):
-            reput.update(label for label, _ in survey.by_chunk[raw])
+        for chunk in (*missing, *corrupt):
+            reput.update(label for label, _ in survey.by_chunk[chunk])
     return VerifyReport(
         versions=survey.versions,
         manifests=len(survey.manifests),
         chunks_referenced=len(survey.by_chunk),
         chunks_read=len(to_read),
-        missing_chunks=tuple(sorted(r.hex() for r in missing)),
-        corrupt_chunks=tuple(sorted(r.hex() for r in corrupt)),
+        missing_chunks=_hexes(missing),
+        corrupt_chunks=_hexes(corrupt),
+        mismatched_chunks=_hexes(mismatched),
         damaged=tuple(survey.damaged[k] for k in sorted(survey.damaged)),
         deep=deep or sample is not None,
         sample=sample,
@@ -205,36 +223,42 @@ def verify_store(
     )
 
 
-def _quarantine_all(chunks: ChunkStore, corrupt: list[bytes]) -> list[tuple[str, str]]:
+def _hexes(chunks: list[ChunkRef]) -> tuple[str, ...]:
+    return tuple(sorted({c.digest.hex for c in chunks}))
+
+
+def _quarantine_all(chunks: ChunkStore, corrupt: list[ChunkRef]) -> list[tuple[str, str]]:
     quarantined = []
-    for raw in corrupt:
-        moved = quarantine_chunk(chunks, Digest(raw))
+    for chunk in corrupt:
+        moved = quarantine_chunk(chunks, chunk)
         if moved is not None:
-            quarantined.append((raw.hex(), moved))
+            quarantined.append((chunk.digest.hex, moved))
     return quarantined
 
 
 def _read_all(
-    chunks: ChunkStore, raws: list[bytes], workers: int, progress: ProgressFn | None
-) -> list[tuple[bytes, str]]:
-    """Read and rehash chunks in parallel; (digest, "corrupt" | "missing") for the bad ones."""
+    chunks: ChunkStore, refs: list[ChunkRef], workers: int, progress: ProgressFn | None
+) -> list[tuple[ChunkRef, str]]:
+    """Read and rehash chunks in parallel; (chunk, kind of problem) for the bad ones."""
 
-    def check(raw: bytes) -> tuple[bytes, str] | None:
+    def check(chunk: ChunkRef) -> tuple[ChunkRef, str] | None:
         try:
-            data = chunks.get(Digest(raw))
+            data = chunks.read(chunk)
         except MissingObjectError:
-            return raw, "missing"  # removed after the listing
+            return chunk, "missing"  # removed after the listing
+        except MismatchedObjectError:
+            return chunk, "mismatched"
         except IntegrityError:
-            return raw, "corrupt"
+            return chunk, "corrupt"
         if progress is not None:
             progress(len(data))
         return None
 
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="cas-verify") as pool:
-        return [bad for bad in pool.map(check, raws) if bad is not None]
+        return [bad for bad in pool.map(check, refs) if bad is not None]
 
 
-def quarantine_chunk(chunks: ChunkStore, digest: Digest) -> str | None:
+def quarantine_chunk(chunks: ChunkStore, chunk: ChunkRef) -> str | None:
     """Move a corrupt chunk to ``quarantine/``; its key, or None if it was gone or is fine now.
 
     The stored bytes are copied first and the chunk deleted only after it
@@ -242,7 +266,7 @@ def quarantine_chunk(chunks: ChunkStore, digest: Digest) -> str | None:
     stored meanwhile is left alone.
     """
     backend = chunks.backend
-    key = layout.chunk_key(digest)
+    key = layout.chunk_key(chunk.digest)
     try:
         blob = backend.get(key)
     except NotFoundError:
@@ -251,7 +275,7 @@ def quarantine_chunk(chunks: ChunkStore, digest: Digest) -> str | None:
     target = f"{QUARANTINE}{key}.{stamp}"
     backend.put(target, blob)
     try:
-        chunks.get(digest)
+        chunks.read(chunk)
     except MissingObjectError:
         return target
     except IntegrityError:
@@ -261,13 +285,24 @@ def quarantine_chunk(chunks: ChunkStore, digest: Digest) -> str | None:
     return None
 
 
+#: How each kind of damage reads: for one (chunk hash or file path), and for several.
+_PHRASES = {
+    "missing": ("missing chunk {}", "{} missing chunks (first {})"),
+    "corrupt": ("corrupt chunk {}", "{} corrupt chunks (first {})"),
+    "mismatched": (
+        "chunk {} disagrees with the manifest (length or delta base)",
+        "{} chunks disagree with the manifest (first {})",
+    ),
+}
+
+
 def _describe(problems: dict[str, set[str]]) -> str:
-    """'missing chunk <h>' for one chunk; counts and the first hash for several."""
+    """'missing chunk <h>' for one chunk; counts and the first one for several."""
     parts = []
-    for problem in ("missing", "corrupt"):
-        hashes = sorted(problems.get(problem, ()))
-        if len(hashes) == 1:
-            parts.append(f"{problem} chunk {hashes[0]}")
-        elif hashes:
-            parts.append(f"{len(hashes)} {problem} chunks (first {hashes[0]})")
+    for problem, (one, several) in _PHRASES.items():
+        subjects = sorted(problems.get(problem, ()))
+        if len(subjects) == 1:
+            parts.append(one.format(subjects[0]))
+        elif subjects:
+            parts.append(several.format(len(subjects), subjects[0]))
     return ", ".join(parts)

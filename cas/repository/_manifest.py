@@ -32,6 +32,13 @@ SCHEMA_VERSION = 1
 #: misreading a chunk entry. Manifests without deltas keep schema 1 (and ids).
 DELTA_SCHEMA = 2
 SCHEMAS = (SCHEMA_VERSION, DELTA_SCHEMA)
+#: The longest raw chunk a manifest may list: the largest maximum chunk size
+#: a store's chunker takes. A reader holds a chunk whole, so it trusts no more.
+MAX_CHUNK_LENGTH = 1 << 30
+#: The longest chain of delta bases a chunk may have. Writers keep chains far
+#: shorter (the store's delta setting); this stops a damaged store from
+#: sending a read round in circles.
+MAX_CHAIN = 64
 EntryType = Literal["file", "dir", "symlink"]
 ArtifactKind = Literal["file", "directory"]
 
@@ -112,11 +119,17 @@ class Manifest:
         length; a base is counted at the length of the delta that needs it.
         A chunk appears once per use.
         """
+        for entry, chunk in self.chunk_reads():
+            yield entry, chunk.digest, chunk.length
+
+    def chunk_reads(self) -> Iterator[tuple[Entry, ChunkRef]]:
+        """:meth:`live_chunks` as a reader reads them: a delta base is as long as
+        its delta, and its own chain is the rest of the delta's."""
         for entry in self.entries:
             for chunk in entry.chunks:
-                yield entry, chunk.digest, chunk.length
-                for base in chunk.bases:
-                    yield entry, base, chunk.length
+                yield entry, chunk
+                for index, base in enumerate(chunk.bases):
+                    yield entry, ChunkRef(base, chunk.length, chunk.bases[index + 1 :])
 
     @property
     def only_file(self) -> Entry | None:
