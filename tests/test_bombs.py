@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from helpers import PYTHON, ROOT, cas_env, ok
+from helpers import PYTHON, ROOT, cas_env, ok, run_cas
 from test_tensors import save, step, weights
 
 from cas.chunks._codec import BASE, HEADER, MAGIC, Codec
+from cas.digest import Digest
 from cas.repository import _layout as layout
 from cas.store import Store
 
@@ -228,6 +229,24 @@ def test_read_tensor_diff_and_download_refuse_a_bomb_in_bounded_memory(
         assert name in line, line
     assert local.read_bytes() == first.read_bytes(), "a refused download leaves the file alone"
     assert peak < LIMIT_KIB, f"reads of a {kind} bomb peaked at {peak // 1024} MiB"
+
+
+def test_a_manifest_bomb_is_refused_before_it_is_decompressed(tmp_path: Path) -> None:
+    store = Store.init(tmp_path / "store")
+    (tmp_path / "f.txt").write_bytes(b"x")
+    store.put(tmp_path / "f.txt", "k")
+    # A manifest that declares 1 GiB of JSON, committed as version 2 of the key.
+    blob = zstd_frame(GiB, declared=True)
+    manifest_id = Digest.of(blob)
+    store.backend.put(layout.manifest_key(manifest_id), blob)
+    store.refs.create_next("k", manifest_id)
+    for argv in (["get", "k", tmp_path / "out"], ["verify"], ["show", "k"]):
+        proc, peak = measured("-m", "cas", "--store", tmp_path / "store", *argv)
+        assert proc.returncode == 3, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        assert manifest_id.hex in proc.stderr + proc.stdout
+        assert peak < LIMIT_KIB, f"{argv[0]} of a manifest bomb peaked at {peak // 1024} MiB"
+    ok(run_cas("get", "k@1", tmp_path / "first", store=tmp_path / "store"))
 
 
 def test_the_measurement_sees_memory(tmp_path: Path) -> None:

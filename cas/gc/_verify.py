@@ -32,10 +32,12 @@ from ..errors import (
     MismatchedObjectError,
     MissingObjectError,
     NotFoundError,
+    RefNotFoundError,
 )
 from ..repository import _layout as layout
 from ..repository._live import LiveVersions
 from ..repository._manifest import ChunkRef, Manifest
+from ..repository._metadata import check_ref
 from ..repository._refs import Refs, VersionRef
 
 ProgressFn = Callable[[int], None]
@@ -111,7 +113,9 @@ class _Survey:
     def add(self, ref: VersionRef, manifest: Manifest | CasError) -> None:
         self.versions += 1
         if isinstance(manifest, CasError):
-            problem = f"manifest {ref.manifest_id.hex}: {manifest}"
+            problem = str(manifest)
+            if ref.manifest_id.hex not in problem:
+                problem = f"manifest {ref.manifest_id.hex}: {problem}"
             self.damaged[ref.label] = Damage(ref.label, problem)
             return
         self.manifests.add(ref.manifest_id.raw)
@@ -141,15 +145,43 @@ def _survey(refs: Refs, load_manifest: Callable[[Digest], Manifest], workers: in
     survey = _Survey()
 
     def read(ref: VersionRef) -> Manifest | CasError:
+        # Checked whole as a get checks it: paths, numbers, and against its ref.
         try:
-            return load_manifest(ref.manifest_id)
+            manifest = load_manifest(ref.manifest_id)
+            check_ref(ref, manifest, name=f"manifest {ref.manifest_id.hex}")
         except CasError as err:
             return err
+        return manifest
 
     live = LiveVersions(refs, read, workers=workers, on_unreadable=survey.unreadable)
     for ref, manifest in live:
         survey.add(ref, manifest)
+    if live.tags:
+        _check_tags(refs, survey)
     return survey
+
+
+def _check_tags(refs: Refs, survey: _Survey) -> None:
+    """Record the tags a get could not follow: malformed, or naming no version ever made."""
+    for info in refs.backend.list_objects(layout.REFS):
+        parsed = layout.parse_ref_key(info.key)
+        if parsed is None or parsed.tag is None:
+            continue
+        label = f"{parsed.key}:{parsed.tag}"
+        try:
+            number = refs.read_tag(parsed.key, parsed.tag)
+        except IntegrityError as err:
+            survey.damaged[label] = Damage(label, f"tag: {err}")
+            continue
+        except RefNotFoundError:
+            continue  # removed while we listed
+        try:
+            refs.read_version(parsed.key, number)  # a deleted version is no damage
+        except IntegrityError:
+            continue  # the version's own damage is reported as such
+        except RefNotFoundError:
+            problem = f"tag names {parsed.key}@{number}, which does not exist"
+            survey.damaged[label] = Damage(label, problem)
 
 
 def _check_options(deep: bool, sample: float | None, repair: bool) -> None:
