@@ -295,6 +295,24 @@ def test_a_chunk_that_disagrees_with_its_manifest_is_not_quarantined(
     assert (tmp_path / "fine" / "six.txt").read_bytes() == b"hello\n"
 
 
+def test_deep_verify_flags_a_file_of_several_chunks_whose_hash_is_wrong(
+    store: Store, tmp_path: Path
+) -> None:
+    data = manifest_data(store, "runs/a@1")
+    big = entry(data, "sub/big.bin")
+    assert len(big["chunks"]) > 1
+    big["blake3"] = Digest.of(b"something else").hex
+    ref = commit(store, data)
+    with pytest.raises(CorruptObjectError, match="does not match its recorded BLAKE3"):
+        store.get(ref, tmp_path / "out")
+    assert store.verify().ok, "only reading the file shows it"
+    report = store.verify(deep=True, repair=True)
+    assert [(d.ref, d.files) for d in report.damaged] == [(ref, ("sub/big.bin",))]
+    assert "file 'sub/big.bin' does not match its recorded BLAKE3" in report.damaged[0].problem
+    assert report.mismatched_files == ("sub/big.bin",)
+    assert (report.quarantined, report.reput, report.corrupt_chunks) == ((), (), ())
+
+
 def test_malformed_refs_and_tags_fail_cleanly(store: Store, tmp_path: Path) -> None:
     bad = {
         layout.version_key("runs/a", 2): b'{"manifest": 5, "created": "x"}',

@@ -39,6 +39,7 @@ from ..repository._live import LiveVersions
 from ..repository._manifest import ChunkRef, Manifest
 from ..repository._metadata import check_ref
 from ..repository._refs import Refs, VersionRef
+from ._files import FileKey, hash_files
 
 ProgressFn = Callable[[int], None]
 #: Where repair puts corrupt chunks; outside chunks/, so gc never sees them.
@@ -64,6 +65,8 @@ class VerifyReport:
     corrupt_chunks: tuple[str, ...] = ()
     #: Chunks whose header disagrees with a manifest listing them (length, delta base).
     mismatched_chunks: tuple[str, ...] = ()
+    #: Files whose bytes do not hash to the BLAKE3 their manifest records.
+    mismatched_files: tuple[str, ...] = ()
     damaged: tuple[Damage, ...] = ()
     deep: bool = False
     #: Percentage of chunks read when sampling, else None.
@@ -89,6 +92,7 @@ class VerifyReport:
             "missing_chunks": list(self.missing_chunks),
             "corrupt_chunks": list(self.corrupt_chunks),
             "mismatched_chunks": list(self.mismatched_chunks),
+            "mismatched_files": list(self.mismatched_files),
             "damaged": [
                 {"ref": d.ref, "problem": d.problem, "files": list(d.files)} for d in self.damaged
             ],
@@ -99,13 +103,15 @@ class VerifyReport:
 
 @dataclass
 class _Survey:
-    """What the live versions need: which (version, file) pairs use each chunk.
+    """What the live versions need: which (version, file) pairs use each chunk, and
+    each file of several chunks.
 
     A chunk is counted as its manifests describe it (hash, length, chain):
     one that two manifests describe differently is read once for each.
     """
 
     by_chunk: dict[ChunkRef, list[tuple[str, str]]] = field(default_factory=dict)
+    files: dict[FileKey, list[tuple[str, str]]] = field(default_factory=dict)
     damaged: dict[str, Damage] = field(default_factory=dict)
     versions: int = 0
     manifests: set[bytes] = field(default_factory=set)
@@ -121,23 +127,32 @@ class _Survey:
         self.manifests.add(ref.manifest_id.raw)
         for entry, chunk in manifest.chunk_reads():
             self.by_chunk.setdefault(chunk, []).append((ref.label, entry.path))
+        for entry in manifest.entries:
+            if len(entry.chunks) > 1 and entry.digest is not None:
+                key = (entry.digest, entry.chunks)
+                self.files.setdefault(key, []).append((ref.label, entry.path))
 
     def unreadable(self, label: str, error: IntegrityError) -> None:
         self.damaged[label] = Damage(label, f"ref: {error}")
 
-    def record(self, problems: dict[str, list[ChunkRef]]) -> None:
-        """Per damaged version: the chunks behind each kind of problem, and the files hit."""
+    def record(self, problems: dict[str, list[ChunkRef]], files: list[FileKey]) -> None:
+        """Per damaged version: the chunks (or files) behind each kind of problem, and the
+        files hit."""
+        hits = [
+            (label, path, problem, chunk.digest.hex)
+            for problem, bad in problems.items()
+            for chunk in bad
+            for label, path in self.by_chunk[chunk]
+        ]
+        hits += [(label, path, "hash", path) for key in files for label, path in self.files[key]]
         found_by_label: dict[str, dict[str, set[str]]] = {}
         files_by_label: dict[str, set[str]] = {}
-        for problem, bad in problems.items():
-            for chunk in bad:
-                for label, path in self.by_chunk[chunk]:
-                    found = found_by_label.setdefault(label, {}).setdefault(problem, set())
-                    found.add(chunk.digest.hex)
-                    files_by_label.setdefault(label, set()).add(path)
+        for label, path, problem, subject in hits:
+            found_by_label.setdefault(label, {}).setdefault(problem, set()).add(subject)
+            files_by_label.setdefault(label, set()).add(path)
         for label, found_here in found_by_label.items():
-            files = tuple(sorted(files_by_label[label]))
-            self.damaged[label] = Damage(label, _describe(found_here), files)
+            paths = tuple(sorted(files_by_label[label]))
+            self.damaged[label] = Damage(label, _describe(found_here), paths)
 
 
 def _survey(refs: Refs, load_manifest: Callable[[Digest], Manifest], workers: int) -> _Survey:
@@ -219,22 +234,19 @@ def verify_store(
     survey = _survey(refs, load_manifest, workers)
     present = {digest.raw for digest, _ in chunks.list_chunks()}
     missing = [c for c in survey.by_chunk if c.digest.raw not in present]
-    found: list[tuple[ChunkRef, str]] = []
-    to_read: list[ChunkRef] = []
+    reading = _Reading()
     if deep or sample is not None:
-        to_read = [c for c in survey.by_chunk if c.digest.raw in present]
-        if sample is not None and sample < 100:
-            count = math.ceil(len(to_read) * sample / 100)
-            to_read = (rng or random.Random()).sample(to_read, count)
-        found = _read_all(chunks, to_read, workers, progress)
-    missing += [chunk for chunk, problem in found if problem == "missing"]
-    corrupt = [chunk for chunk, problem in found if problem == "corrupt"]
-    mismatched = [chunk for chunk, problem in found if problem == "mismatched"]
-    survey.record({"missing": missing, "corrupt": corrupt, "mismatched": mismatched})
+        reading = _read(chunks, survey, present, sample, workers, progress, rng)
+    missing += reading.of("missing")
+    corrupt = reading.of("corrupt")
+    mismatched = reading.of("mismatched")
+    problems = {"missing": missing, "corrupt": corrupt, "mismatched": mismatched}
+    survey.record(problems, reading.mismatched_files)
     quarantined: list[tuple[str, str]] = []
     reput: set[str] = set()
     if repair:
-        # Only a chunk corrupt in itself: one that disagrees with a manifest may be whole.
+        # Only a chunk corrupt in itself: one that disagrees with a manifest may be
+        # whole, and a file's hash is the manifest's word.
         quarantined = _quarantine_all(chunks, corrupt)
         # A missing chunk heals the same way as a quarantined one.
         for chunk in (*missing, *corrupt):
@@ -243,16 +255,60 @@ def verify_store(
         versions=survey.versions,
         manifests=len(survey.manifests),
         chunks_referenced=len(survey.by_chunk),
-        chunks_read=len(to_read),
+        chunks_read=len(reading.read),
         missing_chunks=_hexes(missing),
         corrupt_chunks=_hexes(corrupt),
         mismatched_chunks=_hexes(mismatched),
+        mismatched_files=tuple(
+            sorted({path for key in reading.mismatched_files for _, path in survey.files[key]})
+        ),
         damaged=tuple(survey.damaged[k] for k in sorted(survey.damaged)),
         deep=deep or sample is not None,
         sample=sample,
         quarantined=tuple(sorted(quarantined)),
         reput=tuple(sorted(reput)),
     )
+
+
+@dataclass
+class _Reading:
+    """What reading the chunks and files found."""
+
+    #: The chunks read, as the manifests describe them.
+    read: set[ChunkRef] = field(default_factory=set)
+    #: (chunk, "missing" | "corrupt" | "mismatched") for each bad one.
+    found: list[tuple[ChunkRef, str]] = field(default_factory=list)
+    mismatched_files: list[FileKey] = field(default_factory=list)
+
+    def of(self, problem: str) -> list[ChunkRef]:
+        return [chunk for chunk, found in self.found if found == problem]
+
+
+def _read(
+    chunks: ChunkStore,
+    survey: _Survey,
+    present: set[bytes],
+    sample: float | None,
+    workers: int,
+    progress: ProgressFn | None,
+    rng: random.Random | None,
+) -> _Reading:
+    """Read every chunk (or a sample of ``sample`` percent), and without a sample every
+    file of several chunks whole, as a get hashes it: a chunk a file read is not read again."""
+    reading = _Reading()
+    to_read = [c for c in survey.by_chunk if c.digest.raw in present]
+    if sample is not None and sample < 100:
+        count = math.ceil(len(to_read) * sample / 100)
+        to_read = (rng or random.Random()).sample(to_read, count)
+    elif sample is None:
+        skip = {c.digest.raw for c in survey.by_chunk if c.digest.raw not in present}
+        check = hash_files(chunks, survey.files, skip=skip, workers=workers, progress=progress)
+        reading.mismatched_files = check.mismatched
+        reading.read = check.verified & survey.by_chunk.keys()
+        to_read = [c for c in to_read if c not in check.verified]
+    reading.read.update(to_read)
+    reading.found = _read_all(chunks, to_read, workers, progress)
+    return reading
 
 
 def _hexes(chunks: list[ChunkRef]) -> tuple[str, ...]:
@@ -324,6 +380,10 @@ _PHRASES = {
     "mismatched": (
         "chunk {} disagrees with the manifest (length or delta base)",
         "{} chunks disagree with the manifest (first {})",
+    ),
+    "hash": (
+        "file {!r} does not match its recorded BLAKE3",
+        "{} files do not match their recorded BLAKE3 (first {!r})",
     ),
 }
 
