@@ -74,6 +74,7 @@ def cmd_put(args: argparse.Namespace) -> int:
             progress=on_progress,
             info=info,
             workers=args.jobs,
+            follow_symlinks=args.follow_symlinks,
         )
     emit(args, {**version.to_dict(), "warnings": noted}, version.ref)
     return 0
@@ -341,6 +342,12 @@ def _register_put(add: AddCommand) -> None:
         help="metadata; JSON values keep their type (repeatable)",
     )
     p.add_argument("--message", "-m", metavar="TEXT")
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="store what every symlink points to; by default a link that stays inside PATH "
+        "is stored as a link, and one that leads out of it as what it points to",
+    )
     add_jobs_argument(p, "chunks hashed, compressed and uploaded")
     add_artifact_arguments(p)
 

@@ -130,6 +130,7 @@ class Store:
         progress: ProgressFn | None = None,
         info: ArtifactInfo | None = None,
         workers: int | None = None,
+        follow_symlinks: bool = False,
     ) -> Version:
         """Store a file or a directory as the next version of ``key``.
 
@@ -137,6 +138,10 @@ class Store:
         parents and tags join those given here, which win on a conflict.
         ``workers`` is the number of chunks hashed, compressed and uploaded
         in parallel (default: the store's, from the backend's concurrency).
+        A symbolic link in the tree is stored as a link when it stays inside
+        the tree, and as what it points to when it leads out of it (a Hugging
+        Face snapshot's links into its cache); ``follow_symlinks`` stores
+        every link as what it points to. ``path`` itself may be a link.
         """
         from ..transfer._ingest import scan
         from ._writing import Put, Record, VersionWriter
@@ -152,7 +157,9 @@ class Store:
             info=info,
         )
         resolved = tuple(dict.fromkeys(self._parent(p) for p in record.parents))
-        kind, items = scan(Path(path), skip=self.backend.local_root)
+        kind, items = scan(
+            Path(path), skip=self.backend.local_root, follow_symlinks=follow_symlinks
+        )
         writer = VersionWriter(
             self.backend, self.config, self.refs, self.clock, self.load_manifest, self.summary
         )
