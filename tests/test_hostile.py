@@ -274,6 +274,18 @@ def test_a_refused_version_can_be_deleted(store: Store, tmp_path: Path) -> None:
     assert store.verify(deep=True).ok
 
 
+def test_a_refused_latest_version_blocks_no_put(store: Store, tmp_path: Path) -> None:
+    # A put reads the key's latest manifest to cut along it; one it refuses
+    # is no help, and must not stop new versions of the key.
+    data = manifest_data(store, "runs/a@1")
+    big_size(data)
+    commit(store, data)
+    version = store.put(tmp_path / "tree", "runs/a")
+    assert version.number == 3
+    store.get("runs/a", tmp_path / "out")
+    assert (tmp_path / "out" / "six.txt").read_bytes() == b"hello\n"
+
+
 def test_a_chunk_that_disagrees_with_its_manifest_is_not_quarantined(
     store: Store, tmp_path: Path
 ) -> None:
