@@ -22,3 +22,23 @@ def zstd_decompressor() -> zstandard.ZstdDecompressor:
     if not hasattr(_local, "decompressor"):
         _local.decompressor = zstandard.ZstdDecompressor()
     return _local.decompressor  # type: ignore[no-any-return]
+
+
+def decompress_bounded(frame: bytes | memoryview, limit: int, *, exact: bool = False) -> bytes:
+    """One zstd frame that decodes to at most ``limit`` bytes (exactly, if ``exact``).
+
+    python-zstandard sizes its output by the size a frame declares and then
+    ignores ``max_output_size``: a frame of a few kilobytes that declares
+    gigabytes gets them, filled. The declared size is checked first, so
+    nothing larger than ``limit`` is ever allocated. Raises ZstdError.
+    """
+    declared = zstandard.frame_content_size(frame)  # -1: not declared
+    if declared > limit or (exact and declared not in (-1, limit)):
+        what = f"exactly {limit}" if exact else f"at most {limit}"
+        raise zstandard.ZstdError(f"frame declares {declared} bytes where {what} may be")
+    if limit == 0:
+        # max_output_size=0 would mean "unbounded" to python-zstandard.
+        if declared != 0:
+            raise zstandard.ZstdError("frame does not declare its size, which must be 0")
+        return b""
+    return zstd_decompressor().decompress(frame, max_output_size=limit)

@@ -162,6 +162,13 @@ class CorruptObjectError(IntegrityError):
     """An object cannot be decoded, or its hash does not match its name."""
 
 
+class MismatchedObjectError(CorruptObjectError):
+    """A chunk and the manifest that lists it disagree (its length, its delta base).
+
+    Either may be at fault: the chunk may be whole under its own name.
+    """
+
+
 class MissingObjectError(IntegrityError, FileNotFoundError):
     """An object that a manifest or a ref needs is missing from the store."""
 

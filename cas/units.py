@@ -33,7 +33,7 @@ def format_size(n: float) -> str:
 def parse_duration(text: str) -> float:
     """'6h', '90m', '1h30m', '0', '45s' -> seconds."""
     stripped = text.strip()
-    if stripped.replace(".", "", 1).isdigit():
+    if stripped.isascii() and stripped.replace(".", "", 1).isdigit():
         return float(stripped)
     pos, total = 0, 0.0
     for match in _DURATION.finditer(stripped):

@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from cas.chunks import _codec as codec  # noqa: E402
 from cas.chunks._chunking import ChunkerParams  # noqa: E402
 from cas.ml.checkpoint import write_safetensors  # noqa: E402
+from cas.repository._manifest import ChunkRef  # noqa: E402
 from cas.store import Store  # noqa: E402
 from cas.store._config import ENTROPY_CODERS  # noqa: E402
 from cas.tensors._formats import sniff  # noqa: E402
@@ -275,7 +276,8 @@ def bench_series(
         for chunk in entry.chunks:
             if chunk.bases:
                 blob = store.backend.get(f"chunks/{chunk.digest.hex[:2]}/{chunk.digest.hex}")
-                base = store.chunks.get(chunk.bases[0])
+                # The base is as long as the delta, and its chain follows it in the delta's.
+                base = store.chunks.get(ChunkRef(chunk.bases[0], chunk.length, chunk.bases[1:]))
                 deltas.append((blob, base))
     delta_raw = sum(len(base) for _, base in deltas)
     decode = best(lambda: [codec.decode(b, base=base) for b, base in deltas], rounds)

@@ -5,6 +5,7 @@
     python scripts/doc_fixtures.py quickstart-checkpoints
     python scripts/doc_fixtures.py bf16-model DIR [--step N]
     python scripts/doc_fixtures.py code-block DOC FIRST-LINE FILE
+    python scripts/doc_fixtures.py hostile-version STORE REF PATH
 
 scripts/update_doc_transcripts.py runs these from the docs' hidden setup
 steps; the chunk hashes and sizes the docs show follow from them.
@@ -21,6 +22,9 @@ DIR/model.safetensors, one bf16 tensor of 30,000 weights, moved by a
 fine-tuning step for each ``--step`` past the first. ``code-block`` writes
 the fenced code block of DOC that starts with FIRST-LINE to FILE, so that a
 program a doc prints is the program its transcript runs.
+``hostile-version`` commits to the local store STORE, as the next version
+of REF's key, REF's manifest with the size of its file PATH set to 10^15:
+what anyone with write access to a bucket can do.
 """
 
 from __future__ import annotations
@@ -106,6 +110,25 @@ def code_block(doc: Path, first_line: str, out: Path) -> None:
     out.write_text("\n".join(lines[begin : lines.index("```", begin)]) + "\n")
 
 
+def hostile_version(store: Path, ref: str, path: str) -> None:
+    import zstandard
+
+    import cas
+    from cas.digest import Digest
+    from cas.repository import _layout as layout
+    from cas.repository._manifest import canonical_json
+
+    opened = cas.open(store, create=False)
+    version = opened.resolve(ref)
+    assert version.manifest_id is not None
+    blob = opened.backend.get(layout.manifest_key(version.manifest_id))
+    data = json.loads(zstandard.ZstdDecompressor().decompress(blob))
+    next(e for e in data["entries"] if e["path"] == path)["size"] = 10**15
+    blob = zstandard.ZstdCompressor().compress(canonical_json(data))
+    opened.backend.put(layout.manifest_key(Digest.of(blob)), blob)
+    opened.refs.create_next(version.key, Digest.of(blob))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -123,6 +146,11 @@ def main() -> None:
     p.add_argument("first_line")
     p.add_argument("out", type=Path)
     p.set_defaults(run=lambda a: code_block(a.doc, a.first_line, a.out))
+    p = sub.add_parser("hostile-version")
+    p.add_argument("store", type=Path)
+    p.add_argument("ref")
+    p.add_argument("path")
+    p.set_defaults(run=lambda a: hostile_version(a.store, a.ref, a.path))
     args = parser.parse_args()
     args.run(args)
 

@@ -202,9 +202,10 @@ VARYING = [
     (re.compile(r"^total \d+$"), "total <blocks>"),
 ]
 # Where manifest ids appear: as values first (numbered in the order the session
-# shows them), then as object names, whose listings are in the ids' random
-# order (so consecutive lines of them are compared sorted).
-MANIFEST_ID = re.compile(r'(?:"manifest": ?"|manifest: +)([0-9a-f]{64})')
+# shows them; "manifest <id>" is how error messages name one), then as object
+# names, whose listings are in the ids' random order (so consecutive lines of
+# them are compared sorted).
+MANIFEST_ID = re.compile(r'(?:"manifest": ?"|manifest: +|manifest )([0-9a-f]{64})')
 MANIFEST_OBJECT = re.compile(r"manifests/[0-9a-f]{2}/([0-9a-f]{64})")
 LISTED_MANIFEST = re.compile(r"manifests/<manifest \d+>")
 

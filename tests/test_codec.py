@@ -163,15 +163,16 @@ def test_chunk_reads_skip_the_copy_that_gets_make() -> None:
     from cas.chunks import _floatcodec as floatcodec
     from cas.chunks._store import ChunkStore
     from cas.digest import Digest
+    from cas.repository._manifest import ChunkRef
 
     chunks = ChunkStore(MemoryBackend())
     weights = np.random.default_rng(3).normal(0, 0.02, 50_000).astype("<f4").tobytes()
     digest = Digest.of(weights)
     grouped = codec.encode_grouped(weights, 4, floatcodec.Layout.FP32)
     chunks.put(weights, digest=digest, encode=lambda: grouped)
-    view = chunks.read(digest)
+    view = chunks.read(ChunkRef(digest, len(weights)))
     assert isinstance(view, memoryview)  # the decoded array itself
     assert view == weights
-    got = chunks.get(digest)
+    got = chunks.get(ChunkRef(digest, len(weights)))
     assert isinstance(got, bytes)
     assert got == weights

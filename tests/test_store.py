@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -396,14 +397,30 @@ def test_put_refuses_bad_metrics(store: Store, tree: Path, bad: object) -> None:
         store.log("k")
 
 
-def test_put_refuses_links_out_of_the_tree(store: Store, tree: Path) -> None:
-    (tree / "escape").symlink_to("../../etc/passwd")
+def test_put_refuses_links_out_of_the_tree_to_nothing(store: Store, tree: Path) -> None:
+    (tree / "escape").symlink_to("../../etc/passwd-that-is-not-there")
     with pytest.raises(SourceError, match="outside"):
         store.put(tree, "k")
     (tree / "escape").unlink()
-    (tree / "abs").symlink_to("/etc/passwd")
+    (tree / "abs").symlink_to("/nowhere/at/all")
     with pytest.raises(SourceError, match="outside"):
         store.put(tree, "k")
+
+
+def test_links_out_of_the_tree_are_stored_as_what_they_point_to(
+    store: Store, tree: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"kept by value")
+    (tree / "abs").symlink_to(outside)
+    (tree / "rel").symlink_to(os.path.relpath(outside, tree))
+    store.put(tree, "k")
+    types = {e.path: e.type for e in store.show("k").entries}
+    assert types["abs"] == types["rel"] == "file"
+    store.get("k", tmp_path / "out")
+    for name in ("abs", "rel"):
+        assert not (tmp_path / "out" / name).is_symlink()
+        assert (tmp_path / "out" / name).read_bytes() == b"kept by value"
 
 
 def test_context_manager(tmp_path: Path, tree: Path) -> None:

@@ -377,7 +377,7 @@ def test_deep_verify_decodes_chains_and_names_the_damage(store: Store, tmp_path:
     assert root.hex in report.corrupt_chunks
     assert "ft@3" in {d.ref for d in report.damaged}
     with pytest.raises(CorruptObjectError, match="delta base"):
-        store.chunks.get(child.digest)
+        store.chunks.get(child)
 
 
 def test_a_missing_base_is_reported_missing(store: Store, tmp_path: Path) -> None:
@@ -387,7 +387,7 @@ def test_a_missing_base_is_reported_missing(store: Store, tmp_path: Path) -> Non
     report = store.verify()
     assert child.bases[0].hex in report.missing_chunks
     with pytest.raises(MissingObjectError, match="delta base"):
-        store.chunks.get(child.digest)
+        store.chunks.get(child)
 
 
 def test_stats_count_delta_bases_as_live(store: Store, tmp_path: Path) -> None:

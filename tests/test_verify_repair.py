@@ -177,3 +177,32 @@ def test_cli_verify_repair(tmp_path: Path) -> None:
     proc = run_cas("verify", "--deep", store=root)
     assert proc.returncode == 0, proc.stdout
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_whole_files_are_hashed_once_each_and_appended_files_resume() -> None:
+    # Versions of a growing file: each starts with the one before, and a deep
+    # check reads each chunk once however many versions share it.
+    from cas.backends.memory import MemoryBackend
+    from cas.chunks._store import ChunkStore
+    from cas.digest import Digest
+    from cas.gc._files import SNAPSHOT_EVERY, hash_files
+    from cas.repository._manifest import ChunkRef
+    from cas.testing.faults import FaultyBackend
+
+    counted = FaultyBackend(MemoryBackend())
+    chunks = ChunkStore(counted)
+    pieces = [random_bytes(100 + i, seed=i) for i in range(2 * SNAPSHOT_EVERY + 5)]
+    refs = []
+    for piece in pieces:
+        refs.append(ChunkRef(Digest.of(piece), len(piece)))
+        chunks.put(piece)
+    files = [
+        (Digest.of(b"".join(pieces[:n])), tuple(refs[:n]))
+        for n in (2, 3, SNAPSHOT_EVERY + 1, len(pieces))
+    ]
+    wrong = (Digest.of(b"not these bytes"), tuple(refs[:3]))  # same chunks, another hash
+    counted.reset_counts()
+    check = hash_files(chunks, [*files, wrong, files[0]], workers=3)
+    assert check.mismatched == [wrong]
+    assert sorted(counted.keys["get"]) == sorted({layout.chunk_key(r.digest) for r in refs})
+    assert check.verified == set(refs)

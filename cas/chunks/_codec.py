@@ -19,8 +19,8 @@ from enum import IntEnum
 
 import zstandard
 
-from .._zstd import zstd_compressor, zstd_decompressor
-from ..errors import CorruptObjectError, InvalidInputError
+from .._zstd import decompress_bounded, zstd_compressor
+from ..errors import CorruptObjectError, InvalidInputError, MismatchedObjectError
 from . import _floatcodec as floatcodec
 
 MAGIC = b"CAS"
@@ -129,26 +129,38 @@ def delta_base(blob: bytes) -> bytes | None:
 
 
 def decode(
-    blob: bytes, *, name: str = "chunk", base: bytes | memoryview | None = None
+    blob: bytes,
+    *,
+    length: int | None = None,
+    name: str = "chunk",
+    base: bytes | memoryview | None = None,
 ) -> bytes | memoryview:
     """Return the raw bytes of a stored chunk; CorruptObjectError names ``name`` on failure.
 
-    ``base`` is the raw bytes of the base of a delta chunk (see :func:`delta_base`).
-    The result may be a view (of ``blob`` for a raw chunk, of the decoded array
-    for a grouped one) rather than bytes: nothing is copied only to change type.
+    ``length`` is the raw length the reader expects (a manifest gives it):
+    a header that claims another is refused before anything is decoded, and
+    no codec allocates more than it. None trusts the header, for a reader
+    that has no manifest. ``base`` is the raw bytes of the base of a delta
+    chunk (see :func:`delta_base`). The result may be a view (of ``blob``
+    for a raw chunk, of the decoded array for a grouped one) rather than
+    bytes: nothing is copied only to change type.
     """
     if len(blob) < HEADER.size:
         raise CorruptObjectError(f"{name}: truncated ({len(blob)} bytes, header is {HEADER.size})")
     magic, codec, raw_length = HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise CorruptObjectError(f"{name}: not a cas chunk (bad magic {magic!r})")
+    if length is not None and raw_length != length:
+        raise MismatchedObjectError(
+            f"{name}: its header says {raw_length} bytes, the manifest {length}"
+        )
     payload = memoryview(blob)[HEADER.size :]
     raw: bytes | memoryview
     if codec == Codec.RAW:
         raw = payload
     elif codec == Codec.ZSTD:
         try:
-            raw = zstd_decompressor().decompress(payload, max_output_size=raw_length)
+            raw = decompress_bounded(payload, raw_length, exact=True)
         except zstandard.ZstdError as err:
             raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
     elif codec == Codec.GROUPED:

@@ -74,18 +74,43 @@ def encode(stream: U8) -> bytes:
 
 
 def decode(body: bytes | memoryview, elements: int, *, name: str, index: int) -> U8:
-    """The ``elements`` bytes of an ``encode`` frame; CorruptObjectError naming the chunk."""
+    """The ``elements`` bytes of an ``encode`` frame; CorruptObjectError naming the chunk.
+
+    The frame's header says how much it holds; it is read first, so that a
+    frame declaring more than ``elements`` is refused before OpenZL
+    allocates its output.
+    """
     zl = _zl()
+    frame = bytes(body)
     try:
-        outputs = _dctx().decompress(bytes(body))
+        info = zl.FrameInfo(frame)
+        if info.num_outputs != 1 or info.output_type(0) != zl.Type.Serial:
+            raise CorruptObjectError(f"{name}: stream {index} is not one byte stream")
+        declared = info.output_content_size(0)
     except RuntimeError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "undecodable"
-        raise CorruptObjectError(f"{name}: stream {index} is damaged ({first})") from None
-    if len(outputs) != 1 or outputs[0].type != zl.Type.Serial:
+        raise CorruptObjectError(
+            f"{name}: stream {index} is damaged ({_first_line(err)})"
+        ) from None
+    if declared != elements:
+        raise CorruptObjectError(
+            f"{name}: stream {index} holds {declared} bytes, not {elements} (by its header)"
+        )
+    try:
+        decoded = _dctx().decompress(frame)
+    except RuntimeError as err:
+        raise CorruptObjectError(
+            f"{name}: stream {index} is damaged ({_first_line(err)})"
+        ) from None
+    if len(decoded) != 1 or decoded[0].type != zl.Type.Serial:
         raise CorruptObjectError(f"{name}: stream {index} is not one byte stream")
-    stream: U8 = outputs[0].content.as_nparray()
+    stream: U8 = decoded[0].content.as_nparray()
     if stream.size != elements:
         raise CorruptObjectError(
             f"{name}: stream {index} holds {stream.size} bytes, not {elements}"
         )
     return stream
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "undecodable"

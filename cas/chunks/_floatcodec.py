@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import zstandard
 
+from .._zstd import decompress_bounded
 from ..errors import CorruptObjectError
 from . import _entropy as entropy
 
@@ -99,12 +100,6 @@ def _compressor() -> zstandard.ZstdCompressor:
     if not hasattr(_local, "compressor"):
         _local.compressor = zstandard.ZstdCompressor(compression_params=_PARAMS)
     return _local.compressor  # type: ignore[no-any-return]
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    if not hasattr(_local, "decompressor"):
-        _local.decompressor = zstandard.ZstdDecompressor()
-    return _local.decompressor  # type: ignore[no-any-return]
 
 
 # -- the 16-bit split layouts ----------------------------------------------------------
@@ -311,7 +306,7 @@ def _stream(body: memoryview, method: int, elements: int, name: str, index: int)
         raw: bytes | memoryview = body
     elif method == _ZSTD:
         try:
-            raw = _decompressor().decompress(body, max_output_size=elements)
+            raw = decompress_bounded(body, elements, exact=True)
         except zstandard.ZstdError as err:
             raise CorruptObjectError(f"{name}: stream {index} is damaged ({err})") from None
     elif method == _FSE:

@@ -8,15 +8,17 @@ from dataclasses import dataclass
 
 from ..backends.base import Backend, ObjectInfo
 from ..digest import Digest, hash_bytes
-from ..errors import AlreadyExistsError, CorruptObjectError, MissingObjectError, NotFoundError
+from ..errors import (
+    AlreadyExistsError,
+    CorruptObjectError,
+    MismatchedObjectError,
+    MissingObjectError,
+    NotFoundError,
+)
 from ..repository import _layout as layout
+from ..repository._manifest import MAX_CHAIN, MAX_CHUNK_LENGTH, ChunkRef
 from . import _codec as codec
 from ._listing import ChunkIndex
-
-#: Longest chain of delta chunks a read follows. Writers keep chains far
-#: shorter (the store's delta setting); this only stops a damaged store
-#: from sending a read round in circles.
-MAX_CHAIN = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,23 +150,43 @@ class ChunkStore:
             return reference_time, mtime
         return mtime, None
 
-    def get(self, digest: Digest, *, context: str = "") -> bytes:
-        """Return the verified raw bytes of a chunk.
+    def get(self, chunk: ChunkRef, *, context: str = "") -> bytes:
+        """Return the verified raw bytes of a chunk, as its manifest describes it.
 
-        ``context`` (e.g. "runs/a@3: file 'w.bin'") prefixes error messages so
-        that a failure names the version and the file as well as the chunk.
+        The manifest's length bounds the decoding: a chunk object whose
+        header claims another length is refused before anything is
+        allocated. ``context`` (e.g. "runs/a@3: file 'w.bin'") prefixes error
+        messages so that a failure names the version and the file as well as
+        the chunk.
         """
-        raw = self.read(digest, context=context)
+        raw = self.read(chunk, context=context)
         return raw if isinstance(raw, bytes) else bytes(raw)
 
-    def read(self, digest: Digest, *, context: str = "") -> bytes | memoryview:
+    def read(self, chunk: ChunkRef, *, context: str = "") -> bytes | memoryview:
         """:meth:`get` without the copy into bytes: for a reader that only
         writes or hashes the chunk (a restore), a view of the decoded data."""
-        where = f"{context}: chunk {digest.hex}" if context else f"chunk {digest.hex}"
-        return self._get(digest, where, 0)
+        where = f"{context}: chunk {chunk.digest.hex}" if context else f"chunk {chunk.digest.hex}"
+        if not 0 <= chunk.length <= MAX_CHUNK_LENGTH:
+            raise CorruptObjectError(f"{where}: a length of {chunk.length} bytes is not possible")
+        # Headers may follow a chain the manifest lists, or end it early (a lost
+        # delta put back whole), never leave it: garbage collection keeps only
+        # the listed bases. Without a list (manifests older than deltas), the
+        # headers lead, for at most MAX_CHAIN links.
+        return self._get(chunk.digest, chunk.length, chunk.bases or None, where, 0)
 
-    def _get(self, digest: Digest, where: str, depth: int) -> bytes | memoryview:
-        """``get``, following a delta chunk down to its base: each link verified on its own."""
+    def _get(
+        self,
+        digest: Digest,
+        length: int,
+        bases: tuple[Digest, ...] | None,
+        where: str,
+        depth: int,
+    ) -> bytes | memoryview:
+        """``read``, following a delta chunk down to its base: each link verified on its own.
+
+        A base is as long as the chunk built on it, so one length bounds the chain.
+        """
+        name = f"{where} (delta base {digest.hex})" if depth else where
         try:
             blob = self.backend.get(layout.chunk_key(digest))
         except NotFoundError:
@@ -175,9 +197,14 @@ class ChunkStore:
         if base_raw is not None:
             if depth >= MAX_CHAIN or base_raw == digest.raw:
                 raise CorruptObjectError(f"{where}: its chain of delta bases does not end")
-            base = self._get(Digest(base_raw), where, depth + 1)
-        name = f"{where} (delta base {digest.hex})" if depth else where
-        raw = codec.decode(blob, name=name, base=base)
+            if bases is not None and (not bases or bases[0].raw != base_raw):
+                listed = bases[0].hex if bases else "none"
+                raise MismatchedObjectError(
+                    f"{name}: its header names delta base {base_raw.hex()}, the manifest {listed}"
+                )
+            rest = bases[1:] if bases is not None else None
+            base = self._get(Digest(base_raw), length, rest, where, depth + 1)
+        raw = codec.decode(blob, length=length, name=name, base=base)
         if hash_bytes(raw) != digest.raw:
             raise CorruptObjectError(f"{name} is corrupt: its content does not match its hash")
         return raw

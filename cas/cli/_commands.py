@@ -76,6 +76,7 @@ def cmd_put(args: argparse.Namespace) -> int:
             workers=args.jobs,
             if_changed=args.if_changed,
             idempotency_token=args.idempotency_token,
+            follow_symlinks=args.follow_symlinks,
         )
     emit(args, {**version.to_dict(), "warnings": noted}, version.ref)
     return 0
@@ -356,6 +357,12 @@ def _register_put(add: AddCommand) -> None:
         metavar="TOKEN",
         help="name this save: a retry with the same TOKEN prints the version the first "
         "attempt committed instead of storing again",
+    )
+    p.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="store what every symlink points to; by default a link that stays inside PATH "
+        "is stored as a link, and one that leads out of it as what it points to",
     )
     add_jobs_argument(p, "chunks hashed, compressed and uploaded")
     add_artifact_arguments(p)

@@ -95,13 +95,18 @@ def progress(args: argparse.Namespace, total: int | None, label: str) -> Iterato
 
 
 def tree_size(path: str) -> int:
+    """About the bytes a put of ``path`` reads, for its progress bar."""
     if os.path.isfile(path):
         return os.path.getsize(path)
     total = 0
+    inside = os.path.realpath(path) + os.sep
     for root, _, files in os.walk(path):
         for name in files:
             full = os.path.join(root, name)
-            if not os.path.islink(full):
+            # A link to a file outside is stored as that file; one inside as a link.
+            if os.path.islink(full) and os.path.realpath(full).startswith(inside):
+                continue
+            if os.path.isfile(full):
                 total += os.path.getsize(full)
     return total
 

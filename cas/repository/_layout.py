@@ -162,7 +162,7 @@ def parse_ref_key(object_key: str) -> RefObject | None:
     if len(parts) < 3:
         return None
     key, kind, name = "/".join(parts[:-2]), parts[-2], parts[-1]
-    if kind == VERSION_DIR and name.isdigit():
+    if kind == VERSION_DIR and name.isascii() and name.isdigit():
         return RefObject(key, version=int(name))
     if kind == TAG_DIR:
         return RefObject(key, tag=name)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import zstandard
 
-from .._zstd import zstd_compressor, zstd_decompressor
+from .._zstd import decompress_bounded, zstd_compressor
 from ..digest import DIGEST_SIZE, Digest
 from ..errors import CorruptObjectError, InvalidInputError, UnsafePathError
 
@@ -32,6 +32,21 @@ SCHEMA_VERSION = 1
 #: misreading a chunk entry. Manifests without deltas keep schema 1 (and ids).
 DELTA_SCHEMA = 2
 SCHEMAS = (SCHEMA_VERSION, DELTA_SCHEMA)
+#: The longest raw chunk a manifest may list: the largest maximum chunk size
+#: a store's chunker takes. A reader holds a chunk whole, so it trusts no more.
+MAX_CHUNK_LENGTH = 1 << 30
+#: The longest chain of delta bases a chunk may have. Writers keep chains far
+#: shorter (the store's delta setting); this stops a damaged store from
+#: sending a read round in circles.
+MAX_CHAIN = 64
+# A manifest's JSON is hashes and numbers, which zstd shrinks two- or
+# threefold; a frame that declares far more than that is a bomb, refused
+# before it is decompressed. Small manifests may compress better (repeated
+# metadata), so the ratio applies only above a floor.
+_JSON_FLOOR = 64 << 20
+_JSON_RATIO = 256
+#: The BLAKE3 of no bytes: the whole-file hash of every empty file.
+EMPTY = Digest.of(b"")
 EntryType = Literal["file", "dir", "symlink"]
 ArtifactKind = Literal["file", "directory"]
 
@@ -112,11 +127,17 @@ class Manifest:
         length; a base is counted at the length of the delta that needs it.
         A chunk appears once per use.
         """
+        for entry, chunk in self.chunk_reads():
+            yield entry, chunk.digest, chunk.length
+
+    def chunk_reads(self) -> Iterator[tuple[Entry, ChunkRef]]:
+        """:meth:`live_chunks` as a reader reads them: a delta base is as long as
+        its delta, and its own chain is the rest of the delta's."""
         for entry in self.entries:
             for chunk in entry.chunks:
-                yield entry, chunk.digest, chunk.length
-                for base in chunk.bases:
-                    yield entry, base, chunk.length
+                yield entry, chunk
+                for index, base in enumerate(chunk.bases):
+                    yield entry, ChunkRef(base, chunk.length, chunk.bases[index + 1 :])
 
     @property
     def only_file(self) -> Entry | None:
@@ -127,7 +148,14 @@ class Manifest:
         return files[0] if len(files) == 1 else None
 
     def to_bytes(self) -> bytes:
-        return zstd_compressor(3).compress(canonical_json(self.to_dict()))
+        text = canonical_json(self.to_dict())
+        blob = zstd_compressor(3).compress(text)
+        if len(text) > json_limit(len(blob)):
+            raise InvalidInputError(
+                f"manifest of {self.key!r} would be {len(text)} bytes of JSON that compress to "
+                f"{len(blob)}; readers refuse such ratios as decompression bombs"
+            )
+        return blob
 
     def to_dict(self) -> dict[str, Any]:
         deltas = any(c.bases for e in self.entries for c in e.chunks)
@@ -152,37 +180,51 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, blob: bytes, *, name: str = "manifest") -> Manifest:
+        """Decode and check a stored manifest: see :meth:`from_dict`."""
         return cls.from_dict(_decode(blob, name), name=name)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, name: str = "manifest") -> Manifest:
+        """Parse a manifest and check it whole before anyone uses it.
+
+        Every field must have its type, and the manifest must agree with
+        itself (see :func:`check_manifest`): CorruptObjectError names the
+        field, and the file it belongs to, when not; UnsafePathError when a
+        path or link would leave the tree.
+        """
         schema = _schema(data)
-        if schema not in SCHEMAS:
+        if schema not in SCHEMAS or isinstance(schema, bool):
             raise CorruptObjectError(f"{name}: unsupported manifest schema {schema!r}")
         try:
-            return cls(
-                key=str(data["key"]),
+            manifest = cls(
+                key=_text(data["key"], "key"),
                 kind=data["kind"],
-                created=str(data["created"]),
-                parents=tuple(
-                    Parent(str(p["key"]), int(p["version"]), Digest.parse(p["manifest"]))
-                    for p in data["parents"]
-                ),
-                tags=tuple(str(t) for t in data["tags"]),
-                metrics=dict(data["metrics"]),
-                metadata=dict(data["metadata"]),
-                message=str(data["message"]),
-                entries=tuple(_entry_from_dict(e) for e in data["entries"]),
-                artifact=dict(data.get("artifact") or {}),
+                created=_text(data["created"], "created"),
+                parents=tuple(_parent_from_dict(p) for p in _list(data["parents"], "parents")),
+                tags=tuple(_text(t, "tags") for t in _list(data["tags"], "tags")),
+                metrics=_metrics(data["metrics"]),
+                metadata=_object(data["metadata"], "metadata"),
+                message=_text(data["message"], "message"),
+                entries=tuple(_entry_from_dict(e) for e in _list(data["entries"], "entries")),
+                artifact=_object(data.get("artifact", {}), "artifact"),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None
+            what = f"field {err}" if isinstance(err, KeyError) else str(err)
+            raise CorruptObjectError(f"{name}: malformed ({what})") from None
+        check_manifest(manifest, name=name, schema=schema)
+        return manifest
+
+
+def json_limit(stored: int) -> int:
+    """The most JSON a manifest stored in ``stored`` bytes may hold."""
+    return max(_JSON_FLOOR, _JSON_RATIO * stored)
 
 
 def _decode(blob: bytes, name: str) -> Any:
+    """The JSON of a stored manifest, decompressed within :func:`json_limit`."""
     try:
-        return json.loads(zstd_decompressor().decompress(blob, max_output_size=1 << 31))
-    except (zstandard.ZstdError, ValueError) as err:
+        return json.loads(decompress_bounded(blob, json_limit(len(blob))))
+    except (zstandard.ZstdError, ValueError, RecursionError) as err:
         raise CorruptObjectError(f"{name}: cannot be read ({err})") from None
 
 
@@ -249,7 +291,7 @@ def _chunk_names(item: Any) -> list[bytes]:
     """
     if not isinstance(item, list) or len(item) not in (2, 3):
         raise ValueError(f"chunk entry {item!r} is not [hash, length(, bases)]")
-    texts = [item[0], *item[2]] if len(item) == 3 else [item[0]]
+    texts = [item[0], *_list(item[2], "bases")] if len(item) == 3 else [item[0]]
     names = []
     for text in texts:
         try:
@@ -265,31 +307,144 @@ def _chunk_names(item: Any) -> list[bytes]:
 
 def _chunk_from_list(item: Any) -> ChunkRef:
     digest, *bases = _chunk_names(item)
-    return ChunkRef(Digest(digest), int(item[1]), tuple(Digest(b) for b in bases))
+    if len(item) == 3 and not bases:
+        raise ValueError(f"chunk entry {item[0]!r} has an empty list of delta bases")
+    return ChunkRef(Digest(digest), _int(item[1], "length"), tuple(Digest(b) for b in bases))
 
 
-def _entry_from_dict(data: Mapping[str, Any]) -> Entry:
-    kind = data["type"]
+def _entry_from_dict(data: Any) -> Entry:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"entry {data!r} is not an object")
+    kind, path, mode = data["type"], _text(data["path"], "path"), _int(data["mode"], "mode")
     if kind == "file":
-        chunks = tuple(_chunk_from_list(c) for c in data["chunks"])
         return Entry(
-            path=str(data["path"]),
+            path=path,
             type="file",
-            mode=int(data["mode"]),
-            size=int(data["size"]),
-            digest=Digest.parse(data["blake3"]),
-            chunks=chunks,
+            mode=mode,
+            size=_int(data["size"], f"size of {path!r}"),
+            digest=Digest.parse(_text(data["blake3"], "blake3")),
+            chunks=tuple(_chunk_from_list(c) for c in _list(data["chunks"], "chunks")),
         )
     if kind == "dir":
-        return Entry(path=str(data["path"]), type="dir", mode=int(data["mode"]))
+        return Entry(path=path, type="dir", mode=mode)
     if kind == "symlink":
-        return Entry(
-            path=str(data["path"]),
-            type="symlink",
-            mode=int(data["mode"]),
-            target=str(data["target"]),
-        )
+        return Entry(path=path, type="symlink", mode=mode, target=_text(data["target"], "target"))
     raise ValueError(f"unknown entry type {kind!r}")
+
+
+def _parent_from_dict(data: Any) -> Parent:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"parent {data!r} is not an object")
+    manifest = Digest.parse(_text(data["manifest"], "parent manifest"))
+    return Parent(_text(data["key"], "parent key"), _int(data["version"], "version"), manifest)
+
+
+# Strict JSON types: a reader that took "12" or 1.5 for a number, or 5 for a
+# path, would act on what the writer never said.
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, not {value!r}")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be a whole number, not {value!r}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{what} must be a list, not {type(value).__name__}")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be an object, not {type(value).__name__}")
+    return dict(value)
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    metrics = _object(value, "metrics")
+    for metric, number in metrics.items():
+        try:
+            check_metric(metric, number)
+        except InvalidInputError as err:
+            raise ValueError(str(err)) from None
+    return metrics
+
+
+# -- consistency -----------------------------------------------------------------------
+
+
+def check_manifest(
+    manifest: Manifest, *, name: str = "manifest", schema: int = DELTA_SCHEMA
+) -> None:
+    """Refuse a manifest that does not agree with itself, before anything uses it.
+
+    O(entries + chunks): no chunk is read. Numbers are checked against each
+    other (a file's size against its chunks' lengths), the shape against the
+    kind, delta chains against the schema and the limit, and every path and
+    link against the path rules (:func:`check_entries`).
+    """
+    if manifest.kind not in ("file", "directory"):
+        raise CorruptObjectError(f"{name}: field 'kind' is {manifest.kind!r}")
+    if manifest.kind == "file" and (
+        len(manifest.entries) != 1 or manifest.entries[0].type != "file"
+    ):
+        raise CorruptObjectError(
+            f"{name}: a one-file version holds {len(manifest.entries)} entries"
+        )
+    for parent in manifest.parents:
+        if parent.version < 1:
+            raise CorruptObjectError(f"{name}: parent {parent.key!r} has version {parent.version}")
+    for entry in manifest.entries:
+        _check_entry(entry, name, schema)
+    try:
+        check_entries(manifest.entries)
+    except UnsafePathError as err:
+        raise UnsafePathError(f"{name}: {err}") from None
+
+
+def _check_entry(entry: Entry, name: str, schema: int) -> None:
+    where = f"{name}: {entry.type} {entry.path!r}"
+    if not 0 <= entry.mode <= 0o7777:
+        raise CorruptObjectError(f"{where}: field 'mode' is {entry.mode}, not permission bits")
+    total = 0
+    for chunk in entry.chunks:
+        if not 0 <= chunk.length <= MAX_CHUNK_LENGTH:
+            raise CorruptObjectError(
+                f"{where}: chunk {chunk.digest.hex} has length {chunk.length}, "
+                f"outside 0..{MAX_CHUNK_LENGTH}"
+            )
+        total += chunk.length
+        if chunk.bases:
+            _check_chain(chunk, where, schema)
+    if entry.size != total:
+        raise CorruptObjectError(
+            f"{where}: field 'size' is {entry.size} but its chunks add up to {total} bytes"
+        )
+    # The whole-file hash of a file of one chunk is that chunk's name, and of
+    # an empty file a constant: checked here, without reading anything.
+    whole = entry.chunks[0].digest if len(entry.chunks) == 1 else EMPTY if not total else None
+    if entry.type == "file" and whole is not None and entry.digest != whole:
+        raise CorruptObjectError(
+            f"{where}: field 'blake3' is {entry.digest.hex if entry.digest else None}, "
+            f"but its bytes hash to {whole.hex}"
+        )
+
+
+def _check_chain(chunk: ChunkRef, where: str, schema: int) -> None:
+    what = f"{where}: chunk {chunk.digest.hex}"
+    if schema < DELTA_SCHEMA:
+        raise CorruptObjectError(f"{what} lists delta bases in a manifest of schema {schema}")
+    if len(chunk.bases) >= MAX_CHAIN:
+        raise CorruptObjectError(f"{what} has {len(chunk.bases)} delta bases, over {MAX_CHAIN - 1}")
+    if len({b.raw for b in (chunk.digest, *chunk.bases)}) != len(chunk.bases) + 1:
+        raise CorruptObjectError(f"{what}: its chain of delta bases runs in a circle")
 
 
 def check_relative_path(path: str) -> str:
@@ -326,12 +481,17 @@ def check_entries(entries: tuple[Entry, ...]) -> None:
         if entry.type == "symlink":
             check_link_target(entry.path, entry.target or "")
             links.add(entry.path)
-    # Nothing may sit below a symlink: writing it would follow the link.
+    # Nothing may sit below a symlink: writing it would follow the link. Nor
+    # below a file, which a restore cannot make a directory of.
+    files = {e.path for e in entries if e.type == "file"}
     for entry in entries:
         parts = entry.path.split("/")
         for depth in range(1, len(parts)):
-            if "/".join(parts[:depth]) in links:
+            above = "/".join(parts[:depth])
+            if above in links:
                 raise UnsafePathError(f"path {entry.path!r} lies below a symlink in artifact")
+            if above in files:
+                raise UnsafePathError(f"path {entry.path!r} lies below the file {above!r}")
     # Each link alone stays inside, but a chain can still leave the tree
     # ("a/b -> ../.." then "z -> a/b/.."): resolve every link through the others.
     targets = {e.path: e.target or "" for e in entries if e.type == "symlink"}

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidInputError
+from ..errors import CorruptObjectError, InvalidInputError
 from ._manifest import canonical_json
 
 if TYPE_CHECKING:
     from ._manifest import Manifest
+    from ._refs import VersionRef
 
 ARTIFACT_TYPES = ("checkpoint", "model", "dataset", "config", "other")
 DEFAULT_TYPE = "other"
@@ -241,6 +242,8 @@ def check_record(record: Mapping[str, Any]) -> dict[str, Any]:
     Cheaper than building an :class:`ArtifactInfo` (queries run this for
     every version they read); the values were fully validated when written.
     """
+    if not isinstance(record, Mapping):
+        raise InvalidInputError(f"the artifact field must be an object, got {record!r}")
     for name, value in record.items():
         if name == "labels":
             if not isinstance(value, dict):
@@ -316,7 +319,7 @@ class Summary:
             return None
         try:
             return cls(**{name: read(data[name]) for name, read in _SUMMARY_READERS.items()})
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
 
@@ -348,3 +351,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
     return value
+
+
+def check_ref(ref: VersionRef, manifest: Manifest, *, name: str) -> None:
+    """Refuse a version whose ref disagrees with its manifest, naming the field.
+
+    A ref is not covered by any hash, and ``log`` and ``find`` show its
+    summary without reading the manifest, so where both are read they must
+    agree: the key, and every field of the summary. A summary that does not
+    parse is not one (it is ignored, as everywhere).
+    """
+    if manifest.key != ref.key:
+        raise CorruptObjectError(f"{name}: its manifest is of key {manifest.key!r}")
+    summary = Summary.from_ref(ref.summary)
+    if summary is None:
+        return
+    actual = Summary.of_manifest(manifest).to_dict()
+    for field_name, value in summary.to_dict().items():
+        if value != actual[field_name]:
+            raise CorruptObjectError(
+                f"{name}: its ref says {field_name} {value!r}, its manifest {actual[field_name]!r}"
+            )

@@ -87,7 +87,7 @@ class Refs:
         numbers = []
         for info in self.backend.list_objects(layout.versions_prefix(key)):
             name = info.key.rpartition("/")[2]
-            if name.isdigit():
+            if name.isascii() and name.isdigit():
                 numbers.append(int(name))
         return sorted(numbers)
 
@@ -101,7 +101,7 @@ class Refs:
             data = json.loads(blob)
             manifest = data.get("manifest")
             created = str(data["created"])
-            if not manifest:
+            if manifest is None:  # null (or absent): deleted; anything else must name one
                 return DeletedRef(key, number, created)
             summary = data.get("summary")
             token = data.get("token")
@@ -113,7 +113,7 @@ class Refs:
                 summary if isinstance(summary, dict) else None,
                 token if isinstance(token, str) else None,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
             raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
 
     def read_live(self, key: str, number: int) -> VersionRef | None:
@@ -183,12 +183,17 @@ class Refs:
     # -- tags ------------------------------------------------------------------
 
     def tags(self, key: str) -> dict[str, int]:
-        """Tag name -> version number, for every tag of ``key``."""
+        """Tag name -> version number, for every readable tag of ``key``.
+
+        A malformed tag object names no version: it is left out here, so that
+        it does not break every command that shows a version's tags; reading
+        that tag fails, and verify reports it.
+        """
         out: dict[str, int] = {}
         for tag in self._list_tags(key):
             try:
                 out[tag] = self.read_tag(key, tag)
-            except RefNotFoundError:
+            except (RefNotFoundError, CorruptObjectError):
                 continue
         return out
 
@@ -201,11 +206,13 @@ class Refs:
     def read_tag(self, key: str, tag: str) -> int:
         object_key = layout.tag_key(key, tag)
         try:
-            data = json.loads(self.backend.get(object_key))
-            return int(data["version"])
+            number = json.loads(self.backend.get(object_key))["version"]
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"version {number!r} is not a number >= 1")
+            return number
         except NotFoundError:
             raise RefNotFoundError(f"tag {key}:{tag} does not exist") from None
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, RecursionError) as err:
             raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
 
     def set_tag(self, key: str, tag: str, number: int) -> None:

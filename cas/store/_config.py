@@ -14,7 +14,6 @@ from typing import Any
 from ..backends.base import Backend
 from ..chunks import _codec as codec
 from ..chunks._chunking import ChunkerParams
-from ..chunks._store import MAX_CHAIN
 from ..errors import (
     AlreadyExistsError,
     InvalidInputError,
@@ -24,7 +23,7 @@ from ..errors import (
     UnsupportedFormatError,
 )
 from ..repository import _layout as layout
-from ..repository._manifest import canonical_json
+from ..repository._manifest import MAX_CHAIN, canonical_json
 from ..repository._refs import utc_now
 
 #: Entropy coders of the exponent streams of tensor chunks, the default first.

@@ -21,15 +21,17 @@ from ..digest import Digest
 from ..errors import (
     CasError,
     CorruptObjectError,
+    IntegrityError,
     InvalidInputError,
     MissingObjectError,
     NotFoundError,
     RefNotFoundError,
+    UnsafePathError,
 )
 from ..gc._session import SYSTEM_CLOCK, Clock, GcSettings, read_settings, write_settings
 from ..repository import _layout as layout
 from ..repository._manifest import Entry, Manifest, Parent
-from ..repository._metadata import ArtifactInfo, Summary
+from ..repository._metadata import ArtifactInfo, Summary, check_ref
 from ..repository._refs import DeletedRef, Refs, VersionRef
 from ._catalog import Catalog
 from ._config import StoreConfig, default_chunker, load_config, write_config
@@ -130,6 +132,7 @@ class Store:
         workers: int | None = None,
         if_changed: bool = False,
         idempotency_token: str | None = None,
+        follow_symlinks: bool = False,
     ) -> Version:
         """Store a file or a directory as the next version of ``key``.
 
@@ -139,6 +142,10 @@ class Store:
         in parallel (default: the store's, from the backend's concurrency).
         ``if_changed`` and ``idempotency_token`` make a retry return the
         version an earlier attempt committed (docs/concepts.md).
+        A symbolic link in the tree is stored as a link when it stays inside
+        the tree, and as what it points to when it leads out of it (a Hugging
+        Face snapshot's links into its cache); ``follow_symlinks`` stores
+        every link as what it points to. ``path`` itself may be a link.
         """
         from ..transfer._ingest import scan
         from ._retries import RetryGuard
@@ -159,7 +166,9 @@ class Store:
         earlier = retry.earlier_commit()
         if earlier is not None:
             return self._tagged(earlier, self.load_manifest(earlier.manifest_id), record.tags)
-        kind, items = scan(Path(path), skip=self.backend.local_root)
+        kind, items = scan(
+            Path(path), skip=self.backend.local_root, follow_symlinks=follow_symlinks
+        )
         writer = VersionWriter(
             self.backend, self.config, self.refs, self.clock, self.load_manifest, self.summary
         )
@@ -212,9 +221,19 @@ class Store:
 
     def manifest(self, ref: str | VersionRef) -> Manifest:
         """The manifest of a version (``KEY``, ``KEY@N``, ``KEY:TAG`` or a resolved ref):
-        its files, each with its size, mode, BLAKE3 and chunks."""
+        its files, each with its size, mode, BLAKE3 and chunks.
+
+        Checked whole, and against the version's ref: errors name the version
+        (``KEY@N``) as well as the file and the field at fault.
+        """
         version_ref = self.resolve(ref) if isinstance(ref, str) else ref
-        return self.load_manifest(version_ref.manifest_id)
+        try:
+            manifest = self.load_manifest(version_ref.manifest_id)
+        except (IntegrityError, UnsafePathError) as err:
+            raise type(err)(f"{version_ref.label}: {err}") from None
+        name = f"{version_ref.label}: manifest {version_ref.manifest_id.hex}"
+        check_ref(version_ref, manifest, name=name)
+        return manifest
 
     def load_manifest(self, manifest_id: Digest) -> Manifest:
         """The manifest stored under ``manifest_id``, checked against its hash."""
@@ -255,7 +274,7 @@ class Store:
         workers = self._check_workers(workers)
         self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
-        manifest = self.load_manifest(version_ref.manifest_id)
+        manifest = self.manifest(version_ref)
         from ..transfer._restore import Restorer
 
         restorer = Restorer(self.chunks, workers=workers, progress=progress)
@@ -291,7 +310,7 @@ class Store:
         artifact any name (or None) will do.
         """
         version_ref = self.resolve(ref)
-        manifest = self.load_manifest(version_ref.manifest_id)
+        manifest = self.manifest(version_ref)
         from ..tensors._formats import read_tensor
         from ..tensors._safetensors import find_file
 
@@ -300,7 +319,7 @@ class Store:
     def show(self, ref: str) -> Details:
         """A version and the entries of its manifest."""
         version_ref = self.resolve(ref)
-        manifest = self.load_manifest(version_ref.manifest_id)
+        manifest = self.manifest(version_ref)
         return Details(self._catalog().version(version_ref, manifest), manifest.entries)
 
     def summary(self, ref: VersionRef) -> Summary:
@@ -347,7 +366,12 @@ class Store:
         Space comes back at the next garbage collection after the grace period.
         """
         version_ref = self.resolve(ref)
-        version = self.show(version_ref.label).version
+        # A damaged version stays deletable: deleting needs its ref, not its manifest.
+        try:
+            summary = self.summary(version_ref)
+        except (IntegrityError, UnsafePathError):
+            summary = Summary(kind="unknown", size=0, files=0)
+        version = self._catalog().version(version_ref, summary)
         if version.tags and not force:
             raise InvalidInputError.naming(
                 "{ref} is tagged ({tags}); {force} to delete it and its tags",

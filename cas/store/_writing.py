@@ -23,8 +23,10 @@ from ..errors import (
     AlreadyExistsError,
     CasError,
     ConcurrentCollectionError,
+    IntegrityError,
     InvalidInputError,
     RefNotFoundError,
+    UnsafePathError,
 )
 from ..gc._session import Clock, WriteSession
 from ..repository import _layout as layout
@@ -269,4 +271,7 @@ class VersionWriter:
             return []
         if any(p.manifest_id == latest.manifest_id for p in parents):
             return []
-        return [self.load_manifest(latest.manifest_id)]
+        try:
+            return [self.load_manifest(latest.manifest_id)]
+        except (IntegrityError, UnsafePathError):
+            return []  # a damaged or refused version spares nothing, and blocks no put

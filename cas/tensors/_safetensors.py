@@ -34,7 +34,7 @@ from ..errors import InvalidInputError, NotFoundError
 
 if TYPE_CHECKING:
     from ..chunks._store import ChunkStore
-    from ..repository._manifest import Entry, Manifest
+    from ..repository._manifest import ChunkRef, Entry, Manifest
 
 # A header larger than this is not a plausible safetensors header (the
 # reference implementation caps it at 100 MB too).
@@ -320,22 +320,23 @@ def chunk_keys(header: Header, lengths: list[int]) -> Iterator[tuple[Piece, ...]
 
 
 class ChunkCache:
-    """The chunks last read, by digest, verified: a tensor's neighbours usually share
-    its edge chunks, and a safetensors header's length and JSON its first chunk."""
+    """The chunks last read, as their manifests describe them, verified: a tensor's
+    neighbours usually share its edge chunks, and a safetensors header's length and
+    JSON its first chunk."""
 
     def __init__(self, capacity: int = 16) -> None:
         self.capacity = capacity
-        self.items: OrderedDict[bytes, bytes] = OrderedDict()
+        self.items: OrderedDict[ChunkRef, bytes] = OrderedDict()
 
-    def get(self, chunks: ChunkStore, digest: Digest, context: str) -> bytes:
-        data = self.items.get(digest.raw)
+    def get(self, chunks: ChunkStore, chunk: ChunkRef, context: str) -> bytes:
+        data = self.items.get(chunk)
         if data is None:
-            data = chunks.get(digest, context=context)
-            self.items[digest.raw] = data
+            data = chunks.get(chunk, context=context)
+            self.items[chunk] = data
             if len(self.items) > self.capacity:
                 self.items.popitem(last=False)
         else:
-            self.items.move_to_end(digest.raw)
+            self.items.move_to_end(chunk)
         return data
 
 
@@ -375,7 +376,7 @@ class StoredFile:
 
     def chunk(self, index: int) -> bytes:
         """The whole chunk ``index`` of the file (in file order), verified."""
-        return self.cache.get(self.chunks, self.entry.chunks[index].digest, self._context)
+        return self.cache.get(self.chunks, self.entry.chunks[index], self._context)
 
     def header(self) -> Header:
         return parse_header(self.read, self.entry.size)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ..chunks import _codec as codec
 from ..chunks._chunking import ChunkerParams
-from ..chunks._store import MAX_CHAIN, ChunkStore, PutResult, SeenSet
+from ..chunks._store import ChunkStore, PutResult, SeenSet
 from ..digest import Digest
 from ..errors import (
     CasError,
@@ -39,7 +39,7 @@ from ..errors import (
     NotFoundError,
 )
 from ..repository import _layout as layout
-from ..repository._manifest import Entry, Manifest
+from ..repository._manifest import MAX_CHAIN, ChunkRef, Entry, Manifest
 from ._formats import parse
 from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file
 
@@ -265,9 +265,9 @@ class TensorWriter:
         if parent is None or parent.length != len(view) or self.max_reads < 2:
             return self._grouped(view, span), ()
         base, chain = self._base(parent, file_plan.clock + index)
-        base_raw = self.chunks.read(base, context=f"delta base for {span.key[0].name!r}")
-        if len(base_raw) != len(view):
-            return self._grouped(view, span), ()
+        # The base is as long as the parent chunk, and its own chain follows it in ours.
+        base_ref = ChunkRef(base, parent.length, chain[1:])
+        base_raw = self.chunks.read(base_ref, context=f"delta base for {span.key[0].name!r}")
         delta = codec.encode_delta(view, base_raw, base.raw, span.itemsize)
         whole = self._whole_if_smaller(view, span, len(delta))
         return (delta, chain) if whole is None else (whole, ())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import posixpath
 import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -51,15 +52,28 @@ class SourceItem:
     target: str | None = None
 
 
-def scan(source: Path, *, skip: Path | None = None) -> tuple[ArtifactKind, list[SourceItem]]:
-    """Walk ``source`` without following links; return the artifact kind and its items.
+def scan(
+    source: Path, *, skip: Path | None = None, follow_symlinks: bool = False
+) -> tuple[ArtifactKind, list[SourceItem]]:
+    """Walk ``source``; return the artifact kind and its items.
 
-    ``skip`` is a directory left out wherever it appears: the store itself,
-    when it lives inside the tree being stored (``cas put .`` next to ./.cas).
+    A symbolic link is kept as a link when it stays inside the tree being
+    stored, and replaced by what it points to (a file, or a directory walked
+    in turn) when it leads out of it: a Hugging Face snapshot is links into
+    ``../../blobs``, and a link out of the tree could never be restored
+    anyway. ``follow_symlinks`` replaces every link by what it points to.
+    ``source`` itself may be a link. ``skip`` is a directory left out
+    wherever it appears: the store itself, when it lives inside the tree
+    being stored (``cas put .`` next to ./.cas).
     """
     try:
-        st = source.lstat()
+        st = source.stat()
     except FileNotFoundError:
+        if os.path.islink(source):
+            target = os.readlink(source)
+            raise SourceError(
+                f"path to store is a symlink to {target!r}, which does not exist: {source}"
+            ) from None
         raise SourceError(f"path to store does not exist: {source}") from None
     except OSError as err:
         raise SourceError(f"cannot read {source}: {err.strerror}") from None
@@ -68,9 +82,9 @@ def scan(source: Path, *, skip: Path | None = None) -> tuple[ArtifactKind, list[
         return "file", [SourceItem(source.name, source, "file", st.st_mode & 0o7777, st.st_size)]
     if not stat.S_ISDIR(st.st_mode):
         raise SourceError(f"path to store is not a regular file or a directory: {source}")
-    items: list[SourceItem] = []
-    _walk(source, "", items, skip.resolve() if skip is not None else None)
-    return "directory", items
+    walk = _Walk(Path(os.path.realpath(source)), skip, follow_symlinks)
+    walk.directory(source, "", [(st.st_dev, st.st_ino)])
+    return "directory", walk.items
 
 
 def _check_readable(path: Path) -> None:
@@ -78,43 +92,96 @@ def _check_readable(path: Path) -> None:
         raise SourceError(f"cannot read {path}: permission denied")
 
 
-def _walk(directory: Path, prefix: str, items: list[SourceItem], skip: Path | None) -> None:
-    try:
-        entries = sorted(os.scandir(directory), key=lambda e: e.name)
-    except OSError as err:
-        raise SourceError(f"cannot list directory {directory}: {err.strerror}") from None
-    for entry in entries:
-        rel = f"{prefix}{entry.name}"
+#: A directory of a walk, as (device, inode): the walk refuses to enter one twice.
+_DirId = tuple[int, int]
+
+
+@dataclass
+class _Walk:
+    """One walk of a tree to store: its items, in depth-first order, names sorted."""
+
+    root: Path  # real path of the tree being stored
+    skip: Path | None
+    follow_all: bool
+    items: list[SourceItem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.skip = self.skip.resolve() if self.skip is not None else None
+
+    def directory(self, directory: Path, prefix: str, above: list[_DirId], base: str = "") -> None:
+        """Add what ``directory`` holds; ``above`` is it and the directories it is in.
+
+        ``base`` is the artifact path below which the tree is laid out as on
+        disk: the root, or a directory reached through a followed link, whose
+        copy is whole below it but not beside it. A link is kept as a link
+        only if it points below its base: there it finds what it found on disk.
+        """
         try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:
-            # Manifests are UTF-8 JSON; a name that is not UTF-8 has no faithful form there.
-            raise SourceError(
-                f"cannot store {entry.path!r}: its name is not valid UTF-8; rename it first"
-            ) from None
-        path = Path(entry.path)
-        st = entry.stat(follow_symlinks=False)
-        mode = st.st_mode & 0o7777
-        if entry.is_symlink():
-            target = os.readlink(path)
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            raise SourceError(f"cannot list directory {directory}: {err.strerror}") from None
+        for entry in entries:
+            rel = f"{prefix}{entry.name}"
             try:
-                check_link_target(rel, target)
-            except UnsafePathError:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                # Manifests are UTF-8 JSON; a name that is not UTF-8 has no faithful form there.
                 raise SourceError(
-                    f"symlink {path} points outside the directory being stored ({target!r}); "
-                    "cas keeps links only within the artifact"
+                    f"cannot store {entry.path!r}: its name is not valid UTF-8; rename it first"
                 ) from None
-            items.append(SourceItem(rel, path, "symlink", mode, target=target))
-        elif entry.is_dir(follow_symlinks=False):
-            if skip is not None and path.resolve() == skip:
-                continue
-            items.append(SourceItem(rel, path, "dir", mode))
-            _walk(path, rel + "/", items, skip)
-        elif entry.is_file(follow_symlinks=False):
+            path = Path(entry.path)
+            st = entry.stat(follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                self._add(path, rel, st, above, base)
+            elif not self.follow_all and _points_below(base, rel, target := os.readlink(path)):
+                self.items.append(SourceItem(rel, path, "symlink", st.st_mode & 0o7777, 0, target))
+            else:
+                self._add(path, rel, self._target(path), above, rel + "/")
+
+    def _target(self, link: Path) -> os.stat_result:
+        try:
+            return link.stat()
+        except OSError as err:
+            real = Path(os.path.realpath(link))
+            where = "" if self.root in real.parents else " outside the directory being stored"
+            raise SourceError(
+                f"symlink {link} points{where} to {os.readlink(link)!r}, which cannot be read "
+                f"({err.strerror})"
+            ) from None
+
+    def _add(
+        self, path: Path, rel: str, st: os.stat_result, above: list[_DirId], base: str
+    ) -> None:
+        mode = st.st_mode & 0o7777
+        if stat.S_ISDIR(st.st_mode):
+            if self.skip is not None and path.resolve() == self.skip:
+                return
+            if (st.st_dev, st.st_ino) in above:
+                raise SourceError(
+                    f"cannot store {rel!r} ({path}): it leads back to {path.resolve()}, "
+                    "which holds it (a loop of symlinks)"
+                )
+            self.items.append(SourceItem(rel, path, "dir", mode))
+            self.directory(path, rel + "/", [*above, (st.st_dev, st.st_ino)], base)
+        elif stat.S_ISREG(st.st_mode):
             _check_readable(path)
-            items.append(SourceItem(rel, path, "file", mode, st.st_size))
+            self.items.append(SourceItem(rel, path, "file", mode, st.st_size))
         else:
             raise SourceError(f"cannot store special file (device, socket or fifo): {path}")
+
+
+def _points_below(base: str, rel: str, target: str) -> bool:
+    """Whether link ``rel`` to ``target`` stays below the artifact path ``base``, read as text.
+
+    Links it passes through are resolved later, with the artifact's other
+    links (:func:`cas.repository._manifest.check_entries`).
+    """
+    try:
+        check_link_target(rel, target)
+    except UnsafePathError:
+        return False
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+    return not base or f"{resolved}/".startswith(base)
 
 
 @dataclass

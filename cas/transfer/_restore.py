@@ -150,7 +150,7 @@ class Restorer:
                     ahead.submitted(chunk.length)
                     room.acquire(chunk.length)
                     context = f"{label}: file {entry.path!r}"
-                    future = pool.submit(self.chunks.read, chunk.digest, context=context)
+                    future = pool.submit(self.chunks.read, chunk, context=context)
                     window.append((entry, is_last, future))
                 while window:
                     self._drain_one(window, handles, paths, label, room)
