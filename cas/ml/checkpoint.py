@@ -484,7 +484,11 @@ class CheckpointManager:
         save: _Save,
         idempotency_token: str | None,
     ) -> Version:
-        versions = self.versions()
+        # Not self.versions(): that waits for the background saves, this one among them.
+        try:
+            versions = self.store.log(self.key)
+        except RefNotFoundError:
+            versions = []
         parent = versions[0].ref if versions else self.parent
         if versions and versions[0].metrics.get("step") == save.step:
             # The step again: derived from what the latest one derives from.
