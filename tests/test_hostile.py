@@ -340,3 +340,8 @@ def test_malformed_refs_and_tags_fail_cleanly(store: Store, tmp_path: Path) -> N
         assert "is malformed" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "out")
+    # A malformed tag names no version: the versions of its key are as they were.
+    store.get("runs/a@1", tmp_path / "out")
+    assert store.show("runs/a@1").version.tags == ()
+    damaged = {d.ref for d in store.verify().damaged}
+    assert damaged == {"runs/a@2", "runs/a@3", "runs/a:neg", "runs/a:float"}

@@ -179,27 +179,31 @@ def test_cli_verify_repair(tmp_path: Path) -> None:
     assert proc.stdout.strip().endswith("ok")
 
 
-def test_whole_files_are_hashed_once_each_and_appended_files_resume() -> None:
-    # Versions of a growing file: each starts with the one before, and a deep
-    # check reads each chunk once however many versions share it.
+def test_whole_files_are_hashed_once_each_and_appended_files_resume(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Versions of a growing file, and one that parts from them: each starts
+    # like another, and a deep check reads each chunk once however many
+    # versions share it, resuming from hashers saved along the way.
     from cas.backends.memory import MemoryBackend
     from cas.chunks._store import ChunkStore
     from cas.digest import Digest
-    from cas.gc._files import SNAPSHOT_EVERY, hash_files
+    from cas.gc import _files
+    from cas.gc._files import hash_files
     from cas.repository._manifest import ChunkRef
     from cas.testing.faults import FaultyBackend
 
     counted = FaultyBackend(MemoryBackend())
     chunks = ChunkStore(counted)
-    pieces = [random_bytes(100 + i, seed=i) for i in range(2 * SNAPSHOT_EVERY + 5)]
+    monkeypatch.setattr(_files, "MAX_SNAPSHOTS", 16)  # files of 34 chunks: every third saved
+    pieces = [random_bytes(100 + i, seed=i) for i in range(35)]
     refs = []
     for piece in pieces:
         refs.append(ChunkRef(Digest.of(piece), len(piece)))
         chunks.put(piece)
-    files = [
-        (Digest.of(b"".join(pieces[:n])), tuple(refs[:n]))
-        for n in (2, 3, SNAPSHOT_EVERY + 1, len(pieces))
-    ]
+    files = [(Digest.of(b"".join(pieces[:n])), tuple(refs[:n])) for n in (2, 3, 5, 20, 34)]
+    parted = (*refs[:10], refs[34])
+    files.append((Digest.of(b"".join([*pieces[:10], pieces[34]])), parted))
     wrong = (Digest.of(b"not these bytes"), tuple(refs[:3]))  # same chunks, another hash
     counted.reset_counts()
     check = hash_files(chunks, [*files, wrong, files[0]], workers=3)

@@ -9,8 +9,10 @@ here, each distinct file once.
 
 Files are taken in the order of their chunk lists, and a file whose list
 begins like the one before resumes from a copy of that file's hasher,
-saved every :data:`SNAPSHOT_EVERY` chunks: a dataset that grows by
-appending costs its new chunks per version, not the whole file again.
+saved after every chunk (every few chunks in files of more than
+:data:`MAX_SNAPSHOTS` chunks, so that the copies stay a few megabytes): a
+dataset that grows by appending costs its new chunks per version, not the
+whole file again.
 Every chunk read here is verified like any read (with its delta bases), so
 the chunk pass that follows reads only the chunks no file read.
 """
@@ -34,8 +36,14 @@ from ..transfer._budget import InFlight
 #: A file: its recorded BLAKE3 and its chunks.
 FileKey = tuple[Digest, tuple[ChunkRef, ...]]
 ProgressFn = Callable[[int], None]
-#: A hasher is saved after this many chunks of a file, for the next file to resume from.
-SNAPSHOT_EVERY = 64
+#: The most hashers saved along one file for the next file to resume from
+#: (a copy of a BLAKE3 hasher is about 2 KB).
+MAX_SNAPSHOTS = 1024
+
+
+def snapshot_every(chunks: int) -> int:
+    """How many chunks of a file of ``chunks`` chunks lie between two saved hashers."""
+    return max(1, -(-chunks // MAX_SNAPSHOTS))
 
 
 @dataclass
@@ -70,10 +78,9 @@ def _plans(files: Iterable[FileKey]) -> Iterator[_Plan]:
             common += 1
         start = max(p for p in saved if p <= common)
         yield _Plan(key, start)
+        every = snapshot_every(len(chunks))
         saved = {p for p in saved if p <= start}
-        saved.update(
-            range(start - start % SNAPSHOT_EVERY + SNAPSHOT_EVERY, len(chunks), SNAPSHOT_EVERY)
-        )
+        saved.update(range(start - start % every + every, len(chunks), every))
         saved.add(len(chunks))
         previous = chunks
 
@@ -86,10 +93,12 @@ class _Hashing:
         self.saved: dict[int, Any] = {0: blake3.blake3(max_threads=1)}
         self.plan: _Plan | None = None
         self.hasher: Any = None
+        self.every = 1
 
     def begin(self, plan: _Plan) -> None:
         self.finish()
         self.plan = plan
+        self.every = snapshot_every(len(plan.key[1]))
         resumed = self.saved.get(plan.start)
         self.saved = {p: h for p, h in self.saved.items() if p <= plan.start}
         # None: the hasher it was to resume from was never saved (a chunk
@@ -107,7 +116,7 @@ class _Hashing:
         if self.hasher is None:
             return
         self.hasher.update(raw)
-        if (position + 1) % SNAPSHOT_EVERY == 0:
+        if (position + 1) % self.every == 0:
             self.saved[position + 1] = self.hasher.copy()
 
     def finish(self) -> None:

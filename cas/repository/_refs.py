@@ -250,11 +250,14 @@ class Refs:
             yield current
 
     def tags_by_version(self, key: str, names: Iterable[str] | None = None) -> dict[int, list[str]]:
-        """Version number -> its tags, sorted, of tags ``names`` of ``key`` (None: all)."""
+        """Version number -> its tags, sorted, of tags ``names`` of ``key`` (None: all).
+
+        A malformed tag is left out, as in :meth:`tags`.
+        """
         out: dict[int, list[str]] = {}
         for tag in sorted(self._list_tags(key) if names is None else names):
             try:
                 out.setdefault(self.read_tag(key, tag), []).append(tag)
-            except RefNotFoundError:
-                continue  # removed while we listed
+            except (RefNotFoundError, CorruptObjectError):
+                continue  # removed while we listed, or names no version
         return out
