@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputError
 from . import _numpy, _torchsave
-from ._safetensors import NUMPY_DTYPES, Header, StoredFile, parse_header
+from ._safetensors import NUMPY_DTYPES, Header, StoredFile, TensorInfo, parse_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,8 +70,6 @@ def read_tensor(chunks: ChunkStore, entry: Entry, name: str, *, label: str) -> n
 
     Fetches and verifies only the chunks that hold the file's structure and the tensor.
     """
-    import numpy as np
-
     reader = StoredFile(chunks, entry, label)
     try:
         header = parse(reader.read, entry.size)
@@ -81,13 +79,20 @@ def read_tensor(chunks: ChunkStore, entry: Entry, name: str, *, label: str) -> n
         ) from None
     info = header.tensor(name)
     data = reader.read(info.start, info.end - info.start)
+    return to_numpy(data, info, f"{label}: tensor {name!r}")
+
+
+def to_numpy(data: bytes, info: TensorInfo, what: str) -> np.ndarray[Any, Any]:
+    """The tensor ``info`` as a numpy array, from ``data``, the bytes of its range."""
+    import numpy as np
+
     if info.dtype == "BF16":
         words = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
         flat: np.ndarray[Any, Any] = words.view(np.float32)
     elif info.dtype in NUMPY_DTYPES:
         flat = np.frombuffer(data, dtype=NUMPY_DTYPES[info.dtype])
     else:
-        raise InvalidInputError(f"{label}: tensor {name!r} has dtype {info.dtype} numpy lacks")
+        raise InvalidInputError(f"{what} has dtype {info.dtype} numpy lacks")
     if info.strides is None:
         out: np.ndarray[Any, Any] = flat.reshape(info.shape).copy()
         return out

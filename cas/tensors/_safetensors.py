@@ -206,26 +206,47 @@ SMALL_GAP = 4096
 
 def plan(header: Header, size: int, params: ChunkerParams) -> list[Span]:
     """The chunks of a tensor file, in file order, covering it exactly."""
-    spans: list[Span] = []
-    spans.extend(_opaque(0, header.length, params))
-    run = _Run(params)
-    position = header.length
+    planner = Planner(params, header.length)
+    spans = list(_opaque(0, header.length, params))
     for info in header.tensors:
-        if info.start > position:  # bytes no tensor claims
-            if info.start - position < SMALL_GAP:
-                spans.extend(run.add_gap(position, info.start))
+        spans.extend(planner.tensor(info))
+    spans.extend(planner.finish(size))
+    return spans
+
+
+class Planner:
+    """:func:`plan` one tensor at a time, for a file whose tensors are known as it is written.
+
+    Each call returns the spans that have become final, in file order; the
+    bytes before ``start`` (a header) are the caller's to cut.
+    """
+
+    def __init__(self, params: ChunkerParams, start: int = 0) -> None:
+        self.params = params
+        self.position = start
+        self._run = _Run(params)
+
+    def tensor(self, info: TensorInfo) -> list[Span]:
+        """The spans made final by the tensor ``info``, which starts at or after the last one."""
+        spans: list[Span] = []
+        run = self._run
+        if info.start > self.position:  # bytes no tensor claims
+            if info.start - self.position < SMALL_GAP:
+                spans.extend(run.add_gap(self.position, info.start))
             else:
                 spans.extend(run.flush())
-                spans.extend(_opaque(position, info.start, params))
-        if info.end - info.start >= params.min_size:
+                spans.extend(_opaque(self.position, info.start, self.params))
+        if info.end - info.start >= self.params.min_size:
             spans.extend(run.flush())
-            spans.extend(_split(info, params))
+            spans.extend(_split(info, self.params))
         elif info.end > info.start:
             spans.extend(run.add(info))
-        position = max(position, info.end)
-    spans.extend(run.flush())
-    spans.extend(_opaque(position, size, params))
-    return spans
+        self.position = max(self.position, info.end)
+        return spans
+
+    def finish(self, size: int) -> list[Span]:
+        """The last spans of a file of ``size`` bytes."""
+        return [*self._run.flush(), *_opaque(self.position, size, self.params)]
 
 
 class _Run:

@@ -41,6 +41,7 @@ from ..errors import (
 from ..repository import _layout as layout
 from ..repository._manifest import MAX_CHAIN, ChunkRef, Entry, Manifest
 from ._formats import parse
+from ._index import load_index
 from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file
 
 # Chunks up to twice this size are encoded whole to compare with their delta; for
@@ -212,6 +213,24 @@ class TensorWriter:
         parents, clock = self._parent_chunks(path)
         return FilePlan(spans, parents, clock)
 
+    def plan_parts(self) -> FilePlan:
+        """The plan of the files of a version written in parts: only their delta bases.
+
+        Such a version says where its tensors lie in its tensor index, so
+        every file of the parent that the index describes offers bases: a
+        shard that moved to another rank's file keeps its base.
+        """
+        for manifest, number in self.parents:
+            index = load_index(self.chunks, manifest, label=f"{manifest.key}@{number}")
+            if index is None:
+                continue
+            found: dict[tuple[Piece, ...], ParentChunk] = {}
+            for entry in manifest.entries:
+                if entry.type == "file" and entry.path in index.files:
+                    found.update(self._keyed(entry, index.header(entry.path)))
+            return FilePlan([], found, number + 1)
+        return _NO_PARENTS
+
     def _parent_chunks(self, path: str) -> tuple[dict[tuple[Piece, ...], ParentChunk], int]:
         for manifest, number in self.parents:
             try:
@@ -221,13 +240,18 @@ class TensorWriter:
             header = self._stored_header(entry, f"{manifest.key}@{number}")
             if header is None:
                 continue
-            lengths = [c.length for c in entry.chunks]
-            out = {}
-            for key, chunk in zip(chunk_keys(header, lengths), entry.chunks, strict=True):
-                if key is not None:
-                    out[key] = ParentChunk(chunk.digest, chunk.length, chunk.bases)
-            return out, number + 1
+            return self._keyed(entry, header), number + 1
         return {}, 0
+
+    @staticmethod
+    def _keyed(entry: Entry, header: Header) -> dict[tuple[Piece, ...], ParentChunk]:
+        """The chunks of a stored file that hold whole tensor pieces, by what they hold."""
+        lengths = [c.length for c in entry.chunks]
+        out = {}
+        for key, chunk in zip(chunk_keys(header, lengths), entry.chunks, strict=True):
+            if key is not None:
+                out[key] = ParentChunk(chunk.digest, chunk.length, chunk.bases)
+        return out
 
     def _stored_header(self, entry: Entry, label: str) -> Header | None:
         try:
