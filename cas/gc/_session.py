@@ -39,12 +39,13 @@ import uuid
 from array import array
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 from ..backends.base import Backend
 from ..chunks._store import PutResult
 from ..digest import Digest
-from ..errors import ConcurrentCollectionError, NotFoundError
+from ..errors import ConcurrentCollectionError, InvalidInputError, NotFoundError
 from ..repository import _layout as layout
 from ..repository._manifest import canonical_json
 from ..repository._refs import utc_now
@@ -110,6 +111,24 @@ def running_collections(backend: Backend) -> list[Collection]:
 
 
 # -- the put's session --------------------------------------------------------------------
+
+
+# Not slots: frozen slotted dataclasses do not unpickle on Python 3.10, and
+# these cross from one process to another.
+@dataclass(frozen=True)
+class SessionRecords:
+    """What one session keeps younger than the grace, for a session in another process.
+
+    A version written by several processes is committed by one of them: the
+    others hand it what they stored and reused, with the lower bounds of
+    their times, and the committing session keeps all of it young as if it
+    had been its own (docs/gc.md). Plain bytes and strings, so it pickles.
+    """
+
+    digests: bytes  # 32 bytes per object: its chunk's digest, zeros for a keyed object
+    keys: tuple[str, ...]  # the key of an object that is not a chunk, else ""
+    lower: bytes  # array("d") of lower bounds of the objects' times
+    prior: bytes  # array("d") of times before a touch not yet known safe (NaN if none)
 
 
 class WriteSession:
@@ -213,6 +232,30 @@ class WriteSession:
             self._keys.append(key)
             self._lower.append(lower)
             self._prior.append(prior)
+
+    def export(self) -> SessionRecords:
+        """Everything this session recorded, for the session that will commit."""
+        with self._lock:
+            return SessionRecords(
+                bytes(self._digests),
+                tuple(self._keys),
+                self._lower.tobytes(),
+                self._prior.tobytes(),
+            )
+
+    def absorb(self, records: SessionRecords) -> None:
+        """Keep what another session recorded young too, until this one commits."""
+        lower, prior = array("d"), array("d")
+        lower.frombytes(records.lower)
+        prior.frombytes(records.prior)
+        count = len(records.keys)
+        if len(records.digests) != 32 * count or len(lower) != count or len(prior) != count:
+            raise InvalidInputError("a write session's records do not line up")
+        with self._lock:
+            self._digests += records.digests
+            self._keys.extend(records.keys)
+            self._lower.extend(lower)
+            self._prior.extend(prior)
 
     # -- before the commit ------------------------------------------------------------
 
