@@ -15,14 +15,14 @@ import os
 import posixpath
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..chunks._chunking import ChunkerParams
 from ..chunks._store import ChunkStore, PutResult, SeenSet
-from ..digest import Digest, StreamingHasher, hash_bytes, hasher_for
+from ..digest import BackgroundHasher, Digest, StreamingHasher, hash_bytes, hasher_for
 from ..errors import SourceError, UnsafePathError
 from ..repository._manifest import (
     ArtifactKind,
@@ -287,21 +287,62 @@ class Ingestor:
                     on_read=self._reader(hasher),
                     name=str(item.absolute),
                 )
-                for view, index, span, known in cuts:
-                    size = len(view)
-                    self._slots.acquire(size)
-                    try:
-                        if self._error is not None:
-                            raise self._error
-                        future = pool.submit(self._store_chunk, view, index, span, plan, known)
-                    except BaseException:
-                        self._slots.release(size)
-                        raise
-                    future.add_done_callback(functools.partial(self._done, size))
-                    futures.append(future)
+                self.submit(pool, cuts, plan, futures)
         except OSError as err:
             raise SourceError(f"cannot read {item.absolute}: {err.strerror}") from None
         return hasher.digest(), futures
+
+    def submit(
+        self,
+        pool: ThreadPoolExecutor,
+        work: Iterable[tuple[memoryview, int, Span | None, bytes | None]],
+        plan: FilePlan | None,
+        futures: list[Future[ChunkRef]],
+    ) -> None:
+        """Hand each chunk of ``work`` to the workers, waiting while too many are in flight.
+
+        ``futures`` receives one future per chunk, in file order, as they are
+        submitted, so that a caller that fails half-way can cancel them.
+        """
+        for view, index, span, known in work:
+            size = len(view)
+            self._slots.acquire(size)
+            try:
+                if self._error is not None:
+                    raise self._error
+                future = pool.submit(self._store_chunk, view, index, span, plan, known)
+            except BaseException:
+                self._slots.release(size)
+                raise
+            future.add_done_callback(functools.partial(self._done, size))
+            futures.append(future)
+
+    def run_parts(
+        self, path: str, mode: int, spans: Iterable[tuple[memoryview, Span]], plan: FilePlan
+    ) -> Entry:
+        """Store one file that arrives as spans, in order, instead of being read from disk."""
+        hasher = BackgroundHasher()
+        on_read = self._reader(hasher)
+        futures: list[Future[ChunkRef]] = []
+
+        def work() -> Iterator[tuple[memoryview, int, Span | None, bytes | None]]:
+            for index, (view, span) in enumerate(spans):
+                on_read(view)
+                yield view, index, span, None
+
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-put") as pool:
+                try:
+                    self.submit(pool, work(), plan, futures)
+                    chunks = self.chunk_refs(futures)
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+            whole = hasher.digest()
+        finally:
+            hasher.close()
+        return Entry(path, "file", mode, sum(c.length for c in chunks), whole, chunks)
 
     def _done(self, size: int, future: Future[ChunkRef]) -> None:
         if not future.cancelled() and self._error is None:
@@ -344,15 +385,20 @@ class Ingestor:
         self.stats.record(result)
         return ChunkRef(digest, len(view))
 
+    def chunk_refs(self, futures: list[Future[ChunkRef]]) -> tuple[ChunkRef, ...]:
+        """The chunks of a file once all are stored, each with its chain of delta bases."""
+        chunks = tuple(f.result() for f in futures)
+        if self.tensors is not None:
+            # Every chunk is settled now, those stored twice in this put too.
+            of = self.tensors.chains.of
+            chunks = tuple(replace(c, bases=of(c.digest)) for c in chunks)
+        return chunks
+
     def _entry(
         self, item: SourceItem, whole: Digest | None, futures: list[Future[ChunkRef]]
     ) -> Entry:
         if item.type == "file":
-            chunks = tuple(f.result() for f in futures)
-            if self.tensors is not None:
-                # Every chunk is settled now, those stored twice in this put too.
-                of = self.tensors.chains.of
-                chunks = tuple(replace(c, bases=of(c.digest)) for c in chunks)
+            chunks = self.chunk_refs(futures)
             size = sum(c.length for c in chunks)
             if size != item.size:
                 raise SourceError(
