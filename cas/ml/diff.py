@@ -2,8 +2,10 @@
 
 Files are compared by their recorded BLAKE3, so no data is read for them.
 For a safetensors, torch.save or numpy file that changed, the structure of
-each side is read (a safetensors header; a zip's directory and pickle) and
-each tensor compared: first by the chunks that cover it (identical chunk
+each side is read (a safetensors header; a zip's directory and pickle), and
+for a file of a version written in parts (a distributed checkpoint's rank
+file) the version's tensor index tells where its tensors lie; each tensor
+is then compared: first by the chunks that cover it (identical chunk
 runs at the same offset mean identical bytes, read nothing), and only when
 that cannot decide, by hashing the tensor's bytes.
 Byte counts are over distinct chunks: ``shared`` bytes are already in the
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..repository._manifest import Entry, Manifest
 from ..tensors._formats import parse
+from ..tensors._index import find_index, read_index
 from ..tensors._safetensors import ChunkCache, StoredFile, TensorInfo
 
 if TYPE_CHECKING:
@@ -123,6 +126,17 @@ def diff_tensors(old: StoredFile, new: StoredFile) -> TensorDiff | None:
         if new.entry.path.endswith(".safetensors"):
             return TensorDiff(error=f"not a readable safetensors file ({err})")
         return None
+    return compare_tensors(old, old_tensors, new, new_tensors, old_meta != new_meta)
+
+
+def compare_tensors(
+    old: StoredFile,
+    old_tensors: Mapping[str, TensorInfo],
+    new: StoredFile,
+    new_tensors: Mapping[str, TensorInfo],
+    metadata_changed: bool = False,
+) -> TensorDiff:
+    """Tensors of one file on both sides, by name: their chunks first, their bytes if need be."""
     changed, unchanged = [], 0
     for name in sorted(old_tensors.keys() & new_tensors.keys()):
         a, b = old_tensors[name], new_tensors[name]
@@ -144,8 +158,29 @@ def diff_tensors(old: StoredFile, new: StoredFile) -> TensorDiff | None:
         added=tuple(sorted(new_tensors.keys() - old_tensors.keys())),
         removed=tuple(sorted(old_tensors.keys() - new_tensors.keys())),
         unchanged=unchanged,
-        metadata_changed=old_meta != new_meta,
+        metadata_changed=metadata_changed,
     )
+
+
+class _Indexes:
+    """The tensor indexes of both sides, for files written in parts (distributed checkpoints)."""
+
+    def __init__(self, store: Store, old: Manifest, new: Manifest, labels: tuple[str, str]):
+        self.sides = tuple(
+            read_index(store.open_file(entry, label=label)) if entry is not None else None
+            for entry, label in ((find_index(old), labels[0]), (find_index(new), labels[1]))
+        )
+
+    def diff(self, old: StoredFile, new: StoredFile) -> TensorDiff | None:
+        """The tensors of a file both indexes describe; None when one does not."""
+        old_index, new_index = self.sides
+        if old_index is None or new_index is None:
+            return None
+        if old.entry.path not in old_index.files or new.entry.path not in new_index.files:
+            return None
+        old_tensors = {t.name: t for t in old_index.shards_in(old.entry.path)}
+        new_tensors = {t.name: t for t in new_index.shards_in(new.entry.path)}
+        return compare_tensors(old, old_tensors, new, new_tensors)
 
 
 # -- the diff ---------------------------------------------------------------------------
@@ -176,6 +211,7 @@ def diff_manifests(
             renamed[new_path] = old_path
     # One cache for both sides: their tensors often share chunks.
     cache = ChunkCache()
+    indexes = _Indexes(store, old, new, (old_label, new_label))
     changes: list[FileChange] = []
     unchanged = 0
     for path in sorted(old_entries.keys() | new_entries.keys()):
@@ -189,15 +225,14 @@ def diff_manifests(
                 unchanged += 1
                 continue
             tensors = None
-            if (
-                path.endswith(TENSOR_SUFFIXES)
-                and a.type == b.type == "file"
-                and a.digest != b.digest
-            ):
-                tensors = diff_tensors(
+            if a.type == b.type == "file" and a.digest != b.digest:
+                files = (
                     store.open_file(a, label=old_label, cache=cache),
                     store.open_file(b, label=new_label, cache=cache),
                 )
+                tensors = indexes.diff(*files)
+                if tensors is None and path.endswith(TENSOR_SUFFIXES):
+                    tensors = diff_tensors(*files)
             changes.append(FileChange(path, "changed", a.size, b.size, renamed.get(path), tensors))
     old_chunks, new_chunks = _chunk_bytes(old), _chunk_bytes(new)
     names = old.metrics.keys() | new.metrics.keys()

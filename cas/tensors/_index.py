@@ -198,10 +198,13 @@ def find_index(manifest: Manifest) -> Entry | None:
 def load_index(chunks: ChunkStore, manifest: Manifest, *, label: str) -> TensorIndex | None:
     """The tensor index of a version, None when it has none."""
     entry = find_index(manifest)
-    if entry is None:
-        return None
-    blob = StoredFile(chunks, entry, label).read(0, entry.size)
-    return TensorIndex.from_bytes(blob, name=f"{label}: {INDEX_PATH}")
+    return read_index(StoredFile(chunks, entry, label)) if entry is not None else None
+
+
+def read_index(file: StoredFile) -> TensorIndex:
+    """The tensor index in a stored index file (:func:`find_index`)."""
+    blob = file.read(0, file.entry.size)
+    return TensorIndex.from_bytes(blob, name=f"{file.label}: {INDEX_PATH}")
 
 
 def read_indexed_tensor(
