@@ -6,8 +6,13 @@ versions, a version's manifest, random access to a stored file, what
 deleting versions would free). The value types it returns (``Version``,
 ``Details``, ``KeySummary``, ``Stats``, ``Reclaimable``) live beside it.
 ``_writing`` is the put's pipeline, ``_catalog`` how versions are read
-from refs.
+from refs, ``_sharded`` the writer and reader of versions written by
+several processes at once (``ShardWriter``, ``VersionFiles``).
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ..backends import OBJECT_STORE_CONCURRENCY as OBJECT_STORE_WORKERS
 from ..backends.local import MAX_CONCURRENCY, MIN_CONCURRENCY
@@ -23,20 +28,70 @@ from ._values import Details, KeySummary, Reclaimable, Stats, Version
 #: per core within ``FOLDER_WORKERS`` (fewest, most).
 FOLDER_WORKERS = (MIN_CONCURRENCY, MAX_CONCURRENCY)
 
+if TYPE_CHECKING:
+    from ._sharded import (
+        INDEX_PATH,
+        IndexedTensor,
+        Record,
+        Shard,
+        ShardPart,
+        ShardWriter,
+        TensorIndex,
+        TensorPart,
+        VersionFiles,
+    )
+
+#: Names of versions written in parts, from ``_sharded``: they load on first
+#: use, so a command that does not need them does not pay for their modules.
+_IN_PARTS = frozenset(
+    {
+        "INDEX_PATH",
+        "IndexedTensor",
+        "Record",
+        "Shard",
+        "ShardPart",
+        "ShardWriter",
+        "TensorIndex",
+        "TensorPart",
+        "VersionFiles",
+    }
+)
+
+
+if not TYPE_CHECKING:  # type checkers see the imports above, and no name beyond them
+
+    def __getattr__(name: str) -> Any:
+        if name not in _IN_PARTS:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from . import _sharded
+
+        return getattr(_sharded, name)
+
+
 __all__ = [
     "ARTIFACT_TYPES",
     "DEFAULT_STORE",
     "ENTROPY_CODERS",
     "FOLDER_WORKERS",
+    "INDEX_PATH",
     "IN_FLIGHT_BYTES",
     "OBJECT_STORE_WORKERS",
     "ArtifactInfo",
     "ChunkerParams",
     "Details",
+    "IndexedTensor",
     "KeySummary",
     "Reclaimable",
+    "Record",
+    "Shard",
+    "ShardPart",
+    "ShardWriter",
     "Stats",
     "Store",
+    "TensorIndex",
+    "TensorPart",
     "Version",
+    "VersionFiles",
+    "VersionSpec",
     "open",
 ]

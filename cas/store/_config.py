@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..backends.base import Backend
+from ..backends.base import TEMP_PREFIX, Backend
 from ..chunks import _codec as codec
 from ..chunks._chunking import ChunkerParams
 from ..errors import (
@@ -117,7 +117,8 @@ def _is_empty(backend: Backend) -> bool:
     if root is not None:
         if root.exists() and not root.is_dir():
             raise NotAStoreError(f"{root} is a file, not a cas store")
-        return not root.exists() or not any(root.iterdir())
+        # Another process's config on its way in is a temporary file here.
+        return not root.exists() or all(p.name.startswith(TEMP_PREFIX) for p in root.iterdir())
     return next(iter(backend.list_objects("")), None) is None
 
 
@@ -133,6 +134,12 @@ def load_config(backend: Backend, *, create: bool) -> StoreConfig:
     except NotFoundError:
         pass
     if not _is_empty(backend):
+        # Another process may have created the store since we looked (every
+        # rank of a distributed job opens it at once): its config wins.
+        try:
+            return StoreConfig.from_bytes(backend.get(layout.CONFIG_KEY), backend.uri)
+        except NotFoundError:
+            pass
         raise NotAStoreError(
             f"{backend.uri} is not a cas store: it holds other files and no 'config'"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from ..gc._verify import VerifyReport
     from ..tensors._cutting import LocalChunks
     from ..tensors._safetensors import ChunkCache, StoredFile
+    from ._sharded import ShardWriter, VersionFiles
+    from ._writing import Record
 
 ProgressFn = Callable[[int], None]
 DEFAULT_STORE = ".cas"
@@ -183,6 +185,35 @@ class Store:
             self.refs.set_tag(ref.key, tag, ref.number)
         return self._catalog().version(ref, manifest, tags)
 
+    def shard_writer(
+        self,
+        record: Record,
+        *,
+        parents: Sequence[str] | None = None,
+        size_hint: int = 0,
+        workers: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> ShardWriter:
+        """One process's share of a version that several processes write at once.
+
+        Every process writes its files from memory and seals them; one commits
+        the version from all the parts (see :mod:`cas.store._sharded`).
+        ``parents`` (references, default ``record.parents``) should be pinned
+        to ``KEY@N`` by the committing process so that every process uses the
+        same ones; ``size_hint`` is about how many bytes this process will write.
+        """
+        from ._sharded import ShardWriter
+
+        return ShardWriter(
+            self, record, parents=parents, size_hint=size_hint, workers=workers, progress=progress
+        )
+
+    def open_version(self, ref: str) -> VersionFiles:
+        """The files of a version for reading byte ranges, and its tensor index if it has one."""
+        from ._sharded import VersionFiles
+
+        return VersionFiles(self, ref)
+
     def _check_workers(self, workers: int | None) -> int:
         if workers is None:
             return self.workers
@@ -307,14 +338,21 @@ class Store:
 
         Fetches and verifies only the chunks that hold the header and the
         tensor. ``file`` is the file's path in the version; for a one-file
-        artifact any name (or None) will do.
+        artifact any name (or None) will do. In a version written in parts
+        (a distributed checkpoint), ``file=None`` finds the tensor by its
+        fully qualified name, its shards put together.
         """
         version_ref = self.resolve(ref)
         manifest = self.manifest(version_ref)
         from ..tensors._formats import read_tensor
+        from ..tensors._index import load_index, read_indexed_tensor
         from ..tensors._safetensors import find_file
 
-        return read_tensor(self.chunks, find_file(manifest, file), name, label=version_ref.label)
+        label = version_ref.label
+        index = load_index(self.chunks, manifest, label=label) if file is None else None
+        if index is not None:
+            return read_indexed_tensor(self.chunks, manifest, index, name, label=label)
+        return read_tensor(self.chunks, find_file(manifest, file), name, label=label)
 
     def show(self, ref: str) -> Details:
         """A version and the entries of its manifest."""

@@ -171,22 +171,22 @@ class VersionWriter:
             expected = expected_chunks(sizes, self.config.chunker)
             index = plan_index(self.backend, expected, workers=workers)
             parent_manifests = [self.load_manifest(p.manifest_id) for p in parents]
-            ingestor = self._ingestor(
+            ingestor = self.ingestor(
                 session,
                 index,
                 parents,
                 parent_manifests,
-                latest.submit(self._latest_manifest, put.record.key, parents),
+                latest.submit(self.latest_manifest, put.record.key, parents),
                 put.progress,
                 workers,
             )
-            former_kind = latest.submit(self._former_kind, put.record.key)
+            former_kind = latest.submit(self.former_kind, put.record.key)
             entries = build_entries(put.items, ingestor)
             manifest = put.record.manifest(put.kind, parents, entries)
             unchanged = put.retry.unchanged(manifest, self.load_manifest)
             if unchanged is not None:
                 return unchanged  # nothing new to commit: the latest version is this one
-            ref = self._commit_manifest(session, manifest, former_kind, put.retry.token)
+            ref = self.commit_manifest(session, manifest, former_kind, put.retry.token)
             return ref, manifest
         finally:
             latest.shutdown(wait=True)
@@ -194,7 +194,7 @@ class VersionWriter:
                 index.close()
             session.close()
 
-    def _ingestor(
+    def ingestor(
         self,
         session: WriteSession,
         index: ChunkIndex | None,
@@ -204,6 +204,7 @@ class VersionWriter:
         progress: ProgressFn | None,
         workers: int,
     ) -> Ingestor:
+        """The pipeline that stores a version's chunks under ``session``'s protection."""
         from ..tensors._writer import TensorWriter
         from ..transfer._ingest import FormerFiles, Ingestor
 
@@ -233,13 +234,18 @@ class VersionWriter:
             ),
         )
 
-    def _commit_manifest(
+    def commit_manifest(
         self,
         session: WriteSession,
         manifest: Manifest,
         former_kind: Future[tuple[int, str] | None],
         token: str | None,
+        *,
+        stacklevel: int = 6,
     ) -> VersionRef:
+        """Write the manifest and create the version ref: the commit, once every object
+        ``session`` recorded is durable and within the grace of garbage collection.
+        ``stacklevel`` counts the frames from here up to the caller a warning names."""
         manifest_id = write_manifest(self.backend, manifest)
         session.adopt(layout.manifest_key(manifest_id))
         session.before_commit()
@@ -250,11 +256,11 @@ class VersionWriter:
             lambda: self.refs.create_next(manifest.key, manifest_id, summary=summary, token=token),
             self.refs.mark_deleted,
         )
-        # The warning points at the caller of Store.put, five frames up.
-        warn_of_kind_change(ref, former, manifest.kind, stacklevel=6)
+        # By default the warning points at the caller of Store.put, five frames up.
+        warn_of_kind_change(ref, former, manifest.kind, stacklevel=stacklevel)
         return ref
 
-    def _former_kind(self, key: str) -> tuple[int, str] | None:
+    def former_kind(self, key: str) -> tuple[int, str] | None:
         """The number and kind of the key's latest version before a put, if it has one."""
         try:
             latest = self.refs.latest(key)
@@ -262,7 +268,7 @@ class VersionWriter:
         except CasError:
             return None  # none, or unreadable: not worth failing the put over a warning
 
-    def _latest_manifest(self, key: str, parents: tuple[Parent, ...]) -> Sequence[Manifest]:
+    def latest_manifest(self, key: str, parents: tuple[Parent, ...]) -> Sequence[Manifest]:
         """The manifest of the key's latest version unless a parent: what a new version
         of a key most often reuses, so its chains spare a header read per reused chunk."""
         try:
