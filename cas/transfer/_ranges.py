@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..chunks._store import ChunkStore
+from ..digest import Digest
 from ..errors import InvalidInputError, NotFoundError
 from ..repository._manifest import Entry
 from ._budget import IN_FLIGHT_BYTES
@@ -108,18 +109,24 @@ class _Window:
     def _length(self, chunk_id: _ChunkId) -> int:
         return self.reader.files[chunk_id[0]].chunks[chunk_id[1]].length
 
-    def _submit_next(self) -> None:
+    def _submit_next(self, hints: list[Digest]) -> None:
         chunk_id = self.order[self.next]
         self.next += 1
         self.held[chunk_id] = self.pool.submit(self.reader.fetch, chunk_id)
         self.held_bytes += self._length(chunk_id)
+        hints.append(self.reader.files[chunk_id[0]].chunks[chunk_id[1]].digest)
 
     def take(self, chunk_id: _ChunkId) -> memoryview:
+        hints: list[Digest] = []
         while chunk_id not in self.held:
-            self._submit_next()
+            self._submit_next(hints)
         # Keep the workers busy on what comes next, within the budget.
         while self.next < len(self.order) and self.held_bytes < self.reader.budget:
-            self._submit_next()
+            self._submit_next(hints)
+        if hints:
+            # The storage reads them ahead while the workers decode earlier
+            # ones (page-cache read-ahead on a folder; most services ignore it).
+            self.reader.chunks.prefetch(hints)
         return self.held[chunk_id].result()
 
     def release(self, chunk_ids: Iterator[_ChunkId]) -> None:
