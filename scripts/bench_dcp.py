@@ -30,9 +30,11 @@ into zero-filled DTensors of the same sharding. Their peak RSS during the
 load is the kernel's high-water mark (``VmHWM``, reset just before the
 load), given beside the RSS they had just before it, which holds torch and
 the destination shard. Times are wall time from a barrier to a barrier;
-stored bytes are the sizes of the objects under ``chunks/`` and
-``manifests/``. Ratios are computed within each round; the report gives
-medians over rounds.
+CPU times are the processes' own (user and system, every thread, both
+ranks; a ``cas put`` subprocess counts with its rank), which the load of a
+shared machine disturbs far less than wall time. Stored bytes are the
+sizes of the objects under ``chunks/`` and ``manifests/``. Ratios are
+computed within each round; the report gives medians over rounds.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -53,9 +57,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict_loader import load
+from torch.distributed.checkpoint.state_dict_saver import async_save, save
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -158,10 +163,13 @@ class Model:
 # -- measuring ------------------------------------------------------------------------------
 
 
-def timed(action: Callable[[], Any]) -> float:
+def timed(action: Callable[[], Any], cpu: dict[str, float] | None = None, name: str = "") -> float:
+    """Wall time of ``action`` from a barrier to a barrier; its CPU time into ``cpu[name]``."""
     dist.barrier()
-    started = time.perf_counter()
+    started, used = time.perf_counter(), time.process_time()
     action()
+    if cpu is not None:
+        cpu[name] = time.process_time() - used
     dist.barrier()
     return time.perf_counter() - started
 
@@ -181,34 +189,39 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def cas_put(folder: Path, store: Path) -> float:
+def cas_put(folder: Path, store: Path) -> tuple[float, float]:
+    """Wall and CPU time of ``cas put`` of a folder, in a process of its own."""
     command = [sys.executable, "-m", "cas", "--store", str(store), "put", str(folder), KEY]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(
-        command, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
-    return time.perf_counter() - started
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 # -- the jobs, run by both ranks ----------------------------------------------------------------
 
 
 def save_job(rank: int, work: Path, size: int, dtype: torch.dtype, round_: int) -> dict[str, Any]:
+    """Every save of one round; wall times on both ranks, CPU times (``cpu_*``) per rank."""
     model = Model(size, dtype, rank)
     out: dict[str, Any] = {"size": model.nbytes}
+    cpu: dict[str, float] = {}
     fs1, fs2 = work / "fs-v1", work / "fs-v2"
     store, put_store = work / "store", work / "put-store"
 
+    def timed_save(name: str, writer: Any) -> None:
+        out[name] = timed(lambda: save(model.state(), storage_writer=writer), cpu, name)
+
     def fs_first() -> None:
-        out["fs_save"] = timed(
-            lambda: dcp.save(model.state(), storage_writer=FileSystemWriter(fs1))
-        )
-        out["cas_put"] = cas_put(fs1, put_store) if rank == 0 else 0.0
+        timed_save("fs_save", FileSystemWriter(fs1))
+        out["cas_put"], cpu["cas_put"] = cas_put(fs1, put_store) if rank == 0 else (0.0, 0.0)
         dist.barrier()
 
     def cas_first() -> None:
-        writer = CasWriter(store, KEY)
-        out["cas_save"] = timed(lambda: dcp.save(model.state(), storage_writer=writer))
+        timed_save("cas_save", CasWriter(store, KEY))
 
     for step in (fs_first, cas_first) if round_ % 2 == 0 else (cas_first, fs_first):
         step()
@@ -216,27 +229,26 @@ def save_job(rank: int, work: Path, size: int, dtype: torch.dtype, round_: int) 
     out["put_stored"] = stored_bytes(put_store)
 
     model.change_tenth(round_)
-    out["fs_save_10"] = timed(lambda: dcp.save(model.state(), storage_writer=FileSystemWriter(fs2)))
-    writer = CasWriter(store, KEY, parents=[f"{KEY}@1"])
-    out["cas_save_10"] = timed(lambda: dcp.save(model.state(), storage_writer=writer))
+    timed_save("fs_save_10", FileSystemWriter(fs2))
+    timed_save("cas_save_10", CasWriter(store, KEY, parents=[f"{KEY}@1"]))
     out["cas_stored_2"] = stored_bytes(store)
 
     model.set_step(1)  # every weight moves: a full fine-tuning step from version 1
-    writer = CasWriter(store, KEY, parents=[f"{KEY}@2"])
-    out["cas_save_full"] = timed(lambda: dcp.save(model.state(), storage_writer=writer))
+    timed_save("cas_save_full", CasWriter(store, KEY, parents=[f"{KEY}@2"]))
     out["cas_stored_3"] = stored_bytes(store)
 
     model.change_tenth(round_ + 1)
-    writer = CasWriter(store, KEY, parents=[f"{KEY}@3"])
-    out["sync_blocked"] = timed(lambda: dcp.save(model.state(), storage_writer=writer))
+    timed_save("sync_blocked", CasWriter(store, KEY, parents=[f"{KEY}@3"]))
     model.change_tenth(round_ + 2)
     writer = CasWriter(store, KEY, parents=[f"{KEY}@4"])
     dist.barrier()
     started = time.perf_counter()
-    future = dcp.async_save(model.state(), storage_writer=writer)
+    future = async_save(model.state(), storage_writer=writer)
+    assert isinstance(future, Future)  # a plain future unless staging in the background
     out["async_blocked"] = time.perf_counter() - started
     future.result()
     out["async_total"] = time.perf_counter() - started
+    out.update({f"cpu_{name}": seconds for name, seconds in cpu.items()})
     return out
 
 
@@ -252,7 +264,7 @@ def load_job(rank: int, work: Path, size: int, dtype: torch.dtype, reader: str) 
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts from here
     cpu = time.process_time()
-    seconds = timed(lambda: dcp.load(target, storage_reader=source))
+    seconds = timed(lambda: load(target, storage_reader=source))
     cpu = time.process_time() - cpu
     peak = rss_kib("VmHWM")
     return {
@@ -305,7 +317,9 @@ def one_round(work: Path, size: int, dtype_name: str, round_: int) -> dict[str, 
     dtype = DTYPES[dtype_name]
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    saved = run_pair("save", work, size, dtype, round_)[0]
+    ranks = run_pair("save", work, size, dtype, round_)
+    saved = ranks[0]
+    cpu = {k[4:]: sum(r[k] for r in ranks) for k in saved if k.startswith("cpu_")}
     fs_load, cas_load = (run_pair("load", work, size, dtype, r) for r in ("fs", "cas"))
     raw = saved["size"]
     shard_mib = raw / WORLD / 2**20
@@ -315,11 +329,15 @@ def one_round(work: Path, size: int, dtype_name: str, round_: int) -> dict[str, 
         "fs_then_put_s": saved["fs_save"] + saved["cas_put"],
         "fs_save_s": saved["fs_save"],
         "first_save_vs_fs_then_put": (saved["fs_save"] + saved["cas_put"]) / saved["cas_save"],
+        "first_save_cpu_s": cpu["cas_save"],
+        "fs_then_put_cpu_s": cpu["fs_save"] + cpu["cas_put"],
         "first_stored_ratio": saved["cas_stored_1"] / raw,
         "put_stored_ratio": saved["put_stored"] / raw,
         "save_10_s": saved["cas_save_10"],
         "fs_save_10_s": saved["fs_save_10"],
         "save_10_speedup": saved["fs_save_10"] / saved["cas_save_10"],
+        "save_10_cpu_s": cpu["cas_save_10"],
+        "fs_save_10_cpu_s": cpu["fs_save_10"],
         "save_10_stored_ratio": (saved["cas_stored_2"] - saved["cas_stored_1"]) / raw,
         "full_step_s": saved["cas_save_full"],
         "full_step_stored_ratio": (saved["cas_stored_3"] - saved["cas_stored_2"]) / raw,
@@ -344,11 +362,15 @@ LINES = [
     ("first save: CasWriter", "first_save_s", "{:.2f} s", None),
     ("first save: FileSystemWriter + cas put", "fs_then_put_s", "{:.2f} s", None),
     ("  ratio (above 1: CasWriter faster)", "first_save_vs_fs_then_put", "{:.2f}x", ">= 1"),
+    ("  CPU time of both ranks, CasWriter", "first_save_cpu_s", "{:.2f} s", None),
+    ("  CPU time, FileSystemWriter + cas put", "fs_then_put_cpu_s", "{:.2f} s", None),
     ("first save: stored / raw", "first_stored_ratio", "{:.4f}", "<= 0.85 fp32, 0.70 bf16"),
     ("  (cas put of the folder: stored / raw)", "put_stored_ratio", "{:.4f}", None),
     ("10% changed: CasWriter", "save_10_s", "{:.2f} s", None),
     ("10% changed: FileSystemWriter", "fs_save_10_s", "{:.2f} s", None),
     ("  speed-up", "save_10_speedup", "{:.2f}x", ">= 3"),
+    ("  CPU time of both ranks, CasWriter", "save_10_cpu_s", "{:.2f} s", None),
+    ("  CPU time of both ranks, FileSystemWriter", "fs_save_10_cpu_s", "{:.2f} s", None),
     ("  stored / checkpoint", "save_10_stored_ratio", "{:.4f}", "<= 0.15"),
     ("full step: CasWriter", "full_step_s", "{:.2f} s", None),
     ("  stored / checkpoint", "full_step_stored_ratio", "{:.4f}", "<= 0.30 (bf16)"),

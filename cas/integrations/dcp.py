@@ -18,6 +18,11 @@ The version is an ordinary cas version (``cas log``, ``diff``, ``gc``,
 
 from __future__ import annotations
 
+try:
+    import torch.distributed.checkpoint  # noqa: F401 - the framework this module plugs into
+except ImportError as err:  # pragma: no cover - torch is in the test environment
+    raise ImportError(f"cas.integrations.dcp needs PyTorch: pip install torch ({err})") from err
+
 from ._dcp_reader import CasReader
 from ._dcp_writer import CasWriter
 
