@@ -26,9 +26,15 @@ from torch.distributed.checkpoint.state_dict_loader import (  # noqa: E402
     _load_state_dict_from_keys,
     load,
 )
+from torch.distributed.checkpoint.state_dict_saver import save  # noqa: E402
 
 from cas.chunks._chunking import ChunkerParams  # noqa: E402
-from cas.errors import ConfigurationError, InvalidKeyError, RefNotFoundError  # noqa: E402
+from cas.errors import (  # noqa: E402
+    ConfigurationError,
+    InvalidInputError,
+    InvalidKeyError,
+    RefNotFoundError,
+)
 from cas.integrations.dcp import CasReader, CasWriter  # noqa: E402
 from cas.ml.diff import diff  # noqa: E402
 from cas.repository import _layout as layout  # noqa: E402
@@ -149,6 +155,32 @@ def test_the_checkpoint_is_an_ordinary_version(saved: tuple[str, Path]) -> None:
     assert "__3_0.distcp" in show.stdout
     verify = run_cas("verify", "--deep", store=location)
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_one_process_without_a_process_group_saves_and_loads(tmp_path: Path) -> None:
+    store = new_store(str(tmp_path / "store"))
+    state = {"model": dcp_ranks.make_model(3).state_dict(), "extra": {"step": 7, "note": "warm"}}
+    writer = CasWriter(store, "runs/solo", tags=["first"])
+    metadata = save(state, storage_writer=writer, no_dist=True)
+    assert writer.version is not None
+    assert metadata.storage_meta is not None
+    assert writer.version.ref == metadata.storage_meta.checkpoint_id == "runs/solo@1"
+    target = {"model": dcp_ranks.make_model(4).state_dict(), "extra": {"step": 0, "note": ""}}
+    load(target, storage_reader=CasReader(store, "runs/solo:first"), no_dist=True)
+    assert differences(state, target) == []
+    with pytest.raises(InvalidInputError, match="use_collectives=True"):
+        save(state, storage_writer=CasWriter(store, "runs/solo"), use_collectives=False)
+    assert [v.ref for v in store.log("runs/solo")] == ["runs/solo@1"]
+
+
+def test_ranks_that_resolved_different_versions_do_not_load() -> None:
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    reader = CasReader("unused", "runs/a")
+    plans = [LoadPlan([], storage_data="runs/a@1"), LoadPlan([], storage_data="runs/a@2")]
+    with pytest.raises(InvalidInputError, match=r"different versions \(runs/a@1, runs/a@2\)"):
+        reader.prepare_global_plan(plans)
+    assert reader.prepare_global_plan(plans[:1]) == plans[:1]
 
 
 # -- a second save: only what changed ----------------------------------------------------
