@@ -12,8 +12,9 @@ object keys, manifests, refs, metadata); chunks/ (cutting, encoding and
 storing chunks); tensors/ (safetensors); transfer/ (the put and restore
 pipelines); gc/ (what is live: collection and verification); store/ (the
 Store facade); ml/ (checkpoints, queries, lineage, retention, diffs, the
-plain storage API); integrations/ (the trainers: Hugging Face, Lightning);
-cli/ (the command). testing/ holds the backend conformance suite.
+plain storage API); integrations/ (the trainers: Hugging Face, Lightning;
+torch.distributed.checkpoint); cli/ (the command). testing/ holds the
+backend conformance suite.
 """
 
 from __future__ import annotations
