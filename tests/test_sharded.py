@@ -341,3 +341,28 @@ def test_commit_stops_when_a_collection_took_a_sealed_part(world: World) -> None
         store.log("runs/a")
     chunks, _ = live_objects(store)
     assert not chunks
+
+
+def test_a_save_reusing_a_dead_writers_chunks_keeps_them_through_a_collection(
+    world: World,
+) -> None:
+    store = world.store()
+    spec = record("runs/a")
+    dead = store.shard_writer(spec)  # a rank killed mid-save: never sealed, never closed
+    dead.write("__1_0.distcp", shard_parts(WEIGHT, slice(64, 128), bias=False))
+    left = {layout.chunk_key(c.digest) for c in dead.entries["__1_0.distcp"].chunks}
+    world.advance(world.grace * 1.5)  # its chunks are old garbage by the time of the next save
+    rank1 = store.shard_writer(spec)
+    with rank1:
+        rank1.write("__1_0.distcp", shard_parts(WEIGHT, slice(64, 128), bias=False))
+        part = rank1.seal()
+    assert {layout.chunk_key(c.digest) for c in rank1.entries["__1_0.distcp"].chunks} == left
+    world.advance(world.grace * 0.5)
+    # A collection while rank 0 still works: the reused chunks are young again, and kept.
+    Collector(store.backend, clock=world.clock, workers=2, grace=world.grace).run()
+    assert left <= set(stored_keys(store.backend, layout.CHUNKS))
+    with store.shard_writer(spec) as rank0:
+        rank0.write("__0_0.distcp", shard_parts(WEIGHT, slice(0, 64), bias=True))
+        ref = rank0.commit([part]).ref
+    np.testing.assert_array_equal(store.read_tensor(ref, None, "w"), WEIGHT)
+    assert store.verify(deep=True).ok
