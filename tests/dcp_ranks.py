@@ -342,8 +342,10 @@ def started_async(state: dict[str, Any], **options: Any) -> Future[Any]:
     return future
 
 
-def save_and_die(rank: int, world: int, location: str, key: str, after: int) -> str:
-    """Save; rank 1 is killed (SIGKILL) after ``after`` of its chunk uploads."""
+def save_and_die(
+    rank: int, world: int, location: str, key: str, after: int, how: str = "kill"
+) -> str:
+    """Save; rank 1 is killed (SIGKILL), or raises, after ``after`` of its chunk uploads."""
     if rank == 1:
         from cas.backends.local import LocalBackend
 
@@ -354,8 +356,10 @@ def save_and_die(rank: int, world: int, location: str, key: str, after: int) -> 
             original(self, key, data, **kwargs)
             if key.startswith("chunks/"):
                 uploads.append(key)
-                if len(uploads) >= after:
+                if len(uploads) >= after and how == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
+                if len(uploads) >= after:
+                    raise OSError(28, "No space left on device (injected)")
 
         LocalBackend.put = put  # type: ignore[method-assign]
     return save_layers(rank, world, location, key, (), ())

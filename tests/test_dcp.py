@@ -264,6 +264,24 @@ def test_a_rank_killed_mid_upload_leaves_no_version_and_the_next_save_fills_in(
     assert store.verify(deep=True).ok
 
 
+def test_a_rank_failing_mid_upload_fails_the_save_everywhere_and_commits_nothing(
+    ranks: RankPool, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "store")
+    store = new_store(location)
+    outcomes = ranks.run(2, dcp_ranks.save_and_die, location, "runs/full", 3, "raise")
+    for outcome in outcomes:
+        assert outcome.error is not None
+        assert "CheckpointException" in outcome.error
+        assert "No space left on device (injected)" in outcome.error
+    with pytest.raises(RefNotFoundError):
+        store.log("runs/full")
+    assert chunk_objects(store)  # rank 0 finished its upload, rank 1 got part way
+    assert store.verify(deep=True).ok
+    assert store.gc(grace=0).deleted_chunks > 0
+    assert not chunk_objects(store)
+
+
 def test_a_bad_key_or_location_fails_on_every_rank_before_any_upload(
     ranks: RankPool, tmp_path: Path
 ) -> None:
