@@ -1,3 +1,3 @@
 """Shared pytest configuration. Fixture modules are registered as plugins below."""
 
-pytest_plugins = ["backend_fixtures"]
+pytest_plugins = ["backend_fixtures", "ui_fixtures"]

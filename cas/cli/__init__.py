@@ -23,10 +23,11 @@ from ..store import DEFAULT_STORE
 from . import _commands as commands
 from . import _gc_commands as gc_commands
 from . import _process as process
+from . import _ui_commands as ui_commands
 from . import _workflow_commands as workflow_commands
 from ._common import CLI_WORDS, Handler
 
-COMMAND_MODULES = [commands, workflow_commands, gc_commands]
+COMMAND_MODULES = [commands, workflow_commands, gc_commands, ui_commands]
 
 
 class _Skipped:

@@ -124,13 +124,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from ..ml.lineage import lineage
 
     graph = lineage(open_store(args, create=False), args.ref, depth=args.depth)
-    if args.dot is not None:
-        dot = graph.to_dot() + "\n"
-        if args.dot == "-":
-            sys.stdout.write(dot)
+    for option, render in (("dot", graph.to_dot), ("mermaid", graph.to_mermaid)):
+        target = getattr(args, option)
+        if target is None:
+            continue
+        text = render() + "\n"
+        if target == "-":
+            sys.stdout.write(text)
         else:
-            Path(args.dot).write_text(dot, encoding="utf-8")
-            print(f"wrote {args.dot} ({counted(len(graph.nodes), 'version')})", file=sys.stderr)
+            Path(target).write_text(text, encoding="utf-8")
+            print(f"wrote {target} ({counted(len(graph.nodes), 'version')})", file=sys.stderr)
         return 0
     emit(args, graph.to_dict(), graph.to_text())
     return 0
@@ -244,12 +247,20 @@ def register(add: AddCommand) -> None:
 
     p = add("lineage", cmd_lineage, "show what REF derives from and what derives from it")
     p.add_argument("ref", metavar="REF")
-    p.add_argument(
+    graph_format = p.add_mutually_exclusive_group()
+    graph_format.add_argument(
         "--dot",
         nargs="?",
         const="-",
         metavar="FILE",
         help="write a Graphviz graph (to stdout, or FILE)",
+    )
+    graph_format.add_argument(
+        "--mermaid",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="write a Mermaid flowchart (to stdout, or FILE)",
     )
     p.add_argument("--depth", type=int, metavar="N", help="at most N levels each way")
 

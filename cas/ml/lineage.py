@@ -125,6 +125,35 @@ class Lineage:
         out.append("}")
         return "\n".join(out)
 
+    def to_mermaid(self) -> str:
+        """A Mermaid flowchart: one box per version, arrows from parent to child.
+
+        Mermaid ids allow few characters, so each version is ``n0``, ``n1``...
+        with its reference as the quoted label; the root is styled bold and
+        deleted versions dashed, as in :meth:`to_dot`.
+        """
+        ids = {ref: f"n{i}" for i, ref in enumerate(sorted(self.nodes))}
+        out = ["flowchart LR"]
+        for ref, name in ids.items():
+            node = self.nodes[ref]
+            lines = [node.ref] if node.deleted else [node.ref, node.type]
+            if node.metrics and not node.deleted:
+                lines.append(" ".join(f"{k}={v:g}" for k, v in sorted(node.metrics.items())))
+            out.append(f'  {name}["{_mermaid_text("<br/>".join(lines))}"]')
+        out.extend(f"  {ids[p]} --> {ids[c]}" for p, c in self.edges)
+        out.append("  classDef root stroke-width:3px;")
+        out.append("  classDef deleted stroke-dasharray:4 3;")
+        out.append(f"  class {ids[self.root]} root;")
+        deleted = [ids[ref] for ref, node in sorted(self.nodes.items()) if node.deleted]
+        if deleted:
+            out.append(f"  class {','.join(deleted)} deleted;")
+        return "\n".join(out)
+
+
+def _mermaid_text(text: str) -> str:
+    # Inside a quoted Mermaid label only the double quote needs an entity.
+    return text.replace('"', "#quot;")
+
 
 def _quote(text: str) -> str:
     # DOT strings: double quotes; labels above already hold escaped newlines.

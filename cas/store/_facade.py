@@ -447,6 +447,14 @@ class Store:
             self.refs, self.load_manifest, self.chunks, self.backend, workers=self.workers
         )
 
+    def chunk_sizes(self) -> dict[str, int]:
+        """The stored (compressed or delta-coded) size of every chunk object, by hex digest.
+
+        One listing of the chunks, as ``stats`` makes: what a version or a
+        key really costs is the stored size of the chunks it needs.
+        """
+        return {digest.hex: info.size for digest, info in self.chunks.list_chunks()}
+
     def reclaimable(self, versions: Iterable[Version]) -> Reclaimable:
         """What the next garbage collection frees once ``versions`` are deleted.
 

@@ -1,0 +1,188 @@
+"""Charts drawn as inline SVG on the server: no script, no library, nothing fetched.
+
+A metric across versions (one point per version, the best one marked), bars
+of bytes by key, and a lineage graph whose boxes link to their versions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ._html import Html, Linker, esc, join, number, size, tag
+
+
+@dataclass(frozen=True)
+class Point:
+    version: int
+    ref: str
+    value: float
+
+
+def metric_plot(
+    name: str, points: Sequence[Point], best: str | None, linker: Linker, *, width: int = 760
+) -> Html:
+    """``name`` against version number: a line through every point, each point a link."""
+    if not points:
+        return tag("p", f"No version has the metric {name}.", cls="muted")
+    height, left, right, top, bottom = 260, 64, 16, 14, 34
+    xs = [p.version for p in points]
+    ys = [p.value for p in points]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x0 == x1:
+        x0, x1 = x0 - 1, x1 + 1
+    if y0 == y1:
+        y0, y1 = y0 - abs(y0 or 1) * 0.1, y1 + abs(y1 or 1) * 0.1
+
+    def at(p: Point) -> tuple[float, float]:
+        x = left + (p.version - x0) / (x1 - x0) * (width - left - right)
+        y = top + (y1 - p.value) / (y1 - y0) * (height - top - bottom)
+        return round(x, 1), round(y, 1)
+
+    ordered = sorted(points, key=lambda p: p.version)
+    path = " ".join(f"{x},{y}" for x, y in map(at, ordered))
+    marks = []
+    for p in ordered:
+        x, y = at(p)
+        circle = tag(
+            "circle",
+            tag("title", f"{p.ref}: {name}={number(p.value)}"),
+            cx=x,
+            cy=y,
+            r=6 if p.ref == best else 3.5,
+            cls="pt best" if p.ref == best else "pt",
+            data_ref=p.ref,
+        )
+        href = linker("version", p.ref)
+        marks.append(tag("a", circle, href=href) if href is not None else circle)
+    axes = Html(
+        f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - right}" '
+        f'y2="{height - bottom}"/><line class="axis" x1="{left}" y1="{top}" x2="{left}" '
+        f'y2="{height - bottom}"/>'
+    )
+    labels = join(
+        [
+            tag("text", number(y1), x=4, y=top + 8),
+            tag("text", number(y0), x=4, y=height - bottom),
+            tag("text", f"v{x0}", x=left, y=height - 14),
+            tag("text", f"v{x1}", x=width - right - 30, y=height - 14),
+            tag("text", f"{name} by version", x=width / 2 - 40, y=height - 2),
+        ]
+    )
+    line = tag("polyline", points=path, cls="line")
+    return tag(
+        "svg",
+        axes,
+        labels,
+        line,
+        join(marks),
+        width=width,
+        height=height,
+        viewBox=f"0 0 {width} {height}",
+        cls="plot",
+        role="img",
+        aria_label=f"{name} across {len(points)} versions",
+        data_metric=name,
+    )
+
+
+def byte_bars(values: Mapping[str, int], linker: Linker, *, limit: int = 40) -> Html:
+    """Horizontal bars, largest first; at most ``limit`` of them."""
+    ranked = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+    if not ranked:
+        return tag("p", "Nothing stored.", cls="muted")
+    most = max(v for _, v in ranked) or 1
+    row, label_w, bar_w = 20, 300, 380
+    bars = []
+    for i, (key, value) in enumerate(ranked):
+        y = i * row
+        text = tag("text", key, x=0, y=y + 14)
+        href = linker("key", key)
+        bars.append(tag("a", text, href=href) if href is not None else text)
+        bars.append(
+            tag(
+                "rect",
+                tag("title", f"{key}: {size(value)}"),
+                x=label_w,
+                y=y + 3,
+                height=row - 6,
+                width=max(1.0, round(value / most * bar_w, 1)),
+                cls="bar",
+            )
+        )
+        bars.append(tag("text", size(value), x=label_w + bar_w + 8, y=y + 14))
+    width, height = label_w + bar_w + 90, row * len(ranked)
+    return tag("svg", join(bars), width=width, height=height, viewBox=f"0 0 {width} {height}")
+
+
+@dataclass(frozen=True)
+class GraphNode:
+    ref: str
+    level: int  # negative: ancestors, 0: the version shown, positive: descendants
+    caption: str
+    deleted: bool = False
+
+
+def lineage_graph(
+    root: str, nodes: Sequence[GraphNode], edges: Sequence[tuple[str, str]], linker: Linker
+) -> Html:
+    """Columns by generation (ancestors left, descendants right), arrows parent -> child."""
+    box_w, box_h, gap_x, gap_y, pad = 220, 44, 60, 14, 10
+    columns: dict[int, list[GraphNode]] = {}
+    for node in sorted(nodes, key=lambda n: n.ref):
+        columns.setdefault(node.level, []).append(node)
+    levels = sorted(columns)
+    where: dict[str, tuple[float, float]] = {}
+    for col, level in enumerate(levels):
+        for row, node in enumerate(columns[level]):
+            where[node.ref] = (pad + col * (box_w + gap_x), pad + row * (box_h + gap_y))
+    lines = []
+    for parent, child in edges:
+        if parent in where and child in where:
+            (px, py), (cx, cy) = where[parent], where[child]
+            lines.append(
+                Html(
+                    f'<path class="edge" marker-end="url(#arrow)" d="M{px + box_w},{py + box_h / 2}'
+                    f" C{px + box_w + gap_x / 2},{py + box_h / 2} {cx - gap_x / 2},{cy + box_h / 2}"
+                    f' {cx},{cy + box_h / 2}"/>'
+                )
+            )
+    boxes = [_box(node, where[node.ref], box_w, box_h, root, linker) for node in nodes]
+    rows = max(len(c) for c in columns.values())
+    width = pad * 2 + len(levels) * box_w + (len(levels) - 1) * gap_x
+    height = pad * 2 + rows * box_h + (rows - 1) * gap_y
+    arrow = Html(
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
+        'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#8a93a6"/>'
+        "</marker></defs>"
+    )
+    return tag(
+        "svg",
+        arrow,
+        join(lines),
+        join(boxes),
+        width=width,
+        height=height,
+        viewBox=f"0 0 {width} {height}",
+        cls="lineage",
+    )
+
+
+def _box(
+    node: GraphNode, at: tuple[float, float], w: int, h: int, root: str, linker: Linker
+) -> Html:
+    x, y = at
+    classes = "node" + (" root" if node.ref == root else "") + (" deleted" if node.deleted else "")
+    shown = node.ref if len(node.ref) <= 34 else "…" + node.ref[-33:]
+    group = tag(
+        "g",
+        tag("title", node.ref),
+        tag("rect", x=x, y=y, width=w, height=h),
+        tag("text", shown, x=x + 8, y=y + 17),
+        tag("text", node.caption[:40], x=x + 8, y=y + 34, cls="muted"),
+        cls=classes,
+        data_ref=node.ref,
+    )
+    href = None if node.deleted else linker("version", node.ref)
+    return tag("a", group, href=href) if href is not None else esc(group)

@@ -1,0 +1,238 @@
+"""The keys, key and store pages, as (title, body) for the server or a report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ._charts import Point, byte_bars, metric_plot
+from ._data import StoreView
+from ._html import (
+    Html,
+    Linker,
+    join,
+    link,
+    number,
+    rows_table,
+    size,
+    table,
+    tag,
+    tags_html,
+    when,
+)
+
+if TYPE_CHECKING:
+    from ..store import Version
+
+#: Rows of a key's table shown at once (newest first); the plot always has every version.
+TABLE_ROWS = 500
+#: Metrics read as "higher is better" when the page is not told which way is best.
+_HIGHER_IS_BETTER = ("acc", "f1", "score", "precision", "recall", "auc", "bleu", "reward", "rouge")
+
+
+def keys_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
+    rows = view.key_rows()
+    cells = [
+        (
+            link(linker, "key", row.key),
+            row.versions,
+            link(linker, "version", row.latest.ref, f"@{row.latest.number}"),
+            when(row.latest.created),
+            size(row.latest.size),
+            tags_html(row.tags),
+            size(row.cost.stored),
+            size(row.cost.stored - row.cost.shared),
+        )
+        for row in rows
+    ]
+    headers = ["key", "versions", "latest", "created", "size", "tags", "stored", "own"]
+    explain = tag(
+        "p",
+        "stored: what the key's live versions need in the store, after deduplication, "
+        "compression and deltas (delta bases included); own: the part no other key needs, "
+        "about what deleting the key would free.",
+        cls="muted",
+    )
+    if not rows:
+        return "cas: keys", join([tag("h1", "Keys"), tag("p", "The store holds no versions.")])
+    body = join([tag("h1", f"Keys ({len(rows)})"), table(headers, cells, id="keys"), explain])
+    return "cas: keys", body
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The metric a key page plots and ranks by, and which way is best."""
+
+    metric: str | None
+    best: str  # "min" or "max"
+
+    @classmethod
+    def of(cls, metrics: Sequence[str], metric: str | None, best: str | None) -> Choice:
+        if metric not in metrics:
+            metric = "loss" if "loss" in metrics else (metrics[0] if metrics else None)
+        if best not in ("min", "max"):
+            higher = metric is not None and any(w in metric.lower() for w in _HIGHER_IS_BETTER)
+            best = "max" if higher else "min"
+        return cls(metric, best)
+
+    def best_of(self, versions: Sequence[Version]) -> str | None:
+        name = self.metric
+        scored = [v for v in versions if name is not None and name in v.metrics]
+        if name is None or not scored:
+            return None
+        pick = min if self.best == "min" else max
+        return pick(scored, key=lambda v: (v.metrics[name], -v.number)).ref
+
+
+def key_page(
+    view: StoreView,
+    key: str,
+    linker: Linker,
+    *,
+    metric: str | None = None,
+    best: str | None = None,
+    every_metric: bool = False,
+) -> tuple[str, Html]:
+    """A key's versions in a table, a metric plotted across them, the best one marked.
+
+    ``every_metric`` plots each metric in turn (a report cannot ask for one).
+    """
+    versions = view.store.log(key)  # newest first
+    names = sorted({name for v in versions for name in v.metrics})
+    choice = Choice.of(names, metric, best)
+    best_ref = choice.best_of(versions)
+    shown = versions[:TABLE_ROWS]
+    added = view.added_bytes(versions)
+    parts = [tag("h1", "Key ", tag("code", key)), _summary(versions, choice, best_ref, linker)]
+    if names and not every_metric:
+        parts += [_metric_form(names, choice), _plot(versions, choice.metric, best_ref, linker)]
+    for name in names if every_metric else ():
+        pick = Choice.of(names, name, None)
+        parts += [tag("h2", f"{name} ({pick.best} is best)")]
+        parts.append(_plot(versions, name, pick.best_of(versions), linker))
+    parts.append(tag("h2", "Versions"))
+    if len(versions) > len(shown):
+        parts.append(tag("p", f"The newest {len(shown)} of {len(versions)}.", cls="muted"))
+    parts.append(_versions_table(shown, names, best_ref, added, linker))
+    return f"cas: {key}", join(parts)
+
+
+def _summary(
+    versions: Sequence[Version], choice: Choice, best_ref: str | None, linker: Linker
+) -> Html:
+    facts: list[tuple[str, object]] = [
+        ("versions", len(versions)),
+        ("latest", link(linker, "version", versions[0].ref)),
+    ]
+    if best_ref is not None:
+        facts.append((f"best {choice.metric}", join([link(linker, "version", best_ref), " ★"])))
+    return rows_table(facts)
+
+
+def _metric_form(names: Sequence[str], choice: Choice) -> Html:
+    options = join(
+        tag("option", name, value=name, selected=name == choice.metric or None) for name in names
+    )
+    ways = join(
+        tag("option", f"{way} is best", value=way, selected=way == choice.best or None)
+        for way in ("min", "max")
+    )
+    return tag(
+        "form",
+        tag("label", "metric ", tag("select", options, name="metric", id="metric")),
+        tag("select", ways, name="best", id="best"),
+        tag("button", "show", type="submit"),
+        method="get",
+        cls="inline",
+    )
+
+
+def _plot(versions: Sequence[Version], name: str | None, best: str | None, linker: Linker) -> Html:
+    if name is None:
+        return Html("")
+    points = [Point(v.number, v.ref, v.metrics[name]) for v in versions if name in v.metrics]
+    return metric_plot(name, points, best, linker)
+
+
+def _versions_table(
+    versions: Sequence[Version],
+    names: Sequence[str],
+    best_ref: str | None,
+    added: Mapping[str, int],
+    linker: Linker,
+) -> Html:
+    headers = ["version", "created", "tags", *names, "type", "job", "algorithm"]
+    headers += ["base model", "fine-tuning", "kind", "size", "added", "parents", "message"]
+    rows = []
+    for v in versions:
+        a = v.artifact
+        mark = " ★" if v.ref == best_ref else ""
+        cells: list[object] = [
+            join([link(linker, "version", v.ref, f"@{v.number}"), mark]),
+            when(v.created),
+            tags_html(v.tags),
+            *(number(v.metrics.get(name)) for name in names),
+            a.get("type", "other"),
+            a.get("job", ""),
+            a.get("algorithm", ""),
+            a.get("base_model", ""),
+            a.get("fine_tuning", ""),
+            v.kind,
+            size(v.size),
+            size(added.get(v.ref)),
+            join((link(linker, "version", p) for p in v.parents), ", "),
+            v.message,
+        ]
+        cls = "best" if v.ref == best_ref else None
+        rows.append(tag("tr", *(tag("td", c) for c in cells), cls=cls, data_ref=v.ref))
+    head = tag("tr", *(tag("th", h) for h in headers))
+    return tag("table", tag("thead", head), tag("tbody", join(rows)), id="versions")
+
+
+def store_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
+    """Sizes and ratios, stored bytes by key, and what garbage collection would do."""
+    from ..units import format_duration
+
+    store = view.store
+    stats = store.stats()
+    settings = store.gc_settings()
+    facts = rows_table(
+        [
+            ("location", store.uri),
+            ("keys", stats.keys),
+            ("versions", stats.versions),
+            ("logical bytes", size(stats.logical_bytes)),
+            ("unique bytes", size(stats.unique_bytes)),
+            ("stored bytes", size(stats.stored_bytes)),
+            ("needed by live versions", size(stats.live_bytes)),
+            ("delta bases", size(stats.delta_base_bytes)),
+            ("chunks", f"{stats.chunks} ({stats.referenced_chunks} referenced)"),
+            ("dedup ratio", f"{stats.dedup_ratio:.2f}x"),
+            ("compression ratio", f"{stats.compression_ratio:.2f}x"),
+            ("overall", f"{stats.total_ratio:.2f}x"),
+        ]
+    )
+    garbage = max(0, stats.stored_bytes - stats.live_bytes)
+    gc_facts = rows_table(
+        [
+            ("grace period", format_duration(settings.grace)),
+            ("last collection", "not recorded by the store (cas gc --json reports each run)"),
+            ("would reclaim", f"{size(garbage)} once older than the grace period"),
+        ]
+    )
+    by_key = {row.key: row.cost.stored for row in view.key_rows()}
+    body = join(
+        [
+            tag("h1", "Store"),
+            tag("div", facts, id="stats"),
+            tag("h2", "Stored bytes by key"),
+            byte_bars(by_key, linker),
+            tag("h2", "Garbage collection"),
+            tag("div", gc_facts, id="gc"),
+        ]
+    )
+    return "cas: store", body
+
+
+__all__ = ["Choice", "key_page", "keys_page", "store_page"]
