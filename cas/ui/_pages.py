@@ -66,15 +66,16 @@ class Choice:
 
     metric: str | None
     best: str  # "min" or "max"
+    chosen: bool = False  # whether ``best`` was asked for, rather than guessed from the name
 
     @classmethod
     def of(cls, metrics: Sequence[str], metric: str | None, best: str | None) -> Choice:
         if metric not in metrics:
             metric = "loss" if "loss" in metrics else (metrics[0] if metrics else None)
-        if best not in ("min", "max"):
-            higher = metric is not None and any(w in metric.lower() for w in _HIGHER_IS_BETTER)
-            best = "max" if higher else "min"
-        return cls(metric, best)
+        if best in ("min", "max"):
+            return cls(metric, best, chosen=True)
+        higher = metric is not None and any(w in metric.lower() for w in _HIGHER_IS_BETTER)
+        return cls(metric, "max" if higher else "min")
 
     def best_of(self, versions: Sequence[Version]) -> str | None:
         name = self.metric
@@ -134,9 +135,14 @@ def _metric_form(names: Sequence[str], choice: Choice) -> Html:
     options = join(
         tag("option", name, value=name, selected=name == choice.metric or None) for name in names
     )
+    picked = choice.best if choice.chosen else ""
     ways = join(
-        tag("option", f"{way} is best", value=way, selected=way == choice.best or None)
-        for way in ("min", "max")
+        tag("option", label, value=way, selected=way == picked or None)
+        for way, label in (
+            ("", "best: by its name"),
+            ("min", "lowest is best"),
+            ("max", "highest is best"),
+        )
     )
     return tag(
         "form",
