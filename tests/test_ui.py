@@ -218,7 +218,7 @@ def test_changes_follow_new_versions(tmp_path: Path, serve: Any) -> None:
     store = Store.init(str(tmp_path / "store"))
     (tmp_path / "a").write_text("a")
     store.put(tmp_path / "a", "k")
-    base = base_url(serve(store))
+    base = base_url(serve(store, poll_seconds=0))  # each answer fresh
     first = request(base, "/changes").text
     assert request(base, "/changes").text == first
     store.put(tmp_path / "a", "k")

@@ -11,6 +11,7 @@ names a chunk the last listing did not have.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ class StoreView:
         self._needs: dict[str, frozenset[str]] = {}  # manifest id -> chunk digests it needs
         self._sizes: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._fingerprint: tuple[float, str] = (0.0, "")
 
     # -- cached reads ---------------------------------------------------------------
 
@@ -122,11 +124,21 @@ class StoreView:
             seen |= fresh
         return added
 
-    def fingerprint(self) -> str:
-        """Changes whenever a version is added, deleted or tagged: what pages poll."""
+    def fingerprint(self, max_age: float = 0.0) -> str:
+        """Changes whenever a version is added, deleted or tagged: what pages poll.
+
+        It reads the whole catalog, so an answer younger than ``max_age``
+        seconds is given again: many open pages then cost one read.
+        """
         import hashlib
 
+        with self._lock:
+            taken, value = self._fingerprint
+            if value and time.monotonic() - taken < max_age:
+                return value
         digest = hashlib.blake2b(digest_size=16)
         for version in self.store.catalog():
             digest.update(f"{version.ref}\0{','.join(version.tags)}\n".encode())
-        return digest.hexdigest()
+        with self._lock:
+            self._fingerprint = (time.monotonic(), digest.hexdigest())
+        return self._fingerprint[1]

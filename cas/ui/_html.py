@@ -38,12 +38,19 @@ def join(parts: Iterable[object], sep: str = "") -> Html:
 
 def tag(element: str, /, *children: object, **attrs: object) -> Html:
     """``<element attrs>children</element>``; attribute values are escaped, ``cls`` is ``class``."""
+    inner = join(children)
+    if not attrs:
+        return Html(f"<{element}>{inner}</{element}>")
     rendered = "".join(
-        f' {key.rstrip("_").replace("_", "-") if key != "cls" else "class"}="{esc(value)}"'
+        f' {_attribute_name(key)}="{esc(value)}"'
         for key, value in attrs.items()
         if value is not None and value is not False
     )
-    return Html(f"<{element}{rendered}>{join(children)}</{element}>")
+    return Html(f"<{element}{rendered}>{inner}</{element}>")
+
+
+def _attribute_name(key: str) -> str:
+    return "class" if key == "cls" else key.rstrip("_").replace("_", "-")
 
 
 #: Makes the address of a page from its kind ("key", "version") and a name,
@@ -113,7 +120,7 @@ h1{font-size:1.35em;margin:.3em 0 .6em}h2{font-size:1.1em;margin:1.4em 0 .5em}
 table{border-collapse:collapse;background:#fff;margin:.3em 0 1em}
 th,td{border:1px solid #dde1e7;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#eef1f5;font-weight:600}td.num,th.num{text-align:right}
-table.facts th{width:9em}
+table.facts th{width:9em;white-space:nowrap}
 pre{margin:0;white-space:pre-wrap;word-break:break-word;font-size:13px}
 .tag{background:#e3ecff;border-radius:3px;padding:0 .35em;margin-right:.3em;font-size:.92em}
 .best td{background:#fff6d6}.muted{color:#6b7383}.error{color:#a11}
@@ -129,7 +136,7 @@ svg.plot,svg.lineage{display:block;margin:.3em 0 1em;background:#fff;border:1px 
 """
 
 #: Reloads the page when the store changes: the server answers /changes with a
-#: fingerprint of every key's latest version; a report has no server and no poll.
+#: fingerprint of every live version and its tags; a report has no server and no poll.
 _POLL = """
 (function(){var seen=null;function poll(){fetch('/changes',{credentials:'same-origin'})
 .then(function(r){return r.ok?r.text():null}).then(function(t){if(t===null)return;

@@ -127,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = unquote(parts.path)
         if path == "/changes":
-            body = self.server.view.fingerprint().encode()
+            body = self.server.view.fingerprint(self.server.poll_seconds / 2).encode()
             self._send(HTTPStatus.OK, body, content_type="text/plain; charset=utf-8")
             return
         render = _route(path)
