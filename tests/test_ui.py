@@ -9,6 +9,7 @@ import html
 import json
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -313,3 +314,52 @@ def test_lineage_as_mermaid_and_dot(demo_store: Path, tmp_path: Path) -> None:
     both = run_cas("lineage", "runs/demo/ckpt@3", "--dot", "--mermaid", store=demo_store)
     assert both.returncode == 2
     assert "not allowed with" in both.stderr
+
+
+def test_every_page_on_every_backend(any_backend: Any, tmp_path: Path, serve: Any) -> None:
+    store = Store(any_backend, load_config(any_backend, create=True))
+    (tmp_path / "w.bin").write_bytes(bytes(range(256)) * 512)
+    store.put(tmp_path / "w.bin", "runs/r", metrics={"loss": 0.5})
+    (tmp_path / "w.bin").write_bytes(bytes(range(256)) * 511 + b"x" * 256)
+    store.put(tmp_path / "w.bin", "runs/r", parents=["runs/r@1"], metrics={"loss": 0.4})
+    store.tag("runs/r@2", "best")
+    base = base_url(serve(store))
+    assert 'href="/version/runs/r@2"' in request(base, "/").text
+    key = request(base, "/key/runs/r").text
+    assert len(re.findall(r"<circle", key)) == 2
+    version = request(base, "/version/runs/r@2").text
+    assert 'data-ref="runs/r@1"' in version
+    assert "w.bin" in version[version.index('id="diff"') :]
+    assert request(base, "/store").status == 200
+
+
+def test_cas_ui_open_starts_the_browser(demo_store: Path, tmp_path: Path) -> None:
+    opened = tmp_path / "opened"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    browser.chmod(0o755)
+    proc = subprocess.Popen(
+        [*CAS, "--store", str(demo_store), "ui", "--open"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cas_env({"BROWSER": str(browser)}),
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        url = proc.stdout.readline().strip()
+        deadline = time.monotonic() + 30
+        while not opened.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert opened.read_text().strip() == url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_cas_ui_refuses_a_port_in_use(demo_store: Path, serve: Any) -> None:
+    taken = serve(Store.open(str(demo_store), create=False))
+    proc = run_cas("ui", "--port", str(taken.server_address[1]), store=demo_store)
+    assert proc.returncode == 2
+    assert "cannot listen on 127.0.0.1" in proc.stderr
