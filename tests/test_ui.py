@@ -363,3 +363,23 @@ def test_cas_ui_refuses_a_port_in_use(demo_store: Path, serve: Any) -> None:
     proc = run_cas("ui", "--port", str(taken.server_address[1]), store=demo_store)
     assert proc.returncode == 2
     assert "cannot listen on 127.0.0.1" in proc.stderr
+
+
+def test_store_page_shows_the_last_collection(tmp_path: Path, serve: Any) -> None:
+    store = Store.init(str(tmp_path / "store"))
+    for text in ("one", "two"):
+        (tmp_path / "f").write_text(text * 1000)
+        store.put(tmp_path / "f", "k")
+    store.delete("k@2")
+    base = base_url(serve(store))
+    assert "none recorded" in request(base, "/store").text
+    store.gc(dry_run=True, grace=0)
+    assert store.last_gc() is None  # a dry run is not a collection
+    store.gc(grace=0)
+    run = store.last_gc()
+    assert run is not None
+    assert run.deleted_chunks == 1
+    assert run.deleted_manifests == 1
+    assert abs(run.finished - time.time()) < 600
+    page = request(base, "/store").text
+    assert "deleted 1 chunks and 1 manifests" in page

@@ -56,6 +56,7 @@ from ..repository._live import LiveVersions
 from ..repository._manifest import live_chunk_names
 from ..repository._refs import Refs, VersionRef
 from ._digestset import DigestSet
+from ._history import record_run
 from ._lease import (
     DEFAULT_LEASE,
     Lease,
@@ -225,6 +226,8 @@ class Collector:
             self.cleanup()
         finally:
             self.finish()
+        if not self.report.dry_run:
+            record_run(self.backend, self.report)
         return self.report
 
     def start(self) -> None:

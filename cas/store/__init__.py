@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..backends import OBJECT_STORE_CONCURRENCY as OBJECT_STORE_WORKERS
 from ..backends.local import MAX_CONCURRENCY, MIN_CONCURRENCY
 from ..chunks._chunking import ChunkerParams
+from ..gc._history import LastRun
 from ..repository._metadata import ARTIFACT_TYPES, ArtifactInfo
 from ..transfer._budget import IN_FLIGHT_BYTES
 from ._config import ENTROPY_CODERS
@@ -81,6 +82,7 @@ __all__ = [
     "Details",
     "IndexedTensor",
     "KeySummary",
+    "LastRun",
     "Reclaimable",
     "Record",
     "Shard",

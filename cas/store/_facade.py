@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     # Imported where used: each command pays at start-up for every module
     # it imports, and a get needs none of the put's, nor a put the get's.
     from ..gc._collect import GcReport
+    from ..gc._history import LastRun
     from ..gc._verify import VerifyReport
     from ..tensors._cutting import LocalChunks
     from ..tensors._safetensors import ChunkCache, StoredFile
@@ -516,6 +517,12 @@ class Store:
             clock=self.clock,
             progress=progress,
         )
+
+    def last_gc(self) -> LastRun | None:
+        """What the last collection (not a dry run) did and when it finished; None if none ran."""
+        from ..gc._history import read_last_run
+
+        return read_last_run(self.backend)
 
     def gc_settings(self) -> GcSettings:
         """The grace writers refresh against and collections default to (defaults if never set)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ._charts import Point, byte_bars, metric_plot
@@ -23,7 +24,7 @@ from ._html import (
 )
 
 if TYPE_CHECKING:
-    from ..store import Version
+    from ..store import LastRun, Version
 
 #: Rows of a key's table shown at once (newest first); the plot always has every version.
 TABLE_ROWS = 500
@@ -223,7 +224,7 @@ def store_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
     gc_facts = rows_table(
         [
             ("grace period", format_duration(settings.grace)),
-            ("last collection", "not recorded by the store (cas gc --json reports each run)"),
+            ("last collection", _last_gc(store.last_gc())),
             ("would reclaim", f"{size(garbage)} once older than the grace period"),
         ]
     )
@@ -239,6 +240,17 @@ def store_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
         ]
     )
     return "cas: store", body
+
+
+def _last_gc(run: LastRun | None) -> str:
+    if run is None:
+        return "none recorded"
+    finished = datetime.fromtimestamp(run.finished, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return (
+        f"finished {finished} UTC: deleted {run.deleted_chunks} chunks and "
+        f"{run.deleted_manifests} manifests ({size(run.bytes_reclaimed)}); "
+        f"{run.kept_by_grace} objects ({size(run.bytes_kept_by_grace)}) kept by the grace period"
+    )
 
 
 __all__ = ["Choice", "key_page", "keys_page", "store_page"]
