@@ -5,7 +5,8 @@
 
 It holds a dataset, four checkpoints of a run (each a child of the one
 before, the first of the dataset; ``best`` on @3) with loss and accuracy,
-a LoRA adapter made from @3, and ``hostile/notes``, a version whose
+a LoRA adapter made from @3, two versions of a bf16 model (the second
+stored as a delta of the first), and ``hostile/notes``, a version whose
 metadata, message, label and file name are HTML and ``javascript:`` URLs:
 a page must show them as text and run none of them.
 """
@@ -65,6 +66,16 @@ def build(root: Path) -> Store:
             metrics={"acc": 0.86},
             info=ArtifactInfo(type="model", base_model="runs/demo/ckpt@3", fine_tuning="lora"),
         )
+        for step in (1, 2):  # a fine-tuning step: the second is stored as a delta of the first
+            doc_fixtures.bf16_model(work / f"bf16-{step}", step)
+            _small_tensors(work / f"bf16-{step}" / "heads.safetensors")
+            store.put(
+                work / f"bf16-{step}",
+                "models/demo-bf16",
+                parents=["models/demo-bf16@1"] if step == 2 else [],
+                metrics={"loss": 0.3 - 0.01 * step},
+                info=ArtifactInfo(type="model", fine_tuning="full"),
+            )
         notes = work / "notes"
         notes.mkdir()
         (notes / HOSTILE_FILE).write_text("hello\n")
@@ -76,6 +87,15 @@ def build(root: Path) -> Store:
             info=ArtifactInfo(labels={"owner": "<b>x</b>"}),
         )
     return store
+
+
+def _small_tensors(path: Path) -> None:
+    """Eight small float32 tensors: cas stores them grouped, several to a chunk."""
+    from cas.checkpoint import write_safetensors
+
+    tensors = [(f"head.{i}", "F32", (64,), bytes([i] * 256)) for i in range(8)]
+    with open(path, "wb") as f:
+        write_safetensors(f, tensors)
 
 
 def main() -> None:

@@ -31,7 +31,8 @@ def test_keys_page_lists_every_key_with_its_latest_and_cost(demo_base: str) -> N
     base = demo_base
     page = request(base, "/")
     assert page.status == 200
-    for key in ("datasets/corpus", "runs/demo/ckpt", "models/demo-lora", "hostile/notes"):
+    keys = ("datasets/corpus", "runs/demo/ckpt", "models/demo-lora", "models/demo-bf16")
+    for key in (*keys, "hostile/notes"):
         assert f'href="/key/{key}"' in page.text
     assert 'href="/version/runs/demo/ckpt@4"' in page.text  # the latest
     assert ">best<" in page.text  # the key's tag
@@ -84,6 +85,17 @@ def test_version_page_shows_files_tensors_lineage_and_the_diff(demo_base: str) -
     assert 'href="/version/runs/demo/ckpt@1"' in other[other.index('id="diff"') :]
     bad = request(base, "/version/runs/demo/ckpt@3?against=runs/demo/ckpt@99").text
     assert "cannot compare with runs/demo/ckpt@99" in bad
+
+
+def test_tensors_are_shown_raw_grouped_or_delta(demo_base: str) -> None:
+    page = request(demo_base, "/version/models/demo-bf16@2").text
+    rows = dict(
+        re.findall(r"<tr><td>([\w.]+)</td><td>(?:BF16|F32)</td>.*?<td>(\w+)</td></tr>", page)
+    )
+    assert rows["w"] == "delta"  # a fine-tuning step, stored as its difference from @1
+    assert {rows[f"head.{i}"] for i in range(8)} == {"grouped"}
+    first = request(demo_base, "/version/models/demo-bf16@1").text
+    assert re.search(r"<tr><td>w</td><td>BF16</td><td>\[30000\]</td>.*?<td>raw</td></tr>", first)
 
 
 def test_store_page_shows_stats_bytes_by_key_and_gc_state(demo_store: Path, serve: Any) -> None:

@@ -52,7 +52,7 @@ def page(browser: Any) -> Iterator[Any]:
 
 def test_click_through_keys_key_version_and_lineage(demo_base: str, page: Any) -> None:
     page.goto(demo_base + "/")
-    assert page.locator("#keys tbody tr").count() == 4
+    assert page.locator("#keys tbody tr").count() == 5
     page.get_by_role("link", name="runs/demo/ckpt", exact=True).click()
     page.wait_for_url("**/key/runs/demo/ckpt")
     assert page.locator("#versions tbody tr").count() == 4
@@ -121,7 +121,7 @@ def test_token_is_needed_on_another_host(demo_store: Path, serve: Any, page: Any
     assert page.goto(base + "/").status == 401
     page.goto(base + "/?token=t0ken")
     assert page.url == base + "/"
-    assert page.locator("#keys tbody tr").count() == 4
+    assert page.locator("#keys tbody tr").count() == 5
     page.goto(base + "/store")  # the cookie carries on
     assert page.locator("#stats").count() == 1
 

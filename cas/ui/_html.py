@@ -38,15 +38,18 @@ def join(parts: Iterable[object], sep: str = "") -> Html:
 
 def tag(element: str, /, *children: object, **attrs: object) -> Html:
     """``<element attrs>children</element>``; attribute values are escaped, ``cls`` is ``class``."""
-    inner = join(children)
-    if not attrs:
-        return Html(f"<{element}>{inner}</{element}>")
     rendered = "".join(
         f' {_attribute_name(key)}="{esc(value)}"'
         for key, value in attrs.items()
         if value is not None and value is not False
     )
-    return Html(f"<{element}{rendered}>{inner}</{element}>")
+    if element in _VOID:
+        return Html(f"<{element}{rendered}>")
+    return Html(f"<{element}{rendered}>{join(children)}</{element}>")
+
+
+#: Elements that have no content, and so no closing tag.
+_VOID = frozenset({"input", "br", "img", "meta", "link"})
 
 
 def _attribute_name(key: str) -> str:
@@ -124,7 +127,6 @@ table.facts th{width:9em;white-space:nowrap}
 pre{margin:0;white-space:pre-wrap;word-break:break-word;font-size:13px}
 .tag{background:#e3ecff;border-radius:3px;padding:0 .35em;margin-right:.3em;font-size:.92em}
 .best td{background:#fff6d6}.muted{color:#6b7383}.error{color:#a11}
-.banner{background:#fff3c4;padding:.4em .8em;border:1px solid #e6c200;display:none}
 svg text{font:11px system-ui,sans-serif}
 svg .pt{fill:#2f6fdb}svg .pt.best{fill:#e0a100;stroke:#7a5800;stroke-width:1.5}
 svg .line{fill:none;stroke:#9db8ec;stroke-width:1.5}svg .axis{stroke:#777}
