@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -395,3 +396,21 @@ def test_store_page_shows_the_last_collection(tmp_path: Path, serve: Any) -> Non
     assert abs(run.finished - time.time()) < 600
     page = request(base, "/store").text
     assert "deleted 1 chunks and 1 manifests" in page
+
+
+def test_a_damaged_version_spoils_only_its_own_page(
+    demo_store: Path, tmp_path: Path, serve: Any
+) -> None:
+    root = tmp_path / "store"
+    shutil.copytree(demo_store, root)
+    store = Store.open(str(root), create=False)
+    damaged = store.log("runs/demo/ckpt")[-1]  # @1
+    (manifest,) = root.glob(f"manifests/**/{damaged.manifest_id}*")
+    manifest.write_bytes(b"{}")
+    base = base_url(serve(store))
+    assert request(base, "/").status == 200
+    assert request(base, "/key/runs/demo/ckpt").status == 200
+    page = request(base, "/version/runs/demo/ckpt@1")
+    assert page.status == 502
+    assert damaged.manifest_id in page.text
+    assert "Traceback" not in page.text

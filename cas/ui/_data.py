@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..digest import Digest
+from ..errors import IntegrityError
 
 if TYPE_CHECKING:
     from ..store import Store, Version
@@ -57,19 +58,31 @@ class StoreView:
     # -- cached reads ---------------------------------------------------------------
 
     def needs(self, versions: Sequence[Version]) -> list[frozenset[str]]:
-        """For each version, the chunks it keeps alive (its own and their delta bases)."""
+        """For each version, the chunks it keeps alive (its own and their delta bases).
+
+        A version whose manifest is missing or damaged counts as needing
+        nothing (``cas verify`` names it); it is read again next time, as a
+        repair may have healed it.
+        """
         missing = sorted({v.manifest_id for v in versions} - self._needs.keys())
+        read: dict[str, frozenset[str]] = {}
         if missing:
             with ThreadPoolExecutor(max(1, self.store.workers), "cas-ui") as pool:
-                read = list(pool.map(self._read_needs, missing))
+                found = dict(zip(missing, pool.map(self._read_needs, missing), strict=True))
+            read = {k: v for k, v in found.items() if v is not None}
             with self._lock:
                 if len(self._needs) + len(read) > MANIFEST_CACHE:
                     self._needs.clear()
-                self._needs.update(zip(missing, read, strict=True))
-        return [self._needs[v.manifest_id] for v in versions]
+                self._needs.update(read)
+        return [
+            self._needs.get(v.manifest_id, read.get(v.manifest_id, frozenset())) for v in versions
+        ]
 
-    def _read_needs(self, manifest_id: str) -> frozenset[str]:
-        manifest = self.store.load_manifest(Digest.parse(manifest_id))
+    def _read_needs(self, manifest_id: str) -> frozenset[str] | None:
+        try:
+            manifest = self.store.load_manifest(Digest.parse(manifest_id))
+        except IntegrityError:
+            return None
         return frozenset(digest.hex for _, digest, _ in manifest.live_chunks())
 
     def sizes(self, wanted: Iterable[frozenset[str]]) -> dict[str, int]:
