@@ -42,6 +42,12 @@ def test_keys_page_lists_every_key_with_its_latest_and_cost(demo_base: str) -> N
     assert "MiB" in row.group(0)
 
 
+def test_keys_page_lists_the_keys_under_a_prefix(demo_base: str) -> None:
+    page = request(demo_base, "/?prefix=models/").text
+    assert re.findall(r'<a href="/key/([^"]+)">', page) == ["models/demo-bf16", "models/demo-lora"]
+    assert "No key starts with zzz." in request(demo_base, "/?prefix=zzz").text
+
+
 def test_key_page_has_every_version_a_point_each_and_the_best_marked(demo_base: str) -> None:
     base = demo_base
     page = request(base, "/key/runs/demo/ckpt").text
@@ -219,7 +225,9 @@ def test_another_host_needs_the_token(demo_store: Path, serve: Any) -> None:
     assert request(base, "/").status == 401
     assert request(base, "/changes").status == 401
     assert request(base, "/?token=wrong").status == 401
-    assert request(base, "/", headers={"Cookie": "cas_ui_token=wrong"}).status == 401
+    port = server.server_address[1]
+    assert request(base, "/", headers={"Cookie": f"cas_ui_token_{port}=wrong"}).status == 401
+    assert request(base, "/", headers={"Cookie": "cas_ui_token_1=s3cret-token"}).status == 401
     handed = request(base, "/key/runs/demo/ckpt?token=s3cret-token")
     assert handed.status == 303
     assert handed.headers["location"] == "/key/runs/demo/ckpt"

@@ -32,8 +32,9 @@ TABLE_ROWS = 500
 _HIGHER_IS_BETTER = ("acc", "f1", "score", "precision", "recall", "auc", "bleu", "reward", "rouge")
 
 
-def keys_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
-    rows = view.key_rows()
+def keys_page(view: StoreView, linker: Linker, prefix: str = "") -> tuple[str, Html]:
+    """Every key (under ``prefix``) with its latest version, tags and costs."""
+    rows = view.key_rows(prefix)
     cells = [
         (
             link(linker, "key", row.key),
@@ -55,9 +56,18 @@ def keys_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
         "about what deleting the key would free.",
         cls="muted",
     )
+    search = tag(
+        "form",
+        tag("label", "keys starting with ", tag("input", name="prefix", value=prefix)),
+        tag("button", "list", type="submit"),
+        method="get",
+        cls="inline",
+    )
     if not rows:
-        return "cas: keys", join([tag("h1", "Keys"), tag("p", "The store holds no versions.")])
-    body = join([tag("h1", f"Keys ({len(rows)})"), table(headers, cells, id="keys"), explain])
+        empty = f"No key starts with {prefix}." if prefix else "The store holds no versions."
+        return "cas: keys", join([tag("h1", "Keys"), search, tag("p", empty)])
+    heading = tag("h1", f"Keys ({len(rows)})")
+    body = join([heading, search, table(headers, cells, id="keys"), explain])
     return "cas: keys", body
 
 

@@ -34,7 +34,8 @@ from ._version import version_page
 if TYPE_CHECKING:
     from ..store import Store
 
-TOKEN_COOKIE = "cas_ui_token"
+#: Cookies are kept per host, not per port: each server names its own after its port.
+TOKEN_COOKIE = "cas_ui_token_{port}"
 #: How often an open page asks whether the store changed.
 POLL_SECONDS = 10.0
 
@@ -154,12 +155,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(HTTPStatus.SEE_OTHER)
             self.send_header("Location", path or "/")
             self.send_header(
-                "Set-Cookie", f"{TOKEN_COOKIE}={expected}; HttpOnly; SameSite=Strict; Path=/"
+                "Set-Cookie", f"{self._cookie_name()}={expected}; HttpOnly; SameSite=Strict; Path=/"
             )
             self.send_header("Content-Length", "0")
             self.end_headers()
             return False
-        cookie = SimpleCookie(self.headers.get("Cookie") or "").get(TOKEN_COOKIE)
+        cookie = SimpleCookie(self.headers.get("Cookie") or "").get(self._cookie_name())
         if cookie is not None and hmac.compare_digest(cookie.value.encode(), expected.encode()):
             return True
         self._send(
@@ -167,6 +168,9 @@ class _Handler(BaseHTTPRequestHandler):
             _message("Access token needed", "Open the address cas ui printed, token included."),
         )
         return False
+
+    def _cookie_name(self) -> str:
+        return TOKEN_COOKIE.format(port=self.server.server_address[1])
 
     # -- responses --------------------------------------------------------------------
 
@@ -221,7 +225,7 @@ def _message(title: str, text: str) -> str:
 def _route(path: str) -> Render | None:
     """The page for an address. Keys and references go to the store, which checks them."""
     if path == "/":
-        return lambda view, q: keys_page(view, server_link)
+        return lambda view, q: keys_page(view, server_link, q.get("prefix", ""))
     if path == "/store":
         return lambda view, q: store_page(view, server_link)
     for prefix in ("/key/", "/version/"):
