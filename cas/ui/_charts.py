@@ -19,33 +19,69 @@ class Point:
     value: float
 
 
+@dataclass(frozen=True)
+class _Frame:
+    """The plot's area and the ranges it shows: where a point goes, and the axes."""
+
+    width: int
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    height: int = 260
+    left: int = 64
+    right: int = 16
+    top: int = 14
+    bottom: int = 34
+
+    @classmethod
+    def around(cls, points: Sequence[Point], width: int) -> _Frame:
+        x0, x1 = min(p.version for p in points), max(p.version for p in points)
+        y0, y1 = min(p.value for p in points), max(p.value for p in points)
+        if x0 == x1:
+            x0, x1 = x0 - 1, x1 + 1
+        if y0 == y1:
+            y0, y1 = y0 - abs(y0 or 1) * 0.1, y1 + abs(y1 or 1) * 0.1
+        return cls(width, x0, x1, y0, y1)
+
+    def at(self, p: Point) -> tuple[float, float]:
+        x = self.left + (p.version - self.x0) / (self.x1 - self.x0) * (
+            self.width - self.left - self.right
+        )
+        y = self.top + (self.y1 - p.value) / (self.y1 - self.y0) * (
+            self.height - self.top - self.bottom
+        )
+        return round(x, 1), round(y, 1)
+
+    def axes(self, name: str) -> Html:
+        base, right = self.height - self.bottom, self.width - self.right
+        lines = Html(
+            f'<line class="axis" x1="{self.left}" y1="{base}" x2="{right}" y2="{base}"/>'
+            f'<line class="axis" x1="{self.left}" y1="{self.top}" x2="{self.left}" y2="{base}"/>'
+        )
+        labels = [
+            tag("text", number(self.y1), x=4, y=self.top + 8),
+            tag("text", number(self.y0), x=4, y=base),
+            tag("text", f"v{self.x0:g}", x=self.left, y=self.height - 14),
+            tag("text", f"v{self.x1:g}", x=right - 30, y=self.height - 14),
+            tag("text", f"{name} by version", x=self.width / 2 - 40, y=self.height - 2),
+        ]
+        return join([lines, *labels])
+
+
 def metric_plot(
     name: str, points: Sequence[Point], best: str | None, linker: Linker, *, width: int = 760
 ) -> Html:
     """``name`` against version number: a line through every point, each point a link."""
     if not points:
         return tag("p", f"No version has the metric {name}.", cls="muted")
-    height, left, right, top, bottom = 260, 64, 16, 14, 34
-    xs = [p.version for p in points]
-    ys = [p.value for p in points]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if x0 == x1:
-        x0, x1 = x0 - 1, x1 + 1
-    if y0 == y1:
-        y0, y1 = y0 - abs(y0 or 1) * 0.1, y1 + abs(y1 or 1) * 0.1
-
-    def at(p: Point) -> tuple[float, float]:
-        x = left + (p.version - x0) / (x1 - x0) * (width - left - right)
-        y = top + (y1 - p.value) / (y1 - y0) * (height - top - bottom)
-        return round(x, 1), round(y, 1)
-
+    frame = _Frame.around(points, width)
     ordered = sorted(points, key=lambda p: p.version)
-    path = " ".join(f"{x},{y}" for x, y in map(at, ordered))
+    path = " ".join(f"{x},{y}" for x, y in map(frame.at, ordered))
     # Plain formatting, not tag(): a key may have tens of thousands of points.
     marks = []
     for p in ordered:
-        x, y = at(p)
+        x, y = frame.at(p)
         best_point = p.ref == best
         circle = (
             f'<circle cx="{x}" cy="{y}" r="{6 if best_point else 3.5}" '
@@ -54,30 +90,14 @@ def metric_plot(
         )
         href = linker("version", p.ref)
         marks.append(f'<a href="{esc(href)}">{circle}</a>' if href is not None else circle)
-    axes = Html(
-        f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - right}" '
-        f'y2="{height - bottom}"/><line class="axis" x1="{left}" y1="{top}" x2="{left}" '
-        f'y2="{height - bottom}"/>'
-    )
-    labels = join(
-        [
-            tag("text", number(y1), x=4, y=top + 8),
-            tag("text", number(y0), x=4, y=height - bottom),
-            tag("text", f"v{x0}", x=left, y=height - 14),
-            tag("text", f"v{x1}", x=width - right - 30, y=height - 14),
-            tag("text", f"{name} by version", x=width / 2 - 40, y=height - 2),
-        ]
-    )
-    line = tag("polyline", points=path, cls="line")
     return tag(
         "svg",
-        axes,
-        labels,
-        line,
+        frame.axes(name),
+        tag("polyline", points=path, cls="line"),
         Html("".join(marks)),
         width=width,
-        height=height,
-        viewBox=f"0 0 {width} {height}",
+        height=frame.height,
+        viewBox=f"0 0 {width} {frame.height}",
         cls="plot",
         role="img",
         aria_label=f"{name} across {len(points)} versions",
