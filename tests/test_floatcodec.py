@@ -78,6 +78,69 @@ def test_delta_round_trip(layout: Layout, dtype: np.dtype, data: st.DataObject) 
     assert codec.decode(blob, base=base) == new.tobytes()
 
 
+DIFFERENCE_DTYPES = [np.dtype("<f4"), np.dtype("<u2"), np.dtype("<f8"), np.dtype("<f2")]
+
+
+@pytest.mark.parametrize("dtype", DIFFERENCE_DTYPES, ids=str)
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_difference_delta_round_trip(dtype: np.dtype, data: st.DataObject) -> None:
+    # Any bits on either side (NaN payloads, infinities, sign flips): the
+    # difference wraps around, so nothing is lost.
+    new = data.draw(arrays(dtype))
+    base = np.frombuffer(data.draw(st.binary(min_size=new.nbytes, max_size=new.nbytes)), dtype)
+    blob = codec.encode_delta(
+        new.tobytes(),
+        base.tobytes(),
+        hash_bytes(base.tobytes()),
+        dtype.itemsize,
+        codec.Codec.DIFFERENCE,
+    )
+    assert blob[3] == codec.Codec.DIFFERENCE
+    assert codec.delta_base(blob) == hash_bytes(base.tobytes())
+    assert codec.decode(blob, base=base.tobytes()) == new.tobytes()
+
+
+def test_difference_is_zigzag_coded() -> None:
+    new = np.array([5, 4, 6, 0, 0xFFFF], dtype="<u2")
+    base = np.array([5, 5, 5, 0xFFFF, 0], dtype="<u2")
+    coded = np.frombuffer(floatcodec.difference(new.tobytes(), base.tobytes(), 2), "<u2")
+    # 0, -1, +1, +1 (wrapping), -1 (wrapping)
+    assert coded.tolist() == [0, 1, 2, 2, 1]
+    undone = floatcodec.undo_difference(coded.tobytes(), base.tobytes(), 2)
+    assert bytes(undone) == new.tobytes()
+
+
+def test_difference_delta_of_a_fine_tuning_step_beats_xor() -> None:
+    rng = np.random.default_rng(6)
+    w1 = rng.normal(0, 0.05, 200_000).astype(np.float32)
+    w2 = w1 + (1e-4 * rng.standard_normal(w1.size)).astype(np.float32)
+    forms = {
+        "fp32": ([w.tobytes() for w in (w1, w2)], 4),
+        "bf16": ([(w.view(np.uint32) >> 16).astype("<u2").tobytes() for w in (w1, w2)], 2),
+    }
+    for (before, after), itemsize in forms.values():
+        sizes = {}
+        for method in (codec.Codec.DELTA, codec.Codec.DIFFERENCE):
+            blob = codec.encode_delta(after, before, hash_bytes(before), itemsize, method)
+            assert codec.decode(blob, base=before) == after
+            sizes[method] = len(blob)
+        assert sizes[codec.Codec.DIFFERENCE] < 0.98 * sizes[codec.Codec.DELTA]
+
+
+def test_a_difference_delta_of_odd_elements_is_refused_or_damaged() -> None:
+    with pytest.raises(ValueError, match="3-byte elements"):
+        codec.encode_delta(b"abcdef", b"abcdef", b"\0" * 32, 3, codec.Codec.DIFFERENCE)
+    with pytest.raises(ValueError, match="not a delta"):
+        codec.encode_delta(b"ab", b"ab", b"\0" * 32, 2, codec.Codec.GROUPED)
+    # A grouped payload claiming 3-byte elements cannot be undone: damaged.
+    raw = b"abcdef"
+    header = codec.HEADER.pack(codec.MAGIC, codec.Codec.DIFFERENCE, len(raw))
+    blob = header + codec.BASE.pack(b"\0" * 32) + floatcodec.encode(raw, 3, Layout.PLAIN)
+    with pytest.raises(CorruptObjectError, match="difference delta is damaged"):
+        codec.decode(blob, base=raw)
+
+
 def test_every_16_bit_word_survives_each_split_layout() -> None:
     words = np.arange(1 << 16, dtype="<u2").tobytes()
     for layout in (Layout.BF16, Layout.FP16):

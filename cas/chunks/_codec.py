@@ -6,10 +6,11 @@ delta chunk (codec 3) also needs its base, whose hash follows the header.
 Incompressible chunks are stored raw: a cheap zstd probe on a sample decides
 before the whole chunk is compressed, so random data costs almost nothing.
 
-Codecs 2 and 3 are for tensor data (see :mod:`cas.chunks._floatcodec`): byte-grouped
-elements, and the XOR of a chunk with its base chunk, byte-grouped. Both are
-chosen by the writer, which knows the element type; this module only
-encodes what it is told and decodes whatever it is given.
+Codecs 2 to 4 are for tensor data (see :mod:`cas.chunks._floatcodec`): byte-grouped
+elements, and a chunk as a delta of its base chunk, byte-grouped: their XOR
+(codec 3), or the zigzag-coded integer difference of their elements (codec
+4, store format 3). All are chosen by the writer, which knows the element
+type; this module only encodes what it is told and decodes whatever it is given.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ class Codec(IntEnum):
     GROUPED = 2
     #: XOR with a base chunk, byte-grouped; the base's hash follows the header.
     DELTA = 3
+    #: Element-wise integer difference from a base chunk, zigzag-coded and
+    #: byte-grouped; the base's hash follows the header. Store format 3.
+    DIFFERENCE = 4
+
+
+#: The codecs of chunks that need a base chunk to be decoded.
+DELTA_CODECS = frozenset((Codec.DELTA, Codec.DIFFERENCE))
 
 
 #: What follows the header of a delta chunk: the BLAKE3 of its base's raw bytes.
@@ -107,21 +115,30 @@ def encode_delta(
     base: bytes | bytearray | memoryview,
     base_digest: bytes,
     itemsize: int,
+    method: Codec = Codec.DELTA,
 ) -> bytes:
-    """The stored form of ``data`` as its XOR with ``base`` (same length), byte-grouped.
+    """The stored form of ``data`` as a delta of ``base`` (same length), byte-grouped.
 
-    Plain byte grouping, not a float layout: an XOR of two close floats has
-    zeros where exponents agree, which plain grouping collects in one stream.
+    ``method`` is :attr:`Codec.DELTA` (their XOR) or :attr:`Codec.DIFFERENCE`
+    (the zigzag-coded difference of their ``itemsize``-byte elements, which
+    stores close floats smaller: docs/performance.md, "Tensor-aware storage").
+    Plain byte grouping, not a float layout: either delta of two close floats
+    has zeros in its high bytes, which plain grouping collects in streams.
     """
     view = memoryview(data).cast("B")
-    header = HEADER.pack(MAGIC, Codec.DELTA, len(view)) + BASE.pack(base_digest)
-    delta = floatcodec.xor(view, base)
+    header = HEADER.pack(MAGIC, method, len(view)) + BASE.pack(base_digest)
+    if method == Codec.DIFFERENCE:
+        delta = floatcodec.difference(view, base, itemsize)
+    elif method == Codec.DELTA:
+        delta = floatcodec.xor(view, base)
+    else:
+        raise ValueError(f"codec {method!r} is not a delta")
     return floatcodec.encode(delta, itemsize, floatcodec.Layout.PLAIN, prefix=header)
 
 
 def delta_base(blob: bytes) -> bytes | None:
     """The raw hash of a delta chunk's base, or None for a chunk that needs none."""
-    if len(blob) >= HEADER.size and blob[:3] == MAGIC and blob[3] == Codec.DELTA:
+    if len(blob) >= HEADER.size and blob[:3] == MAGIC and blob[3] in DELTA_CODECS:
         if len(blob) < HEADER.size + BASE.size:
             raise CorruptObjectError("delta chunk header is truncated")
         return bytes(blob[HEADER.size : HEADER.size + BASE.size])
@@ -165,15 +182,14 @@ def decode(
             raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
     elif codec == Codec.GROUPED:
         raw = floatcodec.decode(payload, raw_length, name=name)
-    elif codec == Codec.DELTA:
+    elif codec in DELTA_CODECS:
         if base is None:
             raise InvalidInputError(f"{name}: a delta chunk needs its base to be decoded")
         if len(base) != raw_length:
             raise CorruptObjectError(
                 f"{name}: delta base holds {len(base)} bytes, the chunk {raw_length}"
             )
-        grouped = floatcodec.decode(payload[BASE.size :], raw_length, name=name)
-        raw = floatcodec.xor(grouped, base)
+        raw = _undo_delta(codec, payload[BASE.size :], raw_length, base, name)
     else:
         raise CorruptObjectError(f"{name}: unknown codec id {codec}")
     if len(raw) != raw_length:
@@ -181,6 +197,18 @@ def decode(
             f"{name}: decoded to {len(raw)} bytes, header promises {raw_length}"
         )
     return raw
+
+
+def _undo_delta(
+    codec: int, payload: memoryview, raw_length: int, base: bytes | memoryview, name: str
+) -> bytes | memoryview:
+    grouped = floatcodec.decode(payload, raw_length, name=name)
+    if codec == Codec.DELTA:
+        return floatcodec.xor(grouped, base)
+    try:
+        return floatcodec.undo_difference(grouped, base, payload[0] if raw_length else 1)
+    except ValueError as err:
+        raise CorruptObjectError(f"{name}: difference delta is damaged ({err})") from None
 
 
 def raw_length(blob: bytes) -> int:

@@ -318,6 +318,59 @@ def _stream(body: memoryview, method: int, elements: int, name: str, index: int)
     return np.frombuffer(raw, dtype=np.uint8)
 
 
+#: Unsigned integer type of each element size a difference delta handles.
+_WORDS = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+def _words(data: bytes | bytearray | memoryview, itemsize: int) -> Any:
+    if itemsize not in _WORDS:
+        raise ValueError(f"no difference delta of {itemsize}-byte elements")
+    view = memoryview(data).cast("B")
+    if len(view) % itemsize:
+        raise ValueError(f"{len(view)} bytes are not whole {itemsize}-byte elements")
+    return np.frombuffer(view, dtype=_WORDS[itemsize])
+
+
+def difference(
+    data: bytes | bytearray | memoryview, base: bytes | bytearray | memoryview, itemsize: int
+) -> memoryview:
+    """Each element of ``data`` minus the same element of ``base``, zigzag-coded.
+
+    Elements are read as unsigned little-endian integers and subtracted
+    modulo 2**bits, so any bits round-trip (NaN payloads too). For floats of
+    one sign the integer order is the value order: a small change of a weight
+    is a small integer, across an exponent boundary too, where an XOR spreads
+    it over every bit below the highest one that differs. Zigzag coding
+    (0, -1, 1, -2... to 0, 1, 2, 3...) then leaves high bytes at zero for
+    both signs of change, which byte grouping collects in streams of zeros.
+    """
+    new, old = _words(data, itemsize), _words(base, itemsize)
+    if new.shape != old.shape:
+        raise ValueError(f"delta of {new.size} elements against a base of {old.size}")
+    delta = new - old
+    # Zigzag: (d << 1) ^ (all ones when d is negative), on unsigned words.
+    sign = delta >> (8 * itemsize - 1)
+    np.negative(sign, out=sign)
+    delta <<= 1
+    delta ^= sign
+    return _bytes_view(delta)
+
+
+def undo_difference(
+    coded: bytes | bytearray | memoryview, base: bytes | bytearray | memoryview, itemsize: int
+) -> memoryview:
+    """The elements :func:`difference` was given, from its result and the same base."""
+    delta, old = _words(coded, itemsize), _words(base, itemsize)
+    if delta.shape != old.shape:
+        raise ValueError(f"delta of {delta.size} elements against a base of {old.size}")
+    sign = delta & 1
+    np.negative(sign, out=sign)
+    out = delta >> 1
+    out ^= sign
+    out += old
+    return _bytes_view(out)
+
+
 def xor(data: bytes | bytearray | memoryview, base: bytes | bytearray | memoryview) -> memoryview:
     """``data`` XOR ``base``, byte by byte (equal lengths): a delta, or a delta undone."""
     left = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
