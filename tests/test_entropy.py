@@ -82,8 +82,9 @@ def test_an_fse_stream_of_the_wrong_length_is_corrupt() -> None:
 
 
 def test_an_fse_store_is_format_2_and_stores_less(tmp_path: Path) -> None:
-    huffman = Store.init(tmp_path / "huffman", chunker=PARAMS)
-    fse = Store.init(tmp_path / "fse", chunker=PARAMS, entropy="fse")
+    # XOR deltas, which format 1 holds: FSE alone then decides the format.
+    huffman = Store.init(tmp_path / "huffman", chunker=PARAMS, delta_method="xor")
+    fse = Store.init(tmp_path / "fse", chunker=PARAMS, entropy="fse", delta_method="xor")
     assert huffman.config.format == 1
     assert "entropy" not in json.loads(huffman.config.to_bytes())
     config = json.loads((tmp_path / "fse" / "config").read_bytes())
@@ -113,22 +114,24 @@ def test_bad_entropy_settings_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "store").exists()
     with pytest.raises(InvalidInputError, match="needs store format 2"):
         StoreConfig(entropy="fse", format=1)
-    store = Store.init(tmp_path / "fse", entropy="fse")
+    store = Store.init(tmp_path / "fse", entropy="fse", delta_method="xor")
     config = json.loads((tmp_path / "fse" / "config").read_bytes())
     store.close()
     (tmp_path / "fse" / "config").write_text(json.dumps({**config, "format": 1}))
     with pytest.raises(NotAStoreError, match="needs store format 2"):
         Store.open(tmp_path / "fse")
-    (tmp_path / "fse" / "config").write_text(json.dumps({**config, "format": 3}))
-    with pytest.raises(UnsupportedFormatError, match="reads formats 1 and 2 only"):
+    (tmp_path / "fse" / "config").write_text(json.dumps({**config, "format": 4}))
+    with pytest.raises(UnsupportedFormatError, match="reads formats 1, 2 and 3 only"):
         Store.open(tmp_path / "fse")
 
 
 def test_cli_init_chooses_the_entropy_coder(tmp_path: Path) -> None:
     done = ok(run_cas("init", "--entropy", "fse", "--json", store=tmp_path / "s"))
     shown = json.loads(done.stdout)
-    assert shown["config"]["format"] == 2
+    assert shown["config"]["format"] == 3  # FSE and difference deltas, the default
     assert shown["config"]["codec"]["entropy"] == "fse"
+    done = ok(run_cas("init", "--entropy", "fse", "--delta-method", "xor", store=tmp_path / "x"))
+    assert "FSE exponents, format 2" in done.stdout
     bad = run_cas("init", "--entropy", "ans", store=tmp_path / "other")
     assert bad.returncode == 2
     assert "--entropy" in bad.stderr

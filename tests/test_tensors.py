@@ -547,11 +547,18 @@ def test_cli_init_sets_the_delta_chain_limit(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     ok(run_cas("init", "--max-delta-reads", "2", "--json", store=store_dir))
     config = json.loads((store_dir / "config").read_bytes())
-    assert config["delta"] == {"max_reads": 2}
+    assert config["delta"] == {"max_reads": 2, "method": "difference"}
     assert Store.open(store_dir).config.max_delta_reads == 2
     bad = run_cas("init", "--max-delta-reads", "0", store=tmp_path / "other")
     assert bad.returncode == 2
     assert "delta chains" in bad.stderr
-    # A default store's config is as it always was: no delta field.
-    ok(run_cas("init", store=tmp_path / "plain"))
-    assert "delta" not in json.loads((tmp_path / "plain" / "config").read_bytes())
+    # A store of XOR deltas has the config of format 1, as it always was: no delta field.
+    ok(run_cas("init", "--delta-method", "xor", store=tmp_path / "plain"))
+    plain = json.loads((tmp_path / "plain" / "config").read_bytes())
+    assert "delta" not in plain
+    assert plain["format"] == 1
+    # A default store codes deltas as differences, which only format 3 allows.
+    ok(run_cas("init", store=tmp_path / "default"))
+    default = json.loads((tmp_path / "default" / "config").read_bytes())
+    assert default["delta"] == {"method": "difference"}
+    assert default["format"] == 3

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from ..errors import InvalidInputError
 from ..store import (
     DEFAULT_STORE,
+    DELTA_METHODS,
     ENTROPY_CODERS,
     FOLDER_WORKERS,
     OBJECT_STORE_WORKERS,
@@ -44,9 +45,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         create_bucket=args.create_bucket,
         max_delta_reads=args.max_delta_reads,
         entropy=args.entropy,
+        delta_method=args.delta_method,
+        auto_delta=not args.no_auto_delta,
     )
     params = store.config.chunker
-    coder = ", FSE exponents, format 2" if store.config.holds_fse else ""
+    coder = ", FSE exponents" if store.config.holds_fse else ""
+    coder += f", format {store.config.format}"
     emit(
         args,
         {"store": store.uri, "config": json.loads(store.config.to_bytes())},
@@ -77,6 +81,7 @@ def cmd_put(args: argparse.Namespace) -> int:
             if_changed=args.if_changed,
             idempotency_token=args.idempotency_token,
             follow_symlinks=args.follow_symlinks,
+            delta=False if args.no_delta else None,
         )
     emit(args, {**version.to_dict(), "warnings": noted}, version.ref)
     return 0
@@ -136,6 +141,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"created:  {v.created}",
         f"kind:     {v.kind}, {counted(v.files, 'file')}, {format_size(v.size)}",
     ]
+    storage = details.storage
+    if storage.delta_chunks:
+        of = f" of {storage.delta_base}" if storage.delta_base else ""
+        lines.append(
+            f"storage:  {storage.delta_chunks} of {storage.chunks} chunks are deltas{of}"
+            f" (rebuilt from at most {storage.max_reads} chunk reads)"
+        )
     # The typed fields set at put (--type, --job...): scalars on one line, type first.
     fields = sorted(v.artifact.items(), key=lambda item: item[0] != "type")
     scalars = [f"{name}={value}" for name, value in fields if not isinstance(value, Mapping)]
@@ -160,7 +172,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         suffix = {"dir": "/", "symlink": f" -> {e.target}"}.get(e.type, "")
         size = format_size(e.size) if e.type == "file" else ""
         lines.append(f"  {oct(e.mode)[2:]:>4} {size:>10}  {e.path}{suffix}")
-    emit(args, {**v.to_dict(), "entries": entries}, "\n".join(lines))
+    shown = {**v.to_dict(), "storage": storage.to_dict(), "entries": entries}
+    emit(args, shown, "\n".join(lines))
     return 0
 
 
@@ -205,6 +218,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f" ({format_size(s.live_bytes)} needed by live versions)",
             *_delta_base_lines(s),
             f"chunks:            {s.chunks} ({s.referenced_chunks} referenced)",
+            *_delta_lines(s),
             f"dedup ratio:       {s.dedup_ratio:.2f}x",
             f"compression ratio: {s.compression_ratio:.2f}x",
             f"overall:           {s.total_ratio:.2f}x",
@@ -212,6 +226,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     )
     emit(args, s.to_dict(), text)
     return 0
+
+
+def _delta_lines(s: Stats) -> list[str]:
+    """How many chunks are stored as deltas, when any are, and of how many others."""
+    if not s.delta_chunks:
+        return []
+    return [
+        f"deltas:            {s.delta_chunks} chunks, {format_size(s.delta_bytes)} stored,"
+        f" coded against {s.base_chunks} chunks"
+    ]
 
 
 def _delta_base_lines(s: Stats) -> list[str]:
@@ -315,6 +339,19 @@ def _register_init(add: AddCommand) -> None:
         help="coder of tensor exponents: huffman (default, fastest to decode) or fse"
         " (bf16 0.25%% smaller, a quarter slower to decode; store format 2)",
     )
+    p.add_argument(
+        "--delta-method",
+        choices=DELTA_METHODS,
+        default=DELTA_METHODS[0],
+        help="how tensor deltas are coded: difference (default: integer difference of the"
+        " elements, smaller; store format 3) or xor (a store cas before format 3 reads)",
+    )
+    p.add_argument(
+        "--no-auto-delta",
+        action="store_true",
+        help="store tensors as deltas of a former version only when put names a --parent"
+        " (default: of the key's latest version too)",
+    )
 
 
 def _register_put(add: AddCommand) -> None:
@@ -363,6 +400,12 @@ def _register_put(add: AddCommand) -> None:
         action="store_true",
         help="store what every symlink points to; by default a link that stays inside PATH "
         "is stored as a link, and one that leads out of it as what it points to",
+    )
+    p.add_argument(
+        "--no-delta",
+        action="store_true",
+        help="store every chunk whole, none as a delta of a former version"
+        " (the parent's, else the key's latest)",
     )
     add_jobs_argument(p, "chunks hashed, compressed and uploaded")
     add_artifact_arguments(p)

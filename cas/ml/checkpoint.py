@@ -194,6 +194,7 @@ def _save(
     fmt: str,
     if_changed: bool = False,
     idempotency_token: str | None = None,
+    delta: bool | None = None,
 ) -> Version:
     with _scratch() as directory:
         path = directory / FILENAME
@@ -211,6 +212,7 @@ def _save(
             info=info or ArtifactInfo(type="checkpoint"),
             if_changed=if_changed,
             idempotency_token=idempotency_token,
+            delta=delta,
         )
 
 
@@ -226,10 +228,12 @@ def save_arrays(
     message: str = "",
     if_changed: bool = False,
     idempotency_token: str | None = None,
+    delta: bool | None = None,
 ) -> Version:
     """Store a dict of numpy arrays as a safetensors file, the next version of ``key``.
 
-    ``if_changed`` and ``idempotency_token`` are those of :meth:`Store.put`.
+    ``if_changed``, ``idempotency_token`` and ``delta`` are those of :meth:`Store.put`
+    (``delta=False`` stores every chunk whole).
     """
     return _save(
         store,
@@ -243,6 +247,7 @@ def save_arrays(
         fmt="np",
         if_changed=if_changed,
         idempotency_token=idempotency_token,
+        delta=delta,
     )
 
 
@@ -273,10 +278,11 @@ def save_state_dict(
     message: str = "",
     if_changed: bool = False,
     idempotency_token: str | None = None,
+    delta: bool | None = None,
 ) -> Version:
     """Store a PyTorch ``state_dict`` as a safetensors file, the next version of ``key``.
 
-    ``if_changed`` and ``idempotency_token`` are those of :meth:`Store.put`.
+    ``if_changed``, ``idempotency_token`` and ``delta`` are those of :meth:`Store.put`.
     """
     return _save(
         store,
@@ -290,6 +296,7 @@ def save_state_dict(
         fmt="pt",
         if_changed=if_changed,
         idempotency_token=idempotency_token,
+        delta=delta,
     )
 
 
@@ -354,7 +361,9 @@ class CheckpointManager:
 
     Each :meth:`save` is a new version whose parent is the previous one, so
     ``cas lineage`` shows the run as a chain and ``cas prune --keep-best``
-    can thin it by any metric.
+    can thin it by any metric. Its tensors are stored as deltas of the
+    previous checkpoint's where that saves space; ``delta=False`` stores
+    every checkpoint whole (faster to read, larger).
 
     ``save(..., background=True)`` copies the tensors to host memory and
     returns; a worker stores the copy. The copies waiting to be stored stay
@@ -374,8 +383,12 @@ class CheckpointManager:
         info: ArtifactInfo | None = None,
         parent: str | None = None,
         memory_budget: int | None = None,
+        delta: bool | None = None,
     ) -> None:
         self.store = store
+        #: Whether checkpoints may be stored as deltas of the previous one
+        #: (None: the store's setting; False: every checkpoint whole).
+        self.delta = delta
         #: What the run's first checkpoint derives from (a dataset, a base model).
         self.parent = parent
         self.run = run
@@ -506,6 +519,7 @@ class CheckpointManager:
                 fmt=save.fmt,
                 if_changed=True,
                 idempotency_token=token,
+                delta=self.delta,
             ),
             idempotency_token,
         )

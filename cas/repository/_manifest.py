@@ -94,6 +94,22 @@ class Parent:
 
 
 @dataclass(frozen=True, slots=True)
+class DeltaBase:
+    """The version whose chunks a version's delta chunks were coded against.
+
+    A storage choice, not lineage: it may differ from the parents (a put
+    that names none takes the key's latest version), and a repack may move
+    it to another version that is kept.
+    """
+
+    key: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.key}@{self.version}"
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     """What one version holds: its entries, lineage, tags, metrics and metadata."""
 
@@ -110,6 +126,9 @@ class Manifest:
     # Optional in the JSON: written only when non-empty, so manifests made
     # before it existed, and their ids, stay exactly as they were.
     artifact: Mapping[str, Any] = field(default_factory=dict)
+    # Optional in the JSON too, for the same reason: only manifests with
+    # delta chunks that a put coded against a former version have it.
+    delta_base: DeltaBase | None = None
 
     @property
     def size(self) -> int:
@@ -176,6 +195,8 @@ class Manifest:
         }
         if self.artifact:
             out["artifact"] = dict(self.artifact)
+        if self.delta_base is not None:
+            out["delta_base"] = {"key": self.delta_base.key, "version": self.delta_base.version}
         return out
 
     @classmethod
@@ -207,6 +228,7 @@ class Manifest:
                 message=_text(data["message"], "message"),
                 entries=tuple(_entry_from_dict(e) for e in _list(data["entries"], "entries")),
                 artifact=_object(data.get("artifact", {}), "artifact"),
+                delta_base=_delta_base(data.get("delta_base")),
             )
         except (KeyError, TypeError, ValueError) as err:
             what = f"field {err}" if isinstance(err, KeyError) else str(err)
@@ -250,6 +272,16 @@ def live_chunk_names(blob: bytes, *, name: str = "manifest") -> list[bytes]:
 
 def _schema(data: Any) -> Any:
     return data.get("schema") if isinstance(data, Mapping) else None
+
+
+def _delta_base(data: Any) -> DeltaBase | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise TypeError(f"delta_base {data!r} is not an object")
+    return DeltaBase(
+        _text(data["key"], "delta_base key"), _int(data["version"], "delta_base version")
+    )
 
 
 def canonical_json(value: Any) -> bytes:

@@ -20,7 +20,7 @@ from ..chunks._chunking import ChunkerParams
 from ..gc._history import LastRun
 from ..repository._metadata import ARTIFACT_TYPES, ArtifactInfo
 from ..transfer._budget import IN_FLIGHT_BYTES
-from ._config import ENTROPY_CODERS
+from ._config import DELTA_METHODS, ENTROPY_CODERS
 from ._facade import DEFAULT_STORE, Store, open
 from ._values import Details, KeySummary, Reclaimable, Stats, Version
 
@@ -72,6 +72,7 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no name beyond
 __all__ = [
     "ARTIFACT_TYPES",
     "DEFAULT_STORE",
+    "DELTA_METHODS",
     "ENTROPY_CODERS",
     "FOLDER_WORKERS",
     "INDEX_PATH",

@@ -28,6 +28,11 @@ from ..repository._refs import utc_now
 
 #: Entropy coders of the exponent streams of tensor chunks, the default first.
 ENTROPY_CODERS = ("huffman", "fse")
+#: How writers code a delta chunk, the default of new stores first: the
+#: zigzag-coded integer difference of the elements (codec 4, format 3), or
+#: their XOR (codec 3, any format).
+DELTA_METHODS = ("difference", "xor")
+_DELTA_CODECS = {"difference": codec.Codec.DIFFERENCE, "xor": codec.Codec.DELTA}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +49,12 @@ class StoreConfig:
     #: Entropy coder of the exponent streams of tensor chunks: "huffman"
     #: (zstd, fastest to decode) or "fse" (smaller; needs format 2).
     entropy: str = "huffman"
+    #: How delta chunks are coded: "xor" (what a config without the field
+    #: means) or "difference" (smaller; needs format 3).
+    delta_method: str = "xor"
+    #: Whether a put that names no parent may store tensor chunks as deltas
+    #: of the key's latest version (a put can still turn it off for itself).
+    auto_delta: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_delta_reads <= MAX_CHAIN:
@@ -56,17 +67,47 @@ class StoreConfig:
             )
         if self.holds_fse and self.format < layout.FSE_FORMAT:
             raise InvalidInputError(f"entropy coder 'fse' needs store format {layout.FSE_FORMAT}")
+        if self.delta_method not in DELTA_METHODS:
+            raise InvalidInputError(
+                f"delta method {self.delta_method!r}: choose one of {', '.join(DELTA_METHODS)}"
+            )
+        if self.delta_method == "difference" and self.format < layout.DIFFERENCE_FORMAT:
+            raise InvalidInputError(
+                f"delta method 'difference' needs store format {layout.DIFFERENCE_FORMAT}"
+            )
 
     @classmethod
-    def create(cls, *, entropy: str = "huffman") -> StoreConfig:
+    def create(
+        cls,
+        *,
+        entropy: str = "huffman",
+        delta_method: str = DELTA_METHODS[0],
+        auto_delta: bool = True,
+        chunker: ChunkerParams | None = None,
+    ) -> StoreConfig:
         """The config of a new store: the oldest format that holds what it asks for."""
-        version = layout.FSE_FORMAT if entropy == "fse" else layout.FORMAT_VERSION
-        return cls(entropy=entropy, format=version)
+        version = layout.FORMAT_VERSION
+        if entropy == "fse":
+            version = layout.FSE_FORMAT
+        if delta_method == "difference":
+            version = layout.DIFFERENCE_FORMAT
+        return cls(
+            chunker=chunker or ChunkerParams(),
+            entropy=entropy,
+            delta_method=delta_method,
+            auto_delta=auto_delta,
+            format=version,
+        )
 
     @property
     def holds_fse(self) -> bool:
         """Whether writers code the exponent streams of tensor chunks with FSE."""
         return self.entropy == "fse"
+
+    @property
+    def delta_codec(self) -> codec.Codec:
+        """The codec of the delta chunks writers make."""
+        return _DELTA_CODECS[self.delta_method]
 
     def to_bytes(self) -> bytes:
         data: dict[str, Any] = {
@@ -79,8 +120,15 @@ class StoreConfig:
         if self.holds_fse:
             data["codec"]["entropy"] = self.entropy
         # Written only when set, so a default config stays as it always was.
+        delta: dict[str, Any] = {}
         if self.max_delta_reads != codec.DEFAULT_DELTA_READS:
-            data["delta"] = {"max_reads": self.max_delta_reads}
+            delta["max_reads"] = self.max_delta_reads
+        if self.delta_method != "xor":
+            delta["method"] = self.delta_method
+        if not self.auto_delta:
+            delta["auto"] = False
+        if delta:
+            data["delta"] = delta
         return canonical_json(data)
 
     @classmethod
@@ -91,22 +139,27 @@ class StoreConfig:
         except (ValueError, KeyError, TypeError):
             raise NotAStoreError(f"{where} has a config that is not a cas store config") from None
         if version not in layout.READABLE_FORMATS or isinstance(version, bool):
-            known = " and ".join(map(str, layout.READABLE_FORMATS))
+            *older, newest = map(str, layout.READABLE_FORMATS)
+            known = f"{', '.join(older)} and {newest}" if older else newest
             raise UnsupportedFormatError(
                 f"{where} is a cas store of format {version!r}; this cas reads formats "
                 f"{known} only (upgrade cas)"
             )
         try:
+            delta = data.get("delta") or {}
+            auto = delta.get("auto", True)
+            if not isinstance(auto, bool):
+                raise ValueError(f"delta.auto is {auto!r}, not true or false")
             return cls(
                 chunker=ChunkerParams.from_dict(data["chunker"]),
                 zstd_level=int(data["codec"]["level"]),
                 store_id=str(data["id"]),
                 created=str(data["created"]),
                 format=version,
-                max_delta_reads=int(
-                    (data.get("delta") or {}).get("max_reads", codec.DEFAULT_DELTA_READS)
-                ),
+                max_delta_reads=int(delta.get("max_reads", codec.DEFAULT_DELTA_READS)),
                 entropy=str(data["codec"].get("entropy", "huffman")),
+                delta_method=str(delta.get("method", "xor")),
+                auto_delta=auto,
             )
         except (InvalidInputError, ValueError, KeyError, TypeError) as err:
             raise NotAStoreError(f"{where} has a malformed config ({err})") from None
@@ -145,7 +198,8 @@ def load_config(backend: Backend, *, create: bool) -> StoreConfig:
         )
     if not create:
         raise NotAStoreError(f"{backend.uri} is not a cas store (no 'config'); run `cas init`")
-    return write_config(backend, StoreConfig(chunker=default_chunker(backend)), exist_ok=True)
+    config = StoreConfig.create(chunker=default_chunker(backend))
+    return write_config(backend, config, exist_ok=True)
 
 
 def write_config(backend: Backend, config: StoreConfig, *, exist_ok: bool) -> StoreConfig:

@@ -34,8 +34,14 @@ from ..repository._manifest import Entry, Manifest, Parent
 from ..repository._metadata import ArtifactInfo, Summary, check_ref
 from ..repository._refs import DeletedRef, Refs, VersionRef
 from ._catalog import Catalog
-from ._config import StoreConfig, default_chunker, load_config, write_config
-from ._values import Details, KeySummary, Reclaimable, Stats, Version
+from ._config import (
+    DELTA_METHODS,
+    StoreConfig,
+    default_chunker,
+    load_config,
+    write_config,
+)
+from ._values import Details, KeySummary, Reclaimable, Stats, Storage, Version
 
 if TYPE_CHECKING:
     # Imported where used: each command pays at start-up for every module
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
     from ..gc._verify import VerifyReport
     from ..tensors._cutting import LocalChunks
     from ..tensors._safetensors import ChunkCache, StoredFile
+    from ..tensors._writer import DeltaMode
     from ._sharded import ShardWriter, VersionFiles
     from ._writing import Record
 
@@ -84,6 +91,8 @@ class Store:
         chunker: ChunkerParams | None = None,
         max_delta_reads: int | None = None,
         entropy: str = "huffman",
+        delta_method: str = DELTA_METHODS[0],
+        auto_delta: bool = True,
         create_bucket: bool = False,
         **options: Any,
     ) -> Store:
@@ -93,10 +102,18 @@ class Store:
         FSE: float weights store a little smaller but decode more slowly
         (docs/performance.md, "Tensor-aware storage"), and only a cas that
         reads store format 2 reads the store.
+        ``delta_method`` codes delta chunks as the integer difference of
+        their elements ("difference", the default: smaller; store format 3)
+        or as their XOR ("xor": a store older cas versions read).
+        ``auto_delta=False`` stores a version as a delta of its key's latest
+        version only when a put asks for it (names a parent).
         ``create_bucket`` first creates the bucket or container of a cloud
         location (fine if it exists already).
         """
-        config = StoreConfig.create(entropy=entropy)  # a bad name fails before any I/O
+        # A bad name fails before any I/O.
+        config = StoreConfig.create(
+            entropy=entropy, delta_method=delta_method, auto_delta=auto_delta
+        )
         backend = open_backend(location, **options)
         if create_bucket:
             backend.create_bucket()
@@ -136,6 +153,7 @@ class Store:
         if_changed: bool = False,
         idempotency_token: str | None = None,
         follow_symlinks: bool = False,
+        delta: bool | None = None,
     ) -> Version:
         """Store a file or a directory as the next version of ``key``.
 
@@ -149,12 +167,19 @@ class Store:
         the tree, and as what it points to when it leads out of it (a Hugging
         Face snapshot's links into its cache); ``follow_symlinks`` stores
         every link as what it points to. ``path`` itself may be a link.
+        ``delta`` says whether tensor chunks may be stored as deltas of the
+        same tensors in a former version: the first parent that has the file,
+        else the key's latest version. None (the default) follows the store's
+        setting (``auto_delta``), which without parents may turn deltas off;
+        False stores every chunk whole, so reading the version never needs
+        another one's chunks.
         """
         from ..transfer._ingest import scan
         from ._retries import RetryGuard
         from ._writing import Put, Record, VersionWriter
 
         workers = self._check_workers(workers)
+        deltas = self._delta_mode(delta)
         record = Record.of(
             key,
             parents=parents,
@@ -175,7 +200,7 @@ class Store:
         writer = VersionWriter(
             self.backend, self.config, self.refs, self.clock, self.load_manifest, self.summary
         )
-        put = Put(record, kind, items, resolved, progress, workers, retry)
+        put = Put(record, kind, items, resolved, progress, workers, retry, deltas)
         ref, manifest = writer.commit(put)
         retry.committed(ref)
         return self._tagged(ref, manifest, record.tags)
@@ -214,6 +239,17 @@ class Store:
         from ._sharded import VersionFiles
 
         return VersionFiles(self, ref)
+
+    def _delta_mode(self, delta: bool | None) -> DeltaMode:
+        """Where a put's delta bases come from: the parents and else the latest version,
+        the parents only, or nowhere (see ``put``)."""
+        if delta is None:
+            return "latest" if self.config.auto_delta else "parents"
+        if not isinstance(delta, bool):
+            raise InvalidInputError.naming(
+                "{delta} must be True, False or None, not {got!r}", delta="delta", got=delta
+            )
+        return "latest" if delta else "none"
 
     def _check_workers(self, workers: int | None) -> int:
         if workers is None:
@@ -359,7 +395,8 @@ class Store:
         """A version and the entries of its manifest."""
         version_ref = self.resolve(ref)
         manifest = self.manifest(version_ref)
-        return Details(self._catalog().version(version_ref, manifest), manifest.entries)
+        version = self._catalog().version(version_ref, manifest)
+        return Details(version, manifest.entries, Storage.of_manifest(manifest))
 
     def summary(self, ref: VersionRef) -> Summary:
         """What a version is: from its ref when recorded there, else from its manifest."""

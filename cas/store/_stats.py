@@ -36,6 +36,8 @@ def measure(
     versions = logical = 0
     named: dict[bytes, ChunkRef] = {}  # chunks live versions name, by raw digest
     needed: set[bytes] = set()  # and what they keep alive: those and their delta bases
+    bases: set[bytes] = set()
+    deltas: set[bytes] = set()  # needed chunks that are deltas: all of a chain but its root
     live_manifests: set[str] = set()
     walk = LiveVersions(refs, lambda ref: load_manifest(ref.manifest_id), workers=workers)
     for ref, manifest in walk:
@@ -47,6 +49,9 @@ def measure(
         for entry in manifest.entries:
             for chunk in entry.chunks:
                 named[chunk.digest.raw] = chunk
+                if chunk.bases:
+                    bases.update(base.raw for base in chunk.bases)
+                    deltas.update(d.raw for d in (chunk.digest, *chunk.bases[:-1]))
     stored_sizes = {digest.raw: info.size for digest, info in chunks.list_chunks()}
     base_only = needed - named.keys()
     manifest_bytes = live_manifest_bytes = 0
@@ -65,6 +70,9 @@ def measure(
         live_bytes=sum(stored_sizes.get(raw, 0) for raw in needed) + live_manifest_bytes,
         delta_base_bytes=base_only_bytes,
         repack_frees_bytes=_repack_frees(named, base_only, base_only_bytes, stored_sizes),
+        delta_chunks=len(deltas),
+        delta_bytes=sum(stored_sizes.get(raw, 0) for raw in deltas),
+        base_chunks=len(bases),
     )
 
 

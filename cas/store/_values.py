@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..gc._usage import Reclaimable
-from ..repository._manifest import Entry
+from ..repository._manifest import Entry, Manifest
 from ..repository._metadata import ArtifactInfo, Summary
 from ..repository._refs import VersionRef
 
@@ -71,11 +71,44 @@ class Version(Summary):
 
 
 @dataclass(frozen=True, slots=True)
+class Storage:
+    """How a version's chunks are stored: how many are deltas, and of what."""
+
+    chunks: int  # distinct chunks of its files
+    delta_chunks: int  # how many of them are stored as deltas of other chunks
+    #: The version whose chunks the deltas were coded against (``KEY@N``), as
+    #: recorded when they were written; None when none is recorded.
+    delta_base: str | None = None
+    max_reads: int = 1  # chunk reads to rebuild its costliest chunk
+
+    @classmethod
+    def of_manifest(cls, manifest: Manifest) -> Storage:
+        chains = {c.digest.raw: c.bases for e in manifest.entries for c in e.chunks}
+        deltas = [bases for bases in chains.values() if bases]
+        base = manifest.delta_base
+        return cls(
+            chunks=len(chains),
+            delta_chunks=len(deltas),
+            delta_base=str(base) if base is not None and deltas else None,
+            max_reads=1 + max(map(len, deltas), default=0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chunks": self.chunks,
+            "delta_chunks": self.delta_chunks,
+            "delta_base": self.delta_base,
+            "max_reads": self.max_reads,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Details:
-    """A version and the entries of its manifest."""
+    """A version, the entries of its manifest, and how its chunks are stored."""
 
     version: Version
     entries: tuple[Entry, ...]
+    storage: Storage = field(default_factory=lambda: Storage(0, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +139,9 @@ class Stats:
     delta_base_bytes: int = 0
     # about what re-storing those deltas whole would free
     repack_frees_bytes: int = 0
+    delta_chunks: int = 0  # needed chunks stored as deltas of other chunks
+    delta_bytes: int = 0  # their stored bytes
+    base_chunks: int = 0  # distinct chunks those deltas are coded against
 
     @property
     def version_bytes(self) -> int:
@@ -137,6 +173,9 @@ class Stats:
             "version_bytes": self.version_bytes,
             "delta_base_bytes": self.delta_base_bytes,
             "repack_frees_bytes": self.repack_frees_bytes,
+            "delta_chunks": self.delta_chunks,
+            "delta_bytes": self.delta_bytes,
+            "base_chunks": self.base_chunks,
             "dedup_ratio": round(self.dedup_ratio, 4),
             "compression_ratio": round(self.compression_ratio, 4),
             "total_ratio": round(self.total_ratio, 4),

@@ -32,6 +32,7 @@ from ..gc._session import Clock, WriteSession
 from ..repository import _layout as layout
 from ..repository._manifest import (
     ArtifactKind,
+    DeltaBase,
     Entry,
     Manifest,
     Parent,
@@ -44,6 +45,7 @@ from ._config import StoreConfig
 from ._notices import warn_of_kind_change
 
 if TYPE_CHECKING:
+    from ..tensors._writer import DeltaMode
     from ..transfer._ingest import Ingestor, SourceItem
     from ._retries import RetryGuard
 
@@ -94,9 +96,14 @@ class Record:
         return cls(key, tuple(parents), checked_tags, checked, metadata, message, artifact)
 
     def manifest(
-        self, kind: ArtifactKind, parents: tuple[Parent, ...], entries: tuple[Entry, ...]
+        self,
+        kind: ArtifactKind,
+        parents: tuple[Parent, ...],
+        entries: tuple[Entry, ...],
+        delta_base: DeltaBase | None = None,
     ) -> Manifest:
         return Manifest(
+            delta_base=delta_base,
             key=self.key,
             kind=kind,
             created=utc_now(),
@@ -122,6 +129,8 @@ class Put:
     workers: int
     #: What keeps a retry from duplicating a version (if_changed, a token).
     retry: RetryGuard
+    #: Where delta bases come from (see :class:`cas.tensors._writer.TensorWriter`).
+    deltas: DeltaMode = "latest"
 
 
 def write_manifest(backend: Backend, manifest: Manifest) -> Digest:
@@ -179,10 +188,14 @@ class VersionWriter:
                 latest.submit(self.latest_manifest, put.record.key, parents),
                 put.progress,
                 workers,
+                deltas=put.deltas,
             )
             former_kind = latest.submit(self.former_kind, put.record.key)
             entries = build_entries(put.items, ingestor)
-            manifest = put.record.manifest(put.kind, parents, entries)
+            assert ingestor.tensors is not None
+            source = ingestor.tensors.delta_source
+            delta_base = DeltaBase(*source) if source is not None else None
+            manifest = put.record.manifest(put.kind, parents, entries, delta_base)
             unchanged = put.retry.unchanged(manifest, self.load_manifest)
             if unchanged is not None:
                 return unchanged  # nothing new to commit: the latest version is this one
@@ -200,11 +213,14 @@ class VersionWriter:
         index: ChunkIndex | None,
         parents: tuple[Parent, ...],
         parent_manifests: list[Manifest],
-        latest_manifest: Future[Sequence[Manifest]],
+        latest_manifest: Future[Sequence[tuple[Manifest, int]]],
         progress: ProgressFn | None,
         workers: int,
+        *,
+        deltas: DeltaMode = "latest",
     ) -> Ingestor:
-        """The pipeline that stores a version's chunks under ``session``'s protection."""
+        """The pipeline that stores a version's chunks under ``session``'s protection;
+        ``deltas`` says where delta bases come from (see :class:`Put`)."""
         from ..tensors._writer import TensorWriter
         from ..transfer._ingest import FormerFiles, Ingestor
 
@@ -214,6 +230,7 @@ class VersionWriter:
             refresh_after=session.refresh_after,
             index=index,
         )
+        numbered = [(m, p.version) for m, p in zip(parent_manifests, parents, strict=True)]
         return Ingestor(
             chunks,
             self.config.chunker,
@@ -225,12 +242,15 @@ class VersionWriter:
             tensors=TensorWriter(
                 chunks,
                 self.config.chunker,
-                # Delta bases come from the parents' versions of the same files.
-                parents=[(m, p.version) for m, p in zip(parent_manifests, parents, strict=True)],
-                known=latest_manifest,
+                # Delta bases come from the parents' versions of the same files,
+                # else from the latest version's.
+                parents=numbered,
+                latest=latest_manifest,
                 max_reads=self.config.max_delta_reads,
                 level=self.config.zstd_level,
                 fse=self.config.holds_fse,
+                method=self.config.delta_codec,
+                deltas=deltas,
             ),
         )
 
@@ -268,9 +288,12 @@ class VersionWriter:
         except CasError:
             return None  # none, or unreadable: not worth failing the put over a warning
 
-    def latest_manifest(self, key: str, parents: tuple[Parent, ...]) -> Sequence[Manifest]:
-        """The manifest of the key's latest version unless a parent: what a new version
-        of a key most often reuses, so its chains spare a header read per reused chunk."""
+    def latest_manifest(
+        self, key: str, parents: tuple[Parent, ...]
+    ) -> Sequence[tuple[Manifest, int]]:
+        """The key's latest version unless a parent: what a new version of a key most
+        often reuses (its chains spare a header read per reused chunk), and its delta
+        base when the put names no parent."""
         try:
             latest = self.refs.latest(key)
         except RefNotFoundError:
@@ -278,6 +301,6 @@ class VersionWriter:
         if any(p.manifest_id == latest.manifest_id for p in parents):
             return []
         try:
-            return [self.load_manifest(latest.manifest_id)]
+            return [(self.load_manifest(latest.manifest_id), latest.number)]
         except (IntegrityError, UnsafePathError):
             return []  # a damaged or refused version spares nothing, and blocks no put

@@ -1,11 +1,15 @@
 """The writer's side of tensor-aware storage: boundaries, codecs, delta bases, chains.
 
 For a safetensors file a put cuts tensor-aligned chunks (:func:`cas.tensors._safetensors.plan`)
-and encodes each float chunk byte-grouped. When the version has a parent
-that holds the same tensor range, the chunk may instead be stored as its XOR
-with the parent's chunk (a delta): fine-tuning moves every weight a little,
-so most exponent bits and many whole elements agree, and the delta
-compresses three to four times better than the weights themselves.
+and encodes each float chunk byte-grouped. When a former version holds the
+same tensor range, the chunk may instead be stored as a delta of that
+version's chunk: fine-tuning moves every weight a little, so most exponent
+bits and many whole elements agree, and the delta (the integer difference
+of the elements, or their XOR in stores of format 1 and 2) compresses three
+to four times better than bf16 weights themselves. The former version is
+the put's first parent that has the file, else the key's latest version:
+a delta base is a storage choice, never recorded as lineage. A delta is
+kept only when it saves enough to pay for the extra read it costs.
 
 Delta chains are kept short: rebuilding a chunk never takes more than
 ``max_reads`` reads. A chunk whose parent chunk sits at the end of a long
@@ -27,6 +31,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Literal
 
 from ..chunks import _codec as codec
 from ..chunks._chunking import ChunkerParams
@@ -47,9 +52,16 @@ from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file
 # Chunks up to twice this size are encoded whole to compare with their delta; for
 # larger ones a sample of this size estimates the whole encoding.
 _SAMPLE = 128 * 1024
-# A delta must beat the estimated whole encoding by this much: the estimate
-# is from a sample, and a delta costs a read more to decode.
-_DELTA_GAIN = 0.97
+# A delta must beat the estimated whole encoding by this much: every read of
+# the chunk (and of each chunk based on it) then reads and decodes its base
+# as well, which a saving of a few percent does not pay for.
+DELTA_GAIN = 0.9
+
+#: A former version of the key being put, by manifest and version number.
+Numbered = tuple[Manifest, int]
+#: Where a put takes delta bases from: the parents it names and else the key's
+#: latest version, the parents only, or nowhere.
+DeltaMode = Literal["latest", "parents", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +75,15 @@ class ParentChunk:
 
 @dataclass(frozen=True, slots=True)
 class FilePlan:
-    """How a put cuts one safetensors file, and what its parent stored for it."""
+    """How a put cuts one safetensors file, and what a former version stored for it."""
 
     spans: list[Span]
-    #: The parent's chunks by what they hold, when a parent has this file.
+    #: The former version's chunks by what they hold, when it has this file.
     parents: dict[tuple[Piece, ...], ParentChunk]
-    #: The version number the put gives the parent plus one: the re-basing clock.
+    #: The former version's number plus one: the re-basing clock.
     clock: int
+    #: The former version (key, number) whose chunks are the delta bases.
+    source: tuple[str, int] | None = None
 
 
 _NO_PARENTS = FilePlan([], {}, 0)
@@ -82,19 +96,19 @@ class Chains:
         self.chunks = chunks
         self._known: dict[bytes, tuple[Digest, ...]] = {}
         self._pending: dict[bytes, tuple[Digest, ...]] = {}
-        self._later: list[Future[Sequence[Manifest]]] = []
+        self._later: list[Future[Sequence[Numbered]]] = []
         self._lock = threading.Lock()
 
-    def learn_later(self, manifests: Future[Sequence[Manifest]]) -> None:
-        """Manifests still being read: learned before the first header read they could spare."""
+    def learn_later(self, versions: Future[Sequence[Numbered]]) -> None:
+        """Versions still being read: learned before the first header read they could spare."""
         with self._lock:
-            self._later.append(manifests)
+            self._later.append(versions)
 
     def _learn_pending(self) -> bool:
         with self._lock:
             pending, self._later = self._later, []
         for future in pending:
-            for manifest in future.result():
+            for manifest, _ in future.result():
                 self.learn(manifest)
         return bool(pending)
 
@@ -181,37 +195,49 @@ class TensorWriter:
         chunks: ChunkStore,
         params: ChunkerParams,
         *,
-        parents: Sequence[tuple[Manifest, int]] = (),
-        known: Sequence[Manifest] | Future[Sequence[Manifest]] = (),
+        parents: Sequence[Numbered] = (),
+        latest: Sequence[Numbered] | Future[Sequence[Numbered]] = (),
         max_reads: int = codec.DEFAULT_DELTA_READS,
         level: int = codec.DEFAULT_LEVEL,
         fse: bool = False,
+        method: codec.Codec = codec.Codec.DELTA,
+        deltas: DeltaMode = "latest",
     ) -> None:
+        """``parents`` are the versions the put names as parents; ``latest`` is
+        the key's latest version unless it is one of them. ``deltas`` says where
+        delta bases come from: the parents only, the parents else the latest
+        version (the default), or nowhere. ``method`` is the delta codec."""
         self.chunks = chunks
         self.params = params
         self.parents = list(parents)
-        self.max_reads = max_reads
+        self.max_reads = max_reads if deltas != "none" else 1
         self.level = level
         self.fse = fse
+        self.method = method
         self.chains = Chains(chunks)
         for manifest, _ in self.parents:
             self.chains.learn(manifest)
-        # Other live manifests (the key's latest version) only tell chains:
-        # a reused chunk they name costs no read of its header. They may
-        # still be on their way (a Future), read while the put reads its files.
-        if isinstance(known, Future):
-            self.chains.learn_later(known)
+        # The latest version tells chains too: a reused chunk it names costs no
+        # read of its header. It may still be on its way (a Future), read
+        # while the put reads its files.
+        self._latest = latest
+        self._auto = deltas == "latest" and not self.parents
+        if isinstance(latest, Future):
+            self.chains.learn_later(latest)
         else:
-            for manifest in known:
+            for manifest, _ in latest:
                 self.chains.learn(manifest)
         self._kept = SeenSet()
+        #: The version whose chunks served as delta bases of chunks this put wrote.
+        self.delta_source: tuple[str, int] | None = None
 
     # -- the reader's side: what to cut ------------------------------------------------
 
     def plan(self, path: str, spans: list[Span]) -> FilePlan:
-        """A safetensors file's plan: its tensor-aligned ``spans`` and its parent's chunks."""
-        parents, clock = self._parent_chunks(path)
-        return FilePlan(spans, parents, clock)
+        """A safetensors file's plan: its tensor-aligned ``spans`` and a former version's chunks."""
+        if self.max_reads < 2:
+            return FilePlan(spans, {}, 0)
+        return self._former_chunks(path, spans)
 
     def plan_parts(self) -> FilePlan:
         """The plan of the files of a version written in parts: only their delta bases.
@@ -231,8 +257,15 @@ class TensorWriter:
             return FilePlan([], found, number + 1)
         return _NO_PARENTS
 
-    def _parent_chunks(self, path: str) -> tuple[dict[tuple[Piece, ...], ParentChunk], int]:
-        for manifest, number in self.parents:
+    def _bases_from(self) -> Sequence[Numbered]:
+        """The versions delta bases may come from, in order of preference."""
+        if not self._auto:
+            return self.parents
+        latest = self._latest
+        return latest.result() if isinstance(latest, Future) else latest
+
+    def _former_chunks(self, path: str, spans: list[Span]) -> FilePlan:
+        for manifest, number in self._bases_from():
             try:
                 entry = find_file(manifest, path)
             except CasError:
@@ -240,8 +273,8 @@ class TensorWriter:
             header = self._stored_header(entry, f"{manifest.key}@{number}")
             if header is None:
                 continue
-            return self._keyed(entry, header), number + 1
-        return {}, 0
+            return FilePlan(spans, self._keyed(entry, header), number + 1, (manifest.key, number))
+        return FilePlan(spans, {}, 0)
 
     @staticmethod
     def _keyed(entry: Entry, header: Header) -> dict[tuple[Piece, ...], ParentChunk]:
@@ -292,9 +325,13 @@ class TensorWriter:
         # The base is as long as the parent chunk, and its own chain follows it in ours.
         base_ref = ChunkRef(base, parent.length, chain[1:])
         base_raw = self.chunks.read(base_ref, context=f"delta base for {span.key[0].name!r}")
-        delta = codec.encode_delta(view, base_raw, base.raw, span.itemsize)
+        method = self.method if span.itemsize in (2, 4, 8) else codec.Codec.DELTA
+        delta = codec.encode_delta(view, base_raw, base.raw, span.itemsize, method)
         whole = self._whole_if_smaller(view, span, len(delta))
-        return (delta, chain) if whole is None else (whole, ())
+        if whole is not None:
+            return whole, ()
+        self.delta_source = file_plan.source
+        return delta, chain
 
     def _base(self, parent: ParentChunk, phase: int) -> tuple[Digest, tuple[Digest, ...]]:
         """The base to delta against, and the chain that gives the new chunk."""
@@ -320,11 +357,11 @@ class TensorWriter:
             middle = (len(view) // 2) // span.itemsize * span.itemsize
             sample = view[middle : middle + _SAMPLE // span.itemsize * span.itemsize]
             ratio = len(self._grouped(sample, span)) / len(sample)
-            if delta < ratio * len(view) * _DELTA_GAIN:
+            if delta < ratio * len(view) * DELTA_GAIN:
                 return None
             return self._grouped(view, span)
         whole = self._grouped(view, span)
-        return None if delta < len(whole) * _DELTA_GAIN else whole
+        return None if delta < len(whole) * DELTA_GAIN else whole
 
     def keep(
         self,

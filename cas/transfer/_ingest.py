@@ -34,7 +34,7 @@ from ..repository._manifest import (
 )
 from ..tensors._cutting import cut_file, tensor_spans
 from ..tensors._safetensors import Span
-from ..tensors._writer import FilePlan, TensorWriter
+from ..tensors._writer import FilePlan, Numbered, TensorWriter
 from ._budget import InFlight
 
 ProgressFn = Callable[[int], None]
@@ -421,7 +421,7 @@ class FormerFiles:
     """
 
     def __init__(
-        self, parents: Sequence[Manifest], latest: Future[Sequence[Manifest]] | Sequence[Manifest]
+        self, parents: Sequence[Manifest], latest: Future[Sequence[Numbered]] | Sequence[Numbered]
     ) -> None:
         self._parents = parents
         self._latest = latest
@@ -432,7 +432,7 @@ class FormerFiles:
         if self._files is None:
             latest = self._latest.result() if isinstance(self._latest, Future) else self._latest
             files: dict[str, Entry] = {}
-            for manifest in (*self._parents, *latest):
+            for manifest in (*self._parents, *(m for m, _ in latest)):
                 for entry in iter_files(manifest.entries):
                     files.setdefault(entry.path, entry)
                 if self._only_file is None:
