@@ -26,6 +26,7 @@ from .errors import CasError, NotFoundError
 
 if TYPE_CHECKING:
     from .gc._collect import GcReport
+    from .gc._repack import RepackReport
     from .gc._verify import VerifyReport
     from .ml.plain_storage import (
         Storage,
@@ -47,6 +48,7 @@ __all__ = [
     "GcReport",
     "KeySummary",
     "NotFoundError",
+    "RepackReport",
     "Stats",
     "Storage",
     "StorageManager",
@@ -79,6 +81,7 @@ _HOMES = {
     "open": "store",
     "VerifyReport": "gc._verify",
     "GcReport": "gc._collect",
+    "RepackReport": "gc._repack",
 }
 
 

@@ -337,7 +337,10 @@ def test_deleting_parents_never_breaks_a_child(store: Store, tmp_path: Path) -> 
     for number in (1, 2, 3):
         store.delete(f"ft@{number}")
     report = store.gc(grace=0)
-    assert report.deleted_manifests == 3
+    # The 3 deleted versions' manifests, and ft@4's from before its repack.
+    assert report.repack is not None
+    assert report.repack.versions == 1
+    assert report.deleted_manifests == 4
     assert report.deleted_chunks > 0  # chunks no chain needs did go
     assert store.verify(deep=True).ok
     store.get("ft@4", tmp_path / "out")
@@ -418,7 +421,7 @@ def test_stats_after_deleting_a_delta_parent_say_what_its_bases_hold(
     before = store.stats()
     assert (before.delta_base_bytes, before.repack_frees_bytes) == (0, 0)
     store.delete("ft@1")
-    store.gc(grace=0)
+    store.gc(grace=0, repack=False)
     stats = store.stats()
     # ft@2's own chunks: nothing is counted twice, the dedup ratio is not below 1.
     assert stats.unique_bytes == stats.logical_bytes == (tmp_path / "v2.safetensors").stat().st_size
@@ -433,13 +436,17 @@ def test_stats_after_deleting_a_delta_parent_say_what_its_bases_hold(
     assert 0.5 * deltas < stats.repack_frees_bytes < 1.5 * deltas
     text = ok(run_cas("stats", store=tmp_path / "store")).stdout
     assert "delta bases:" in text
-    assert "cas cannot repack yet" in text
+    assert "`cas gc` repacks" in text
     assert "dedup ratio:       1.00x" in text
+    # A gc that repacks frees them.
+    store.gc(grace=0)
+    assert store.stats().delta_base_bytes == 0
 
 
 def test_prune_dry_run_reports_what_gc_then_frees(tmp_path: Path) -> None:
     # A fine-tuned copy of bf16 weights: every weight changed a little, so each
-    # chunk of w@2 is a delta against w@1's. Deleting w@1 frees its manifest only.
+    # chunk of w@2 is a delta against w@1's. Deleting w@1 frees its manifest only,
+    # until gc's repack stores w@2's chunks whole: then w@1's chunks go too.
     store_dir = tmp_path / "store"
     Store.init(store_dir, chunker=PARAMS).close()
     arrays = weights(3)
@@ -453,11 +460,19 @@ def test_prune_dry_run_reports_what_gc_then_frees(tmp_path: Path) -> None:
         assert bases <= {c.digest for c in entry_chunks(store, "w@1")}
     dry = run_json("prune", "w", "--keep-last", "1", "--dry-run", store=store_dir)
     ok(run_cas("prune", "w", "--keep-last", "1", store=store_dir))
-    collected = run_json("gc", "--grace", "0", store=store_dir)
-    assert collected["deleted_manifests"] == 1
-    assert dry["reclaimable_chunks"] == collected["deleted_chunks"] == 0
+    assert dry["reclaimable_chunks"] == 0
     assert dry["reclaimable_bytes"] == 0
-    assert dry["reclaimable_stored_bytes"] == collected["bytes_reclaimed"]
+    repack = dry["repack"]
+    assert repack["chunks"] > 0
+    collected = run_json("gc", "--grace", "0", store=store_dir)
+    assert (collected["repack"]["chunks"], collected["repack"]["frees_bytes"]) == (
+        repack["chunks"],
+        repack["frees_bytes"],
+    )
+    # w@1's manifest, and w@2's from before the repack.
+    assert collected["deleted_manifests"] == 2
+    assert collected["deleted_chunks"] >= len(bases)
+    assert collected["bytes_reclaimed"] > dry["reclaimable_stored_bytes"] + repack["frees_bytes"]
     ok(run_cas("verify", "--deep", store=store_dir))
 
 
@@ -476,7 +491,7 @@ def test_prune_of_a_delta_chain_reclaims_what_it_reports(
         dry.reclaimable_bytes,
         dry.reclaimable_chunks,
     )
-    collected = store.gc(grace=0)
+    collected = store.gc(grace=0, repack=False)  # what prune counts: no chunk stored again
     assert collected.deleted_chunks == dry.reclaimable_chunks
     assert collected.bytes_reclaimed == dry.reclaimable_stored_bytes
     assert collected.deleted_manifests == 3 - len(kept)

@@ -248,7 +248,7 @@ def _delta_base_lines(s: Stats) -> list[str]:
         f"  delta bases:     {format_size(s.delta_base_bytes)} (of deleted versions; "
         "live versions are deltas of them)",
         f"  repacking:       would free about {format_size(s.repack_frees_bytes)}; "
-        "cas cannot repack yet",
+        "`cas gc` repacks",
     ]
 
 

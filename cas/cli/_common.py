@@ -9,11 +9,14 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CasWarning, InvalidInputError
 from ..store import DEFAULT_STORE, Store, Version
-from ..units import format_size
+from ..units import counted, format_size
+
+if TYPE_CHECKING:
+    from .. import RepackReport
 
 Handler = Callable[[argparse.Namespace], int]
 #: ``add(name, handler, help)``: defines a command and returns its parser.
@@ -167,3 +170,29 @@ def _open(args: argparse.Namespace, *, create: bool = True) -> Store:
 def open_store(args: argparse.Namespace, *, create: bool = True) -> Store:
     location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
     return Store.open(location, create=create)
+
+
+def repack_lines(report: RepackReport | None, *, planned: bool = False) -> list[str]:
+    """What a gc's repack did, would do (a dry run), or will do (``planned``: a prune's
+    report of the next gc), when it concerns any chunk."""
+    if report is None or not (report.chunks or report.frees_bytes):
+        return []
+    cost = report.cost_bytes
+    size = ("about " if report.dry_run else "") + ("+" if cost >= 0 else "-")
+    size += format_size(abs(cost))
+    whole = f", {report.whole} of them whole" if report.whole else ""
+    what = f"{counted(report.chunks, 'chunk')} of {counted(report.versions, 'kept version')}"
+    bases = f"{format_size(report.frees_bytes)} of delta bases only deleted versions used"
+    if planned:
+        text = f"the next gc stores {what} again{whole} ({size}); then {bases} can go"
+    elif report.dry_run:
+        text = f"would store {what} again{whole} ({size}); then {bases} could go"
+    else:
+        text = f"stored {what} again{whole} ({size}); {bases} can go"
+    lines = [f"repack:        {text} once older than the grace period"]
+    if report.skipped:
+        lines.append(
+            f"               {counted(report.skipped, 'chunk')} could not be read and stayed;"
+            " run `cas verify`"
+        )
+    return lines

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from ..units import counted, format_duration, format_size, parse_duration
-from ._common import AddCommand, emit, open_store
+from ._common import AddCommand, emit, open_store, repack_lines
 
 if TYPE_CHECKING:
     from .. import GcReport
@@ -54,6 +54,7 @@ def _text(report: GcReport) -> str:
         f"kept by grace: {counted(report.kept_by_grace, 'object')}, "
         f"{format_size(report.bytes_kept_by_grace)} (unreferenced but recent)",
     ]
+    lines += repack_lines(report.repack)
     if report.deferred:
         lines.append(f"deferred:      {counted(report.deferred, 'object')} (left for the next gc)")
     if report.leftovers_removed:
@@ -104,7 +105,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if grace is None:
         grace = store.gc_settings().grace
     with _object_progress(args) as on_progress:
-        report = store.gc(grace=grace, dry_run=args.dry_run, progress=on_progress)
+        report = store.gc(
+            grace=grace, dry_run=args.dry_run, progress=on_progress, repack=not args.no_repack
+        )
     if report.unsafe:
         print(f"cas: warning: {report.unsafe}", file=sys.stderr)
     emit(args, report.to_dict(), _text(report))
@@ -123,7 +126,15 @@ def register(add: AddCommand) -> None:
         help="keep unreferenced objects younger than this (e.g. 6h, 90m, 0); default: the "
         "store's setting, 6h unless changed. 0 is unsafe while anyone writes",
     )
-    p.add_argument("--dry-run", action="store_true", help="delete nothing; report what would go")
+    p.add_argument(
+        "--dry-run", action="store_true", help="write and delete nothing; report what would go"
+    )
+    p.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="do not first store again the chunks of live versions that are deltas of deleted"
+        " versions' chunks (which then stay)",
+    )
     p.add_argument(
         "--set-grace",
         metavar="DURATION",

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidInputError
 from ..store import ARTIFACT_TYPES, ArtifactInfo
 from ..units import counted, format_size
-from ._common import AddCommand, emit, open_store, pairs, version_line
+from ._common import AddCommand, emit, open_store, pairs, repack_lines, version_line
 
 if TYPE_CHECKING:
     from ..ml.diff import DiffReport
@@ -215,6 +215,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"({counted(report.reclaimable_chunks, 'chunk')}, "
         f"{format_size(report.reclaimable_stored_bytes)} stored) once its grace period has passed"
     )
+    lines += repack_lines(report.repack, planned=True)
     emit(args, report.to_dict(), "\n".join(lines))
     return 0
 

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backends.base import Backend, Leftover, ObjectInfo
 from ..digest import DIGEST_SIZE, Digest
@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..repository import _layout as layout
 from ..repository._live import LiveVersions
-from ..repository._manifest import live_chunk_names
+from ..repository._manifest import live_chunk_roles
 from ..repository._refs import Refs, VersionRef
 from ._digestset import DigestSet
 from ._history import record_run
@@ -74,6 +74,10 @@ from ._session import (
     marker_body,
     read_settings,
 )
+
+if TYPE_CHECKING:
+    from ..tensors._encoding import TensorCodec
+    from ._repack import RepackReport
 
 #: Candidates read again and deleted together.
 BATCH = 32
@@ -123,6 +127,8 @@ class GcReport:
     #: Memory held by the mark (the digests), in bytes.
     mark_bytes: int = 0
     seconds: float = 0.0
+    #: What repacking did before the collection (None: not asked for).
+    repack: RepackReport | None = None
 
     @property
     def scanned(self) -> int:
@@ -135,6 +141,7 @@ class GcReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(scanned=self.scanned, deleted=self.deleted, seconds=round(self.seconds, 3))
+        out["repack"] = self.repack.to_dict() if self.repack is not None else None
         return out
 
 
@@ -162,6 +169,15 @@ def manifest_chunks(backend: Backend, manifest_id: Digest, label: str) -> list[b
     manifest that is missing or damaged stops the collection: the chunks it
     names are unknown, and deleting them could destroy what a repair needs.
     """
+    named, bases = manifest_chunk_roles(backend, manifest_id, label)
+    return named + bases
+
+
+def manifest_chunk_roles(
+    backend: Backend, manifest_id: Digest, label: str
+) -> tuple[list[bytes], list[bytes]]:
+    """(the chunks a manifest's files are made of, the delta bases they list), as raw
+    digests; a base may repeat, or be a chunk of a file too. See :func:`manifest_chunks`."""
     where = f"version {label}: manifest {manifest_id.hex}"
     try:
         blob = backend.get(layout.manifest_key(manifest_id))
@@ -170,7 +186,7 @@ def manifest_chunks(backend: Backend, manifest_id: Digest, label: str) -> list[b
     if Digest.of(blob) != manifest_id:
         raise _stopped(CorruptObjectError, f"{where} does not match its hash", label)
     try:
-        return live_chunk_names(blob, name=where)
+        return live_chunk_roles(blob, name=where)
     except CorruptObjectError as err:
         raise _stopped(CorruptObjectError, str(err), label) from None
 
@@ -469,8 +485,22 @@ def collect(
     workers: int = 8,
     clock: Clock = SYSTEM_CLOCK,
     progress: ProgressFn | None = None,
+    repack: TensorCodec | None = None,
 ) -> GcReport:
-    """Run one garbage collection; ``grace`` None means the store's setting."""
+    """Run one garbage collection; ``grace`` None means the store's setting.
+
+    With ``repack`` (how the store codes tensor chunks), chunks that live
+    versions need only as delta bases of deleted versions are first made
+    unneeded (:mod:`cas.gc._repack`), so that this collection frees them if
+    they are older than its grace, or a later one does.
+    """
+    repacked = None
+    if repack is not None:
+        from ._repack import Repacker
+        from ._repack_plan import plan
+
+        repacker = Repacker(backend, repack, workers=workers, clock=clock, progress=progress)
+        repacked = repacker.run(plan(Refs(backend), workers=workers), dry_run=dry_run)
     collector = Collector(
         backend, grace=grace, dry_run=dry_run, workers=workers, clock=clock, progress=progress
     )
@@ -478,5 +508,6 @@ def collect(
     # reserve, which is set aside again once space is back.
     with backend.drawing_on_reserve():
         report = collector.run()
+        report.repack = repacked
     backend.ensure_reserve()
     return report

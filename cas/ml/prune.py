@@ -23,6 +23,7 @@ from ..errors import InvalidInputError, NotFoundError
 from .lineage import lineage
 
 if TYPE_CHECKING:
+    from ..gc._repack import RepackReport
     from ..store import Store, Version
 
 
@@ -86,6 +87,10 @@ class PruneReport:
     reclaimable_chunks: int
     dry_run: bool
     skipped: tuple[str, ...] = field(default=())  # became tagged meanwhile, so kept
+    #: What the next gc's repack does once these versions are gone: the chunks
+    #: of kept versions that are deltas of theirs, stored again, so that their
+    #: chunks go too (see :meth:`Store.repack_estimate`).
+    repack: RepackReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +102,7 @@ class PruneReport:
             "reclaimable_bytes": self.reclaimable_bytes,
             "reclaimable_stored_bytes": self.reclaimable_stored_bytes,
             "reclaimable_chunks": self.reclaimable_chunks,
+            "repack": self.repack.to_dict() if self.repack is not None else None,
         }
 
 
@@ -135,6 +141,7 @@ def prune(store: Store, key: str, policy: Policy, *, dry_run: bool = False) -> P
     kept = tuple(v for v in versions if v.ref in reasons)
     doomed = tuple(v for v in versions if v.ref not in reasons)
     freed = store.reclaimable(doomed)
+    repack = store.repack_estimate(deleting=[v.ref for v in doomed]) if doomed else None
     skipped: list[str] = []
     deleted: list[Version] = []
     if not dry_run:
@@ -157,4 +164,5 @@ def prune(store: Store, key: str, policy: Policy, *, dry_run: bool = False) -> P
         reclaimable_chunks=freed.chunks,
         dry_run=dry_run,
         skipped=tuple(skipped),
+        repack=repack,
     )

@@ -256,18 +256,28 @@ def live_chunk_names(blob: bytes, *, name: str = "manifest") -> list[bytes]:
 
     Raises CorruptObjectError when the bytes are not a manifest this cas reads.
     """
+    chunks, bases = live_chunk_roles(blob, name=name)
+    return chunks + bases
+
+
+def live_chunk_roles(blob: bytes, *, name: str = "manifest") -> tuple[list[bytes], list[bytes]]:
+    """:func:`live_chunk_names` in two lists: the chunks the files are made of, and the
+    delta bases their entries list (which a file may use as a chunk too)."""
     data = _decode(blob, name)
     if not isinstance(data, Mapping) or data.get("schema") not in SCHEMAS:
         raise CorruptObjectError(f"{name}: unsupported manifest schema {_schema(data)!r}")
-    out: list[bytes] = []
+    chunks: list[bytes] = []
+    bases: list[bytes] = []
     try:
         for entry in data["entries"]:
             if entry["type"] == "file":
                 for item in entry["chunks"]:
-                    out.extend(_chunk_names(item))
+                    digest, *chain = _chunk_names(item)
+                    chunks.append(digest)
+                    bases.extend(chain)
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None
-    return out
+    return chunks, bases
 
 
 def _schema(data: Any) -> Any:

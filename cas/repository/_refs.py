@@ -22,9 +22,18 @@ from typing import Any, ClassVar
 
 from ..backends.base import Backend
 from ..digest import Digest
-from ..errors import AlreadyExistsError, CorruptObjectError, NotFoundError, RefNotFoundError
+from ..errors import (
+    AlreadyExistsError,
+    CorruptObjectError,
+    NotFoundError,
+    PreconditionFailedError,
+    RefNotFoundError,
+)
 from . import _layout as layout
 from ._manifest import canonical_json
+
+#: Compare-and-swap attempts of a ref that others keep changing.
+_SWAP_ATTEMPTS = 8
 
 
 def utc_now() -> str:
@@ -175,6 +184,35 @@ class Refs:
             return self.backend.get(object_key) == body
         except NotFoundError:
             return False
+
+    def replace_manifest(self, key: str, number: int, old: Digest, new: Digest) -> bool:
+        """Point a live version at ``new``, a manifest of the same content as ``old``.
+
+        Repacking does this once it has stored the version's chunks so that
+        they need other delta bases (docs/format.md, "Repacking"). A
+        compare-and-swap: it happens only if the ref still names ``old``, so
+        a version deleted or repacked meanwhile is left as it is (False).
+        Everything else the ref records stays, and ``repacked`` says when.
+        """
+        object_key = layout.version_key(key, number)
+        for _ in range(_SWAP_ATTEMPTS):
+            try:
+                blob, token = self.backend.get_versioned(object_key)
+                data = json.loads(blob)
+            except NotFoundError:
+                return False
+            except ValueError as err:
+                raise CorruptObjectError(f"ref {object_key} is malformed ({err})") from None
+            if not isinstance(data, dict) or data.get("manifest") != old.hex:
+                return data.get("manifest") == new.hex if isinstance(data, dict) else False
+            body = canonical_json({**data, "manifest": new.hex, "repacked": utc_now()})
+            try:
+                self.backend.put(object_key, body, if_match=token)
+            except PreconditionFailedError:
+                continue  # changed meanwhile (or our own write, retried): read it again
+            self.backend.flush()
+            return True
+        return False
 
     def mark_deleted(self, ref: VersionRef | DeletedRef) -> None:
         body = canonical_json({"manifest": None, "created": ref.created, "deleted": utc_now()})

@@ -48,8 +48,10 @@ if TYPE_CHECKING:
     # it imports, and a get needs none of the put's, nor a put the get's.
     from ..gc._collect import GcReport
     from ..gc._history import LastRun
+    from ..gc._repack import RepackReport
     from ..gc._verify import VerifyReport
     from ..tensors._cutting import LocalChunks
+    from ..tensors._encoding import TensorCodec
     from ..tensors._safetensors import ChunkCache, StoredFile
     from ..tensors._writer import DeltaMode
     from ._sharded import ShardWriter, VersionFiles
@@ -536,6 +538,7 @@ class Store:
         grace: float | None = None,
         dry_run: bool = False,
         progress: ProgressFn | None = None,
+        repack: bool = True,
     ) -> GcReport:
         """Delete chunks and manifests no version needs, older than ``grace`` seconds.
 
@@ -543,6 +546,9 @@ class Store:
         setting (the default when None); see docs/gc.md. Also removes what
         writers that died left: their markers, temporary files and partial
         uploads. Works on a full device (it may use the store's reserve).
+        ``repack`` first stores again the chunks of live versions that are
+        deltas of deleted versions' chunks, so that those chunks go too
+        (docs/gc.md, "Repacking").
         """
         from ..gc._collect import collect
 
@@ -553,6 +559,7 @@ class Store:
             workers=self.workers,
             clock=self.clock,
             progress=progress,
+            repack=self._tensor_codec() if repack else None,
         )
 
     def last_gc(self) -> LastRun | None:
@@ -560,6 +567,28 @@ class Store:
         from ..gc._history import read_last_run
 
         return read_last_run(self.backend)
+
+    def repack_estimate(self, *, deleting: Iterable[str] = ()) -> RepackReport:
+        """What the repack of the next :meth:`gc` would do, once the versions
+        ``deleting`` (references) are deleted too; nothing is written."""
+        from ..gc._repack import Repacker
+        from ..gc._repack_plan import plan
+
+        excluding = set()
+        for text in deleting:
+            ref = self.resolve(text)
+            excluding.add(f"{ref.key}@{ref.number}")
+        repacker = Repacker(self.backend, self._tensor_codec(), workers=self.workers)
+        return repacker.run(
+            plan(self.refs, workers=self.workers, excluding=excluding), dry_run=True
+        )
+
+    def _tensor_codec(self) -> TensorCodec:
+        """How this store codes tensor chunks: what a repack stores them with."""
+        from ..tensors._encoding import TensorCodec
+
+        config = self.config
+        return TensorCodec(config.zstd_level, config.holds_fse, config.delta_codec)
 
     def gc_settings(self) -> GcSettings:
         """The grace writers refresh against and collections default to (defaults if never set)."""

@@ -45,17 +45,10 @@ from ..errors import (
 )
 from ..repository import _layout as layout
 from ..repository._manifest import MAX_CHAIN, ChunkRef, Entry, Manifest
+from ._encoding import Elements, TensorCodec
 from ._formats import parse
 from ._index import load_index
 from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file
-
-# Chunks up to twice this size are encoded whole to compare with their delta; for
-# larger ones a sample of this size estimates the whole encoding.
-_SAMPLE = 128 * 1024
-# A delta must beat the estimated whole encoding by this much: every read of
-# the chunk (and of each chunk based on it) then reads and decodes its base
-# as well, which a saving of a few percent does not pay for.
-DELTA_GAIN = 0.9
 
 #: A former version of the key being put, by manifest and version number.
 Numbered = tuple[Manifest, int]
@@ -212,8 +205,7 @@ class TensorWriter:
         self.parents = list(parents)
         self.max_reads = max_reads if deltas != "none" else 1
         self.level = level
-        self.fse = fse
-        self.method = method
+        self.codec = TensorCodec(level, fse, method)
         self.chains = Chains(chunks)
         for manifest, _ in self.parents:
             self.chains.learn(manifest)
@@ -325,13 +317,11 @@ class TensorWriter:
         # The base is as long as the parent chunk, and its own chain follows it in ours.
         base_ref = ChunkRef(base, parent.length, chain[1:])
         base_raw = self.chunks.read(base_ref, context=f"delta base for {span.key[0].name!r}")
-        method = self.method if span.itemsize in (2, 4, 8) else codec.Codec.DELTA
-        delta = codec.encode_delta(view, base_raw, base.raw, span.itemsize, method)
-        whole = self._whole_if_smaller(view, span, len(delta))
-        if whole is not None:
-            return whole, ()
+        blob, is_delta = self.codec.delta_or_whole(view, _elements(span), base_raw, base.raw)
+        if not is_delta:
+            return blob, ()
         self.delta_source = file_plan.source
-        return delta, chain
+        return blob, chain
 
     def _base(self, parent: ParentChunk, phase: int) -> tuple[Digest, tuple[Digest, ...]]:
         """The base to delta against, and the chain that gives the new chunk."""
@@ -343,25 +333,7 @@ class TensorWriter:
         return parent.digest, (parent.digest, *parent.bases)
 
     def _grouped(self, view: memoryview, span: Span) -> bytes:
-        assert span.layout is not None
-        return codec.encode_grouped(view, span.itemsize, span.layout, fse=self.fse)
-
-    def _whole_if_smaller(self, view: memoryview, span: Span, delta: int) -> bytes | None:
-        """The whole (byte-grouped) encoding if it beats a delta of ``delta`` bytes, else None.
-
-        A large chunk is judged on a sample, so that a delta that wins, the
-        usual case, costs one encoding and not two.
-        """
-        assert span.layout is not None
-        if len(view) > 2 * _SAMPLE:
-            middle = (len(view) // 2) // span.itemsize * span.itemsize
-            sample = view[middle : middle + _SAMPLE // span.itemsize * span.itemsize]
-            ratio = len(self._grouped(sample, span)) / len(sample)
-            if delta < ratio * len(view) * DELTA_GAIN:
-                return None
-            return self._grouped(view, span)
-        whole = self._grouped(view, span)
-        return None if delta < len(whole) * DELTA_GAIN else whole
+        return self.codec.grouped(view, _elements(span))
 
     def keep(
         self,
@@ -392,3 +364,8 @@ class TensorWriter:
                 ) from None
             if observer is not None:
                 observer(PutResult(base, 0, 0, mtime, prior))
+
+
+def _elements(span: Span) -> Elements:
+    assert span.layout is not None
+    return Elements(span.itemsize, span.layout)

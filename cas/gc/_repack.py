@@ -1,0 +1,381 @@
+"""Repacking: store again what live versions need of deleted versions' chunks, so gc frees them.
+
+A chunk stored as a delta needs its chain of bases, and the manifests that
+name it list that chain, so that garbage collection keeps it alive from
+manifests alone. Once the versions the bases came from are deleted, the
+bases stay for those deltas only (*base-only* chunks): a run that keeps the
+best 3 of 200 checkpoints would keep almost all 200. Repacking stores each
+chunk of a live version whose chain starts with a base-only chunk again: as
+a delta of the nearest base in its chain that a live version names itself,
+or whole when there is none (:mod:`cas.gc._repack_plan` finds them). Then
+it points each version concerned at a new manifest that lists the shorter
+chains, and the next collection after the grace period frees the base-only
+chunks. A version's files, metadata and lineage never change; only its
+manifest id does (docs/format.md, "Repacking").
+
+Why no version is damaged at any moment, whoever else writes (docs/gc.md,
+"Repacking"):
+
+* **A chunk object is only rewritten into an encoding whose chain is a suffix
+  of the chain it has then**, by compare-and-swap on the object. A chain a
+  manifest records was, when recorded, the chunk's chain or a longer one
+  that ends with it; chains only shorten by suffixes, so every manifest keeps
+  alive at least what each of its chunks needs, whichever encoding a reader
+  meets. Both encodings decode to the same bytes, under the same name.
+* **A new manifest is protected like a put's**: written create-only under a
+  :class:`~cas.gc._session.WriteSession` and checked younger than the grace
+  right before the version ref is swapped to it, by compare-and-swap (a
+  version deleted meanwhile is left alone). A crash leaves an unreferenced
+  manifest that a later collection removes.
+* **What the old manifest kept alive stays for a grace period**: the old
+  manifest and the base-only chunks are touched (when old) before the swap,
+  so a reader that resolved the version before it still finds them, as it
+  finds the chunks of a version deleted while it reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from ..backends.base import Backend
+from ..chunks import _codec as codec
+from ..chunks._floatcodec import Layout
+from ..chunks._store import ChunkStore
+from ..digest import Digest
+from ..errors import (
+    AlreadyExistsError,
+    CasError,
+    IntegrityError,
+    NotFoundError,
+    PreconditionFailedError,
+)
+from ..repository import _layout as layout
+from ..repository._live import bounded_map
+from ..repository._manifest import MAX_CHAIN, ChunkRef, DeltaBase, Manifest
+from ..repository._refs import Refs, VersionRef
+from ..tensors._encoding import Elements, TensorCodec
+from ._collect import manifest_chunk_roles
+from ._repack_plan import Chain, RepackPlan, chunks_of, live
+from ._session import SYSTEM_CLOCK, Clock, WriteSession
+
+ProgressFn = Callable[[int], None]
+#: Compare-and-swap attempts on one chunk object that others keep rewriting.
+_ATTEMPTS = 8
+Link = tuple[Digest, bytes | memoryview, bytes]
+#: Stands for "not stored again: the chain the plan gives".
+_PLANNED: Chain = (Digest(bytes(32)),)
+Swap = tuple[VersionRef, Manifest, Digest]
+
+
+@dataclass
+class RepackReport:
+    """What one repack did (or, in a dry run, would do). Sizes are stored bytes."""
+
+    dry_run: bool = False
+    #: Chunks that live versions need only as delta bases (their versions deleted).
+    base_only_chunks: int = 0
+    #: Versions pointed at a new manifest, and the chunks stored again for them.
+    versions: int = 0
+    chunks: int = 0
+    #: Of those chunks, how many are now stored whole (no kept base in their chain).
+    whole: int = 0
+    bytes_before: int = 0
+    #: Their stored size after (a dry run estimates it: a chunk stored whole as
+    #: its chain's root, a delta as it was).
+    bytes_after: int = 0
+    #: What the base-only chunks no version needs any more occupy: what a
+    #: collection frees once they are older than its grace period.
+    frees_bytes: int = 0
+    #: Chunks that could not be read (damaged or missing) and were left as
+    #: they were; the versions that name them keep their manifests.
+    skipped: int = 0
+
+    @property
+    def cost_bytes(self) -> int:
+        """Stored bytes the repack adds (negative when the new encodings are smaller)."""
+        return self.bytes_after - self.bytes_before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "cost_bytes": self.cost_bytes}
+
+
+class Repacker:
+    """Carries out a :class:`RepackPlan` by the rules of the module docstring."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        tensor_codec: TensorCodec,
+        *,
+        workers: int = 8,
+        clock: Clock = SYSTEM_CLOCK,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.backend = backend
+        self.chunks = ChunkStore(backend)
+        self.refs = Refs(backend)
+        self.codec = tensor_codec
+        self.workers = max(1, workers)
+        self.clock = clock
+        self.progress = progress
+
+    def run(self, repack: RepackPlan, *, dry_run: bool = False) -> RepackReport:
+        report = RepackReport(dry_run=dry_run, base_only_chunks=len(repack.base_only))
+        rewrites = repack.rewrites()
+        if dry_run:
+            _estimate(self.backend, repack, rewrites, report, self.workers)
+            return report
+        if not repack.versions:
+            return report
+        session = WriteSession(self.backend, clock=self.clock, workers=self.workers).start()
+        try:
+            written = self._rewrite_all(rewrites, report)
+            swaps = self._new_manifests(repack, written, session)
+            report.frees_bytes = self._keep_for_readers(repack, swaps, session)
+            session.before_commit()
+            self.backend.flush()  # chunks and manifests durable before a ref names them
+            for ref, _, new in swaps:
+                assert ref.manifest_id is not None
+                if self.refs.replace_manifest(ref.key, ref.number, ref.manifest_id, new):
+                    report.versions += 1
+        finally:
+            session.close()
+        return report
+
+    # -- chunks ----------------------------------------------------------------------
+
+    def _rewrite_all(
+        self, rewrites: dict[Digest, Chain], report: RepackReport
+    ) -> dict[bytes, Chain | None]:
+        """Store each chunk against its planned base; the chain each has now (None: skipped)."""
+        written: dict[bytes, Chain | None] = {}
+        items = list(rewrites.items())
+        with ThreadPoolExecutor(self.workers, "cas-repack") as pool:
+            jobs = bounded_map(pool, lambda item: self._rewrite(*item), items, 2 * self.workers)
+            for (digest, _), (chain, before, after, raw_length) in zip(items, jobs, strict=True):
+                written[digest.raw] = chain
+                if chain is None:
+                    report.skipped += 1
+                    continue
+                report.chunks += 1
+                report.whole += not chain
+                report.bytes_before += before
+                report.bytes_after += after
+                if self.progress is not None:
+                    self.progress(raw_length)
+        return written
+
+    def _rewrite(self, digest: Digest, planned: Chain) -> tuple[Chain | None, int, int, int]:
+        """(chain now, stored size before, after, raw length) of one chunk, stored again
+        whole; chain None if it cannot be read. A chunk stored whole already is left.
+
+        Whole, not as a delta of a base further down its chain: a reader follows a
+        chunk's chain as its manifest lists it, and may find it ending early (a whole
+        chunk), never skipping a base, and manifests that list the old chain live on.
+        """
+        del planned
+        key = layout.chunk_key(digest)
+        for _ in range(_ATTEMPTS):
+            try:
+                blob, token = self.backend.get_versioned(key)
+                raw = memoryview(self.chunks.read(ChunkRef(digest, codec.raw_length(blob)))).cast(
+                    "B"
+                )
+            except (NotFoundError, IntegrityError):
+                return None, 0, 0, 0
+            if codec.delta_base(blob) is None:
+                return (), len(blob), len(blob), len(raw)  # stored whole meanwhile
+            new_blob = self._whole(raw, _elements(blob, self._root(blob)))
+            try:
+                self.backend.put(key, new_blob, if_match=token)
+            except PreconditionFailedError:
+                continue  # rewritten meanwhile (perhaps by our own retried write): look again
+            return (), len(blob), len(new_blob), len(raw)
+        raise CasError(f"chunk {digest.hex} kept changing while it was repacked; run gc again")
+
+    def _root(self, blob: bytes) -> bytes:
+        """The header of the last chunk of a delta's chain, where the grouping is named."""
+        base = codec.delta_base(blob)
+        for _ in range(MAX_CHAIN):
+            if base is None:
+                break
+            head = self.backend.get_range(layout.chunk_key(Digest(base)), 0, 64)
+            following = codec.delta_base(head)
+            if following is None:
+                return head
+            base = following
+        return blob
+
+    def _whole(self, raw: memoryview, elements: Elements) -> bytes:
+        if len(raw) % elements.itemsize:
+            return codec.encode(raw, self.codec.level)
+        return self.codec.grouped(raw, elements)
+
+    # -- manifests and refs -------------------------------------------------------------
+
+    def _new_manifests(
+        self, repack: RepackPlan, written: dict[bytes, Chain | None], session: WriteSession
+    ) -> list[Swap]:
+        """A manifest listing the chains as they are now, for each version whose chunks
+        were all read (a version with a skipped chunk keeps its manifest)."""
+        chains = _Chains(repack, written)
+        ready = [
+            (ref, manifest)
+            for ref, manifest in repack.versions
+            if all(written.get(c.digest.raw, ()) is not None for c in chunks_of(manifest))
+        ]
+        firsts = {c[0].raw for _, m in ready for c in map(chains.of, _digests(m)) if c}
+        owners = _owners(self.refs, firsts, self.workers) if firsts else {}
+        swaps = []
+        for ref, manifest in ready:
+            new = _with_chains(manifest, chains, owners.get)
+            blob = new.to_bytes()
+            manifest_id = Digest.of(blob)
+            # An existing manifest of that name holds the same bytes.
+            with contextlib.suppress(AlreadyExistsError):
+                self.backend.put(layout.manifest_key(manifest_id), blob, if_absent=True)
+            session.adopt(layout.manifest_key(manifest_id))
+            swaps.append((ref, new, manifest_id))
+        return swaps
+
+    def _keep_for_readers(
+        self, repack: RepackPlan, swaps: list[Swap], session: WriteSession
+    ) -> int:
+        """Touch the old manifests and the base-only chunks now unneeded before the swaps
+        (see above); the stored bytes of those chunks."""
+        swapped = {ref for ref, _, _ in swaps}
+        kept = [m for ref, m in repack.versions if ref not in swapped]
+        still = {
+            b.raw
+            for m in (*kept, *(new for _, new, _ in swaps))
+            for c in chunks_of(m)
+            for b in c.bases
+        }
+        freed = [Digest(raw) for raw in sorted(repack.base_only - still)]
+        keys = [layout.manifest_key(ref.manifest_id) for ref, _, _ in swaps if ref.manifest_id]
+        keys += [layout.chunk_key(digest) for digest in freed]
+        reference, refresh_after = session.reference_time(), session.refresh_after
+
+        def keep(key: str) -> int:
+            try:
+                info = self.backend.stat(key)
+                if reference - info.mtime > refresh_after:
+                    self.backend.touch(key)
+            except NotFoundError:
+                return 0
+            return info.size if key.startswith(layout.CHUNKS) else 0
+
+        with ThreadPoolExecutor(self.workers, "cas-repack-keep") as pool:
+            return sum(pool.map(keep, keys))
+
+
+def _digests(manifest: Manifest) -> Iterable[Digest]:
+    return (c.digest for c in chunks_of(manifest))
+
+
+class _Chains:
+    """The chain of each chunk once the rewrites are done: what the new manifests list."""
+
+    def __init__(self, repack: RepackPlan, written: dict[bytes, Chain | None]) -> None:
+        self.repack = repack
+        self.written = written
+        self._memo: dict[bytes, Chain] = {}
+
+    def of(self, digest: Digest) -> Chain:
+        chain = self._memo.get(digest.raw)
+        if chain is not None:
+            return chain
+        now = self.written.get(digest.raw, _PLANNED)
+        if now is None:
+            chain = self.repack.known.get(digest.raw, ())  # could not be read: as recorded
+        else:
+            start = self.repack.chain(digest) if now is _PLANNED else now
+            chain = (start[0], *self.of(start[0])) if start else ()
+        self._memo[digest.raw] = chain
+        return chain
+
+
+def _with_chains(
+    manifest: Manifest, chains: _Chains, owner: Callable[[bytes], list[DeltaBase] | None]
+) -> Manifest:
+    """``manifest`` with each chunk's chain as it is now, and the version most of its
+    deltas are now coded against (preferring its own key) as its delta base."""
+    entries = []
+    sources: Counter[DeltaBase] = Counter()
+    for entry in manifest.entries:
+        new_chunks = tuple(replace(c, bases=chains.of(c.digest)) for c in entry.chunks)
+        for chunk in new_chunks:
+            owners = owner(chunk.bases[0].raw) if chunk.bases else None
+            if owners:
+                same_key = [o for o in owners if o.key == manifest.key]
+                sources[(same_key or owners)[-1]] += 1
+        entries.append(replace(entry, chunks=new_chunks) if entry.chunks else entry)
+    delta_base = sources.most_common(1)[0][0] if sources else None
+    return replace(manifest, entries=tuple(entries), delta_base=delta_base)
+
+
+def _owners(refs: Refs, wanted: set[bytes], workers: int) -> dict[bytes, list[DeltaBase]]:
+    """The live versions that name each of ``wanted``, in listing order (keys sorted,
+    versions ascending)."""
+    owners: dict[bytes, list[DeltaBase]] = {}
+
+    def named(ref: VersionRef) -> list[bytes]:
+        assert ref.manifest_id is not None
+        return manifest_chunk_roles(refs.backend, ref.manifest_id, f"{ref.key}@{ref.number}")[0]
+
+    with ThreadPoolExecutor(workers, "cas-repack-owners") as pool:
+        for ref, chunks in bounded_map(pool, lambda r: (r, named(r)), live(refs), 4 * workers):
+            for raw in set(chunks) & wanted:
+                owners.setdefault(raw, []).append(DeltaBase(ref.key, ref.number))
+    return owners
+
+
+def _elements(blob: bytes, root: bytes) -> Elements:
+    """What a chunk holds: grouped as its chain's root when that is grouped with the
+    same element size (a whole encoding groups as the put did), else plainly."""
+    own = Elements.of_blob(blob)
+    first = Elements.of_blob(root)
+    if own is None:
+        return first or Elements(1, Layout.PLAIN)
+    if first is not None and first.itemsize == own.itemsize:
+        return first
+    return own
+
+
+def _estimate(
+    backend: Backend,
+    repack: RepackPlan,
+    rewrites: dict[Digest, Chain],
+    report: RepackReport,
+    workers: int,
+) -> None:
+    """A dry run's figures, from stored sizes: a chunk stored whole costs about what
+    its chain's root, a whole chunk of the same tensor range, costs."""
+    roots = {d: repack.known.get(d.raw, (d,))[-1] for d in rewrites}
+    sizes = _sizes(backend, [*rewrites, *roots.values(), *map(Digest, repack.base_only)], workers)
+    report.versions = len(repack.versions)
+    report.chunks = len(rewrites)
+    report.whole = len(rewrites)
+    for digest in rewrites:
+        report.bytes_before += sizes[digest.raw]
+        report.bytes_after += sizes[roots[digest].raw]
+    report.frees_bytes = sum(sizes[raw] for raw in repack.base_only)
+
+
+def _sizes(backend: Backend, digests: list[Digest], workers: int) -> dict[bytes, int]:
+    """Stored sizes of chunks, read in parallel (0 for one that is missing)."""
+    todo = list(dict.fromkeys(digests))
+
+    def size(digest: Digest) -> int:
+        try:
+            return backend.stat(layout.chunk_key(digest)).size
+        except NotFoundError:
+            return 0
+
+    with ThreadPoolExecutor(workers, "cas-repack-stat") as pool:
+        return {d.raw: s for d, s in zip(todo, pool.map(size, todo), strict=True)}

@@ -1,0 +1,130 @@
+"""What repacking changes, found from the live versions' manifests alone.
+
+See :mod:`cas.gc._repack` for what repacking is. A chunk that a live version
+names itself (as a chunk of one of its files) is *named*; a chunk that live
+versions need only as a delta base of their chunks is *base-only*. Each chunk
+of a live version keeps, of its recorded chain, the part from its first named
+base on; a chunk whose first base is base-only must be stored again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+from ..digest import Digest
+from ..errors import IntegrityError
+from ..repository import _layout as layout
+from ..repository._live import bounded_map
+from ..repository._manifest import ChunkRef, Manifest
+from ..repository._refs import Refs, VersionRef
+from ._collect import manifest_chunk_roles
+from ._digestset import DigestSet
+
+Chain = tuple[Digest, ...]
+
+
+@dataclass
+class RepackPlan:
+    """The chunks and versions a repack concerns."""
+
+    #: Chunks live versions name themselves.
+    named: DigestSet
+    #: Chunks they need only as delta bases.
+    base_only: set[bytes]
+    #: The versions whose manifests list a base-only chunk, with their manifests.
+    versions: list[tuple[VersionRef, Manifest]] = field(default_factory=list)
+    #: The shortest chain recorded for each chunk (and base) of those manifests.
+    known: dict[bytes, Chain] = field(default_factory=dict)
+
+    def chain(self, digest: Digest) -> Chain:
+        """The chain ``digest`` keeps: its recorded one from the first named base on."""
+        for base in self.known.get(digest.raw, ()):
+            if base.raw in self.named:
+                return (base, *self.chain(base))
+        return ()
+
+    def rewrites(self) -> dict[Digest, Chain]:
+        """Chunks to store again (their first base is base-only), with the chain they keep."""
+        out: dict[Digest, Chain] = {}
+        for _, manifest in self.versions:
+            for chunk in chunks_of(manifest):
+                if chunk.bases and chunk.bases[0].raw not in self.named:
+                    out.setdefault(chunk.digest, self.chain(chunk.digest))
+        return out
+
+
+def plan(refs: Refs, *, workers: int = 8, excluding: Collection[str] = ()) -> RepackPlan:
+    """Read the live versions and find what repacking would change.
+
+    A light pass over every manifest finds the base-only chunks; only when
+    there are some are the manifests that list them read in full. Versions
+    named in ``excluding`` (``KEY@N``) count as deleted: what repacking would
+    do once they are (``prune --dry-run``).
+    """
+    versions = (ref for ref in live(refs) if f"{ref.key}@{ref.number}" not in excluding)
+    named, bases = DigestSet(), DigestSet()
+    with_deltas: list[VersionRef] = []
+    with ThreadPoolExecutor(workers, "cas-repack-scan") as pool:
+        scanned = bounded_map(pool, lambda ref: (ref, _roles(refs, ref)), versions, 4 * workers)
+        for ref, (chunks, chains) in scanned:
+            for raw in chunks:
+                named.add(raw)
+            for raw in chains:
+                bases.add(raw)
+            if chains:
+                with_deltas.append(ref)
+    base_only = {raw for raw in bases if raw not in named}
+    result = RepackPlan(named, base_only)
+    if not base_only:
+        return result
+    with ThreadPoolExecutor(workers, "cas-repack-read") as pool:
+        for ref, manifest in zip(
+            with_deltas, pool.map(partial(load, refs), with_deltas), strict=True
+        ):
+            if any(b.raw in base_only for c in chunks_of(manifest) for b in c.bases):
+                result.versions.append((ref, manifest))
+                _learn(result.known, manifest)
+    return result
+
+
+def live(refs: Refs) -> Iterator[VersionRef]:
+    """Every live version ref of the store."""
+    for key, _ in refs.iter_keys():
+        yield from refs.live_versions(key)
+
+
+def load(refs: Refs, ref: VersionRef) -> Manifest:
+    """The manifest of a live version, checked against its id."""
+    assert ref.manifest_id is not None
+    blob = refs.backend.get(layout.manifest_key(ref.manifest_id))
+    if Digest.of(blob) != ref.manifest_id:
+        raise IntegrityError(f"manifest {ref.manifest_id.hex} does not match its hash")
+    return Manifest.from_bytes(blob, name=f"manifest {ref.manifest_id.hex}")
+
+
+def chunks_of(manifest: Manifest) -> Iterator[ChunkRef]:
+    for entry in manifest.entries:
+        yield from entry.chunks
+
+
+def _roles(refs: Refs, ref: VersionRef) -> tuple[list[bytes], list[bytes]]:
+    assert ref.manifest_id is not None
+    return manifest_chunk_roles(refs.backend, ref.manifest_id, f"{ref.key}@{ref.number}")
+
+
+def _learn(known: dict[bytes, Chain], manifest: Manifest) -> None:
+    """Each chunk's chain, and each base's (the rest of the chain): the shortest seen.
+
+    Chains recorded at different times are suffixes of one another (they
+    only ever shorten by suffixes), so the shortest is the closest to the truth.
+    """
+    for chunk in chunks_of(manifest):
+        chain = chunk.bases
+        for index, digest in enumerate((chunk.digest, *chain)):
+            rest = chain[index:]
+            current = known.get(digest.raw)
+            if current is None or len(rest) < len(current):
+                known[digest.raw] = rest
