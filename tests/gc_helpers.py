@@ -14,13 +14,16 @@ fixtures of ``backend_fixtures.py`` unchanged.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import pytest
@@ -237,3 +240,78 @@ def count_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(WriteSession, "start", start)
     return started
+
+
+@dataclass
+class StressRun(Generic[T]):
+    """What writer processes logged while a loop of the main process ran beside them."""
+
+    events: list[dict[str, Any]]
+    results: list[T]
+
+    def refs(self, event: str) -> dict[str, dict[str, Any]]:
+        return {e["ref"]: e for e in self.events if e["event"] == event}
+
+    @property
+    def committed(self) -> dict[str, dict[str, Any]]:
+        return self.refs("put")
+
+    @property
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Committed versions not deleted since, by reference."""
+        deleted = self.refs("rm")
+        return {ref: e for ref, e in self.committed.items() if ref not in deleted}
+
+    @property
+    def aborted(self) -> int:
+        return sum(1 for e in self.events if e["event"] == "aborted")
+
+
+def run_writers(
+    script: str, argv: Sequence[str], count: int, tmp_path: Path, meanwhile: Callable[[], T]
+) -> StressRun[T]:
+    """Run ``count`` writer processes (``python script writer <argv> i log tmp_path``), and
+    ``meanwhile`` over and over until they end; what they logged (JSON lines), and its results."""
+    logs = [tmp_path / f"writer{i}.log" for i in range(count)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, "writer", *argv, str(i), str(log), str(tmp_path)],
+            cwd=Path(script).parent,
+        )
+        for i, log in enumerate(logs)
+    ]
+    results: list[T] = []
+    try:
+        while any(p.poll() is None for p in procs):
+            results.append(meanwhile())
+            time.sleep(0.05)
+    finally:
+        for proc in procs:
+            proc.wait(timeout=120)
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+    events = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
+    return StressRun(events, results)
+
+
+def stress_store(kind: str, backend_uri: str | None, tmp_path: Path) -> tuple[str, Store, float]:
+    """(uri, store, grace) of a stress test's store on ``kind``: a folder under
+    ``tmp_path``, or the test server's bucket, with the grace that suits the kind."""
+    uri = str(tmp_path / "store") if backend_uri is None else backend_uri
+    grace = REAL_GRACE[kind]
+    store = Store.init(uri, chunker=PARAMS)
+    store.set_gc_grace(grace)
+    return uri, store, grace
+
+
+def check_live(store: Store, live: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    """Every committed, undeleted version restores byte for byte (the SHA-256 its writer
+    logged), no other version is live, and a deep verify passes."""
+    import hashlib
+
+    for ref, event in live.items():
+        dest = tmp_path / "restored" / ref.replace("/", "_").replace("@", "_")
+        store.get(ref, dest)
+        assert hashlib.sha256(dest.read_bytes()).hexdigest() == event["sha256"], ref
+    assert {f"{v.key}@{v.number}" for k in store.list_keys() for v in store.log(k.key)} == set(live)
+    report = store.verify(deep=True)
+    assert report.ok, report.damaged

@@ -7,7 +7,8 @@ undeleted version must restore byte for byte, a deep verify must pass, and
 after a final ``gc --grace 0`` the store must hold only what live versions
 reference.
 
-Run as a script, this file is the writer: ``python test_gc_stress.py writer ...``.
+Run as a script, this file is the writer: ``python test_gc_stress.py writer ...``
+(see :func:`gc_helpers.run_writers`).
 """
 
 from __future__ import annotations
@@ -16,18 +17,24 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TypedDict
 
 import pytest
-from gc_helpers import GC_BACKENDS, REAL_GRACE, live_objects, random_bytes, stored_keys
+from gc_helpers import (
+    GC_BACKENDS,
+    check_live,
+    live_objects,
+    random_bytes,
+    run_writers,
+    stored_keys,
+    stress_store,
+)
 
 from cas.chunks._chunking import ChunkerParams
 from cas.errors import ConcurrentCollectionError
-from cas.gc._collect import GcReport
 from cas.repository import _layout as layout
 from cas.store import Store
 
@@ -104,66 +111,27 @@ def writer(uri: str, number: int, seconds: float, log: Path, workdir: Path) -> N
 def test_writers_and_repeated_gc_lose_nothing(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    if kind == "local":
-        uri = str(tmp_path / "store")
-    else:
-        uri = request.getfixturevalue(f"{kind}_backend").uri
-    grace = REAL_GRACE[kind]
-    store = Store.init(uri, chunker=PARAMS)
-    store.set_gc_grace(grace)
+    backend_uri = None if kind == "local" else request.getfixturevalue(f"{kind}_backend").uri
+    uri, store, grace = stress_store(kind, backend_uri, tmp_path)
 
-    logs = [tmp_path / f"writer{i}.log" for i in range(WRITERS)]
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "writer",
-                uri,
-                str(i),
-                str(SECONDS),
-                str(log),
-                str(tmp_path),
-            ],
-            cwd=Path(__file__).parent,
-        )
-        for i, log in enumerate(logs)
-    ]
-    reports: list[GcReport] = []
-    try:
-        while any(p.poll() is None for p in procs):
-            reports.append(store.gc(grace=grace))
-            time.sleep(0.05)
-    finally:
-        for proc in procs:
-            proc.wait(timeout=120)
-    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
-
-    events = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
-    committed = {e["ref"]: e for e in events if e["event"] == "put"}
-    deleted = {e["ref"] for e in events if e["event"] == "rm"}
-    aborted = sum(1 for e in events if e["event"] == "aborted")
-    live = {ref: e for ref, e in committed.items() if ref not in deleted}
+    run = run_writers(
+        __file__, [uri, str(SECONDS)], WRITERS, tmp_path, lambda: store.gc(grace=grace)
+    )
+    reports, committed, live = run.results, run.committed, run.live
     print(
-        f"\n{len(committed)} puts, {len(deleted)} deletes, {aborted} aborted puts, "
-        f"{len(reports)} collections, {sum(r.deleted for r in reports)} objects collected, "
-        f"{sum(r.deferred for r in reports)} deferred"
+        f"\n{len(committed)} puts, {len(committed) - len(live)} deletes, {run.aborted} aborted "
+        f"puts, {len(reports)} collections, {sum(r.deleted for r in reports)} objects "
+        f"collected, {sum(r.deferred for r in reports)} deferred"
     )
     assert len(reports) >= 5
     assert len(committed) >= WRITERS * 3
     assert sum(r.deleted for r in reports) > 0, "the collections never collected anything"
-    assert aborted <= len(committed), "most puts lost a race: the protocol is too fragile"
+    assert run.aborted <= len(committed), "most puts lost a race: the protocol is too fragile"
 
-    # Every committed, undeleted version restores byte for byte.
-    for ref, event in live.items():
-        dest = tmp_path / "restored" / ref.replace("/", "_").replace("@", "_")
-        store.get(ref, dest)
-        data = dest.read_bytes()
-        assert hashlib.sha256(data).hexdigest() == event["sha256"], ref
-        assert data == content(event["parts"], event["tail_size"], event["tail_seed"])
-    assert {f"{v.key}@{v.number}" for k in store.list_keys() for v in store.log(k.key)} == set(live)
-    report = store.verify(deep=True)
-    assert report.ok, report.damaged
+    check_live(store, live, tmp_path)
+    for event in live.values():
+        data = content(event["parts"], event["tail_size"], event["tail_seed"])
+        assert hashlib.sha256(data).hexdigest() == event["sha256"]
 
     # Nothing writes now: a final collection with no grace leaves only the live set.
     final = store.gc(grace=0)
@@ -180,5 +148,5 @@ def test_writers_and_repeated_gc_lose_nothing(
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["writer"]:
-    _, _, uri_arg, number_arg, seconds_arg, log_arg, workdir_arg = sys.argv
+    _, _, uri_arg, seconds_arg, number_arg, log_arg, workdir_arg = sys.argv
     writer(uri_arg, int(number_arg), float(seconds_arg), Path(log_arg), Path(workdir_arg))

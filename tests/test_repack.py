@@ -25,6 +25,7 @@ from cas.gc._repack_plan import plan
 from cas.repository import _layout as layout
 from cas.store import Store
 from cas.store._config import load_config
+from cas.tensors._writer import Chains
 from cas.testing.faults import FaultyBackend
 
 
@@ -206,6 +207,31 @@ def test_two_repacks_of_one_plan_agree(store: Store, tmp_path: Path) -> None:
     store.gc(grace=0)
     assert store.verify(deep=True).ok
     restores(store, tmp_path, {f"run@{n}": paths[n - 1] for n in (3, 5, 6)})
+
+
+def test_a_chain_recorded_before_a_repack_is_repacked_later(store: Store, tmp_path: Path) -> None:
+    """A put that learned chains from a manifest a repack was replacing records more bases
+    than its chunks need, in another order than any chunk has them: safe, and a later
+    repack reads the chains from the chunks, not from that record."""
+    paths = series(store, tmp_path, versions=4)
+    store.delete("run@2")
+    found = plan(store.refs)
+    after = save(tmp_path / "v5.safetensors", step(weights(21), seed=77))
+    store.put(after, "run")  # run@5, a delta of run@4 as it was before the repack
+    Repacker(store.backend, store._tensor_codec()).run(found)
+    # run@5 lists bases its chunks no longer need, but every one they need.
+    stored = Chains(store.chunks)
+    recorded = entry_chunks(store, "run@5")
+    assert all(set(stored.of(c.digest)) <= set(c.bases) for c in recorded)
+    assert any(set(stored.of(c.digest)) < set(c.bases) for c in recorded)
+    assert store.verify(deep=True).ok
+    store.delete("run@3")
+    store.delete("run@4")
+    store.gc(grace=0)
+    assert store.verify(deep=True).ok
+    chunks, _ = live_objects(store)
+    assert stored_keys(store.backend, layout.CHUNKS) == chunks
+    restores(store, tmp_path, {"run@1": paths[0], "run@5": after})
 
 
 def test_a_put_after_a_repack_reuses_its_chunks(store: Store, tmp_path: Path) -> None:

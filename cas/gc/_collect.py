@@ -499,7 +499,12 @@ def collect(
         from ._repack import Repacker
         from ._repack_plan import plan
 
-        repacker = Repacker(backend, repack, workers=workers, clock=clock, progress=progress)
+        # A collection with no grace assumes nothing else reads or writes: the old
+        # bases need not stay for readers, and go in this very collection.
+        readers = grace is None or grace > 0
+        repacker = Repacker(
+            backend, repack, workers=workers, clock=clock, progress=progress, readers=readers
+        )
         repacked = repacker.run(plan(Refs(backend), workers=workers), dry_run=dry_run)
     collector = Collector(
         backend, grace=grace, dry_run=dry_run, workers=workers, clock=clock, progress=progress

@@ -17,11 +17,14 @@ Why no version is damaged at any moment, whoever else writes (docs/gc.md,
 "Repacking"):
 
 * **A chunk object is only rewritten into an encoding whose chain is a suffix
-  of the chain it has then**, by compare-and-swap on the object. A chain a
-  manifest records was, when recorded, the chunk's chain or a longer one
-  that ends with it; chains only shorten by suffixes, so every manifest keeps
-  alive at least what each of its chunks needs, whichever encoding a reader
-  meets. Both encodings decode to the same bytes, under the same name.
+  of the chain it has then**, read from the object itself, and by
+  compare-and-swap on the object. A chain a manifest records held, when
+  recorded, every base the chunk needed (a put that learned a chain from a
+  manifest being repacked may list more); rewriting only drops bases from a
+  chunk's chain, so every manifest keeps alive at least what each of its
+  chunks needs, whichever encoding a reader meets. Both encodings decode to
+  the same bytes, under the same name. The new manifests list the chains
+  read from the chunks after the rewrites.
 * **A new manifest is protected like a put's**: written create-only under a
   :class:`~cas.gc._session.WriteSession` and checked younger than the grace
   right before the version ref is swapped to it, by compare-and-swap (a
@@ -37,9 +40,10 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import Any
 
 from ..backends.base import Backend
@@ -50,6 +54,7 @@ from ..digest import Digest
 from ..errors import (
     AlreadyExistsError,
     CasError,
+    ConcurrentCollectionError,
     IntegrityError,
     NotFoundError,
     PreconditionFailedError,
@@ -59,6 +64,7 @@ from ..repository._live import bounded_map
 from ..repository._manifest import MAX_CHAIN, ChunkRef, DeltaBase, Manifest
 from ..repository._refs import Refs, VersionRef
 from ..tensors._encoding import Elements, TensorCodec
+from ..tensors._writer import Chains
 from ._collect import manifest_chunk_roles
 from ._repack_plan import Chain, RepackPlan, chunks_of, live
 from ._session import SYSTEM_CLOCK, Clock, WriteSession
@@ -67,8 +73,6 @@ ProgressFn = Callable[[int], None]
 #: Compare-and-swap attempts on one chunk object that others keep rewriting.
 _ATTEMPTS = 8
 Link = tuple[Digest, bytes | memoryview, bytes]
-#: Stands for "not stored again: the chain the plan gives".
-_PLANNED: Chain = (Digest(bytes(32)),)
 Swap = tuple[VersionRef, Manifest, Digest]
 
 
@@ -115,8 +119,12 @@ class Repacker:
         workers: int = 8,
         clock: Clock = SYSTEM_CLOCK,
         progress: ProgressFn | None = None,
+        readers: bool = True,
     ) -> None:
+        """``readers=False`` says that nothing reads the store meanwhile (a collection
+        with no grace): what the old manifests held need not be kept for a grace."""
         self.backend = backend
+        self.readers = readers
         self.chunks = ChunkStore(backend)
         self.refs = Refs(backend)
         self.codec = tensor_codec
@@ -126,16 +134,16 @@ class Repacker:
 
     def run(self, repack: RepackPlan, *, dry_run: bool = False) -> RepackReport:
         report = RepackReport(dry_run=dry_run, base_only_chunks=len(repack.base_only))
-        rewrites = repack.rewrites()
         if dry_run:
-            _estimate(self.backend, repack, rewrites, report, self.workers)
+            _estimate(self.backend, repack, repack.rewrites(), report, self.workers)
             return report
         if not repack.versions:
             return report
         session = WriteSession(self.backend, clock=self.clock, workers=self.workers).start()
         try:
-            written = self._rewrite_all(rewrites, report)
-            swaps = self._new_manifests(repack, written, session)
+            chains = Chains(self.chunks)
+            skipped = self._rewrite_all(repack, chains, report)
+            swaps = self._new_manifests(repack, chains, skipped, session)
             report.frees_bytes = self._keep_for_readers(repack, swaps, session)
             session.before_commit()
             self.backend.flush()  # chunks and manifests durable before a ref names them
@@ -149,36 +157,41 @@ class Repacker:
 
     # -- chunks ----------------------------------------------------------------------
 
-    def _rewrite_all(
-        self, rewrites: dict[Digest, Chain], report: RepackReport
-    ) -> dict[bytes, Chain | None]:
-        """Store each chunk against its planned base; the chain each has now (None: skipped)."""
-        written: dict[bytes, Chain | None] = {}
-        items = list(rewrites.items())
+    def _rewrite_all(self, repack: RepackPlan, chains: Chains, report: RepackReport) -> set[bytes]:
+        """Store each chunk whose recorded first base is base-only again; the chunks that
+        could not be read. ``chains`` learns the chain each chunk has now."""
+        skipped: set[bytes] = set()
+        digests = list(repack.rewrites())
         with ThreadPoolExecutor(self.workers, "cas-repack") as pool:
-            jobs = bounded_map(pool, lambda item: self._rewrite(*item), items, 2 * self.workers)
-            for (digest, _), (chain, before, after, raw_length) in zip(items, jobs, strict=True):
-                written[digest.raw] = chain
+            jobs = bounded_map(pool, partial(self._rewrite, repack), digests, 2 * self.workers)
+            for digest, (chain, sizes) in zip(digests, jobs, strict=True):
                 if chain is None:
+                    skipped.add(digest.raw)
                     report.skipped += 1
                     continue
+                chains.record(digest, chain)
+                if sizes is None:
+                    continue  # stored against a named base already (by another repack)
+                before, after, raw_length = sizes
                 report.chunks += 1
                 report.whole += not chain
                 report.bytes_before += before
                 report.bytes_after += after
                 if self.progress is not None:
                     self.progress(raw_length)
-        return written
+        return skipped
 
-    def _rewrite(self, digest: Digest, planned: Chain) -> tuple[Chain | None, int, int, int]:
-        """(chain now, stored size before, after, raw length) of one chunk, stored again
-        whole; chain None if it cannot be read. A chunk stored whole already is left.
+    def _rewrite(
+        self, repack: RepackPlan, digest: Digest
+    ) -> tuple[Chain | None, tuple[int, int, int] | None]:
+        """(chain now, (stored size before, after, raw length) if stored again) of one
+        chunk, stored again whole; chain None if it cannot be read.
 
         Whole, not as a delta of a base further down its chain: a reader follows a
         chunk's chain as its manifest lists it, and may find it ending early (a whole
         chunk), never skipping a base, and manifests that list the old chain live on.
         """
-        del planned
+        del repack
         key = layout.chunk_key(digest)
         for _ in range(_ATTEMPTS):
             try:
@@ -187,15 +200,15 @@ class Repacker:
                     "B"
                 )
             except (NotFoundError, IntegrityError):
-                return None, 0, 0, 0
+                return None, None
             if codec.delta_base(blob) is None:
-                return (), len(blob), len(blob), len(raw)  # stored whole meanwhile
+                return (), None  # stored whole meanwhile
             new_blob = self._whole(raw, _elements(blob, self._root(blob)))
             try:
                 self.backend.put(key, new_blob, if_match=token)
             except PreconditionFailedError:
                 continue  # rewritten meanwhile (perhaps by our own retried write): look again
-            return (), len(blob), len(new_blob), len(raw)
+            return (), (len(blob), len(new_blob), len(raw))
         raise CasError(f"chunk {digest.hex} kept changing while it was repacked; run gc again")
 
     def _root(self, blob: bytes) -> bytes:
@@ -219,21 +232,24 @@ class Repacker:
     # -- manifests and refs -------------------------------------------------------------
 
     def _new_manifests(
-        self, repack: RepackPlan, written: dict[bytes, Chain | None], session: WriteSession
+        self, repack: RepackPlan, chains: Chains, skipped: set[bytes], session: WriteSession
     ) -> list[Swap]:
-        """A manifest listing the chains as they are now, for each version whose chunks
-        were all read (a version with a skipped chunk keeps its manifest)."""
-        chains = _Chains(repack, written)
-        ready = [
-            (ref, manifest)
-            for ref, manifest in repack.versions
-            if all(written.get(c.digest.raw, ()) is not None for c in chunks_of(manifest))
-        ]
-        firsts = {c[0].raw for _, m in ready for c in map(chains.of, _digests(m)) if c}
+        """For each version, a manifest that lists the chains its chunks have now, read
+        from the chunks themselves (a version with a chunk that could not be read, or
+        whose chain cannot be followed, keeps its manifest)."""
+        rebuilt = []
+        for ref, manifest in repack.versions:
+            if any(c.digest.raw in skipped for c in chunks_of(manifest)):
+                continue
+            try:
+                rebuilt.append((ref, _with_chains(manifest, chains)))
+            except (ConcurrentCollectionError, IntegrityError):
+                continue  # a base is gone (the version is being deleted) or damaged
+        firsts = {c.bases[0].raw for _, m in rebuilt for c in chunks_of(m) if c.bases}
         owners = _owners(self.refs, firsts, self.workers) if firsts else {}
         swaps = []
-        for ref, manifest in ready:
-            new = _with_chains(manifest, chains, owners.get)
+        for ref, new in rebuilt:
+            new = replace(new, delta_base=_delta_base(new, owners))
             blob = new.to_bytes()
             manifest_id = Digest.of(blob)
             # An existing manifest of that name holds the same bytes.
@@ -264,7 +280,7 @@ class Repacker:
         def keep(key: str) -> int:
             try:
                 info = self.backend.stat(key)
-                if reference - info.mtime > refresh_after:
+                if self.readers and reference - info.mtime > refresh_after:
                     self.backend.touch(key)
             except NotFoundError:
                 return 0
@@ -274,49 +290,28 @@ class Repacker:
             return sum(pool.map(keep, keys))
 
 
-def _digests(manifest: Manifest) -> Iterable[Digest]:
-    return (c.digest for c in chunks_of(manifest))
-
-
-class _Chains:
-    """The chain of each chunk once the rewrites are done: what the new manifests list."""
-
-    def __init__(self, repack: RepackPlan, written: dict[bytes, Chain | None]) -> None:
-        self.repack = repack
-        self.written = written
-        self._memo: dict[bytes, Chain] = {}
-
-    def of(self, digest: Digest) -> Chain:
-        chain = self._memo.get(digest.raw)
-        if chain is not None:
-            return chain
-        now = self.written.get(digest.raw, _PLANNED)
-        if now is None:
-            chain = self.repack.known.get(digest.raw, ())  # could not be read: as recorded
-        else:
-            start = self.repack.chain(digest) if now is _PLANNED else now
-            chain = (start[0], *self.of(start[0])) if start else ()
-        self._memo[digest.raw] = chain
-        return chain
-
-
-def _with_chains(
-    manifest: Manifest, chains: _Chains, owner: Callable[[bytes], list[DeltaBase] | None]
-) -> Manifest:
-    """``manifest`` with each chunk's chain as it is now, and the version most of its
-    deltas are now coded against (preferring its own key) as its delta base."""
+def _with_chains(manifest: Manifest, chains: Chains) -> Manifest:
+    """``manifest`` with the chain each of its chunks has now. A chunk recorded whole is
+    whole (nothing makes a chunk need more bases), so only deltas are read."""
     entries = []
-    sources: Counter[DeltaBase] = Counter()
     for entry in manifest.entries:
-        new_chunks = tuple(replace(c, bases=chains.of(c.digest)) for c in entry.chunks)
-        for chunk in new_chunks:
-            owners = owner(chunk.bases[0].raw) if chunk.bases else None
-            if owners:
-                same_key = [o for o in owners if o.key == manifest.key]
-                sources[(same_key or owners)[-1]] += 1
+        new_chunks = tuple(
+            replace(c, bases=chains.of(c.digest)) if c.bases else c for c in entry.chunks
+        )
         entries.append(replace(entry, chunks=new_chunks) if entry.chunks else entry)
-    delta_base = sources.most_common(1)[0][0] if sources else None
-    return replace(manifest, entries=tuple(entries), delta_base=delta_base)
+    return replace(manifest, entries=tuple(entries))
+
+
+def _delta_base(manifest: Manifest, owners: dict[bytes, list[DeltaBase]]) -> DeltaBase | None:
+    """The version most of the deltas are now coded against, preferring the manifest's
+    own key (None when no chunk is a delta any more)."""
+    sources: Counter[DeltaBase] = Counter()
+    for chunk in chunks_of(manifest):
+        found = owners.get(chunk.bases[0].raw) if chunk.bases else None
+        if found:
+            same_key = [o for o in found if o.key == manifest.key]
+            sources[(same_key or found)[-1]] += 1
+    return sources.most_common(1)[0][0] if sources else None
 
 
 def _owners(refs: Refs, wanted: set[bytes], workers: int) -> dict[bytes, list[DeltaBase]]:

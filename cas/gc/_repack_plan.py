@@ -2,9 +2,10 @@
 
 See :mod:`cas.gc._repack` for what repacking is. A chunk that a live version
 names itself (as a chunk of one of its files) is *named*; a chunk that live
-versions need only as a delta base of their chunks is *base-only*. Each chunk
-of a live version keeps, of its recorded chain, the part from its first named
-base on; a chunk whose first base is base-only must be stored again.
+versions need only as a delta base of their chunks is *base-only*. A chunk
+whose recorded first base is base-only must be stored again; it keeps about
+the part of its chain from its first named base on (what a dry run
+estimates with: the repack itself reads each chain from the chunks).
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ class RepackPlan:
     known: dict[bytes, Chain] = field(default_factory=dict)
 
     def chain(self, digest: Digest) -> Chain:
-        """The chain ``digest`` keeps: its recorded one from the first named base on."""
+        """About the chain ``digest`` keeps: its recorded one from the first named base on."""
         for base in self.known.get(digest.raw, ()):
             if base.raw in self.named:
                 return (base, *self.chain(base))
         return ()
 
     def rewrites(self) -> dict[Digest, Chain]:
-        """Chunks to store again (their first base is base-only), with the chain they keep."""
+        """Chunks to store again (their recorded first base is base-only), with about the
+        chain they keep."""
         out: dict[Digest, Chain] = {}
         for _, manifest in self.versions:
             for chunk in chunks_of(manifest):
@@ -118,8 +120,8 @@ def _roles(refs: Refs, ref: VersionRef) -> tuple[list[bytes], list[bytes]]:
 def _learn(known: dict[bytes, Chain], manifest: Manifest) -> None:
     """Each chunk's chain, and each base's (the rest of the chain): the shortest seen.
 
-    Chains recorded at different times are suffixes of one another (they
-    only ever shorten by suffixes), so the shortest is the closest to the truth.
+    Every chain recorded for a chunk holds every base it needs, perhaps more
+    (chains only lose bases), so the shortest is the closest to the truth.
     """
     for chunk in chunks_of(manifest):
         chain = chunk.bases

@@ -115,6 +115,11 @@ class Chains:
                     for index, base in enumerate(chain):
                         self._known.setdefault(base.raw, chain[index + 1 :])
 
+    def record(self, digest: Digest, chain: tuple[Digest, ...]) -> None:
+        """The chain of a chunk whose stored form the caller has just written or read."""
+        with self._lock:
+            self._known[digest.raw] = chain
+
     def named(self, digest: Digest) -> bool:
         """Whether a manifest (or a chunk header) already told this chunk's chain."""
         with self._lock:
