@@ -483,9 +483,15 @@ class Store:
         """What the store holds: live versions, what they need, what only deltas keep."""
         from ._stats import measure
 
-        return measure(
+        stats = measure(
             self.refs, self.load_manifest, self.chunks, self.backend, workers=self.workers
         )
+        if not stats.delta_base_bytes:
+            return stats
+        # What gc's repack would free: the bases, less what storing their deltas again costs.
+        estimate = self.repack_estimate()
+        frees = max(estimate.frees_bytes - estimate.cost_bytes, 0)
+        return dataclasses.replace(stats, repack_frees_bytes=frees)
 
     def chunk_sizes(self) -> dict[str, int]:
         """The stored (compressed or delta-coded) size of every chunk object, by hex digest.

@@ -3,10 +3,8 @@
 A live version names its chunks; a chunk stored as a delta also needs its
 bases. Once the version a base came from is deleted, the base is kept only
 for the deltas of live versions: those bytes belong to no live version's
-content, yet no collection can free them. Re-storing those deltas whole
-(repacking) would free them, less what the whole chunks cost; each whole
-chunk is estimated at the stored size of its chain's root, a whole chunk of
-the same tensor range.
+content, yet no collection frees them until gc's repack has stored those
+deltas again (:mod:`cas.gc._repack`); the store fills in what that frees.
 """
 
 from __future__ import annotations
@@ -69,25 +67,7 @@ def measure(
         referenced_chunks=len(needed),
         live_bytes=sum(stored_sizes.get(raw, 0) for raw in needed) + live_manifest_bytes,
         delta_base_bytes=base_only_bytes,
-        repack_frees_bytes=_repack_frees(named, base_only, base_only_bytes, stored_sizes),
         delta_chunks=len(deltas),
         delta_bytes=sum(stored_sizes.get(raw, 0) for raw in deltas),
         base_chunks=len(bases),
     )
-
-
-def _repack_frees(
-    named: dict[bytes, ChunkRef],
-    base_only: set[bytes],
-    base_only_bytes: int,
-    stored_sizes: dict[bytes, int],
-) -> int:
-    """About what re-storing whole the deltas that need ``base_only`` chunks would free."""
-    if not base_only:
-        return 0
-    dropped = added = 0
-    for raw, chunk in named.items():
-        if any(base.raw in base_only for base in chunk.bases):
-            dropped += stored_sizes.get(raw, 0)
-            added += stored_sizes.get(chunk.bases[-1].raw, 0)
-    return max(base_only_bytes + dropped - added, 0)
