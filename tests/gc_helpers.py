@@ -215,6 +215,19 @@ def live_objects(store: Store) -> tuple[set[str], set[str]]:
     return chunks, manifests
 
 
+def needed_chunks(store: Store) -> set[str]:
+    """Keys of the chunks live versions name, and of the delta bases they list."""
+    from cas.repository import _layout as layout
+
+    out: set[str] = set()
+    for key in store.list_keys():
+        for version in store.log(key.key):
+            for entry in store.show(version.ref).entries:
+                for chunk in entry.chunks:
+                    out.update(layout.chunk_key(d) for d in (chunk.digest, *chunk.bases))
+    return out
+
+
 def stored_keys(backend: Backend, prefix: str) -> set[str]:
     return {info.key for info in backend.list_objects(prefix)}
 

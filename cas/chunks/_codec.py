@@ -58,8 +58,12 @@ DELTA_CODECS = frozenset((Codec.DELTA, Codec.DIFFERENCE))
 #: What follows the header of a delta chunk: the BLAKE3 of its base's raw bytes.
 BASE = struct.Struct("<32s")
 #: Default limit of a store's delta chains: a chunk is rebuilt from at most
-#: this many chunk reads (itself and its bases).
-DEFAULT_DELTA_READS = 8
+#: this many chunk reads (itself and its bases). Every read of a chain costs
+#: about what reading a whole chunk does: with 4, a version of a fine-tuning
+#: run restores at about half the speed of one stored whole and stores in
+#: about a fifth of its size in bf16 (docs/performance.md, "Deltas without
+#: asking"); with 8 (the limit before deltas came without asking) at a third.
+DEFAULT_DELTA_READS = 4
 
 
 def _choose_level(data: memoryview, level: int) -> int | None:

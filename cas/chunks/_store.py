@@ -174,19 +174,6 @@ class ChunkStore:
         # headers lead, for at most MAX_CHAIN links.
         return self._get(chunk.digest, chunk.length, chunk.bases or None, where, 0)
 
-    def read_links(
-        self, chunk: ChunkRef, blob: bytes, *, context: str = ""
-    ) -> list[tuple[Digest, bytes | memoryview, bytes]]:
-        """(digest, raw bytes, stored bytes) of the chunk stored as ``blob`` and of each
-        base along its chain, the root first, the chunk last: each verified on its own.
-
-        For a writer that re-encodes the chunk against one of its bases.
-        """
-        where = f"{context}: chunk {chunk.digest.hex}" if context else f"chunk {chunk.digest.hex}"
-        links: list[tuple[Digest, bytes | memoryview, bytes]] = []
-        self._decode(chunk.digest, blob, chunk.length, chunk.bases or None, where, 0, links)
-        return links
-
     def _get(
         self,
         digest: Digest,
@@ -194,30 +181,17 @@ class ChunkStore:
         bases: tuple[Digest, ...] | None,
         where: str,
         depth: int,
-        links: list[tuple[Digest, bytes | memoryview, bytes]] | None = None,
     ) -> bytes | memoryview:
         """``read``, following a delta chunk down to its base: each link verified on its own.
 
         A base is as long as the chunk built on it, so one length bounds the chain.
         """
+        name = f"{where} (delta base {digest.hex})" if depth else where
         try:
             blob = self.backend.get(layout.chunk_key(digest))
         except NotFoundError:
             what = f"{where}: its delta base {digest.hex}" if depth else where
             raise MissingObjectError(f"{what} is missing from the store") from None
-        return self._decode(digest, blob, length, bases, where, depth, links)
-
-    def _decode(
-        self,
-        digest: Digest,
-        blob: bytes,
-        length: int,
-        bases: tuple[Digest, ...] | None,
-        where: str,
-        depth: int,
-        links: list[tuple[Digest, bytes | memoryview, bytes]] | None,
-    ) -> bytes | memoryview:
-        name = f"{where} (delta base {digest.hex})" if depth else where
         base_raw = codec.delta_base(blob)
         base = None
         if base_raw is not None:
@@ -229,12 +203,10 @@ class ChunkStore:
                     f"{name}: its header names delta base {base_raw.hex()}, the manifest {listed}"
                 )
             rest = bases[1:] if bases is not None else None
-            base = self._get(Digest(base_raw), length, rest, where, depth + 1, links)
+            base = self._get(Digest(base_raw), length, rest, where, depth + 1)
         raw = codec.decode(blob, length=length, name=name, base=base)
         if hash_bytes(raw) != digest.raw:
             raise CorruptObjectError(f"{name} is corrupt: its content does not match its hash")
-        if links is not None:
-            links.append((digest, raw, blob))
         return raw
 
     def prefetch(self, digests: Iterable[Digest]) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from ..errors import InvalidInputError
 from ..store import (
+    DEFAULT_DELTA_READS,
     DEFAULT_STORE,
     DELTA_METHODS,
     ENTROPY_CODERS,
@@ -330,7 +331,8 @@ def _register_init(add: AddCommand) -> None:
         "--max-delta-reads",
         type=int,
         metavar="N",
-        help="longest delta chain, in chunk reads to rebuild a chunk (default 8; 1: no deltas)",
+        help="longest delta chain, in chunk reads to rebuild a chunk"
+        f" (default {DEFAULT_DELTA_READS}; 1: no deltas)",
     )
     p.add_argument(
         "--entropy",

@@ -66,13 +66,12 @@ from ..repository._refs import Refs, VersionRef
 from ..tensors._encoding import Elements, TensorCodec
 from ..tensors._writer import Chains
 from ._collect import manifest_chunk_roles
-from ._repack_plan import Chain, RepackPlan, chunks_of, live
+from ._repack_plan import Group, RepackPlan, chunks_of, groups, live
 from ._session import SYSTEM_CLOCK, Clock, WriteSession
 
 ProgressFn = Callable[[int], None]
 #: Compare-and-swap attempts on one chunk object that others keep rewriting.
 _ATTEMPTS = 8
-Link = tuple[Digest, bytes | memoryview, bytes]
 Swap = tuple[VersionRef, Manifest, Digest]
 
 
@@ -108,6 +107,18 @@ class RepackReport:
         return {**asdict(self), "cost_bytes": self.cost_bytes}
 
 
+@dataclass(frozen=True)
+class _Rewrite:
+    """One chunk of a repack: as it is stored, and the whole chunk it becomes
+    (``new_blob`` None: it stays as it is)."""
+
+    digest: Digest
+    blob: bytes
+    token: str
+    new_blob: bytes | None
+    raw_length: int
+
+
 class Repacker:
     """Carries out a :class:`RepackPlan` by the rules of the module docstring."""
 
@@ -135,7 +146,7 @@ class Repacker:
     def run(self, repack: RepackPlan, *, dry_run: bool = False) -> RepackReport:
         report = RepackReport(dry_run=dry_run, base_only_chunks=len(repack.base_only))
         if dry_run:
-            _estimate(self.backend, repack, repack.rewrites(), report, self.workers)
+            _estimate(self.backend, repack, report, self.workers)
             return report
         if not repack.versions:
             return report
@@ -158,58 +169,76 @@ class Repacker:
     # -- chunks ----------------------------------------------------------------------
 
     def _rewrite_all(self, repack: RepackPlan, chains: Chains, report: RepackReport) -> set[bytes]:
-        """Store each chunk whose recorded first base is base-only again; the chunks that
-        could not be read. ``chains`` learns the chain each chunk has now."""
+        """Store again each group of chunks whose recorded first base is base-only, when
+        that frees more than it costs; the chunks that could not be read. ``chains``
+        learns the chain each chunk has now."""
         skipped: set[bytes] = set()
-        digests = list(repack.rewrites())
+        found = groups(repack)
         with ThreadPoolExecutor(self.workers, "cas-repack") as pool:
-            jobs = bounded_map(pool, partial(self._rewrite, repack), digests, 2 * self.workers)
-            for digest, (chain, sizes) in zip(digests, jobs, strict=True):
-                if chain is None:
-                    skipped.add(digest.raw)
-                    report.skipped += 1
+            jobs = bounded_map(pool, partial(self._repack_group, repack), found, 2 * self.workers)
+            for group, done in zip(found, jobs, strict=True):
+                if done is None:
+                    skipped.update(d.raw for d in group.chunks)
+                    report.skipped += len(group.chunks)
                     continue
-                chains.record(digest, chain)
-                if sizes is None:
-                    continue  # stored against a named base already (by another repack)
-                before, after, raw_length = sizes
-                report.chunks += 1
-                report.whole += not chain
-                report.bytes_before += before
-                report.bytes_after += after
-                if self.progress is not None:
-                    self.progress(raw_length)
+                for item in done:
+                    if item.new_blob is None:
+                        continue  # left as it is: whole already, or not worth it
+                    chains.record(item.digest, ())
+                    report.chunks += 1
+                    report.whole += 1
+                    report.bytes_before += len(item.blob)
+                    report.bytes_after += len(item.new_blob)
+                    if self.progress is not None:
+                        self.progress(item.raw_length)
         return skipped
 
-    def _rewrite(
-        self, repack: RepackPlan, digest: Digest
-    ) -> tuple[Chain | None, tuple[int, int, int] | None]:
-        """(chain now, (stored size before, after, raw length) if stored again) of one
-        chunk, stored again whole; chain None if it cannot be read.
+    def _repack_group(self, repack: RepackPlan, group: Group) -> list[_Rewrite] | None:
+        """Store a group's chunks again if that frees more than it costs (None: a chunk of
+        it cannot be read, and the group stays as it is)."""
+        prepared = [self._prepare(digest) for digest in group.chunks]
+        if any(item is None for item in prepared):
+            return None
+        items = [item for item in prepared if item is not None]
+        cost = sum(len(i.new_blob) - len(i.blob) for i in items if i.new_blob is not None)
+        if cost >= sum(_stored_size(self.backend, Digest(raw)) for raw in group.bases):
+            return [replace(item, new_blob=None) for item in items]
+        return [self._commit(item) for item in items]
+
+    def _prepare(self, digest: Digest) -> _Rewrite | None:
+        """A chunk and its new form, whole (``new_blob`` None: whole already); None if it
+        cannot be read.
 
         Whole, not as a delta of a base further down its chain: a reader follows a
         chunk's chain as its manifest lists it, and may find it ending early (a whole
         chunk), never skipping a base, and manifests that list the old chain live on.
         """
-        del repack
-        key = layout.chunk_key(digest)
+        try:
+            blob, token = self.backend.get_versioned(layout.chunk_key(digest))
+            raw = self.chunks.read(ChunkRef(digest, codec.raw_length(blob)), context="repack")
+        except (NotFoundError, IntegrityError):
+            return None
+        view = memoryview(raw).cast("B")
+        item = _Rewrite(digest, blob, token, None, len(view))
+        if codec.delta_base(blob) is None:
+            return item  # stored whole already (by another repack)
+        return replace(item, new_blob=self._whole(view, _elements(blob, self._root(blob))))
+
+    def _commit(self, item: _Rewrite) -> _Rewrite:
+        """Write a prepared chunk by compare-and-swap; prepare it again if it changed."""
         for _ in range(_ATTEMPTS):
+            if item.new_blob is None:
+                return item
             try:
-                blob, token = self.backend.get_versioned(key)
-                raw = memoryview(self.chunks.read(ChunkRef(digest, codec.raw_length(blob)))).cast(
-                    "B"
-                )
-            except (NotFoundError, IntegrityError):
-                return None, None
-            if codec.delta_base(blob) is None:
-                return (), None  # stored whole meanwhile
-            new_blob = self._whole(raw, _elements(blob, self._root(blob)))
-            try:
-                self.backend.put(key, new_blob, if_match=token)
+                self.backend.put(layout.chunk_key(item.digest), item.new_blob, if_match=item.token)
+                return item
             except PreconditionFailedError:
-                continue  # rewritten meanwhile (perhaps by our own retried write): look again
-            return (), (len(blob), len(new_blob), len(raw))
-        raise CasError(f"chunk {digest.hex} kept changing while it was repacked; run gc again")
+                pass  # rewritten meanwhile (perhaps by our own retried write): look again
+            again = self._prepare(item.digest)
+            if again is None:
+                raise CasError(f"chunk {item.digest.hex} vanished while it was repacked")
+            item = again
+        raise CasError(f"chunk {item.digest.hex} kept changing while it was repacked; run gc again")
 
     def _root(self, blob: bytes) -> bytes:
         """The header of the last chunk of a delta's chain, where the grouping is named."""
@@ -342,35 +371,38 @@ def _elements(blob: bytes, root: bytes) -> Elements:
     return own
 
 
-def _estimate(
-    backend: Backend,
-    repack: RepackPlan,
-    rewrites: dict[Digest, Chain],
-    report: RepackReport,
-    workers: int,
-) -> None:
-    """A dry run's figures, from stored sizes: a chunk stored whole costs about what
-    its chain's root, a whole chunk of the same tensor range, costs."""
-    roots = {d: repack.known.get(d.raw, (d,))[-1] for d in rewrites}
-    sizes = _sizes(backend, [*rewrites, *roots.values(), *map(Digest, repack.base_only)], workers)
-    report.versions = len(repack.versions)
-    report.chunks = len(rewrites)
-    report.whole = len(rewrites)
-    for digest in rewrites:
-        report.bytes_before += sizes[digest.raw]
-        report.bytes_after += sizes[roots[digest].raw]
-    report.frees_bytes = sum(sizes[raw] for raw in repack.base_only)
-
-
-def _sizes(backend: Backend, digests: list[Digest], workers: int) -> dict[bytes, int]:
-    """Stored sizes of chunks, read in parallel (0 for one that is missing)."""
-    todo = list(dict.fromkeys(digests))
-
-    def size(digest: Digest) -> int:
-        try:
-            return backend.stat(layout.chunk_key(digest)).size
-        except NotFoundError:
-            return 0
-
+def _estimate(backend: Backend, repack: RepackPlan, report: RepackReport, workers: int) -> None:
+    """A dry run's figures, from stored sizes: a chunk stored whole costs about what its
+    chain's root (a whole chunk of the same tensor range) costs; a group is counted
+    when it frees more than that."""
+    found = groups(repack)
+    roots = {d: repack.known.get(d.raw, (d,))[-1] for g in found for d in g.chunks}
+    wanted = [*roots, *roots.values(), *map(Digest, repack.base_only)]
     with ThreadPoolExecutor(workers, "cas-repack-stat") as pool:
-        return {d.raw: s for d, s in zip(todo, pool.map(size, todo), strict=True)}
+        stored = pool.map(partial(_stored_size, backend), wanted)
+        sizes = dict(zip([d.raw for d in wanted], stored, strict=True))
+    freed: set[bytes] = set()
+    for group in found:
+        after = {d: sizes[roots[d].raw] for d in group.chunks}
+        before = sum(sizes[d.raw] for d in group.chunks)
+        if sum(after.values()) - before >= sum(sizes[raw] for raw in group.bases):
+            continue
+        freed |= group.bases
+        report.chunks += len(group.chunks)
+        report.whole += len(group.chunks)
+        report.bytes_before += before
+        report.bytes_after += sum(after.values())
+    report.frees_bytes = sum(sizes[raw] for raw in freed)
+    report.versions = sum(
+        1
+        for _, manifest in repack.versions
+        if any(b.raw in freed for c in chunks_of(manifest) for b in c.bases)
+    )
+
+
+def _stored_size(backend: Backend, digest: Digest) -> int:
+    """The stored size of a chunk (0 for one that is missing)."""
+    try:
+        return backend.stat(layout.chunk_key(digest)).size
+    except NotFoundError:
+        return 0

@@ -58,6 +58,47 @@ class RepackPlan:
         return out
 
 
+@dataclass(frozen=True)
+class Group:
+    """Chunks to store again together, and the base-only chunks that then go.
+
+    A base-only chunk goes only once every chunk whose chain holds it is
+    stored again; a group is a set of such chunks and the base-only chunks
+    their chains hold, closed under both, so that each group frees what it
+    frees whatever the other groups do. A repack stores a group again only
+    when that frees more than it costs.
+    """
+
+    chunks: tuple[Digest, ...]
+    bases: frozenset[bytes]
+
+
+def groups(repack: RepackPlan) -> list[Group]:
+    """The chunks to store again, in groups (see :class:`Group`), by their recorded chains."""
+    rewrites = list(repack.rewrites())
+    parent = list(range(len(rewrites)))
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            parent[index] = parent[parent[index]]
+            index = parent[index]
+        return index
+
+    owner: dict[bytes, int] = {}
+    for index, digest in enumerate(rewrites):
+        for base in repack.known.get(digest.raw, ()):
+            if base.raw in repack.base_only:
+                other = owner.setdefault(base.raw, index)
+                parent[root(other)] = root(index)
+    members: dict[int, list[Digest]] = {}
+    for index, digest in enumerate(rewrites):
+        members.setdefault(root(index), []).append(digest)
+    bases: dict[int, set[bytes]] = {}
+    for raw, index in owner.items():
+        bases.setdefault(root(index), set()).add(raw)
+    return [Group(tuple(chunks), frozenset(bases.get(r, ()))) for r, chunks in members.items()]
+
+
 def plan(refs: Refs, *, workers: int = 8, excluding: Collection[str] = ()) -> RepackPlan:
     """Read the live versions and find what repacking would change.
 

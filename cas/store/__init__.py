@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..backends import OBJECT_STORE_CONCURRENCY as OBJECT_STORE_WORKERS
 from ..backends.local import MAX_CONCURRENCY, MIN_CONCURRENCY
 from ..chunks._chunking import ChunkerParams
+from ..chunks._codec import DEFAULT_DELTA_READS
 from ..gc._history import LastRun
 from ..repository._metadata import ARTIFACT_TYPES, ArtifactInfo
 from ..transfer._budget import IN_FLIGHT_BYTES
@@ -71,6 +72,7 @@ if not TYPE_CHECKING:  # type checkers see the imports above, and no name beyond
 
 __all__ = [
     "ARTIFACT_TYPES",
+    "DEFAULT_DELTA_READS",
     "DEFAULT_STORE",
     "DELTA_METHODS",
     "ENTROPY_CODERS",
