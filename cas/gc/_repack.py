@@ -5,26 +5,23 @@ name it list that chain, so that garbage collection keeps it alive from
 manifests alone. Once the versions the bases came from are deleted, the
 bases stay for those deltas only (*base-only* chunks): a run that keeps the
 best 3 of 200 checkpoints would keep almost all 200. Repacking stores each
-chunk of a live version whose chain starts with a base-only chunk again: as
-a delta of the nearest base in its chain that a live version names itself,
-or whole when there is none (:mod:`cas.gc._repack_plan` finds them). Then
-it points each version concerned at a new manifest that lists the shorter
-chains, and the next collection after the grace period frees the base-only
-chunks. A version's files, metadata and lineage never change; only its
-manifest id does (docs/format.md, "Repacking").
+chunk of a live version whose chain starts with a base-only chunk again,
+whole, in groups that free more than they cost (:mod:`cas.gc._repack_plan`
+finds them). Then it points each version concerned at a new manifest that
+lists the shorter chains, and the next collection after the grace period
+frees the base-only chunks. A version's files, metadata and lineage never
+change; only its manifest id does (docs/format.md, "Repacking").
 
 Why no version is damaged at any moment, whoever else writes (docs/gc.md,
 "Repacking"):
 
-* **A chunk object is only rewritten into an encoding whose chain is a suffix
-  of the chain it has then**, read from the object itself, and by
-  compare-and-swap on the object. A chain a manifest records held, when
-  recorded, every base the chunk needed (a put that learned a chain from a
-  manifest being repacked may list more); rewriting only drops bases from a
-  chunk's chain, so every manifest keeps alive at least what each of its
-  chunks needs, whichever encoding a reader meets. Both encodings decode to
-  the same bytes, under the same name. The new manifests list the chains
-  read from the chunks after the rewrites.
+* **A delta chunk is only rewritten whole**, by compare-and-swap on the
+  object. A reader follows a chain as its manifest lists it, and accepts one
+  that ends early: every manifest that lists the old chain (the version's
+  own until its ref is swapped, a put's that learned the chain from it)
+  still reads, and keeps alive every base its chunks need. Both encodings
+  decode to the same bytes, under the same name. The new manifests list the
+  chains read from the chunks after the rewrites.
 * **A new manifest is protected like a put's**: written create-only under a
   :class:`~cas.gc._session.WriteSession` and checked younger than the grace
   right before the version ref is swapped to it, by compare-and-swap (a

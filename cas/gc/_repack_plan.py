@@ -3,9 +3,8 @@
 See :mod:`cas.gc._repack` for what repacking is. A chunk that a live version
 names itself (as a chunk of one of its files) is *named*; a chunk that live
 versions need only as a delta base of their chunks is *base-only*. A chunk
-whose recorded first base is base-only must be stored again; it keeps about
-the part of its chain from its first named base on (what a dry run
-estimates with: the repack itself reads each chain from the chunks).
+whose recorded first base is base-only is stored again whole, when its
+group frees more than it costs.
 """
 
 from __future__ import annotations
@@ -40,22 +39,14 @@ class RepackPlan:
     #: The shortest chain recorded for each chunk (and base) of those manifests.
     known: dict[bytes, Chain] = field(default_factory=dict)
 
-    def chain(self, digest: Digest) -> Chain:
-        """About the chain ``digest`` keeps: its recorded one from the first named base on."""
-        for base in self.known.get(digest.raw, ()):
-            if base.raw in self.named:
-                return (base, *self.chain(base))
-        return ()
-
-    def rewrites(self) -> dict[Digest, Chain]:
-        """Chunks to store again (their recorded first base is base-only), with about the
-        chain they keep."""
-        out: dict[Digest, Chain] = {}
+    def rewrites(self) -> list[Digest]:
+        """The chunks to store again: their recorded first base is base-only."""
+        out: dict[Digest, None] = {}
         for _, manifest in self.versions:
             for chunk in chunks_of(manifest):
                 if chunk.bases and chunk.bases[0].raw not in self.named:
-                    out.setdefault(chunk.digest, self.chain(chunk.digest))
-        return out
+                    out.setdefault(chunk.digest)
+        return list(out)
 
 
 @dataclass(frozen=True)
@@ -75,7 +66,7 @@ class Group:
 
 def groups(repack: RepackPlan) -> list[Group]:
     """The chunks to store again, in groups (see :class:`Group`), by their recorded chains."""
-    rewrites = list(repack.rewrites())
+    rewrites = repack.rewrites()
     parent = list(range(len(rewrites)))
 
     def root(index: int) -> int:
