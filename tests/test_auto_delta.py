@@ -269,3 +269,19 @@ def test_checkpoint_manager_deltas(store: Store, delta: bool | None) -> None:
     assert latest.state.keys() == saved.keys()
     for name, array in latest.state.items():
         np.testing.assert_array_equal(array, saved[name])
+
+
+@pytest.mark.parametrize("delta", [None, False])
+def test_the_integrations_chain_passes_delta_on(
+    store: Store, tmp_path: Path, delta: bool | None
+) -> None:
+    from cas.integrations._common import Chain
+
+    chain = Chain(store, "run", delta=delta)
+    arrays = weights(22)
+    for number in (1, 2):
+        chain.put(save(tmp_path / f"v{number}.safetensors", arrays))
+        arrays = step(arrays, seed=number)
+    deltas = store.show("run@2").storage.delta_chunks
+    assert (deltas > 0) == (delta is None)
+    assert store.show("run@2").version.parents == ("run@1",)

@@ -24,12 +24,14 @@ class Chain:
     """Puts the versions of one key, each with the one before it as parent (so deltas apply).
 
     The first parent is the key's latest version in the store: a resumed run
-    goes on along its chain.
+    goes on along its chain. ``delta`` is :meth:`Store.put`'s: False stores
+    every version whole.
     """
 
-    def __init__(self, store: Store, key: str) -> None:
+    def __init__(self, store: Store, key: str, *, delta: bool | None = None) -> None:
         self.store = store
         self.key = key
+        self.delta = delta
         self.latest: str | None = None
 
     def parents(self) -> list[str]:
@@ -42,7 +44,8 @@ class Chain:
 
     def put(self, source: Path, **fields: Any) -> Version:
         """``Store.put`` of ``source`` as the next version; ``fields`` are its keywords."""
-        version = self.store.put(source, self.key, parents=self.parents(), **fields)
+        parents = self.parents()
+        version = self.store.put(source, self.key, parents=parents, delta=self.delta, **fields)
         self.latest = version.ref
         return version
 

@@ -27,6 +27,10 @@ memory (within ``memory_budget`` bytes: a save beyond it waits) and a
 worker writes and stores the copy while training goes on; a failed upload
 raises :class:`~cas.errors.BackgroundSaveError` at the next save, when
 ``fit`` ends (``teardown``), at :meth:`CasCheckpointIO.wait` or at exit.
+
+The tensors of each checkpoint are stored as deltas of the one before where
+that saves space (see docs/concepts.md); ``delta=False`` stores every
+checkpoint whole, faster to read and larger.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class CasCheckpointIO(CheckpointIO):
         memory_budget: int | None = None,
         keep_removed: bool = False,
         info: ArtifactInfo | None = None,
+        delta: bool | None = None,
     ) -> None:
         self.store = open_store(store)
         self.key = key
@@ -71,7 +76,7 @@ class CasCheckpointIO(CheckpointIO):
         self.info = info or ArtifactInfo(type="checkpoint")
         #: The version stored for each path Lightning saved to, in this process.
         self.versions: dict[str, Version] = {}
-        self._chain = Chain(self.store, key)
+        self._chain = Chain(self.store, key, delta=delta)
         #: The worker that runs the background saves (None when saving in the foreground).
         self.uploader = BackgroundUploader(memory_budget) if background else None
 

@@ -81,7 +81,9 @@ class CasCallback(TrainerCallback):
     ``keep_local=False``, a ``checkpoint-N`` folder is deleted once stored
     and checked against the store (the best one stays until training ends
     when ``load_best_model_at_end`` needs it). ``save_final=False`` skips
-    the final ``model`` version.
+    the final ``model`` version. The tensors of each checkpoint are stored
+    as deltas of the one before where that saves space; ``delta=False``
+    stores every checkpoint whole.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class CasCallback(TrainerCallback):
         keep_local: bool = True,
         save_final: bool = True,
         info: ArtifactInfo | None = None,
+        delta: bool | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, got {max_pending}")
@@ -106,7 +109,7 @@ class CasCallback(TrainerCallback):
         self.info = info or ArtifactInfo()
         #: Versions stored by this callback, by training step.
         self.versions: dict[int, Version] = {}
-        self._chain = Chain(self.store, key)
+        self._chain = Chain(self.store, key, delta=delta)
         # Folders stored and checked, to delete on the training thread (keep_local=False),
         # and the one kept for load_best_model_at_end.
         self._stored: deque[_Save] = deque()
@@ -243,6 +246,7 @@ class CasCallback(TrainerCallback):
                 metrics=metrics,
                 info=self._info(args, model, "model"),
                 tags=["final"],
+                delta=self._chain.delta,
             )
         log.info("stored the final model as %s", version.ref)
 
