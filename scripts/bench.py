@@ -8,7 +8,8 @@ Run from the repository root (the virtualenv provides numpy and cas)::
     .venv/bin/python scripts/bench.py --rss-scaling --tools cas  # + 256 MiB / 1 GiB / 4 GiB files
     .venv/bin/python scripts/bench.py --json bench-out/bench.json
 
-The data (see ``bench_data.py``, 3 series x 5 versions) is generated once,
+The data (see ``bench_data.py``: 3 series x 5 versions, and 2 fine-tuning
+series x 20 versions) is generated once,
 deterministically, under ``--workdir`` (default ``/tmp/cas-bench``) and reused
 while its manifest matches. Each round, every tool gets a fresh repository and
 ingests every version directory in order, one timed subprocess per version;
@@ -178,7 +179,7 @@ class Cas(Tool):
         remove(tmp)
         (tmp / "src").mkdir(parents=True)
         (tmp / "src" / "f").write_bytes(b"warm-up " * 100_000)
-        warm = Cas(tmp / "store")
+        warm = type(self)(tmp / "store")
         warm.init()
         run_cas(warm._cas("put", str(tmp / "src"), "warm"))
         run_cas(warm._cas("get", "warm@1", str(tmp / "dest")))
@@ -256,7 +257,15 @@ class Copy(Tool):
         return run(["cp", "-r", handle, str(dest)]), dest
 
 
-TOOL_CLASSES: dict[str, type[Tool]] = {c.name: c for c in (Cas, TarZstd, Restic, Copy)}
+class CasBase(Cas):
+    """cas as some other version of it runs (``--baseline-cas-command``), for ratios
+    of a change against what it changes, measured in the same rounds."""
+
+    name = "cas-base"
+    command: ClassVar[list[str]] = []
+
+
+TOOL_CLASSES: dict[str, type[Tool]] = {c.name: c for c in (Cas, CasBase, TarZstd, Restic, Copy)}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -526,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
         help="how to run cas (default %(default)s); e.g. 'python -m cas' with PYTHONPATH "
         "pointing at an exported commit, to measure a fixed version",
     )
+    ap.add_argument(
+        "--baseline-cas-command",
+        help="also run cas this way, as the tool cas-base (e.g. 'python -m cas' with "
+        "PYTHONPATH at an exported commit): ratios of cas against it come from the same rounds",
+    )
     ap.add_argument("--json", type=Path, help="write every number to this file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-version progress")
     args = ap.parse_args(argv)
@@ -538,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         tools.remove("restic")
     log, info = make_log(not args.quiet)
     Cas.command = shlex.split(args.cas_command)
+    if args.baseline_cas_command:
+        CasBase.command = shlex.split(args.baseline_cas_command)
+        tools.append(CasBase.name)
     started = time.monotonic()
     workdir: Path = args.workdir.resolve()
     info(f"data under {workdir} (scale {args.scale})")

@@ -20,6 +20,12 @@ text shard are multiplied by ``scale``):
   step, so after rounding to bf16 only part of the values actually change.
 * ``text/v1..v5``: a dataset directory of JSONL shards (~10 MB each) of
   Zipf-distributed pseudo-words; v1 has 4 shards and each version appends one.
+* ``finetune-bf16/v1..v20`` and ``finetune-fp32/v1..v20``: a full
+  fine-tuning run, every weight of a small model (a 4096x512 embedding and
+  one llama-style layer, 6 M parameters) moving by ``1e-4 * N(0, 1)`` in
+  fp32 at each version, then stored as fp32 (~25 MB) or cast to bf16
+  (~12 MB): every byte of every version changes, which deduplication cannot
+  use and deltas can.
 
 Weights are drawn from N(0, 0.02) (norm weights around 1), never random bytes
 and never zeros, so compressors see what they would see on real checkpoints:
@@ -39,8 +45,9 @@ from pathlib import Path
 
 import numpy as np
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 N_VERSIONS = 5
+N_FINETUNE_VERSIONS = 20
 
 _HIDDEN = 512
 _VOCAB = 16384
@@ -48,6 +55,8 @@ _FP32_LAYERS = 6
 _FP32_TRAINABLE = (4, 5)
 _BF16_LAYERS = 6
 _HEADER_GROWS_AT = 4
+_FINETUNE_VOCAB = 4096
+_FINETUNE_STEP = 1e-4
 _SHARD_BYTES = 10_000_000
 _FIRST_SHARDS = 4
 
@@ -251,6 +260,36 @@ def _bf16_version(d: Path, v: int, scale: float) -> dict[str, FileInfo]:
     return files
 
 
+def _walked(name: str, shape: tuple[int, ...], version: int) -> np.ndarray:
+    """A weight after ``version - 1`` steps of ``w + 1e-4 * N(0, 1)`` in fp32.
+
+    Each step's noise is drawn from a seed of its own, so a version is made
+    from scratch, one tensor at a time, without holding the one before.
+    """
+    tid = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    weight = _normal(shape, 0.02, 4, tid)
+    if name.endswith("norm.weight"):
+        weight += np.float32(1.0)
+    for step in range(1, version):
+        weight += _normal(shape, _FINETUNE_STEP, 4, tid, step)
+    return weight
+
+
+def _finetune_version(d: Path, v: int, scale: float, dtype: str) -> dict[str, FileInfo]:
+    shapes = _param_shapes(scale, 1)
+    shapes[0] = ("model.embed_tokens.weight", (_rows(_FINETUNE_VOCAB, scale), _HIDDEN), -1)
+    tensors = []
+    for name, shape, _ in sorted(shapes):
+
+        def make(name: str = name, shape: tuple[int, ...] = shape) -> np.ndarray:
+            weight = _walked(name, shape, v)
+            return to_bf16(weight) if dtype == "BF16" else weight
+
+        tensors.append(Tensor(name, dtype, shape, make))
+    meta = {"format": "pt", "step": str(100 * v)}
+    return {"model.safetensors": write_safetensors(d / "model.safetensors", tensors, meta)}
+
+
 def _vocabulary(n: int = 30000) -> list[bytes]:
     rng = _rng(3)
     syll = [c + w for c in "bcdfghklmnprstvwz" for w in ("a", "e", "i", "o", "u", "ou", "ea")]
@@ -311,7 +350,12 @@ def _text_series(root: Path, scale: float) -> dict[int, dict[str, FileInfo]]:
 
 
 def _manifest_key(scale: float) -> dict[str, object]:
-    return {"generator": GENERATOR_VERSION, "scale": scale, "versions": N_VERSIONS}
+    return {
+        "generator": GENERATOR_VERSION,
+        "scale": scale,
+        "versions": N_VERSIONS,
+        "finetune_versions": N_FINETUNE_VERSIONS,
+    }
 
 
 def load_dataset(root: Path, scale: float) -> Dataset | None:
@@ -351,10 +395,18 @@ def generate_dataset(root: Path, scale: float, log: Callable[[str], None] = prin
             per_series[series][v] = fn(d, v, scale)
     log("  generating text shards")
     per_series["text"] = _text_series(root / "text", scale)
+    for series, dtype in (("finetune-bf16", "BF16"), ("finetune-fp32", "F32")):
+        per_series[series] = {}
+        for v in range(1, N_FINETUNE_VERSIONS + 1):
+            d = root / series / f"v{v}"
+            d.mkdir(parents=True)
+            log(f"  generating {series}/v{v}")
+            per_series[series][v] = _finetune_version(d, v, scale, dtype)
     versions = [
         Version(s, v, root / s / f"v{v}", per_series[s][v])
-        for v in range(1, N_VERSIONS + 1)
+        for v in range(1, N_FINETUNE_VERSIONS + 1)
         for s in per_series
+        if v in per_series[s]
     ]
     doc = {
         "key": _manifest_key(scale),
