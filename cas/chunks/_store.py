@@ -181,10 +181,16 @@ class ChunkStore:
         bases: tuple[Digest, ...] | None,
         where: str,
         depth: int,
+        check_links: bool = False,
     ) -> bytes | memoryview:
-        """``read``, following a delta chunk down to its base: each link verified on its own.
+        """``read``, following a delta chunk down to its base.
 
-        A base is as long as the chunk built on it, so one length bounds the chain.
+        A base is as long as the chunk built on it, so one length bounds the
+        chain. Every link's header, codec and length are checked; the hashes
+        of the bases only when the chunk's own hash fails (``check_links``),
+        to name the damaged link: a base that is not what its name says
+        cannot rebuild bytes of the chunk's hash, and hashing each base cost
+        a read of a delta chunk a tenth of its time.
         """
         name = f"{where} (delta base {digest.hex})" if depth else where
         try:
@@ -203,9 +209,11 @@ class ChunkStore:
                     f"{name}: its header names delta base {base_raw.hex()}, the manifest {listed}"
                 )
             rest = bases[1:] if bases is not None else None
-            base = self._get(Digest(base_raw), length, rest, where, depth + 1)
+            base = self._get(Digest(base_raw), length, rest, where, depth + 1, check_links)
         raw = codec.decode(blob, length=length, name=name, base=base)
-        if hash_bytes(raw) != digest.raw:
+        if (depth == 0 or check_links) and hash_bytes(raw) != digest.raw:
+            if base is not None and not check_links:
+                return self._get(digest, length, bases, where, 0, check_links=True)
             raise CorruptObjectError(f"{name} is corrupt: its content does not match its hash")
         return raw
 
