@@ -20,6 +20,7 @@ from cas.errors import InvalidInputError
 from cas.ml.checkpoint import CheckpointManager
 from cas.repository import _layout as layout
 from cas.store import Store
+from cas.units import counted
 
 
 @pytest.fixture
@@ -215,8 +216,11 @@ def test_cli_put_no_delta_and_show(tmp_path: Path) -> None:
     assert run_json("show", "run@3", store=store_dir)["storage"]["delta_chunks"] == 0
     assert "storage:" not in ok(run_cas("show", "run@3", store=store_dir)).stdout
     stats = ok(run_cas("stats", store=store_dir)).stdout
-    assert "deltas:" in stats
-    assert run_json("stats", store=store_dir)["delta_chunks"] > 0
+    counts = run_json("stats", store=store_dir)
+    assert counts["delta_chunks"] > 0
+    deltas = next(line for line in stats.splitlines() if line.startswith("deltas:"))
+    assert f" {counted(counts['delta_chunks'], 'chunk')}," in deltas
+    assert deltas.endswith(f"coded against {counted(counts['base_chunks'], 'chunk')}")
 
 
 def test_cli_init_no_auto_delta(tmp_path: Path) -> None:

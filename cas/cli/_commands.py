@@ -234,8 +234,8 @@ def _delta_lines(s: Stats) -> list[str]:
     if not s.delta_chunks:
         return []
     return [
-        f"deltas:            {s.delta_chunks} chunks, {format_size(s.delta_bytes)} stored,"
-        f" coded against {s.base_chunks} chunks"
+        f"deltas:            {counted(s.delta_chunks, 'chunk')}, {format_size(s.delta_bytes)}"
+        f" stored, coded against {counted(s.base_chunks, 'chunk')}"
     ]
 
 
