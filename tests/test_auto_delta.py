@@ -289,3 +289,15 @@ def test_the_integrations_chain_passes_delta_on(
     deltas = store.show("run@2").storage.delta_chunks
     assert (deltas > 0) == (delta is None)
     assert store.show("run@2").version.parents == ("run@1",)
+
+
+def test_a_restore_hints_the_bases_of_a_delta_chunk_with_it(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    series(store, tmp_path, versions=3)
+    hinted: list[bytes] = []
+    monkeypatch.setattr(store.chunks, "prefetch", lambda ds: hinted.extend(d.raw for d in ds))
+    store.get("run@3", tmp_path / "out")
+    chunks = entry_chunks(store, "run@3")
+    assert any(c.bases for c in chunks)
+    assert hinted == [d.raw for c in chunks for d in (c.digest, *c.bases)]

@@ -57,7 +57,10 @@ class _ReadAhead:
             self.hinted += self.order[self.next].length
             self.next += 1
         if self.next > start:
-            self.chunks.prefetch(c.digest for c in self.order[start : self.next])
+            # A delta chunk's bases are read with it: hinted with it.
+            self.chunks.prefetch(
+                d for c in self.order[start : self.next] for d in (c.digest, *c.bases)
+            )
 
 
 def _remove(path: Path) -> None:
