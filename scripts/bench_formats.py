@@ -7,8 +7,9 @@ Two parts, each measured in one run so the ratios compare like with like:
   with ``safetensors`` and with ``torch.save``, in fp32 and bf16: what
   ``cas put`` of the first version adds to an empty store over the file's
   size, and what a fine-tuned copy (every weight plus 1e-4 * N(0, 1)) adds
-  when put with its parent; ``put`` and ``get`` wall time, median of
-  ``--rounds`` fresh stores.
+  when put with its parent; ``put`` and ``get`` wall and CPU time, median of
+  ``--rounds`` fresh stores, the two formats turn about in each round, and
+  the median of the per-round CPU-time ratios of torch.save to safetensors.
 * **A training run.** A small GPT-2 (built from a config, nothing
   downloaded) trained for real with AdamW on the bytes of this repository's
   docs, on CPU; every ``--every`` steps a checkpoint written as the Hugging
@@ -110,39 +111,48 @@ def write(state: dict[str, torch.Tensor], path: Path, fmt: str) -> Path:
     return path
 
 
-def bench_model(work: Path, dtype: str, fmt: str, rounds: int) -> dict[str, Any]:
+def bench_models(work: Path, dtype: str, rounds: int) -> list[dict[str, Any]]:
+    """Both formats of one dtype, turn about within each round (who goes first alternates),
+    so load from elsewhere falls on both alike; medians over the rounds."""
     base = minilm()
     generator = torch.Generator().manual_seed(0)
     tuned = {
         k: v + 1e-4 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
         for k, v in base.items()
     }
-    suffix = "safetensors" if fmt == "safetensors" else "pt"
-    first = write(cast(base, dtype), work / f"v1-{dtype}.{suffix}", fmt)
-    second = write(cast(tuned, dtype), work / f"v2-{dtype}.{suffix}", fmt)
-    puts: list[tuple[float, float]] = []
-    gets: list[tuple[float, float]] = []
-    added: list[float] = []
-    for index in range(rounds):
-        store = Store.init(work / f"store-{fmt}-{dtype}-{index}")
-        puts.append(timed(lambda: store.put(first, "m")))  # noqa: B023 - called at once
-        one = chunk_bytes(store)
-        store.put(second, "m", parents=["m@1"])
-        added = [one / first.stat().st_size, (chunk_bytes(store) - one) / second.stat().st_size]
-        out = work / f"out-{fmt}-{dtype}-{index}"
-        gets.append(timed(lambda: store.get("m@1", out)))  # noqa: B023 - called at once
-        assert out.read_bytes() == first.read_bytes()
-    return {
-        "format": fmt,
-        "dtype": dtype,
-        "bytes": first.stat().st_size,
-        "first_ratio": added[0],
-        "tuned_ratio": added[1],
-        "put_seconds": statistics.median(wall for wall, _ in puts),
-        "get_seconds": statistics.median(wall for wall, _ in gets),
-        "put_cpu_seconds": statistics.median(cpu for _, cpu in puts),
-        "get_cpu_seconds": statistics.median(cpu for _, cpu in gets),
+    files = {}
+    for fmt, suffix in (("safetensors", "safetensors"), ("torch.save", "pt")):
+        first = write(cast(base, dtype), work / f"v1-{dtype}.{suffix}", fmt)
+        files[fmt] = (first, write(cast(tuned, dtype), work / f"v2-{dtype}.{suffix}", fmt))
+    times: dict[str, dict[str, list[tuple[float, float]]]] = {
+        f: {"put": [], "get": []} for f in files
     }
+    added: dict[str, list[float]] = {}
+    for index in range(rounds):
+        order = list(files) if index % 2 else list(files)[::-1]
+        for fmt in order:
+            first, second = files[fmt]
+            store = Store.init(work / f"store-{fmt}-{dtype}-{index}")
+            times[fmt]["put"].append(timed(lambda: store.put(first, "m")))  # noqa: B023
+            one = chunk_bytes(store)
+            store.put(second, "m", parents=["m@1"])
+            size = first.stat().st_size
+            added[fmt] = [one / size, (chunk_bytes(store) - one) / second.stat().st_size]
+            out = work / f"out-{fmt}-{dtype}-{index}"
+            times[fmt]["get"].append(timed(lambda: store.get("m@1", out)))  # noqa: B023
+            assert out.read_bytes() == first.read_bytes()
+    rows = []
+    for fmt, (first, _) in files.items():
+        row: dict[str, Any] = {"format": fmt, "dtype": dtype, "bytes": first.stat().st_size}
+        row.update(first_ratio=added[fmt][0], tuned_ratio=added[fmt][1])
+        for op in ("put", "get"):
+            row[f"{op}_seconds"] = statistics.median(w for w, _ in times[fmt][op])
+            row[f"{op}_cpu_seconds"] = statistics.median(c for _, c in times[fmt][op])
+            pairs = list(zip(times[fmt][op], times["safetensors"][op], strict=True))
+            row[f"{op}_wall_x_safetensors"] = statistics.median(a[0] / b[0] for a, b in pairs)
+            row[f"{op}_cpu_x_safetensors"] = statistics.median(a[1] / b[1] for a, b in pairs)
+        rows.append(row)
+    return rows
 
 
 # -- a training run, checkpointed as the Hugging Face Trainer does ------------------------
@@ -332,8 +342,7 @@ def main() -> None:
         if not args.skip_model:
             results["minilm"] = []
             for dtype in ("fp32", "bf16"):
-                for fmt in ("safetensors", "torch.save"):
-                    row = bench_model(work, dtype, fmt, args.rounds)
+                for row in bench_models(work, dtype, args.rounds):
                     log(row)
                     results["minilm"].append(row)
         if not args.skip_run:
