@@ -251,33 +251,35 @@ def _decode(blob: bytes, name: str) -> Any:
 
 
 def live_chunk_names(blob: bytes, *, name: str = "manifest") -> list[bytes]:
-    """The raw digests :meth:`Manifest.live_chunks` names, read from a manifest's
-    stored bytes without building it; a chunk appears once per use.
+    """The raw digests :meth:`Manifest.live_chunks` names, in its order, read from a
+    manifest's stored bytes without building it; a chunk appears once per use.
 
     Raises CorruptObjectError when the bytes are not a manifest this cas reads.
     """
-    chunks, bases = live_chunk_roles(blob, name=name)
-    return chunks + bases
+    return [digest for item in _chunk_items(blob, name) for digest in item]
 
 
 def live_chunk_roles(blob: bytes, *, name: str = "manifest") -> tuple[list[bytes], list[bytes]]:
     """:func:`live_chunk_names` in two lists: the chunks the files are made of, and the
     delta bases their entries list (which a file may use as a chunk too)."""
+    items = _chunk_items(blob, name)
+    return [item[0] for item in items], [base for item in items for base in item[1:]]
+
+
+def _chunk_items(blob: bytes, name: str) -> list[list[bytes]]:
+    """Each chunk entry of a manifest's stored bytes: the chunk, then its delta bases."""
     data = _decode(blob, name)
     if not isinstance(data, Mapping) or data.get("schema") not in SCHEMAS:
         raise CorruptObjectError(f"{name}: unsupported manifest schema {_schema(data)!r}")
-    chunks: list[bytes] = []
-    bases: list[bytes] = []
     try:
-        for entry in data["entries"]:
-            if entry["type"] == "file":
-                for item in entry["chunks"]:
-                    digest, *chain = _chunk_names(item)
-                    chunks.append(digest)
-                    bases.extend(chain)
+        return [
+            _chunk_names(item)
+            for entry in data["entries"]
+            if entry["type"] == "file"
+            for item in entry["chunks"]
+        ]
     except (KeyError, TypeError, ValueError) as err:
         raise CorruptObjectError(f"{name}: malformed ({type(err).__name__}: {err})") from None
-    return chunks, bases
 
 
 def _schema(data: Any) -> Any:
