@@ -42,3 +42,26 @@ def decompress_bounded(frame: bytes | memoryview, limit: int, *, exact: bool = F
             raise zstandard.ZstdError("frame does not declare its size, which must be 0")
         return b""
     return zstd_decompressor().decompress(frame, max_output_size=limit)
+
+
+def decompress_into(frame: bytes | memoryview, out: memoryview) -> None:
+    """One zstd frame decoded into ``out``, which it must fill exactly. Raises ZstdError.
+
+    A loader decoding into its destination saves the new buffer
+    :func:`decompress_bounded` returns, whose pages the kernel must fault in
+    and zero before zstd writes them: on tensor streams that cost as much as
+    the decoding (docs/performance.md, "Distributed checkpoints").
+    """
+    declared = zstandard.frame_content_size(frame)
+    if declared not in (-1, len(out)):
+        raise zstandard.ZstdError(f"frame declares {declared} bytes where {len(out)} must be")
+    filled = 0
+    with zstd_decompressor().stream_reader(frame) as reader:
+        while filled < len(out):
+            count = reader.readinto(out[filled:])
+            if not count:
+                break
+            filled += count
+        extra = reader.read(1)
+    if filled != len(out) or extra:
+        raise zstandard.ZstdError(f"frame does not hold exactly {len(out)} bytes")

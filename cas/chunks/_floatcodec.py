@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import zstandard
 
-from .._zstd import decompress_bounded
+from .._zstd import decompress_bounded, decompress_into
 from ..errors import CorruptObjectError
 from . import _entropy as entropy
 
@@ -123,7 +123,7 @@ def _split16(x: U16, layout: Layout) -> tuple[U8, U8]:
     return high, low.astype(np.uint8)
 
 
-def _join16(high: U8, low: U8, layout: Layout) -> U16:
+def _join16(high: U8, low: U8, layout: Layout, *, out: U16 | None = None) -> U16:
     shift = _SHIFT[layout]
     below = (1 << shift) - 1
     # ``low * 0x0101`` is the low byte twice over; the mask keeps its upper
@@ -131,9 +131,9 @@ def _join16(high: U8, low: U8, layout: Layout) -> U16:
     # low stream lands in one multiply and one AND. Widening happens inside
     # the ufuncs, into two arrays reused throughout: four passes over memory
     # where widening the streams first took six.
-    word = np.empty(len(high), np.uint16)
+    word = np.empty(len(high), np.uint16) if out is None else out
     np.left_shift(high, shift, out=word, dtype=np.uint16)
-    part = np.empty(len(high), np.uint16)
+    part = np.empty(len(high), np.uint16) if out is None else _scratch("part", len(high), "<u2")
     np.multiply(low, 0x0101, out=part, dtype=np.uint16)
     part &= ((0xFF ^ below) << 8) | below
     word |= part
@@ -269,6 +269,66 @@ def decode(
     A view of the decoded array where there is one: copying it into bytes
     would cost a pass over every restored tensor for nothing.
     """
+    itemsize, layout, bodies = _parse(payload, raw_length, name)
+    elements = raw_length // itemsize if itemsize else 0
+    streams = [_stream(body, method, elements, name, i) for i, (method, body) in enumerate(bodies)]
+    return _merge(streams, itemsize, layout) if streams else b""
+
+
+def decode_into(payload: bytes | memoryview, out: memoryview, *, name: str = "chunk") -> None:
+    """:func:`decode` into ``out`` (exactly the raw length): no buffer of the size of the chunk.
+
+    zstd streams are decoded into this thread's scratch buffers and the
+    elements merged from them straight into ``out``; raw streams are read
+    where they lie in ``payload``. What ``out`` holds is unverified: the
+    caller hashes it.
+    """
+    itemsize, layout, bodies = _parse(payload, len(out), name)
+    if not bodies:
+        return
+    elements = len(out) // itemsize
+    streams = []
+    for index, (method, body) in enumerate(bodies):
+        if method == _ZSTD:
+            scratch = _scratch(f"stream{index}", elements, np.uint8)
+            try:
+                decompress_into(body, memoryview(scratch))
+            except zstandard.ZstdError as err:
+                raise CorruptObjectError(f"{name}: stream {index} is damaged ({err})") from None
+            streams.append(scratch)
+        else:
+            streams.append(_stream(body, method, elements, name, index))
+    if layout in (Layout.BF16, Layout.FP16):
+        _join16(streams[0], streams[1], layout, out=np.frombuffer(out, dtype="<u2"))
+    elif layout == Layout.FP32:
+        high = _join16(streams[0], streams[1], Layout.FP32, out=_scratch("high", elements, "<u2"))
+        word = np.frombuffer(out, dtype="<u4")
+        np.left_shift(high, 16, out=word, dtype=np.uint32)
+        low = _scratch("low", elements, "<u2")
+        np.left_shift(streams[2], 8, out=low, dtype=np.uint16)
+        low |= streams[3]
+        word |= low
+    else:
+        out[:] = _merge(streams, itemsize, layout)
+
+
+def _scratch(role: str, length: int, dtype: Any) -> Any:
+    """This thread's scratch array for ``role``, of ``length`` elements, reused call to call.
+
+    A fresh array per chunk would have its pages faulted in and zeroed
+    each time, which on 1 MiB chunks costs about what decoding them does.
+    """
+    arrays: dict[str, Any] = _local.__dict__.setdefault("scratch", {})
+    array = arrays.get(role)
+    if array is None or len(array) < length:
+        array = arrays[role] = np.empty(length, dtype)
+    return array[:length]
+
+
+def _parse(
+    payload: bytes | memoryview, raw_length: int, name: str
+) -> tuple[int, Layout, list[tuple[int, memoryview]]]:
+    """(element size, layout, (method, body) of each stream) of a grouped payload, checked."""
     view = memoryview(payload)
     try:
         itemsize, layout_id, count = _HEAD.unpack_from(view)
@@ -283,9 +343,8 @@ def decode(
         expected = (4 if layout == Layout.FP32 else 2) if raw_length else 0
     if itemsize == 0 or raw_length % itemsize or count != expected:
         raise CorruptObjectError(f"{name}: byte-grouped header does not fit {raw_length} bytes")
-    elements = raw_length // itemsize
     offset = _HEAD.size + count * _STREAM.size
-    streams: list[U8] = []
+    bodies: list[tuple[int, memoryview]] = []
     for index in range(count):
         try:
             method, length = _STREAM.unpack_from(view, _HEAD.size + index * _STREAM.size)
@@ -295,10 +354,10 @@ def decode(
         offset += length
         if len(body) != length:
             raise CorruptObjectError(f"{name}: stream {index} is truncated")
-        streams.append(_stream(body, method, elements, name, index))
+        bodies.append((method, body))
     if offset != len(view):
         raise CorruptObjectError(f"{name}: {len(view) - offset} stray bytes after the streams")
-    return _merge(streams, itemsize, layout) if count else b""
+    return itemsize, layout, bodies
 
 
 def _stream(body: memoryview, method: int, elements: int, name: str, index: int) -> U8:

@@ -131,8 +131,25 @@ class CasReader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         files = self._version_files()
         jobs = sorted((self._job(item) for item in plan.items), key=lambda j: (j.path, j.start))
-        ranges = [(job.path, job.start, job.end) for job in jobs]
-        for job, pieces in zip(jobs, files.read_ranges(ranges, workers=self.workers), strict=True):
+        # Whole stored shards that land in whole destination tensors are
+        # decoded straight into them (and verified there); the rest come as
+        # pieces of chunks, and are copied.
+        direct: list[tuple[_Job, torch.Tensor]] = []
+        others: list[_Job] = []
+        for job in jobs:
+            target = _direct_target(job, planner)
+            if target is None:
+                others.append(job)
+            else:
+                direct.append((job, target))
+        fills = [(job.path, job.start, job.end, _writable_bytes(t)) for job, t in direct]
+        files.read_into(fills, workers=self.workers)
+        for job, target in direct:
+            planner.commit_tensor(job.item, target)
+        ranges = [(job.path, job.start, job.end) for job in others]
+        for job, pieces in zip(
+            others, files.read_ranges(ranges, workers=self.workers), strict=True
+        ):
             if job.item.type == LoadItemType.BYTE_IO:
                 planner.load_bytes(job.item, io.BytesIO(b"".join(pieces)))
             else:
@@ -162,6 +179,27 @@ class CasReader(StorageReader):
         return isinstance(checkpoint_id, str) and bool(checkpoint_id)
 
 
+def _direct_target(job: _Job, planner: LoadPlanner) -> torch.Tensor | None:
+    """The destination of a whole stored shard, when its bytes can go straight into it."""
+    item = job.item
+    if job.shard is None or item.type != LoadItemType.TENSOR:
+        return None
+    if any(item.storage_offsets) or tuple(item.lengths) != job.shard.shape:
+        return None
+    target = planner.resolve_tensor(item).detach()
+    if target.device.type != "cpu" or target.dtype != job.dtype or not target.is_contiguous():
+        return None
+    if target.nbytes != job.end - job.start:
+        return None
+    return target
+
+
+def _writable_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, without a copy."""
+    array: np.ndarray[Any, Any] = tensor.reshape(-1).view(torch.uint8).numpy()
+    return array.data
+
+
 def _load_tensor(job: _Job, pieces: Sequence[memoryview], planner: LoadPlanner) -> None:
     item = job.item
     target = planner.resolve_tensor(item).detach()
@@ -170,10 +208,6 @@ def _load_tensor(job: _Job, pieces: Sequence[memoryview], planner: LoadPlanner) 
         stored = torch.load(io.BytesIO(b"".join(pieces)), map_location="cpu", weights_only=True)
     else:
         assert job.dtype is not None
-        whole = all(o == 0 for o in item.storage_offsets) and tuple(item.lengths) == job.shard.shape
-        if whole and _fill_directly(target, job.dtype, pieces):
-            planner.commit_tensor(item, target)
-            return
         buffer = torch.empty(job.end - job.start, dtype=torch.uint8)
         _copy_pieces(buffer, pieces)
         stored = buffer.view(job.dtype).reshape(job.shard.shape)
@@ -185,16 +219,6 @@ def _load_tensor(job: _Job, pieces: Sequence[memoryview], planner: LoadPlanner) 
         )
     target.copy_(region)
     planner.commit_tensor(item, target)
-
-
-def _fill_directly(target: torch.Tensor, dtype: torch.dtype, pieces: Sequence[memoryview]) -> bool:
-    """Copy the stored bytes straight into ``target`` when it is laid out as they are."""
-    if target.device.type != "cpu" or target.dtype != dtype or not target.is_contiguous():
-        return False
-    if target.nbytes != sum(len(p) for p in pieces):
-        return False
-    _copy_pieces(target, pieces)
-    return True
 
 
 def _copy_pieces(target: torch.Tensor, pieces: Sequence[memoryview]) -> None:

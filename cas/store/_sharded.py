@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from ..chunks._listing import ChunkIndex
     from ..tensors._writer import FilePlan
     from ..transfer._ingest import Ingestor, ProgressFn
-    from ..transfer._ranges import Request
+    from ..transfer._ranges import Fill, RangeReader, Request
     from ._facade import Store
 
 #: Files of a version written in parts get ordinary permissions.
@@ -227,8 +227,19 @@ class VersionFiles:
         neighbouring ranges is fetched once. The pieces are views of the
         chunks: holding them holds the chunks.
         """
+        return self._range_reader(workers).read(requests)
+
+    def read_into(self, fills: Sequence[Fill], *, workers: int | None = None) -> None:
+        """For each ``(path, start, end, buffer)``, put those bytes of the file in ``buffer``.
+
+        The chunks are decoded straight into the buffers where they fit
+        whole, by ``workers`` threads (default: the store's), and verified
+        there; a buffer holds nothing to trust if this raises.
+        """
+        self._range_reader(workers).read_into(fills)
+
+    def _range_reader(self, workers: int | None) -> RangeReader:
         from ..transfer._ranges import RangeReader
 
         workers = self.store._check_workers(workers)
-        reader = RangeReader(self.store.chunks, self.files, workers=workers, label=self.version.ref)
-        return reader.read(requests)
+        return RangeReader(self.store.chunks, self.files, workers=workers, label=self.version.ref)

@@ -11,18 +11,24 @@ holds the end of one range and the start of the next is fetched once.
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from ..chunks._inplace import read_into
 from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..errors import InvalidInputError, NotFoundError
-from ..repository._manifest import Entry
+from ..repository._manifest import ChunkRef, Entry
 from ._budget import IN_FLIGHT_BYTES
 
 #: (path, start, end): bytes [start, end) of a file of the version.
 Request = tuple[str, int, int]
+#: (path, start, end, destination): bytes [start, end) of a file, to be put in destination.
+Fill = tuple[str, int, int, memoryview]
 _ChunkId = tuple[str, int]
+#: Where part of a chunk goes: bytes [low, high) of the chunk, into a destination.
+_Piece = tuple[int, int, memoryview]
 
 
 class RangeReader:
@@ -83,6 +89,66 @@ class RangeReader:
             finally:
                 window.cancel()
 
+    def read_into(self, fills: Sequence[Fill]) -> None:
+        """Put the bytes of each ``(path, start, end)`` into its destination buffer.
+
+        A chunk that lands whole in one destination is decoded straight into
+        it and verified there (:func:`cas.chunks._inplace.read_into`): no
+        buffer of its own, no copy. A chunk split between destinations, or
+        only partly wanted, is read once and its slices copied. ``workers``
+        threads decode at once; the chunks they will reach are hinted to the
+        storage ``budget`` bytes ahead.
+        """
+        plan: dict[_ChunkId, list[_Piece]] = {}
+        for path, start, end, destination in fills:
+            destination = destination.cast("B")
+            if len(destination) != end - start:
+                raise InvalidInputError(
+                    f"{self.label}: bytes [{start}, {end}) of {path!r} do not fit "
+                    f"a buffer of {len(destination)}"
+                )
+            for chunk_id in self._chunk_range((path, start, end)):
+                base = self._starts[path][chunk_id[1]]
+                low, high = max(start - base, 0), min(end - base, self._length(chunk_id))
+                piece = (low, high, destination[base + low - start : base + high - start])
+                plan.setdefault(chunk_id, []).append(piece)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-read") as pool:
+            running: deque[tuple[int, Future[None]]] = deque()
+            held = 0
+            try:
+                for chunk_id, pieces in plan.items():
+                    while running and held >= self.budget:
+                        length, future = running.popleft()
+                        future.result()
+                        held -= length
+                    self.chunks.prefetch([self._chunk(chunk_id).digest])
+                    running.append(
+                        (self._length(chunk_id), pool.submit(self._fill, chunk_id, pieces))
+                    )
+                    held += running[-1][0]
+                for _, future in running:
+                    future.result()
+            finally:
+                for _, future in running:
+                    future.cancel()
+
+    def _fill(self, chunk_id: _ChunkId, pieces: list[_Piece]) -> None:
+        chunk = self._chunk(chunk_id)
+        if len(pieces) == 1 and pieces[0][:2] == (0, chunk.length):
+            read_into(
+                self.chunks, chunk, pieces[0][2], context=f"{self.label}: file {chunk_id[0]!r}"
+            )
+            return
+        data = self.fetch(chunk_id)
+        for low, high, destination in pieces:
+            destination[:] = data[low:high]
+
+    def _chunk(self, chunk_id: _ChunkId) -> ChunkRef:
+        return self.files[chunk_id[0]].chunks[chunk_id[1]]
+
+    def _length(self, chunk_id: _ChunkId) -> int:
+        return self._chunk(chunk_id).length
+
     def _slice(self, request: Request, chunk_id: _ChunkId, data: memoryview) -> memoryview:
         path, start, end = request
         base = self._starts[path][chunk_id[1]]
@@ -107,7 +173,7 @@ class _Window:
         self.held_bytes = 0
 
     def _length(self, chunk_id: _ChunkId) -> int:
-        return self.reader.files[chunk_id[0]].chunks[chunk_id[1]].length
+        return self.reader._length(chunk_id)
 
     def _submit_next(self, hints: list[Digest]) -> None:
         chunk_id = self.order[self.next]

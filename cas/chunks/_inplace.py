@@ -1,0 +1,80 @@
+"""Reading a chunk straight into the caller's buffer, verified there.
+
+:meth:`ChunkStore.read` returns each chunk in a buffer of its own, which a
+loader then copies to where the bytes belong (a tensor's storage). On a
+tensor checkpoint the new buffers cost more than the copy: every page of
+each is faulted in and zeroed by the kernel before the decoder writes it,
+and so is every buffer the decoder makes on the way. :func:`read_into`
+decodes into the destination instead, through scratch buffers each thread
+reuses, then hashes the destination where it lies: the chunk is verified
+exactly as :meth:`ChunkStore.read` verifies it, and a mismatch raises
+:class:`~cas.errors.CorruptObjectError` (what the destination then holds
+must not be used).
+
+A delta chunk, which needs its chain of bases, is read the usual way and
+copied.
+"""
+
+from __future__ import annotations
+
+import zstandard
+
+from .._zstd import decompress_into
+from ..digest import hash_bytes
+from ..errors import CorruptObjectError, MismatchedObjectError, MissingObjectError, NotFoundError
+from ..repository import _layout as layout
+from ..repository._manifest import MAX_CHUNK_LENGTH, ChunkRef
+from . import _floatcodec as floatcodec
+from ._codec import HEADER, MAGIC, Codec
+from ._store import ChunkStore
+
+
+def read_into(chunks: ChunkStore, chunk: ChunkRef, out: memoryview, *, context: str = "") -> None:
+    """Fill ``out`` (a writable buffer of ``chunk.length`` bytes) with the chunk, verified."""
+    where = f"{context}: chunk {chunk.digest.hex}" if context else f"chunk {chunk.digest.hex}"
+    out = out.cast("B")
+    if len(out) != chunk.length:
+        raise ValueError(f"{where}: {chunk.length} bytes do not fit a buffer of {len(out)}")
+    if not 0 <= chunk.length <= MAX_CHUNK_LENGTH:
+        raise CorruptObjectError(f"{where}: a length of {chunk.length} bytes is not possible")
+    try:
+        blob = chunks.backend.get(layout.chunk_key(chunk.digest))
+    except NotFoundError:
+        raise MissingObjectError(f"{where} is missing from the store") from None
+    if not _decode_into(blob, out, where):
+        out[:] = chunks.read(chunk, context=context)
+        return
+    if hash_bytes(out) != chunk.digest.raw:
+        raise CorruptObjectError(f"{where} is corrupt: its content does not match its hash")
+
+
+def _decode_into(blob: bytes, out: memoryview, name: str) -> bool:
+    """Decode ``blob`` into ``out``; False, with nothing done, for a delta chunk."""
+    if len(blob) < HEADER.size:
+        raise CorruptObjectError(f"{name}: truncated ({len(blob)} bytes, header is {HEADER.size})")
+    magic, codec, raw_length = HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptObjectError(f"{name}: not a cas chunk (bad magic {magic!r})")
+    if raw_length != len(out):
+        raise MismatchedObjectError(
+            f"{name}: its header says {raw_length} bytes, the manifest {len(out)}"
+        )
+    payload = memoryview(blob)[HEADER.size :]
+    if codec == Codec.RAW:
+        if len(payload) != len(out):
+            raise CorruptObjectError(
+                f"{name}: decoded to {len(payload)} bytes, header promises {raw_length}"
+            )
+        out[:] = payload
+    elif codec == Codec.ZSTD:
+        try:
+            decompress_into(payload, out)
+        except zstandard.ZstdError as err:
+            raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
+    elif codec == Codec.GROUPED:
+        floatcodec.decode_into(payload, out, name=name)
+    elif codec == Codec.DELTA:
+        return False
+    else:
+        raise CorruptObjectError(f"{name}: unknown codec id {codec}")
+    return True
