@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 import dcp_ranks  # noqa: E402
 from dcp_ranks import RankPool, check, differences  # noqa: E402
 from helpers import run_cas  # noqa: E402
+from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
 from torch.distributed.checkpoint.filesystem import FileSystemReader  # noqa: E402
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save  # noqa: E402
 from torch.distributed.checkpoint.state_dict_loader import (  # noqa: E402
@@ -28,9 +29,12 @@ from torch.distributed.checkpoint.state_dict_loader import (  # noqa: E402
 )
 from torch.distributed.checkpoint.state_dict_saver import save  # noqa: E402
 
+from cas.chunks import _codec as codec  # noqa: E402
+from cas.chunks import _floatcodec as floatcodec  # noqa: E402
 from cas.chunks._chunking import ChunkerParams  # noqa: E402
 from cas.errors import (  # noqa: E402
     ConfigurationError,
+    CorruptObjectError,
     InvalidInputError,
     InvalidKeyError,
     RefNotFoundError,
@@ -170,6 +174,31 @@ def test_one_process_without_a_process_group_saves_and_loads(tmp_path: Path) -> 
     with pytest.raises(InvalidInputError, match="use_collectives=True"):
         save(state, storage_writer=CasWriter(store, "runs/solo"), use_collectives=False)
     assert [v.ref for v in store.log("runs/solo")] == ["runs/solo@1"]
+
+
+def test_a_chunk_decoded_straight_into_a_tensor_is_still_verified(tmp_path: Path) -> None:
+    store = new_store(str(tmp_path / "store"))
+    state = {"model": dcp_ranks.make_model(3).state_dict()}
+    save(state, storage_writer=CasWriter(store, "runs/solo"), no_dist=True)
+    files = store.open_version("runs/solo")
+    grouped = [
+        (chunk, blob)
+        for chunk in files.files["__0_0.distcp"].chunks
+        if (blob := store.backend.get(layout.chunk_key(chunk.digest)))[3] == codec.Codec.GROUPED
+    ]
+    chunk, blob = grouped[0]
+    # Well formed, the right length, other elements: only the hash can tell.
+    other = np.frombuffer(codec.decode(blob), dtype=np.uint8).copy()
+    other[:4] ^= 0xFF
+    key = layout.chunk_key(chunk.digest)
+    store.backend.delete([key])
+    store.backend.put(key, codec.encode_grouped(other, 4, floatcodec.Layout.FP32))
+    target = {"model": dcp_ranks.make_model(4).state_dict()}
+    with pytest.raises(CheckpointException) as caught:
+        load(target, storage_reader=CasReader(store, "runs/solo"), no_dist=True)
+    (failure, _), *_ = caught.value.failures.values()
+    assert isinstance(failure, CorruptObjectError)
+    assert "does not match its hash" in str(failure)
 
 
 def test_ranks_that_resolved_different_versions_do_not_load() -> None:
