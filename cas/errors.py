@@ -215,3 +215,8 @@ class CasWarning(UserWarning):
 
 class KindChangeWarning(CasWarning):
     """A put made a single file the next version of a folder key, or the reverse."""
+
+
+class CacheWarning(CasWarning):
+    """The local chunk cache held a damaged entry, or cannot be written; the
+    read went on from the store."""

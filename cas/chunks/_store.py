@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..backends.base import Backend, ObjectInfo
 from ..digest import Digest, hash_bytes
 from ..errors import (
     AlreadyExistsError,
     CorruptObjectError,
+    IntegrityError,
     MismatchedObjectError,
     MissingObjectError,
     NotFoundError,
@@ -18,6 +19,7 @@ from ..errors import (
 from ..repository import _layout as layout
 from ..repository._manifest import MAX_CHAIN, MAX_CHUNK_LENGTH, ChunkRef
 from . import _codec as codec
+from ._cache import LocalCache
 from ._listing import ChunkIndex
 
 
@@ -52,6 +54,7 @@ class ChunkStore:
         level: int = codec.DEFAULT_LEVEL,
         refresh_after: float | None = None,
         index: ChunkIndex | None = None,
+        cache: LocalCache | None = None,
     ) -> None:
         self.backend = backend
         self.level = level
@@ -59,6 +62,9 @@ class ChunkStore:
         #: A listing of the store's chunks that answers "is it there, how old"
         #: instead of a stat per chunk; see :mod:`cas.chunks._listing`.
         self.index = index
+        #: Chunk objects kept on local disk for the next read (remote stores);
+        #: every object taken from it is verified as one from the store is.
+        self.cache = cache
 
     def put(
         self,
@@ -150,19 +156,21 @@ class ChunkStore:
             return reference_time, mtime
         return mtime, None
 
-    def get(self, chunk: ChunkRef, *, context: str = "") -> bytes:
+    def get(self, chunk: ChunkRef, *, context: str = "", tally: ReadTally | None = None) -> bytes:
         """Return the verified raw bytes of a chunk, as its manifest describes it.
 
         The manifest's length bounds the decoding: a chunk object whose
         header claims another length is refused before anything is
         allocated. ``context`` (e.g. "runs/a@3: file 'w.bin'") prefixes error
         messages so that a failure names the version and the file as well as
-        the chunk.
+        the chunk. ``tally`` counts where the chunk objects came from.
         """
-        raw = self.read(chunk, context=context)
+        raw = self.read(chunk, context=context, tally=tally)
         return raw if isinstance(raw, bytes) else bytes(raw)
 
-    def read(self, chunk: ChunkRef, *, context: str = "") -> bytes | memoryview:
+    def read(
+        self, chunk: ChunkRef, *, context: str = "", tally: ReadTally | None = None
+    ) -> bytes | memoryview:
         """:meth:`get` without the copy into bytes: for a reader that only
         writes or hashes the chunk (a restore), a view of the decoded data."""
         where = f"{context}: chunk {chunk.digest.hex}" if context else f"chunk {chunk.digest.hex}"
@@ -172,54 +180,85 @@ class ChunkStore:
         # delta put back whole), never leave it: garbage collection keeps only
         # the listed bases. Without a list (manifests older than deltas), the
         # headers lead, for at most MAX_CHAIN links.
-        return self._get(chunk.digest, chunk.length, chunk.bases or None, where, 0)
+        link = _Link(chunk.digest, chunk.length, chunk.bases or None, where, 0)
+        return self._get(link, _Reading(tally if tally is not None else ReadTally()))
 
-    def _get(
-        self,
-        digest: Digest,
-        length: int,
-        bases: tuple[Digest, ...] | None,
-        where: str,
-        depth: int,
-        check_links: bool = False,
-    ) -> bytes | memoryview:
-        """``read``, following a delta chunk down to its base.
+    def _get(self, link: _Link, read: _Reading) -> bytes | memoryview:
+        """``read`` of one link of a delta chain: from the cache if it holds a good
+        copy, else from the store.
 
         A base is as long as the chunk built on it, so one length bounds the
         chain. Every link's header, codec and length are checked; the hashes
-        of the bases only when the chunk's own hash fails (``check_links``),
+        of the bases only when the chunk's own hash fails (``read.check_links``),
         to name the damaged link: a base that is not what its name says
         cannot rebuild bytes of the chunk's hash, and hashing each base cost
-        a read of a delta chunk a tenth of its time.
+        a read of a delta chunk a tenth of its time. What the store gave is
+        kept in the cache once the chunk it rebuilds checked out.
         """
-        name = f"{where} (delta base {digest.hex})" if depth else where
+        if self.cache is not None:
+            blob = self.cache.load(link.digest)
+            if blob is not None:
+                try:
+                    raw = self._decode(blob, link, read)
+                except _Damaged as damage:
+                    self.cache.discard(link.digest, str(damage.error))
+                else:
+                    read.tally.add(cached=len(blob))
+                    return raw
         try:
-            blob = self.backend.get(layout.chunk_key(digest))
+            blob = self.backend.get(layout.chunk_key(link.digest))
         except NotFoundError:
-            what = f"{where}: its delta base {digest.hex}" if depth else where
+            what = f"{link.where}: its delta base {link.digest.hex}" if link.depth else link.where
             raise MissingObjectError(f"{what} is missing from the store") from None
-        base_raw = codec.delta_base(blob)
-        base = None
-        if base_raw is not None:
-            if depth >= MAX_CHAIN or base_raw == digest.raw:
-                raise CorruptObjectError(f"{where}: its chain of delta bases does not end")
-            if bases is not None and (not bases or bases[0].raw != base_raw):
-                listed = bases[0].hex if bases else "none"
-                raise MismatchedObjectError(
-                    f"{name}: its header names delta base {base_raw.hex()}, the manifest {listed}"
-                )
-            rest = bases[1:] if bases is not None else None
-            base = self._get(Digest(base_raw), length, rest, where, depth + 1, check_links)
-        raw = codec.decode(blob, length=length, name=name, base=base)
-        if (depth == 0 or check_links) and hash_bytes(raw) != digest.raw:
-            if base is not None and not check_links:
-                return self._get(digest, length, bases, where, 0, check_links=True)
-            raise CorruptObjectError(f"{name} is corrupt: its content does not match its hash")
+        read.tally.add(fetched=len(blob))
+        try:
+            raw = self._decode(blob, link, read)
+        except _Damaged as damage:
+            raise damage.error from None
+        if self.cache is not None:
+            read.fetched.append((link.digest, blob))
+            if link.depth == 0:  # the whole chain checked out: keep what was fetched
+                for digest, fetched in read.fetched:
+                    self.cache.save(digest, fetched)
+                read.fetched.clear()
+        return raw
+
+    def _decode(self, blob: bytes, link: _Link, read: _Reading) -> bytes | memoryview:
+        """The raw bytes of ``blob``, following its delta base down, checked as
+        :meth:`_get` says. Faults of this object itself come out as
+        :class:`_Damaged` (carrying the error to report), faults of its bases
+        as themselves.
+        """
+        try:
+            base_raw = codec.delta_base(blob)
+            if base_raw is not None:
+                base_link = link.base(base_raw)
+        except IntegrityError as err:
+            raise _Damaged(err) from err
+        base = self._get(base_link, read) if base_raw is not None else None
+        try:
+            raw = codec.decode(blob, length=link.length, name=link.name, base=base)
+        except IntegrityError as err:
+            raise _Damaged(err) from err
+        if (link.depth == 0 or read.check_links) and hash_bytes(raw) != link.digest.raw:
+            if base is not None and not read.check_links:
+                # Read the chain again, each link checked, to name the bad one.
+                read.check_links = True
+                read.fetched.clear()
+                return self._get(link, read)
+            error = CorruptObjectError(
+                f"{link.name} is corrupt: its content does not match its hash"
+            )
+            raise _Damaged(error)
         return raw
 
     def prefetch(self, digests: Iterable[Digest]) -> None:
-        """Hint that these chunks will be read soon (see :meth:`Backend.prefetch`)."""
-        self.backend.prefetch([layout.chunk_key(d) for d in digests])
+        """Hint that these chunks will be read soon (see :meth:`Backend.prefetch`);
+        chunks the cache holds are left out."""
+        cache = self.cache
+        keys = [layout.chunk_key(d) for d in digests if cache is None or not cache.contains(d)]
+        if keys:
+            self.backend.prefetch(keys)
 
     def exists(self, digest: Digest) -> bool:
         return self.backend.exists(layout.chunk_key(digest))
@@ -230,6 +269,72 @@ class ChunkStore:
             digest = layout.digest_from_key(info.key)
             if digest is not None:
                 yield digest, info
+
+
+class ReadTally:
+    """Where the chunk objects of one operation came from: fetched from the
+    store or taken from the local cache (stored bytes, delta bases included)."""
+
+    def __init__(self) -> None:
+        self.fetched_chunks = self.fetched_bytes = 0
+        self.cached_chunks = self.cached_bytes = 0
+        self._lock = threading.Lock()
+
+    def add(self, *, fetched: int | None = None, cached: int | None = None) -> None:
+        with self._lock:
+            if fetched is not None:
+                self.fetched_chunks += 1
+                self.fetched_bytes += fetched
+            if cached is not None:
+                self.cached_chunks += 1
+                self.cached_bytes += cached
+
+
+@dataclass
+class _Reading:
+    """One chunk being read: where its objects came from, whether every link's
+    hash is checked, and the objects fetched, kept in the cache once checked."""
+
+    tally: ReadTally
+    check_links: bool = False
+    fetched: list[tuple[Digest, bytes]] = field(default_factory=list)
+
+
+class _Damaged(Exception):
+    """A chunk object that does not decode to its hash (``error`` says how)."""
+
+    def __init__(self, error: IntegrityError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class _Link:
+    """One object of a delta chain being read, and what the manifest says of it."""
+
+    digest: Digest
+    length: int
+    #: The bases the manifest lists below this link (None: no list, headers lead).
+    bases: tuple[Digest, ...] | None
+    where: str
+    depth: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.where} (delta base {self.digest.hex})" if self.depth else self.where
+
+    def base(self, base_raw: bytes) -> _Link:
+        """The link below, once its header named ``base_raw`` (checked against the list)."""
+        if self.depth >= MAX_CHAIN or base_raw == self.digest.raw:
+            raise CorruptObjectError(f"{self.where}: its chain of delta bases does not end")
+        bases = self.bases
+        if bases is not None and (not bases or bases[0].raw != base_raw):
+            listed = bases[0].hex if bases else "none"
+            raise MismatchedObjectError(
+                f"{self.name}: its header names delta base {base_raw.hex()}, the manifest {listed}"
+            )
+        rest = bases[1:] if bases is not None else None
+        return _Link(Digest(base_raw), self.length, rest, self.where, self.depth + 1)
 
 
 class SeenSet:

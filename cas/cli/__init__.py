@@ -20,6 +20,7 @@ from typing import Any, cast
 from .. import __version__
 from ..errors import CasError
 from ..store import DEFAULT_STORE
+from . import _cache_commands as cache_commands
 from . import _commands as commands
 from . import _gc_commands as gc_commands
 from . import _process as process
@@ -27,7 +28,7 @@ from . import _ui_commands as ui_commands
 from . import _workflow_commands as workflow_commands
 from ._common import CLI_WORDS, Handler
 
-COMMAND_MODULES = [commands, workflow_commands, gc_commands, ui_commands]
+COMMAND_MODULES = [commands, workflow_commands, gc_commands, ui_commands, cache_commands]
 
 
 class _Skipped:
@@ -55,9 +56,11 @@ def requested_command(argv: Sequence[str]) -> str | None:
     i = 0
     while i < len(argv):
         token = argv[i]
-        if token == "--store":
+        if token == "--store" or token in cache_commands.VALUE_OPTIONS:
             i += 2
-        elif token in ("--json", "--no-progress") or token.startswith("--store="):
+        elif token in ("--json", "--no-progress", *cache_commands.FLAG_OPTIONS) or (
+            token.startswith(("--store=", "--cache=", "--cache-size="))
+        ):
             i += 1
         elif token.startswith("-"):
             return None  # --help, --version, an abbreviation: argparse decides
@@ -85,6 +88,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="never show progress bars",
     )
+    cache_commands.add_cache_options(common)
 
     parser = argparse.ArgumentParser(
         prog="cas", parents=[common], description="Content-addressable artifact store for ML."

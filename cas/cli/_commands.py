@@ -91,15 +91,25 @@ def cmd_put(args: argparse.Namespace) -> int:
 def cmd_get(args: argparse.Namespace) -> int:
     store = open_store(args, create=False)
     total = store.show(args.ref).version.size if sys.stderr.isatty() else None
-    with progress(args, total, "get") as on_progress:
-        version = store.get(
-            args.ref, args.dest, force=args.force, progress=on_progress, workers=args.jobs
+    with progress(args, total, "get") as on_progress, warnings_noted() as noted:
+        restored = store.restore(
+            args.ref,
+            args.dest,
+            force=args.force,
+            update=args.update,
+            delete=args.delete,
+            progress=on_progress,
+            workers=args.jobs,
         )
-    emit(
-        args,
-        {**version.to_dict(), "dest": os.path.abspath(args.dest)},
-        f"{version.ref} -> {args.dest} ({format_size(version.size)}, verified)",
-    )
+    version = restored.version
+    text = f"{version.ref} -> {args.dest} ({format_size(version.size)}, verified)"
+    if args.update:
+        text += (
+            f"\n{restored.files_kept} files unchanged, {restored.files_written} rewritten, "
+            f"{restored.files_removed} removed; reused {format_size(restored.reused_bytes)}, "
+            f"fetched {format_size(restored.fetched_bytes)}"
+        )
+    emit(args, {**restored.to_dict(), "warnings": noted}, text)
     return 0
 
 
@@ -418,6 +428,16 @@ def _register_reads(add: AddCommand) -> None:
     p.add_argument("ref", metavar="REF")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="bring an existing DEST to REF, reusing the files and chunks it holds",
+    )
+    p.add_argument(
+        "--delete",
+        action="store_true",
+        help="with --update: remove files in DEST that REF does not hold",
+    )
     add_jobs_argument(p, "chunks downloaded and checked")
 
     p = add("ls", cmd_ls, "list keys")

@@ -45,6 +45,9 @@ CLI_WORDS = {
     "create_bucket": "run `cas init --create-bucket`",
     "verify": "Run `cas verify`",
     "delete_version": "`cas rm {label}`",
+    "delete": "--delete",
+    "update": "--update",
+    "cache_size": "--cache-size",
 }
 
 
@@ -163,13 +166,20 @@ def parse_metadata(values: Sequence[str]) -> dict[str, Any]:
 
 
 def _open(args: argparse.Namespace, *, create: bool = True) -> Store:
-    location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
-    return Store.open(location, create=create)
+    return open_store(args, create=create)
 
 
 def open_store(args: argparse.Namespace, *, create: bool = True) -> Store:
     location = args.store or os.environ.get("CAS_STORE") or DEFAULT_STORE
-    return Store.open(location, create=create)
+    return Store.open(location, create=create, **cache_options(args))
+
+
+def cache_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What the cache options given (``--cache``, ``--no-cache``, ``--cache-size``)
+    ask of :meth:`Store.open`."""
+    if getattr(args, "no_cache", False):
+        return {"cache": False}
+    return {"cache": getattr(args, "cache", None), "cache_size": getattr(args, "cache_size", None)}
 
 
 def repack_lines(report: RepackReport | None, *, planned: bool = False) -> list[str]:

@@ -21,9 +21,10 @@ from ..chunks._codec import DEFAULT_DELTA_READS
 from ..gc._history import LastRun
 from ..repository._metadata import ARTIFACT_TYPES, ArtifactInfo
 from ..transfer._budget import IN_FLIGHT_BYTES
+from ._cache import CachedStore, CacheReport, cache_report, clear_cache
 from ._config import DELTA_METHODS, ENTROPY_CODERS
 from ._facade import DEFAULT_STORE, Store, open
-from ._values import Details, KeySummary, Reclaimable, Stats, Version
+from ._values import Details, KeySummary, Reclaimable, Restored, Stats, Version
 
 #: A put's or get's default workers (``Store.workers``) are its backend's
 #: concurrency: ``OBJECT_STORE_WORKERS`` on S3, GCS and Azure; on a folder, one
@@ -81,6 +82,8 @@ __all__ = [
     "IN_FLIGHT_BYTES",
     "OBJECT_STORE_WORKERS",
     "ArtifactInfo",
+    "CacheReport",
+    "CachedStore",
     "ChunkerParams",
     "Details",
     "IndexedTensor",
@@ -88,6 +91,7 @@ __all__ = [
     "LastRun",
     "Reclaimable",
     "Record",
+    "Restored",
     "Shard",
     "ShardPart",
     "ShardWriter",
@@ -98,5 +102,7 @@ __all__ = [
     "Version",
     "VersionFiles",
     "VersionSpec",
+    "cache_report",
+    "clear_cache",
     "open",
 ]

@@ -33,6 +33,7 @@ from ..repository import _layout as layout
 from ..repository._manifest import Entry, Manifest, Parent
 from ..repository._metadata import ArtifactInfo, Summary, check_ref
 from ..repository._refs import DeletedRef, Refs, VersionRef
+from ._cache import CacheChoice, cache_for
 from ._catalog import Catalog
 from ._config import (
     DELTA_METHODS,
@@ -41,9 +42,11 @@ from ._config import (
     load_config,
     write_config,
 )
-from ._values import Details, KeySummary, Reclaimable, Stats, Storage, Version
+from ._values import Details, KeySummary, Reclaimable, Restored, Stats, Storage, Version
 
 if TYPE_CHECKING:
+    from ..chunks._cache import LocalCache
+
     # Imported where used: each command pays at start-up for every module
     # it imports, and a get needs none of the put's, nor a put the get's.
     from ..gc._collect import GcReport
@@ -66,11 +69,20 @@ FORCE = "pass force=True"
 class Store:
     """A cas store on any backend. Thread-safe for concurrent puts and gets."""
 
-    def __init__(self, backend: Backend, config: StoreConfig, *, workers: int | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        config: StoreConfig,
+        *,
+        workers: int | None = None,
+        cache: LocalCache | None = None,
+    ):
         self.backend = backend
         self.config = config
         self.refs = Refs(backend)
-        self.chunks = ChunkStore(backend, level=config.zstd_level)
+        #: Reads of chunks go through ``cache`` (a local folder shared by every
+        #: process on the machine; docs/cache.md) when there is one.
+        self.chunks = ChunkStore(backend, level=config.zstd_level, cache=cache)
         self.workers = workers or backend.concurrency
         #: Local elapsed time for garbage-collection safety; tests inject a fake one.
         self.clock: Clock = SYSTEM_CLOCK
@@ -79,11 +91,25 @@ class Store:
 
     @classmethod
     def open(
-        cls, location: str | os.PathLike[str], *, create: bool = True, **options: Any
+        cls,
+        location: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        cache: CacheChoice = None,
+        cache_size: int | str | None = None,
+        **options: Any,
     ) -> Store:
-        """Open a store; create it with default settings if ``create`` and the location is empty."""
+        """Open a store; create it with default settings if ``create`` and the location is empty.
+
+        ``cache`` is the local chunk cache reads go through: None for the
+        default (on for S3, GCS and Azure, in ``$CAS_CACHE`` or the user's
+        cache folder), False for none, True or a folder to use one whatever
+        the store; ``cache_size`` its limit in bytes (or ``"8GiB"``).
+        See docs/cache.md.
+        """
         backend = open_backend(location, **options)
-        return cls(backend, load_config(backend, create=create))
+        local_cache = cache_for(backend, cache, cache_size)
+        return cls(backend, load_config(backend, create=create), cache=local_cache)
 
     @classmethod
     def init(
@@ -341,15 +367,63 @@ class Store:
 
         ``workers`` is the number of chunks downloaded in parallel (default: the store's).
         """
+        return self.restore(ref, dest, force=force, progress=progress, workers=workers).version
+
+    def restore(
+        self,
+        ref: str,
+        dest: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        update: bool = False,
+        delete: bool = False,
+        progress: ProgressFn | None = None,
+        workers: int | None = None,
+    ) -> Restored:
+        """:meth:`get`, saying where the bytes came from; or with ``update``, bring
+        an existing ``dest`` to the version reusing what it holds.
+
+        An update leaves files whose BLAKE3 matches alone, rebuilds the others
+        from their old chunks that still match plus fetched ones, and moves
+        each into place only once verified (an interrupted update leaves each
+        file old or new). Files the version does not hold are removed only
+        with ``delete``. See docs/cache.md.
+        """
         workers = self._check_workers(workers)
+        if delete and not update:
+            raise InvalidInputError.naming(
+                "{delete} removes files an update does not need; it needs {update}",
+                delete="delete",
+                update="update",
+            )
         self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
         manifest = self.manifest(version_ref)
         from ..transfer._restore import Restorer
+        from ..transfer._update import UpdateCounts, Updater
 
         restorer = Restorer(self.chunks, workers=workers, progress=progress)
-        restorer.restore(manifest, Path(dest), label=version_ref.label, force=force)
-        return self._catalog().version(version_ref, manifest)
+        counts = UpdateCounts()
+        if update and os.path.lexists(dest):
+            updater = Updater(restorer, self.config.chunker)
+            counts = updater.update(manifest, Path(dest), label=version_ref.label, delete=delete)
+        else:
+            restorer.restore(manifest, Path(dest), label=version_ref.label, force=force)
+        tally = restorer.tally
+        return Restored(
+            self._catalog().version(version_ref, manifest),
+            os.path.abspath(dest),
+            fetched_bytes=tally.fetched_bytes,
+            fetched_chunks=tally.fetched_chunks,
+            cached_bytes=tally.cached_bytes,
+            cached_chunks=tally.cached_chunks,
+            reused_bytes=counts.reused_bytes,
+            files_kept=counts.files_kept,
+            files_written=counts.files_written,
+            files_removed=counts.files_removed,
+            files_extra=counts.files_extra,
+            update=update,
+        )
 
     def _refuse_replacing_self(self, dest: Path) -> None:
         """A forced restore replaces DEST whole: never when DEST holds this store."""
@@ -618,4 +692,14 @@ def open(
     return Store.open(location, create=create, **options)
 
 
-__all__ = ["CasError", "Details", "KeySummary", "Reclaimable", "Stats", "Store", "Version", "open"]
+__all__ = [
+    "CasError",
+    "Details",
+    "KeySummary",
+    "Reclaimable",
+    "Restored",
+    "Stats",
+    "Store",
+    "Version",
+    "open",
+]

@@ -183,3 +183,42 @@ class Stats:
 
 
 __all__ = ["Details", "KeySummary", "Reclaimable", "Stats", "Version"]
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a get or an update wrote, and where its bytes came from.
+
+    ``fetched_bytes`` are stored (compressed) bytes requested from the store,
+    ``cached_bytes`` those taken from the local chunk cache instead, and
+    ``reused_bytes`` raw bytes that an update found in DEST already.
+    """
+
+    version: Version
+    dest: str
+    fetched_bytes: int = 0
+    fetched_chunks: int = 0
+    cached_bytes: int = 0
+    cached_chunks: int = 0
+    reused_bytes: int = 0
+    #: An update: files left as they were, rewritten, removed, and left over.
+    files_kept: int = 0
+    files_written: int = 0
+    files_removed: int = 0
+    files_extra: int = 0
+    update: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        counts = {
+            name: getattr(self, name)
+            for name in ("fetched_bytes", "fetched_chunks", "cached_bytes", "cached_chunks")
+        }
+        if self.update:
+            counts.update(
+                reused_bytes=self.reused_bytes,
+                files_kept=self.files_kept,
+                files_written=self.files_written,
+                files_removed=self.files_removed,
+                files_extra=self.files_extra,
+            )
+        return {**self.version.to_dict(), "dest": self.dest, **counts}

@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..backends.base import TEMP_PREFIX
-from ..chunks._store import ChunkStore
+from ..chunks._store import ChunkStore, ReadTally
 from ..digest import StreamingHasher, hasher_for
 from ..errors import CorruptObjectError, DestinationExistsError, SourceError
 from ..repository._manifest import ChunkRef, Entry, Manifest, check_entries
 from ._budget import IN_FLIGHT_BYTES, InFlight
 
 ProgressFn = Callable[[int], None]
+#: Reads one chunk of a file being written: ``read(entry, chunk, context)``.
+ChunkReader = Callable[[Entry, ChunkRef, str], "bytes | memoryview"]
+#: Called once a file is written and verified: ``placed(entry, path)``.
+PlacedFn = Callable[[Entry, Path], None]
 # setuid, setgid and sticky bits are dropped: a store is not trusted to hand
 # out privileges, least of all to a restore run as root.
 _SAFE_MODE_BITS = 0o777
@@ -72,11 +76,18 @@ def _remove(path: Path) -> None:
 
 class Restorer:
     def __init__(
-        self, chunks: ChunkStore, *, workers: int, progress: ProgressFn | None = None
+        self,
+        chunks: ChunkStore,
+        *,
+        workers: int,
+        progress: ProgressFn | None = None,
+        tally: ReadTally | None = None,
     ) -> None:
         self.chunks = chunks
         self.workers = workers
         self.progress = progress
+        #: Where the chunk objects came from: the store or the local cache.
+        self.tally = tally if tally is not None else ReadTally()
 
     def restore(self, manifest: Manifest, dest: Path, *, label: str, force: bool = False) -> None:
         """Write ``manifest`` to ``dest``. ``label`` (e.g. "key@3") prefixes error messages."""
@@ -126,8 +137,24 @@ class Restorer:
             os.chmod(root / entry.path, entry.mode & _SAFE_MODE_BITS)
         os.chmod(root, 0o755)
 
-    def _write_files(self, targets: list[tuple[Entry, Path]], label: str) -> None:
-        """Fetch chunks of all files through one bounded window, write them in order."""
+    def fetch(self, entry: Entry, chunk: ChunkRef, context: str) -> bytes | memoryview:
+        """The default :data:`ChunkReader`: from the store (through its cache)."""
+        return self.chunks.read(chunk, context=context, tally=self.tally)
+
+    def _write_files(
+        self,
+        targets: list[tuple[Entry, Path]],
+        label: str,
+        *,
+        read: ChunkReader | None = None,
+        placed: PlacedFn | None = None,
+    ) -> None:
+        """Fetch chunks of all files through one bounded window, write them in order.
+
+        ``read`` supplies each chunk (default: :meth:`fetch`); ``placed`` is
+        called as each file is complete and verified.
+        """
+        read = read or self.fetch
         window: deque[tuple[Entry, bool, Future[bytes | memoryview]]] = deque()
         # Drained by this thread alone: it makes room itself before it asks.
         room = InFlight(self.workers * 2 + 2)
@@ -146,17 +173,19 @@ class Restorer:
             for entry, path in targets:
                 if not entry.chunks:
                     self._finish(entry, path, self._open(path, 0), label)
+                    if placed is not None:
+                        placed(entry, path)
             with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-get") as pool:
                 for entry, chunk, is_last in tasks:
                     while room.full(chunk.length):
-                        self._drain_one(window, handles, paths, label, room)
+                        self._drain_one(window, handles, paths, label, room, placed)
                     ahead.submitted(chunk.length)
                     room.acquire(chunk.length)
                     context = f"{label}: file {entry.path!r}"
-                    future = pool.submit(self.chunks.read, chunk, context=context)
+                    future = pool.submit(read, entry, chunk, context)
                     window.append((entry, is_last, future))
                 while window:
-                    self._drain_one(window, handles, paths, label, room)
+                    self._drain_one(window, handles, paths, label, room, placed)
         finally:
             for future in (f for _, _, f in window):
                 future.cancel()
@@ -171,6 +200,7 @@ class Restorer:
         paths: dict[str, Path],
         label: str,
         room: InFlight,
+        placed: PlacedFn | None,
     ) -> None:
         entry, is_last, future = window.popleft()
         raw = future.result()
@@ -184,6 +214,8 @@ class Restorer:
             self.progress(len(raw))
         if is_last:
             self._finish(entry, paths[entry.path], handles.pop(entry.path), label)
+            if placed is not None:
+                placed(entry, paths[entry.path])
 
     @staticmethod
     def _open(path: Path, size: int) -> tuple[BinaryIO, StreamingHasher]:

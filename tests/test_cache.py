@@ -1,0 +1,353 @@
+"""The local chunk cache: reads of a remote store served from disk, verified on every use.
+
+Against the S3 server the tests start (moto): a second get makes no chunk
+requests; a damaged entry is dropped, fetched again and reported; a cache
+that cannot be written leaves the get working; eviction keeps the folder to
+its limit, least recently used first; many processes share one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+from helpers import (
+    CAS,
+    SMALL_PARAMS,
+    KiB,
+    MiB,
+    cas_env,
+    digests,
+    ok,
+    random_bytes,
+    run_cas,
+    run_json,
+)
+
+from cas.backends.s3 import S3Backend
+from cas.chunks._cache import LocalCache, evict, store_folder_name, usage
+from cas.errors import CacheWarning
+from cas.store import Store
+from cas.testing.faults import FaultyBackend
+
+
+def _tree(root: Path, seed: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "a.bin").write_bytes(random_bytes(300 * KiB, seed))
+    (root / "b.bin").write_bytes(random_bytes(200 * KiB, seed + 1))
+    return root
+
+
+def _cached_store(backend: S3Backend, cache: Path, limit: int = 64 * MiB) -> Store:
+    """A store on ``backend`` whose requests are counted, reading through ``cache``."""
+    Store.init(backend.uri, chunker=SMALL_PARAMS)
+    counted = FaultyBackend(backend)
+    store = Store.open(backend.uri, cache=cache, cache_size=limit)
+    return Store(counted, store.config, cache=store.chunks.cache)
+
+
+def _chunk_gets(store: Store) -> int:
+    backend = store.backend
+    assert isinstance(backend, FaultyBackend)
+    return backend.calls["get"]
+
+
+def test_second_get_makes_no_chunk_requests(s3_backend: S3Backend, tmp_path: Path) -> None:
+    store = _cached_store(s3_backend, tmp_path / "cache")
+    store.put(_tree(tmp_path / "src"), "runs/a")
+    first = store.restore("runs/a", tmp_path / "one")
+    assert first.fetched_chunks > 0
+    assert first.cached_chunks == 0
+    gets_before = _chunk_gets(store)
+
+    second = store.restore("runs/a", tmp_path / "two")
+
+    assert second.fetched_chunks == 0
+    assert second.cached_chunks == first.fetched_chunks
+    assert second.cached_bytes == first.fetched_bytes
+    # The ref and the manifest are read again; no chunk is.
+    assert _chunk_gets(store) - gets_before <= 2
+    assert digests(tmp_path / "two") == digests(tmp_path / "src")
+
+
+def test_default_is_on_for_object_stores_and_off_for_folders(
+    s3_backend: S3Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Store.init(s3_backend.uri)
+    Store.init(tmp_path / "local")
+    monkeypatch.setenv("CAS_CACHE", str(tmp_path / "env-cache"))
+    remote = Store.open(s3_backend.uri).chunks.cache
+    assert remote is not None
+    assert remote.root == tmp_path / "env-cache"
+    assert remote.folder.name == store_folder_name(s3_backend.uri)
+    assert Store.open(tmp_path / "local").chunks.cache is None
+    assert Store.open(s3_backend.uri, cache=False).chunks.cache is None
+    # Asked for by name, a cache serves a folder store too (one on NFS, say).
+    named = Store.open(tmp_path / "local", cache=tmp_path / "mine").chunks.cache
+    assert named is not None
+    assert named.root == tmp_path / "mine"
+    monkeypatch.setenv("CAS_CACHE", "off")
+    assert Store.open(s3_backend.uri).chunks.cache is None
+    monkeypatch.delenv("CAS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = Store.open(s3_backend.uri).chunks.cache
+    assert default is not None
+    assert default.root == tmp_path / "xdg" / "cas"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "empty"])
+def test_a_damaged_entry_is_dropped_fetched_again_and_reported(
+    s3_backend: S3Backend, tmp_path: Path, damage: str
+) -> None:
+    store = _cached_store(s3_backend, tmp_path / "cache")
+    store.put(_tree(tmp_path / "src"), "runs/a")
+    store.get("runs/a", tmp_path / "one")
+    cache = store.chunks.cache
+    assert cache is not None
+    entries = sorted((cache.folder / "chunks").rglob("*"))
+    victim = next(p for p in entries if p.is_file())
+    good = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    elif damage == "truncate":
+        victim.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        victim.write_bytes(os.urandom(len(good)))
+    else:
+        victim.write_bytes(b"")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = store.restore("runs/a", tmp_path / "two")
+
+    assert digests(tmp_path / "two") == digests(tmp_path / "src")
+    assert restored.fetched_chunks == 1
+    assert cache.counts.dropped == 1
+    reported = [w for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(reported) == 1
+    assert victim.name in str(reported[0].message)
+    assert victim.read_bytes() == good  # the entry was put back from the store
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_get_working(
+    s3_backend: S3Backend, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")
+    store = _cached_store(s3_backend, blocker / "cache")
+    store.put(_tree(tmp_path / "src"), "runs/a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = store.restore("runs/a", tmp_path / "one")
+        second = store.restore("runs/a", tmp_path / "two")
+    assert digests(tmp_path / "two") == digests(tmp_path / "src")
+    assert second.fetched_chunks == first.fetched_chunks > 0
+    reported = [w for w in caught if issubclass(w.category, CacheWarning)]
+    assert len(reported) == 1  # said once, not once per chunk
+    assert "cannot be written" in str(reported[0].message)
+
+
+def test_a_full_cache_disk_warns_and_the_get_succeeds(
+    s3_backend: S3Backend, tmp_path: Path
+) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    argv = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    try:
+        store = _cached_store(s3_backend, mount / "cache", limit=1024 * MiB)
+        store.put(_tree(tmp_path / "src"), "runs/a")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            store.get("runs/a", tmp_path / "one")
+        assert digests(tmp_path / "one") == digests(tmp_path / "src")
+        messages = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+        assert len(messages) == 1
+        assert "No space left" in messages[0]
+        assert not list((mount / "cache").rglob(".cas-tmp*"))
+        assert not list((mount / "cache").rglob("tmp/*"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_eviction_keeps_the_limit_and_drops_the_least_recently_used(tmp_path: Path) -> None:
+    from cas.digest import Digest
+
+    cache = LocalCache(tmp_path, "s3://bucket/x", limit=100 * KiB)
+    blobs = {Digest.of(bytes([i]) * 8): random_bytes(10 * KiB, i) for i in range(20)}
+    names = list(blobs)
+    for digest in names[:8]:
+        cache.save(digest, blobs[digest])
+    # Make the first two the most recently used, the rest older.
+    for age, digest in enumerate(reversed(names[:8])):
+        os.utime(cache.entry_path(digest), (1000.0 + age, 1000.0 + age))
+    recent = time.time() + 3600  # used after all the saves below
+    for digest in names[:2]:
+        os.utime(cache.entry_path(digest), (recent, recent))
+    for digest in names[8:]:
+        cache.save(digest, blobs[digest])
+    held = usage(tmp_path)[0]
+    assert held.size <= 100 * KiB
+    assert all(cache.contains(d) for d in names[:2])
+    assert not any(cache.contains(d) for d in names[2:6])
+    assert evict(tmp_path, 0) == 0
+    assert usage(tmp_path)[0].entries == 0
+
+
+def test_cli_cache_stats_clear_and_no_cache(s3_backend: S3Backend, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    store = s3_backend.uri
+    ok(run_cas("init", store=store))
+    ok(run_cas("put", _tree(tmp_path / "src"), "runs/a", store=store))
+    first = run_json("get", "runs/a", tmp_path / "one", "--cache", cache, store=store)
+    second = run_json("--cache", str(cache), "get", "runs/a", tmp_path / "two", store=store)
+    assert first["fetched_chunks"] > 0
+    assert second["fetched_chunks"] == 0
+    assert second["cached_chunks"] == first["fetched_chunks"]
+    uncached = run_json("get", "runs/a", tmp_path / "three", "--no-cache", store=store)
+    assert uncached["fetched_chunks"] == first["fetched_chunks"]
+    assert uncached["cached_chunks"] == 0
+
+    stats = run_json("cache", "stats", "--cache", cache)
+    assert stats["root"] == str(cache)
+    assert stats["entries"] == first["fetched_chunks"]
+    assert [s["store"] for s in stats["stores"]] == [store]
+    text = ok(run_cas("cache", "stats", "--cache", cache)).stdout
+    assert store in text
+    cleared = run_json("cache", "clear", "--cache", cache)
+    assert cleared["cleared"]["entries"] == stats["entries"]
+    assert run_json("cache", "stats", "--cache", cache)["entries"] == 0
+    again = run_json("get", "runs/a", tmp_path / "four", "--cache", cache, store=store)
+    assert again["fetched_chunks"] == first["fetched_chunks"]
+
+
+def test_cli_cache_size_is_checked(tmp_path: Path) -> None:
+    proc = run_cas("cache", "stats", "--cache-size", "lots")
+    assert proc.returncode == 2
+    assert "not a size" in proc.stderr
+    stats = run_json("cache", "stats", "--cache-size", "1GiB", "--cache", tmp_path)
+    assert stats["limit"] == 1024**3
+
+
+def test_read_tensor_reads_through_the_cache(s3_backend: S3Backend, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    store = _cached_store(s3_backend, tmp_path / "cache")
+    weights = np.arange(64 * 1024, dtype=np.float32).reshape(256, 256)
+    save_file({"w": weights, "b": weights[0].copy()}, str(tmp_path / "w.safetensors"))
+    store.put(tmp_path / "w.safetensors", "runs/w")
+    first = store.read_tensor("runs/w", None, "w")
+    gets = _chunk_gets(store)
+    second = store.read_tensor("runs/w", None, "w")
+    assert np.array_equal(first, weights)
+    assert np.array_equal(second, weights)
+    assert _chunk_gets(store) - gets <= 2  # ref and manifest only
+
+
+def test_processes_share_one_cache_under_eviction(s3_backend: S3Backend, tmp_path: Path) -> None:
+    """Six processes get the same version at once through one small cache: every
+    file verifies, no entry is ever found damaged, the folder ends within its limit."""
+    src = _tree(tmp_path / "src")
+    (src / "c.bin").write_bytes(random_bytes(600 * KiB, 7))
+    store = s3_backend.uri
+    Store.init(store, chunker=SMALL_PARAMS)
+    Store.open(store, cache=False).put(src, "runs/a")
+    cache = tmp_path / "cache"
+    limit = 400 * KiB  # under the version's size: entries are evicted while others read
+    procs = [
+        subprocess.Popen(
+            [
+                *_cas_argv(),
+                "--store",
+                store,
+                "--json",
+                "--cache",
+                str(cache),
+                "--cache-size",
+                str(limit),
+                "get",
+                "runs/a",
+                str(tmp_path / f"dest{i}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for i in range(6)
+    ]
+    results = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, results, strict=True):
+        assert proc.returncode == 0, err
+        assert "damaged" not in err
+        assert json.loads(out)["warnings"] == []
+    for i in range(6):
+        assert digests(tmp_path / f"dest{i}") == digests(src)
+    held = usage(cache)
+    assert sum(u.size for u in held) <= limit + 6 * 300 * KiB  # each may overshoot a little
+    assert not list(cache.rglob("tmp/*"))
+
+
+def _cas_argv() -> list[str]:
+    return list(CAS)
+
+
+def _env() -> dict[str, str]:
+    return cas_env()
+
+
+_HAMMER = """
+import random, sys
+from pathlib import Path
+from cas.chunks._cache import LocalCache, evict
+from cas.digest import Digest
+root, seed = Path(sys.argv[1]), int(sys.argv[2])
+blobs = [bytes([i]) * (4096 + 97 * i) for i in range(40)]
+names = [Digest.of(b) for b in blobs]
+cache = LocalCache(root, "s3://bucket/shared", limit=64 * 1024)
+rng = random.Random(seed)
+bad = 0
+for step in range(400):
+    i = rng.randrange(len(blobs))
+    if rng.random() < 0.5:
+        cache.save(names[i], blobs[i])
+    got = cache.load(names[i])
+    if got is not None and got != blobs[i]:
+        bad += 1
+    if step % 50 == 0:
+        evict(root, 16 * 1024)
+print(bad, cache.counts.hits)
+"""
+
+
+def test_writers_readers_and_evictions_in_many_processes_never_show_a_partial_entry(
+    tmp_path: Path,
+) -> None:
+    """Four processes save, load and evict the same entries at once: a load gives
+    the whole entry or nothing, never a torn or foreign one."""
+    procs = [
+        subprocess.Popen(
+            [CAS[0], "-c", _HAMMER, str(tmp_path), str(seed)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cas_env(),
+        )
+        for seed in range(4)
+    ]
+    hits = 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        bad, served = map(int, out.split())
+        assert bad == 0
+        hits += served
+    assert hits > 0  # the processes did read each other's entries
