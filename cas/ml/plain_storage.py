@@ -25,22 +25,18 @@ import builtins
 import logging
 import os
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import TEMP_PREFIX
-from ..digest import Digest, StreamingHasher, hash_bytes
+from ..digest import Digest, StreamingHasher
 from ..errors import (
     ConfigurationError,
-    CorruptObjectError,
     NotFoundError,
     RefNotFoundError,
-    SourceError,
 )
 from ..repository._manifest import Entry
-from ..store import DEFAULT_STORE, Store, Version
+from ..store import DEFAULT_STORE, Restored, Store, Version
 from ._retry import save_with_retries
 
 log = logging.getLogger("cas.compat")
@@ -133,78 +129,40 @@ class Storage:
         manifest = self.store.manifest(ref)
         local = Path(local_path)
         if manifest.kind != "file":
-            return self._directory_if_newer(remote_key, manifest.entries, local)
-        (entry,) = manifest.entries
-        assert entry.digest is not None
-        # Cut as a put of the local file as the next version would cut it:
-        # the stored chunks are then found in it, whatever the file's format.
-        local_chunks = self.store.cut_local_file(local, entry)
-        if local_chunks is not None and local_chunks.digest == entry.digest:
-            self.last_transfer = Transfer(reused_bytes=entry.size, reused_chunks=len(entry.chunks))
-            log.info("%s: %s is up to date, nothing moved", remote_key, local)
-            return False
-        where = local_chunks.where if local_chunks is not None else {}
-        transfer = self._rebuild(entry, local, where, label=ref.label)
-        self.last_transfer = transfer
-        log.info(
-            "%s -> %s: fetched %d bytes in %d chunks, reused %d bytes from the local file",
-            remote_key,
-            local,
-            transfer.fetched_bytes,
-            transfer.fetched_chunks,
-            transfer.reused_bytes,
-        )
-        return True
+            return self._directory_if_newer(ref.label, manifest.entries, local)
+        # An update cuts the local file as a put of it would (at tensor
+        # boundaries for a safetensors file), finds the stored chunks in it,
+        # and fetches only the others.
+        restored = self.store.restore(ref.label, local, update=True)
+        return self._moved(remote_key, local, restored)
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _rebuild(
-        self, entry: Entry, dest: Path, index: dict[bytes, tuple[int, int]], *, label: str
-    ) -> Transfer:
-        """Write ``entry`` beside ``dest`` from local chunks and fetched ones, then swap it in."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        temp = dest.parent / f"{TEMP_PREFIX}-{uuid.uuid4().hex}"
-        fetched = fetched_chunks = reused = reused_chunks = 0
-        hasher = StreamingHasher()
-        stored = self.store.open_file(entry, label=label)
-        source = open(dest, "rb") if index else None  # noqa: SIM115 - closed in finally
-        try:
-            with open(temp, "wb") as out:
-                for number, chunk in enumerate(entry.chunks):
-                    data = None
-                    where = index.get(chunk.digest.raw)
-                    if where is not None and source is not None:
-                        source.seek(where[0])
-                        data = source.read(where[1])
-                        # The file may have changed since it was chunked: trust only bytes
-                        # that still hash to the chunk's name.
-                        if hash_bytes(data) != chunk.digest.raw:
-                            data = None
-                        else:
-                            reused += len(data)
-                            reused_chunks += 1
-                    if data is None:
-                        data = stored.chunk(number)
-                        fetched += len(data)
-                        fetched_chunks += 1
-                    out.write(data)
-                    hasher.update(data)
-            if hasher.digest() != entry.digest:
-                raise CorruptObjectError(f"{label}: rebuilt file does not match its BLAKE3")
-            os.chmod(temp, entry.mode)
-            os.replace(temp, dest)
-        except OSError as err:
-            raise SourceError(f"cannot write {dest}: {err.strerror or err}") from err
-        finally:
-            if source is not None:
-                source.close()
-            temp.unlink(missing_ok=True)
-        return Transfer(fetched, fetched_chunks, reused, reused_chunks)
+    def _moved(self, remote_key: str, local: Path, restored: Restored) -> bool:
+        """Record what an update moved; True if it wrote anything."""
+        self.last_transfer = Transfer(
+            restored.missing_bytes,
+            restored.missing_chunks,
+            restored.reused_bytes,
+            restored.reused_chunks,
+        )
+        if restored.files_written == 0 and restored.files_removed == 0:
+            log.info("%s: %s is up to date, nothing moved", remote_key, local)
+            return False
+        log.info(
+            "%s -> %s: fetched %d bytes in %d chunks, reused %d bytes from the local copy",
+            remote_key,
+            local,
+            restored.missing_bytes,
+            restored.missing_chunks,
+            restored.reused_bytes,
+        )
+        return True
 
-    def _directory_if_newer(self, remote_key: str, entries: tuple[Entry, ...], local: Path) -> bool:
+    def _directory_if_newer(self, label: str, entries: tuple[Entry, ...], local: Path) -> bool:
         # A directory is compared file by file; when anything differs it is
-        # restored whole (verified, all or nothing), which is what a plain
-        # storage layer's directory download does too.
+        # updated to the version (files it does not hold removed), reusing
+        # what the local copy holds: as a plain storage layer's download does.
         same = local.is_dir()
         wanted = {e.path for e in entries}
         if same:
@@ -217,7 +175,8 @@ class Storage:
         if same:
             self.last_transfer = Transfer(reused_bytes=sum(e.size for e in entries))
             return False
-        self.download(remote_key, local)
+        restored = self.store.restore(label, local, update=True, delete=True)
+        self._moved(label, local, restored)
         return True
 
 

@@ -399,30 +399,20 @@ class Store:
         self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
         manifest = self.manifest(version_ref)
-        from ..transfer._restore import Restorer
-        from ..transfer._update import UpdateCounts, Updater
+        from ._restoring import restore_version
 
-        restorer = Restorer(self.chunks, workers=workers, progress=progress)
-        counts = UpdateCounts()
-        if update and os.path.lexists(dest):
-            updater = Updater(restorer, self.config.chunker)
-            counts = updater.update(manifest, Path(dest), label=version_ref.label, delete=delete)
-        else:
-            restorer.restore(manifest, Path(dest), label=version_ref.label, force=force)
-        tally = restorer.tally
-        return Restored(
-            self._catalog().version(version_ref, manifest),
-            os.path.abspath(dest),
-            fetched_bytes=tally.fetched_bytes,
-            fetched_chunks=tally.fetched_chunks,
-            cached_bytes=tally.cached_bytes,
-            cached_chunks=tally.cached_chunks,
-            reused_bytes=counts.reused_bytes,
-            files_kept=counts.files_kept,
-            files_written=counts.files_written,
-            files_removed=counts.files_removed,
-            files_extra=counts.files_extra,
+        return restore_version(
+            self.chunks,
+            self.config.chunker,
+            manifest,
+            Path(dest),
+            label=version_ref.label,
+            describe=lambda: self._catalog().version(version_ref, manifest),
+            force=force,
             update=update,
+            delete=delete,
+            progress=progress,
+            workers=workers,
         )
 
     def _refuse_replacing_self(self, dest: Path) -> None:

@@ -190,8 +190,9 @@ class Restored:
     """What a get or an update wrote, and where its bytes came from.
 
     ``fetched_bytes`` are stored (compressed) bytes requested from the store,
-    ``cached_bytes`` those taken from the local chunk cache instead, and
-    ``reused_bytes`` raw bytes that an update found in DEST already.
+    ``cached_bytes`` those taken from the local chunk cache instead. An
+    update also counts raw bytes: ``reused_bytes`` that DEST held already,
+    ``missing_bytes`` that it did not (and were fetched or found cached).
     """
 
     version: Version
@@ -201,6 +202,9 @@ class Restored:
     cached_bytes: int = 0
     cached_chunks: int = 0
     reused_bytes: int = 0
+    reused_chunks: int = 0
+    missing_bytes: int = 0
+    missing_chunks: int = 0
     #: An update: files left as they were, rewritten, removed, and left over.
     files_kept: int = 0
     files_written: int = 0
@@ -216,6 +220,9 @@ class Restored:
         if self.update:
             counts.update(
                 reused_bytes=self.reused_bytes,
+                reused_chunks=self.reused_chunks,
+                missing_bytes=self.missing_bytes,
+                missing_chunks=self.missing_chunks,
                 files_kept=self.files_kept,
                 files_written=self.files_written,
                 files_removed=self.files_removed,

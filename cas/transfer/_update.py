@@ -45,10 +45,12 @@ class UpdateCounts:
     files_removed: int = 0
     #: Files in DEST the version does not hold, left in place (no ``delete``).
     files_extra: int = 0
-    #: Bytes of DEST reused: unchanged files, and chunks of changed ones.
+    #: Raw bytes (and chunks) of DEST reused: unchanged files, chunks of changed ones.
     reused_bytes: int = 0
-    #: Chunk bytes each file had to take from the store (or its cache), raw.
+    reused_chunks: int = 0
+    #: Raw bytes (and chunks) DEST did not hold: taken from the store or its cache.
     missing_bytes: int = 0
+    missing_chunks: int = 0
 
 
 @dataclass
@@ -129,17 +131,14 @@ class Updater:
     def _update_files(self, targets: list[tuple[Entry, Path]], label: str) -> None:
         with ThreadPoolExecutor(self.restorer.workers, thread_name_prefix="cas-scan") as pool:
             plans = [p for p in pool.map(lambda t: self._plan(*t), targets) if p is not None]
-        for plan in plans:
-            self.counts.missing_bytes += sum(
-                c.length for c in plan.entry.chunks if c.digest.raw not in plan.where
-            )
         by_path = {plan.entry.path: plan for plan in plans}
 
         def read(entry: Entry, chunk: ChunkRef, context: str) -> bytes | memoryview:
             data = _read_local(by_path[entry.path], chunk)
             if data is None:
+                self._add(missing_bytes=chunk.length, missing_chunks=1)
                 return self.restorer.fetch(entry, chunk, context)
-            self._add(reused_bytes=len(data))
+            self._add(reused_bytes=len(data), reused_chunks=1)
             return data
 
         def placed(entry: Entry, temp: Path) -> None:
@@ -170,7 +169,7 @@ class Updater:
         if local is not None and local.digest == entry.digest:
             if (target.stat().st_mode & 0o7777) != (entry.mode & _SAFE_MODE_BITS):
                 os.chmod(target, entry.mode & _SAFE_MODE_BITS)
-            self._add(files_kept=1, reused_bytes=entry.size)
+            self._add(files_kept=1, reused_bytes=entry.size, reused_chunks=len(entry.chunks))
             if self.restorer.progress is not None:
                 self.restorer.progress(entry.size)
             return None

@@ -1,0 +1,61 @@
+"""A get or an update of one version, and the account of where its bytes came from."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ..chunks._chunking import ChunkerParams
+from ..chunks._store import ChunkStore
+from ..repository._manifest import Manifest
+from ..transfer._restore import ProgressFn, Restorer
+from ..transfer._update import UpdateCounts, Updater
+from ._values import Restored, Version
+
+
+def restore_version(
+    chunks: ChunkStore,
+    params: ChunkerParams,
+    manifest: Manifest,
+    dest: Path,
+    *,
+    label: str,
+    describe: Callable[[], Version],
+    force: bool,
+    update: bool,
+    delete: bool,
+    progress: ProgressFn | None,
+    workers: int,
+) -> Restored:
+    """Write ``manifest`` to ``dest`` (see :meth:`Store.restore`); ``describe``
+    gives the version for the result."""
+    restorer = Restorer(chunks, workers=workers, progress=progress)
+    if update and os.path.lexists(dest):
+        counts = Updater(restorer, params).update(manifest, dest, label=label, delete=delete)
+    else:
+        restorer.restore(manifest, dest, label=label, force=force)
+        files = [e for e in manifest.entries if e.type == "file"]
+        counts = UpdateCounts(
+            files_written=len(files),
+            missing_bytes=sum(e.size for e in files),
+            missing_chunks=sum(len(e.chunks) for e in files),
+        )
+    tally = restorer.tally
+    return Restored(
+        describe(),
+        os.path.abspath(dest),
+        fetched_bytes=tally.fetched_bytes,
+        fetched_chunks=tally.fetched_chunks,
+        cached_bytes=tally.cached_bytes,
+        cached_chunks=tally.cached_chunks,
+        reused_bytes=counts.reused_bytes,
+        reused_chunks=counts.reused_chunks,
+        missing_bytes=counts.missing_bytes,
+        missing_chunks=counts.missing_chunks,
+        files_kept=counts.files_kept,
+        files_written=counts.files_written,
+        files_removed=counts.files_removed,
+        files_extra=counts.files_extra,
+        update=update,
+    )
