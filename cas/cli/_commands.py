@@ -105,8 +105,9 @@ def cmd_get(args: argparse.Namespace) -> int:
     text = f"{version.ref} -> {args.dest} ({format_size(version.size)}, verified)"
     if args.update:
         text += (
-            f"\n{restored.files_kept} files unchanged, {restored.files_written} rewritten, "
-            f"{restored.files_removed} removed; reused {format_size(restored.reused_bytes)}, "
+            f"\n{counted(restored.files_kept, 'file')} unchanged, "
+            f"{restored.files_written} rewritten, {restored.files_removed} removed; "
+            f"reused {format_size(restored.reused_bytes)}, "
             f"fetched {format_size(restored.fetched_bytes)}"
         )
     emit(args, {**restored.to_dict(), "warnings": noted}, text)

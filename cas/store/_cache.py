@@ -79,8 +79,8 @@ def cache_root(cache: CacheChoice = None) -> Path | None:
         env = os.environ.get("CAS_CACHE", "").strip()
         if env.lower() in OFF_WORDS:
             return None if cache is None else default_cache_root()
-        return Path(env).expanduser() if env else default_cache_root()
-    return Path(os.fspath(cache)).expanduser()
+        return Path(env).expanduser().absolute() if env else default_cache_root()
+    return Path(os.fspath(cache)).expanduser().absolute()
 
 
 def cache_limit(cache_size: int | str | None = None) -> int:
