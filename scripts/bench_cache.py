@@ -11,8 +11,9 @@ of them changed. Per repeat, against one moto_server on 127.0.0.1, with every
 request the store makes counted (a counting wrapper around its backend):
 
 1. put v1 and v2 into a fresh store (requests of the first put, per GB);
-2. get v1 with an empty cache (cold), then again into a new folder with the
-   cache it filled (warm): time and chunk requests of each;
+2. get v1 without a cache, then with an empty cache (cold: what filling it
+   costs), then again into a new folder with the cache it filled (warm):
+   time and chunk requests of each;
 3. a fresh get of v2 without a cache, then ``get --update`` of v2 over the
    folder holding v1 (no cache either, so every missing chunk comes from the
    store): time, and the stored bytes fetched against the stored size of the
@@ -47,7 +48,14 @@ import servers  # noqa: E402
 from bench_s3 import MB, checkpoint, parse_size, sha256, timed  # noqa: E402
 
 GB = 1_000_000_000
-TIMES = ("cold get", "warm get", "fresh get v2", "update v1->v2", "fsspec one tensor")
+TIMES = (
+    "get, no cache",
+    "cold get",
+    "warm get",
+    "fresh get v2",
+    "update v1->v2",
+    "fsspec one tensor",
+)
 
 
 def counted_store(uri: str, cache: Path | None) -> Any:
@@ -105,6 +113,9 @@ def one_repeat(repeat: int, info: dict[str, Any], scratch: Path) -> dict[str, fl
     out["put v1 requests/GB"] = requests(writer) / (info["size"] / GB)
     writer.put(v2, "ckpt")
 
+    plain = counted_store(uri, None)
+    out["get, no cache"] = timed(lambda: plain.get("ckpt@1", scratch / "v1-plain"))
+    (scratch / "v1-plain").unlink()
     cache = scratch / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     reader = counted_store(uri, cache)
@@ -167,12 +178,14 @@ def report(info: dict[str, Any], runs: list[dict[str, float]]) -> dict[str, Any]
             print(f"{name:<28} {med[name]:>10.1f}")
     ratios = {
         "cold get / warm get": med["cold get"] / med["warm get"],
+        "no cache / warm get": med["get, no cache"] / med["warm get"],
         "fresh get / update": med["fresh get v2"] / med["update v1->v2"],
         "update fetched / changed": med["update fetched MB"] / med["changed chunks stored MB"],
         "full get / one tensor": med["cold get"] / med["fsspec one tensor"],
     }
     targets = {
         "cold get / warm get": ">= 10",
+        "no cache / warm get": "(context)",
         "fresh get / update": ">= 5",
         "update fetched / changed": "<= 1.10",
         "full get / one tensor": ">= 20",

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -28,9 +31,13 @@ from helpers import (
     run_cas,
     run_json,
 )
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, rule
 
 from cas.backends.s3 import S3Backend
 from cas.chunks._cache import LocalCache, evict, store_folder_name, usage
+from cas.digest import Digest
 from cas.errors import CacheWarning
 from cas.store import Store
 from cas.testing.faults import FaultyBackend
@@ -178,8 +185,6 @@ def test_a_full_cache_disk_warns_and_the_get_succeeds(
 
 
 def test_eviction_keeps_the_limit_and_drops_the_least_recently_used(tmp_path: Path) -> None:
-    from cas.digest import Digest
-
     cache = LocalCache(tmp_path, "s3://bucket/x", limit=100 * KiB)
     blobs = {Digest.of(bytes([i]) * 8): random_bytes(10 * KiB, i) for i in range(20)}
     names = list(blobs)
@@ -351,3 +356,74 @@ def test_writers_readers_and_evictions_in_many_processes_never_show_a_partial_en
         assert bad == 0
         hits += served
     assert hits > 0  # the processes did read each other's entries
+
+
+def test_diff_reads_through_the_cache(s3_backend: S3Backend, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from cas.ml.diff import diff
+
+    store = _cached_store(s3_backend, tmp_path / "cache")
+    weights = {f"t{i}": np.full((64, 64), i, dtype=np.float32) for i in range(6)}
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    store.put(tmp_path / "m.safetensors", "runs/m")
+    weights["t2"] = weights["t2"] + 1
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    store.put(tmp_path / "m.safetensors", "runs/m")
+    first = diff(store, "runs/m@1", "runs/m@2")
+    gets = _chunk_gets(store)
+    second = diff(store, "runs/m@1", "runs/m@2")
+    assert second == first
+    backend = store.backend
+    assert isinstance(backend, FaultyBackend)
+    assert not [k for k in backend.keys["get"][gets:] if k.startswith("chunks/")]
+
+
+class _CacheModel(RuleBasedStateMachine):
+    """Saves, loads, damage and evictions in any order: a load gives the bytes saved
+    or nothing, and the folder never ends a save above its limit."""
+
+    LIMIT = 40 * KiB
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="cas-cache-model-"))
+        self.cache = LocalCache(self.root, "s3://bucket/model", limit=self.LIMIT)
+
+    blobs = Bundle("blobs")
+
+    @rule(target=blobs, size=st.integers(0, 12 * KiB), seed=st.integers(0, 1000))
+    def make(self, size: int, seed: int) -> tuple[Any, bytes]:
+        data = random_bytes(size, seed)
+        return Digest.of(data), data
+
+    @rule(blob=blobs)
+    def save(self, blob: tuple[Any, bytes]) -> None:
+        self.cache.save(*blob)
+        assert sum(u.size for u in usage(self.root)) <= self.LIMIT
+
+    @rule(blob=blobs)
+    def load(self, blob: tuple[Any, bytes]) -> None:
+        got = self.cache.load(blob[0])
+        assert got is None or got == blob[1]
+
+    @rule(blob=blobs)
+    def drop(self, blob: tuple[Any, bytes]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CacheWarning)
+            self.cache.discard(blob[0], "a test drops it")
+        assert not self.cache.contains(blob[0])
+
+    @rule(limit=st.integers(0, 40 * KiB))
+    def evict(self, limit: int) -> None:
+        left = evict(self.root, limit)
+        assert left <= limit
+        assert sum(u.size for u in usage(self.root)) == left
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+_CacheModel.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+test_cache_model = _CacheModel.TestCase
