@@ -427,3 +427,18 @@ class _CacheModel(RuleBasedStateMachine):
 
 _CacheModel.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
 test_cache_model = _CacheModel.TestCase
+
+
+@pytest.mark.parametrize("kind", ["s3", "gcs", "azure"])
+def test_every_object_store_reads_through_the_cache_by_default(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    backend = request.getfixturevalue(f"{kind}_backend")
+    Store.init(backend.uri, chunker=SMALL_PARAMS).put(_tree(tmp_path / "src"), "runs/a")
+    store = Store.open(backend.uri)
+    assert store.chunks.cache is not None
+    first = store.restore("runs/a", tmp_path / "one")
+    second = Store.open(backend.uri).restore("runs/a", tmp_path / "two")
+    assert first.fetched_chunks > 0
+    assert (second.fetched_chunks, second.cached_chunks) == (0, first.fetched_chunks)
+    assert digests(tmp_path / "two") == digests(tmp_path / "src")
