@@ -442,3 +442,40 @@ def test_every_object_store_reads_through_the_cache_by_default(
     assert first.fetched_chunks > 0
     assert (second.fetched_chunks, second.cached_chunks) == (0, first.fetched_chunks)
     assert digests(tmp_path / "two") == digests(tmp_path / "src")
+
+
+def test_a_read_only_cache_still_serves_what_it_holds(
+    s3_backend: S3Backend, tmp_path: Path
+) -> None:
+    """A cache filled once and then mounted read-only (a shared image, say): hits
+    are served, misses are fetched, and the one failed write is reported once."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        store = _cached_store(s3_backend, mount / "cache")
+        store.put(_tree(tmp_path / "src"), "runs/a")
+        filled = store.restore("runs/a", tmp_path / "one")
+        (tmp_path / "more").mkdir()
+        (tmp_path / "more" / "c.bin").write_bytes(random_bytes(100 * KiB, 42))
+        store.put(tmp_path / "more", "runs/b")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            again = store.restore("runs/a", tmp_path / "two")
+            other = store.restore("runs/b", tmp_path / "three")
+        assert (again.fetched_chunks, again.cached_chunks) == (0, filled.fetched_chunks)
+        assert other.fetched_chunks > 0
+        assert digests(tmp_path / "three") == digests(tmp_path / "more")
+        messages = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+        assert len(messages) == 1
+        assert "Read-only file system" in messages[0]
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
