@@ -138,10 +138,15 @@ def test_update_of_a_single_file_and_into_a_missing_dest(tmp_path: Path) -> None
         store.restore("w@2", tmp_path / "out", update=True)
 
 
-def test_delete_needs_update(versions: tuple[Store, Path, Path], tmp_path: Path) -> None:
+def test_delete_needs_update_and_update_excludes_force(
+    versions: tuple[Store, Path, Path], tmp_path: Path
+) -> None:
     store, _, _ = versions
     with pytest.raises(InvalidInputError, match="delete"):
         store.restore("runs/a", tmp_path / "x", delete=True)
+    with pytest.raises(InvalidInputError, match="choose one"):
+        store.restore("runs/a", tmp_path / "x", force=True, update=True)
+    assert not (tmp_path / "x").exists()
 
 
 def test_dest_changed_while_the_update_reads_it_gives_no_wrong_byte(

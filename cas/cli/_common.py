@@ -47,6 +47,7 @@ CLI_WORDS = {
     "delete_version": "`cas rm {label}`",
     "delete": "--delete",
     "update": "--update",
+    "force_or_update": "--force or --update",
     "cache_size": "--cache-size",
 }
 

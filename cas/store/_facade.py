@@ -390,11 +390,17 @@ class Store:
         with ``delete``. See docs/cache.md.
         """
         workers = self._check_workers(workers)
+        if force and update:
+            raise InvalidInputError.naming(
+                "give {force_or_update}, not both: the first replaces DEST whole, "
+                "the second reuses it (choose one)",
+                force_or_update="force=True or update=True",
+            )
         if delete and not update:
             raise InvalidInputError.naming(
                 "{delete} removes files an update does not need; it needs {update}",
-                delete="delete",
-                update="update",
+                delete="delete=True",
+                update="update=True",
             )
         self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
