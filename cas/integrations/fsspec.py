@@ -29,7 +29,6 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem, _Cached
 
 from ..errors import CasError, ConfigurationError, RefNotFoundError
 from ..store import Store
-from ..tensors._safetensors import ChunkCache
 
 #: How deep a chain of links inside a version is followed.
 _MAX_LINKS = 8
@@ -204,8 +203,7 @@ class CasFileSystem(AbstractFileSystem, metaclass=_StoreFromEnvironment):  # typ
             raise IsADirectoryError(f"cas://{self._strip_protocol(path)} is a folder")
         # The chunks a file read last stay decoded: a library's small reads
         # (a parquet footer, a CSV parser's blocks) mostly fall in them.
-        chunks = ChunkCache(_DECODED_CHUNKS)
-        stored = self.store.open_file(info["entry"], label=info["label"], cache=chunks)
+        stored = self.store.open_file(info["entry"], label=info["label"], cache=_DECODED_CHUNKS)
         return CasFile(self, path, stored, info["size"], block_size=block_size)
 
     def cat_file(

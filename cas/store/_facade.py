@@ -42,6 +42,7 @@ from ._config import (
     load_config,
     write_config,
 )
+from ._restoring import check_restore_options, restore_version
 from ._values import Details, KeySummary, Reclaimable, Restored, Stats, Storage, Version
 
 if TYPE_CHECKING:
@@ -101,11 +102,9 @@ class Store:
     ) -> Store:
         """Open a store; create it with default settings if ``create`` and the location is empty.
 
-        ``cache`` is the local chunk cache reads go through: None for the
-        default (on for S3, GCS and Azure, in ``$CAS_CACHE`` or the user's
-        cache folder), False for none, True or a folder to use one whatever
-        the store; ``cache_size`` its limit in bytes (or ``"8GiB"``).
-        See docs/cache.md.
+        ``cache``: the local chunk cache reads go through (None: on for S3, GCS
+        and Azure; False: off; True or a folder: on), ``cache_size`` its limit
+        (docs/cache.md).
         """
         backend = open_backend(location, **options)
         local_cache = cache_for(backend, cache, cache_size)
@@ -342,17 +341,21 @@ class Store:
             raise CorruptObjectError(f"manifest {manifest_id.hex} does not match its hash")
         return Manifest.from_bytes(blob, name=f"manifest {manifest_id.hex}")
 
-    def open_file(self, entry: Entry, *, label: str, cache: ChunkCache | None = None) -> StoredFile:
+    def open_file(
+        self, entry: Entry, *, label: str, cache: ChunkCache | int | None = None
+    ) -> StoredFile:
         """Random access to the bytes of one stored file (an entry of a manifest).
 
         Reads fetch and verify only the chunks that hold the bytes asked for.
         ``label`` (``KEY@N``) names the version in errors; ``cache`` keeps the
-        chunks last read, and may be shared by several files (by default a
-        file keeps its last chunk, where a safetensors header usually ends).
+        chunks last read (a number: that many), and may be shared by several
+        files (by default a file keeps its last chunk, where a safetensors
+        header usually ends).
         """
-        from ..tensors._safetensors import StoredFile
+        from ..tensors._safetensors import ChunkCache, StoredFile
 
-        return StoredFile(self.chunks, entry, label, cache=cache)
+        kept = ChunkCache(cache) if isinstance(cache, int) else cache
+        return StoredFile(self.chunks, entry, label, cache=kept)
 
     def get(
         self,
@@ -380,46 +383,21 @@ class Store:
         progress: ProgressFn | None = None,
         workers: int | None = None,
     ) -> Restored:
-        """:meth:`get`, saying where the bytes came from; or with ``update``, bring
-        an existing ``dest`` to the version reusing what it holds.
-
-        An update leaves files whose BLAKE3 matches alone, rebuilds the others
-        from their old chunks that still match plus fetched ones, and moves
-        each into place only once verified (an interrupted update leaves each
-        file old or new). Files the version does not hold are removed only
-        with ``delete``. See docs/cache.md.
+        """:meth:`get`, saying where the bytes came from; with ``update``, bring an
+        existing ``dest`` to the version reusing what it holds, each file swapped
+        in once verified; ``delete`` removes what the version lacks (docs/cache.md).
         """
+        check_restore_options(force=force, update=update, delete=delete)
         workers = self._check_workers(workers)
-        if force and update:
-            raise InvalidInputError.naming(
-                "give {force_or_update}, not both: the first replaces DEST whole, "
-                "the second reuses it (choose one)",
-                force_or_update="force=True or update=True",
-            )
-        if delete and not update:
-            raise InvalidInputError.naming(
-                "{delete} removes files an update does not need; it needs {update}",
-                delete="delete=True",
-                update="update=True",
-            )
         self._refuse_replacing_self(Path(dest))
         version_ref = self.resolve(ref)
         manifest = self.manifest(version_ref)
-        from ._restoring import restore_version
-
+        describe = lambda: self._catalog().version(version_ref, manifest)  # noqa: E731
         return restore_version(
-            self.chunks,
-            self.config.chunker,
-            manifest,
-            Path(dest),
-            label=version_ref.label,
-            describe=lambda: self._catalog().version(version_ref, manifest),
-            force=force,
-            update=update,
-            delete=delete,
-            progress=progress,
-            workers=workers,
-        )
+            self.chunks, self.config.chunker, manifest, Path(dest), label=version_ref.label,
+            describe=describe, force=force, update=update, delete=delete,
+            progress=progress, workers=workers,
+        )  # fmt: skip
 
     def _refuse_replacing_self(self, dest: Path) -> None:
         """A forced restore replaces DEST whole: never when DEST holds this store."""
@@ -688,14 +666,4 @@ def open(
     return Store.open(location, create=create, **options)
 
 
-__all__ = [
-    "CasError",
-    "Details",
-    "KeySummary",
-    "Reclaimable",
-    "Restored",
-    "Stats",
-    "Store",
-    "Version",
-    "open",
-]
+__all__ = ["CasError", "Details", "KeySummary", "Reclaimable", "Stats", "Store", "Version", "open"]

@@ -8,10 +8,26 @@ from pathlib import Path
 
 from ..chunks._chunking import ChunkerParams
 from ..chunks._store import ChunkStore
+from ..errors import InvalidInputError
 from ..repository._manifest import Manifest
-from ..transfer._restore import ProgressFn, Restorer
-from ..transfer._update import UpdateCounts, Updater
 from ._values import Restored, Version
+
+ProgressFn = Callable[[int], None]
+
+
+def check_restore_options(*, force: bool, update: bool, delete: bool) -> None:
+    if force and update:
+        raise InvalidInputError.naming(
+            "give {force_or_update}, not both: the first replaces DEST whole, "
+            "the second reuses it (choose one)",
+            force_or_update="force=True or update=True",
+        )
+    if delete and not update:
+        raise InvalidInputError.naming(
+            "{delete} removes files an update does not need; it needs {update}",
+            delete="delete=True",
+            update="update=True",
+        )
 
 
 def restore_version(
@@ -30,6 +46,10 @@ def restore_version(
 ) -> Restored:
     """Write ``manifest`` to ``dest`` (see :meth:`Store.restore`); ``describe``
     gives the version for the result."""
+    # Imported here: every command imports this module, only gets need these.
+    from ..transfer._restore import Restorer
+    from ..transfer._update import UpdateCounts, Updater
+
     restorer = Restorer(chunks, workers=workers, progress=progress)
     if update and os.path.lexists(dest):
         counts = Updater(restorer, params).update(manifest, dest, label=label, delete=delete)
