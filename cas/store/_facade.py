@@ -42,7 +42,7 @@ from ._config import (
     load_config,
     write_config,
 )
-from ._restoring import check_restore_options, restore_version
+from ._restoring import check_restore_options, refuse_replacing_store, restore_version
 from ._values import Details, KeySummary, Reclaimable, Restored, Stats, Storage, Version
 
 if TYPE_CHECKING:
@@ -81,8 +81,7 @@ class Store:
         self.backend = backend
         self.config = config
         self.refs = Refs(backend)
-        #: Reads of chunks go through ``cache`` (a local folder shared by every
-        #: process on the machine; docs/cache.md) when there is one.
+        #: Chunks are read through ``cache``, if any (docs/cache.md).
         self.chunks = ChunkStore(backend, level=config.zstd_level, cache=cache)
         self.workers = workers or backend.concurrency
         #: Local elapsed time for garbage-collection safety; tests inject a fake one.
@@ -389,7 +388,7 @@ class Store:
         """
         check_restore_options(force=force, update=update, delete=delete)
         workers = self._check_workers(workers)
-        self._refuse_replacing_self(Path(dest))
+        refuse_replacing_store(self.backend.local_root, Path(dest))
         version_ref = self.resolve(ref)
         manifest = self.manifest(version_ref)
         describe = lambda: self._catalog().version(version_ref, manifest)  # noqa: E731
@@ -398,18 +397,6 @@ class Store:
             describe=describe, force=force, update=update, delete=delete,
             progress=progress, workers=workers,
         )  # fmt: skip
-
-    def _refuse_replacing_self(self, dest: Path) -> None:
-        """A forced restore replaces DEST whole: never when DEST holds this store."""
-        store_root = self.backend.local_root
-        if store_root is None or not os.path.lexists(dest):
-            return
-        target, root = dest.resolve(), store_root.resolve()
-        if root == target or target in root.parents:
-            raise InvalidInputError(
-                f"destination {dest} holds this store ({root}); restoring there would "
-                "replace the store itself: choose another destination"
-            )
 
     def cut_local_file(self, path: str | os.PathLike[str], former: Entry) -> LocalChunks | None:
         """A local file cut as a put of it as the version after ``former`` would cut it:

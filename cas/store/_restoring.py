@@ -30,6 +30,19 @@ def check_restore_options(*, force: bool, update: bool, delete: bool) -> None:
         )
 
 
+def refuse_replacing_store(store_root: Path | None, dest: Path) -> None:
+    """A forced restore replaces DEST whole: never when DEST holds this store
+    (whose folder is ``store_root``, None for one not on a local folder)."""
+    if store_root is None or not os.path.lexists(dest):
+        return
+    target, root = dest.resolve(), store_root.resolve()
+    if root == target or target in root.parents:
+        raise InvalidInputError(
+            f"destination {dest} holds this store ({root}); restoring there would "
+            "replace the store itself: choose another destination"
+        )
+
+
 def restore_version(
     chunks: ChunkStore,
     params: ChunkerParams,
