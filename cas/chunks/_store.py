@@ -204,6 +204,7 @@ class ChunkStore:
                     self.cache.discard(link.digest, str(damage.error))
                 else:
                     read.tally.add(cached=len(blob))
+                    self._keep_fetched(link, read)
                     return raw
         try:
             blob = self.backend.get(layout.chunk_key(link.digest))
@@ -215,13 +216,17 @@ class ChunkStore:
             raw = self._decode(blob, link, read)
         except _Damaged as damage:
             raise damage.error from None
-        if self.cache is not None:
-            read.fetched.append((link.digest, blob))
-            if link.depth == 0:  # the whole chain checked out: keep what was fetched
-                for digest, fetched in read.fetched:
-                    self.cache.save(digest, fetched)
-                read.fetched.clear()
+        read.fetched.append((link.digest, blob))
+        self._keep_fetched(link, read)
         return raw
+
+    def _keep_fetched(self, link: _Link, read: _Reading) -> None:
+        """Once a whole chain checked out (its top link), cache what it fetched."""
+        if link.depth == 0:
+            if self.cache is not None:
+                for digest, blob in read.fetched:
+                    self.cache.save(digest, blob)
+            read.fetched.clear()
 
     def _decode(self, blob: bytes, link: _Link, read: _Reading) -> bytes | memoryview:
         """The raw bytes of ``blob``, following its delta base down, checked as
