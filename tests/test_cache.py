@@ -520,3 +520,23 @@ def test_a_damaged_cached_delta_base_is_found_dropped_and_fetched_again(
     assert len(reported) == 1
     assert victim.name in reported[0]
     assert victim.read_bytes() == good
+
+
+def test_in_place_reads_go_through_the_cache(s3_backend: S3Backend, tmp_path: Path) -> None:
+    from cas.chunks._inplace import read_into
+
+    store = _cached_store(s3_backend, tmp_path / "cache")
+    data = random_bytes(300 * KiB, 11)
+    (tmp_path / "w.bin").write_bytes(data)
+    store.put(tmp_path / "w.bin", "runs/w")
+    entry = store.manifest("runs/w").entries[0]
+    for round_ in range(2):
+        gets = _chunk_gets(store)
+        out = bytearray()
+        for chunk in entry.chunks:
+            buffer = bytearray(chunk.length)
+            read_into(store.chunks, chunk, memoryview(buffer))
+            out += buffer
+        assert bytes(out) == data
+        chunk_gets = _chunk_gets(store) - gets
+        assert chunk_gets == (len(entry.chunks) if round_ == 0 else 0)

@@ -21,7 +21,13 @@ import zstandard
 
 from .._zstd import decompress_into
 from ..digest import hash_bytes
-from ..errors import CorruptObjectError, MismatchedObjectError, MissingObjectError, NotFoundError
+from ..errors import (
+    CorruptObjectError,
+    IntegrityError,
+    MismatchedObjectError,
+    MissingObjectError,
+    NotFoundError,
+)
 from ..repository import _layout as layout
 from ..repository._manifest import MAX_CHUNK_LENGTH, ChunkRef
 from . import _floatcodec as floatcodec
@@ -37,6 +43,8 @@ def read_into(chunks: ChunkStore, chunk: ChunkRef, out: memoryview, *, context: 
         raise ValueError(f"{where}: {chunk.length} bytes do not fit a buffer of {len(out)}")
     if not 0 <= chunk.length <= MAX_CHUNK_LENGTH:
         raise CorruptObjectError(f"{where}: a length of {chunk.length} bytes is not possible")
+    if chunks.cache is not None and _from_cache(chunks, chunk, out, where, context):
+        return
     try:
         blob = chunks.backend.get(layout.chunk_key(chunk.digest))
     except NotFoundError:
@@ -46,6 +54,29 @@ def read_into(chunks: ChunkStore, chunk: ChunkRef, out: memoryview, *, context: 
         return
     if hash_bytes(out) != chunk.digest.raw:
         raise CorruptObjectError(f"{where} is corrupt: its content does not match its hash")
+    if chunks.cache is not None:
+        chunks.cache.save(chunk.digest, blob)
+
+
+def _from_cache(
+    chunks: ChunkStore, chunk: ChunkRef, out: memoryview, where: str, context: str
+) -> bool:
+    """Fill ``out`` from the local chunk cache if it holds a plain chunk that checks
+    out; a damaged entry is dropped (and reported) and the store asked instead."""
+    assert chunks.cache is not None
+    blob = chunks.cache.load(chunk.digest)
+    if blob is None:
+        return False
+    try:
+        if not _decode_into(blob, out, where):
+            out[:] = chunks.read(chunk, context=context)  # a delta, followed through the cache
+            return True
+        if hash_bytes(out) != chunk.digest.raw:
+            raise CorruptObjectError(f"{where} is corrupt: its content does not match its hash")
+    except IntegrityError as err:
+        chunks.cache.discard(chunk.digest, str(err))
+        return False
+    return True
 
 
 def _decode_into(blob: bytes, out: memoryview, name: str) -> bool:
