@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from ..tensors._safetensors import ChunkCache, StoredFile
     from ..tensors._writer import DeltaMode
     from ._sharded import ShardWriter, VersionFiles
+    from ._stats import Summaries
     from ._writing import Record
 
 ProgressFn = Callable[[int], None]
@@ -86,6 +87,7 @@ class Store:
         self.workers = workers or backend.concurrency
         #: Local elapsed time for garbage-collection safety; tests inject a fake one.
         self.clock: Clock = SYSTEM_CLOCK
+        self._summaries: Summaries | None = None  # what ``stats`` read of each manifest
 
     # -- opening -----------------------------------------------------------------
 
@@ -516,10 +518,16 @@ class Store:
 
     def stats(self) -> Stats:
         """What the store holds: live versions, what they need, what only deltas keep."""
-        from ._stats import measure
+        from ._stats import Summaries, measure
 
+        self._summaries = self._summaries or Summaries()
         stats = measure(
-            self.refs, self.load_manifest, self.chunks, self.backend, workers=self.workers
+            self.refs,
+            self.load_manifest,
+            self.chunks,
+            self.backend,
+            workers=self.workers,
+            summaries=self._summaries,
         )
         if not stats.delta_base_bytes:
             return stats

@@ -5,20 +5,111 @@ bases. Once the version a base came from is deleted, the base is kept only
 for the deltas of live versions: those bytes belong to no live version's
 content, yet no collection frees them until gc's repack has stored those
 deltas again (:mod:`cas.gc._repack`); the store fills in what that frees.
+
+What counts of a manifest is kept in a :class:`Summaries` by manifest id.
+A manifest is named by the hash of its bytes and never changes, so a
+summary cannot go stale; what can change (which versions are live, which
+chunks and manifests are stored, and their sizes) is read again on every
+call: the refs, and one listing each of ``chunks/`` and ``manifests/``.
+A summarised manifest that the listing no longer shows, or shows at another
+size than before, is read again, and fails as an unsummarised one would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from ..backends import Backend
 from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..repository import _layout as layout
 from ..repository._live import LiveVersions
-from ..repository._manifest import ChunkRef, Manifest
-from ..repository._refs import Refs
+from ..repository._manifest import Manifest
+from ..repository._refs import Refs, VersionRef
 from ._values import Stats
+
+#: Summaries kept at most; past it they are dropped and read again as needed.
+SUMMARY_CACHE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestSummary:
+    """What ``cas stats`` counts of one manifest, by raw chunk digest."""
+
+    size: int  # logical bytes of the version
+    named: tuple[tuple[bytes, int], ...]  # the chunks its files name, with their raw length
+    needed: frozenset[bytes]  # what it keeps alive: those and their delta bases
+    bases: frozenset[bytes]  # every delta base its chunks list
+    deltas: frozenset[bytes]  # needed chunks that are deltas: all of a chain but its root
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ManifestSummary:
+        named: dict[bytes, int] = {}
+        bases: set[bytes] = set()
+        deltas: set[bytes] = set()
+        for entry in manifest.entries:
+            for chunk in entry.chunks:
+                named[chunk.digest.raw] = chunk.length
+                if chunk.bases:
+                    bases.update(base.raw for base in chunk.bases)
+                    deltas.update(d.raw for d in (chunk.digest, *chunk.bases[:-1]))
+        needed = frozenset(digest.raw for _, digest, _ in manifest.live_chunks())
+        return cls(manifest.size, tuple(named.items()), needed, frozenset(bases), frozenset(deltas))
+
+
+class Summaries:
+    """Manifest summaries by manifest id, with the stored size each was last listed at."""
+
+    def __init__(self, limit: int = SUMMARY_CACHE) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._known: dict[Digest, tuple[ManifestSummary, int | None]] = {}
+
+    def get(
+        self, manifest_id: Digest, load: Callable[[Digest], Manifest]
+    ) -> tuple[ManifestSummary, bool]:
+        """The summary of ``manifest_id``, and whether it was known (not read now)."""
+        with self._lock:
+            known = self._known.get(manifest_id)
+        if known is not None:
+            return known[0], True
+        summary = ManifestSummary.of(load(manifest_id))
+        with self._lock:
+            if len(self._known) >= self.limit:
+                self._known.clear()
+            self._known.setdefault(manifest_id, (summary, None))
+        return summary, False
+
+    def check_listed(
+        self,
+        reused: Iterable[Digest],
+        listed: dict[str, int],
+        load: Callable[[Digest], Manifest],
+    ) -> None:
+        """Read again a ``reused`` summary's manifest gone from ``listed``, or listed at
+        another size than before; ``load`` raises for it, as the walk would have.
+        Every summary listed keeps its size for the next call."""
+        for manifest_id in reused:
+            size = listed.get(layout.manifest_key(manifest_id))
+            with self._lock:
+                known = self._known.pop(manifest_id, None)
+            if known is None:
+                continue
+            if size is None or known[1] not in (None, size):
+                load(manifest_id)  # raises: missing, or not the bytes it was
+            with self._lock:
+                self._known[manifest_id] = (known[0], size)
+
+    def remember_sizes(self, manifest_ids: Iterable[Digest], listed: dict[str, int]) -> None:
+        """Keep the listed size of summaries read in this walk, to check them next time."""
+        with self._lock:
+            for manifest_id in manifest_ids:
+                known = self._known.get(manifest_id)
+                size = listed.get(layout.manifest_key(manifest_id))
+                if known is not None and known[1] is None and size is not None:
+                    self._known[manifest_id] = (known[0], size)
 
 
 def measure(
@@ -28,45 +119,52 @@ def measure(
     backend: Backend,
     *,
     workers: int = 1,
+    summaries: Summaries | None = None,
 ) -> Stats:
     """Sizes and counts of the store behind ``refs``, walked as garbage collection walks it."""
+    known = summaries if summaries is not None else Summaries()
     keys: set[str] = set()
     versions = logical = 0
-    named: dict[bytes, ChunkRef] = {}  # chunks live versions name, by raw digest
+    named: dict[bytes, int] = {}  # raw length of the chunks live versions name, by raw digest
     needed: set[bytes] = set()  # and what they keep alive: those and their delta bases
     bases: set[bytes] = set()
     deltas: set[bytes] = set()  # needed chunks that are deltas: all of a chain but its root
-    live_manifests: set[str] = set()
-    walk = LiveVersions(refs, lambda ref: load_manifest(ref.manifest_id), workers=workers)
-    for ref, manifest in walk:
-        live_manifests.add(layout.manifest_key(ref.manifest_id))
+    live_manifests: set[Digest] = set()
+    reused: set[Digest] = set()  # summaries not read from their manifest in this walk
+
+    def summarise(ref: VersionRef) -> tuple[ManifestSummary, bool]:
+        return known.get(ref.manifest_id, load_manifest)
+
+    for ref, (summary, was_known) in LiveVersions(refs, summarise, workers=workers):
+        if was_known:
+            reused.add(ref.manifest_id)
         keys.add(ref.key)
         versions += 1
-        logical += manifest.size
-        needed.update(digest.raw for _, digest, _ in manifest.live_chunks())
-        for entry in manifest.entries:
-            for chunk in entry.chunks:
-                named[chunk.digest.raw] = chunk
-                if chunk.bases:
-                    bases.update(base.raw for base in chunk.bases)
-                    deltas.update(d.raw for d in (chunk.digest, *chunk.bases[:-1]))
+        logical += summary.size
+        if ref.manifest_id in live_manifests:
+            continue  # a manifest shared by versions adds no chunk the first did not
+        live_manifests.add(ref.manifest_id)
+        named.update(summary.named)
+        needed |= summary.needed
+        bases |= summary.bases
+        deltas |= summary.deltas
     stored_sizes = {digest.raw: info.size for digest, info in chunks.list_chunks()}
+    listed = {info.key: info.size for info in backend.list_objects(layout.MANIFESTS)}
+    known.check_listed(reused, listed, load_manifest)
+    known.remember_sizes(live_manifests - reused, listed)
+    live_keys = {layout.manifest_key(m) for m in live_manifests}
     base_only = needed - named.keys()
-    manifest_bytes = live_manifest_bytes = 0
-    for info in backend.list_objects(layout.MANIFESTS):
-        manifest_bytes += info.size
-        live_manifest_bytes += info.size if info.key in live_manifests else 0
-    base_only_bytes = sum(stored_sizes.get(raw, 0) for raw in base_only)
     return Stats(
         keys=len(keys),
         versions=versions,
         logical_bytes=logical,
-        unique_bytes=sum(chunk.length for chunk in named.values()),
-        stored_bytes=sum(stored_sizes.values()) + manifest_bytes,
+        unique_bytes=sum(named.values()),
+        stored_bytes=sum(stored_sizes.values()) + sum(listed.values()),
         chunks=len(stored_sizes),
         referenced_chunks=len(needed),
-        live_bytes=sum(stored_sizes.get(raw, 0) for raw in needed) + live_manifest_bytes,
-        delta_base_bytes=base_only_bytes,
+        live_bytes=sum(stored_sizes.get(raw, 0) for raw in needed)
+        + sum(size for key, size in listed.items() if key in live_keys),
+        delta_base_bytes=sum(stored_sizes.get(raw, 0) for raw in base_only),
         delta_chunks=len(deltas),
         delta_bytes=sum(stored_sizes.get(raw, 0) for raw in deltas),
         base_chunks=len(bases),
