@@ -30,8 +30,9 @@ from ..repository._manifest import Manifest
 from ..repository._refs import Refs, VersionRef
 from ._values import Stats
 
-#: Summaries kept at most; past it they are dropped and read again as needed.
-SUMMARY_CACHE = 100_000
+#: Chunk digests the kept summaries may hold between them (a few hundred MB
+#: at most); past it, further manifests are read on every call, as before.
+SUMMARY_BUDGET = 4_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +63,8 @@ class ManifestSummary:
 class Summaries:
     """Manifest summaries by manifest id, with the stored size each was last listed at."""
 
-    def __init__(self, limit: int = SUMMARY_CACHE) -> None:
-        self.limit = limit
+    def __init__(self, budget: int = SUMMARY_BUDGET) -> None:
+        self.budget = budget  # digests left to keep
         self._lock = threading.Lock()
         self._known: dict[Digest, tuple[ManifestSummary, int | None]] = {}
 
@@ -76,10 +77,11 @@ class Summaries:
         if known is not None:
             return known[0], True
         summary = ManifestSummary.of(load(manifest_id))
+        held = len(summary.named) + len(summary.needed) + len(summary.bases) + len(summary.deltas)
         with self._lock:
-            if len(self._known) >= self.limit:
-                self._known.clear()
-            self._known.setdefault(manifest_id, (summary, None))
+            if held <= self.budget and manifest_id not in self._known:
+                self.budget -= held
+                self._known[manifest_id] = (summary, None)
         return summary, False
 
     def check_listed(
