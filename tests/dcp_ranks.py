@@ -197,6 +197,18 @@ def shard(model: nn.Sequential, world: int) -> nn.Sequential:
     return model
 
 
+def stepped_model(steps: int) -> nn.Sequential:
+    """A bf16 model after ``steps`` full fine-tuning steps: every fp32 master weight
+    moved by 1e-4 * N(0, 1) per step, then cast (about half the bf16 elements change)."""
+    model = make_model(0)
+    with torch.no_grad():
+        for step in range(steps):
+            torch.manual_seed(1000 + step)
+            for parameter in model.parameters():
+                parameter.add_(1e-4 * torch.randn_like(parameter))
+    return model.to(torch.bfloat16)
+
+
 def train(model: nn.Module, seed: int, steps: int = 1) -> torch.optim.Optimizer:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for step in range(steps):
@@ -300,6 +312,25 @@ def save_layers(
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     writer = CasWriter(location, key, parents=parents)
+    metadata = save({"model": get_model_state_dict(model)}, storage_writer=writer)
+    assert metadata.storage_meta is not None
+    return str(metadata.storage_meta.checkpoint_id)
+
+
+def save_stepped(
+    rank: int,
+    world: int,
+    location: str,
+    key: str,
+    steps: int,
+    parents: tuple[str, ...] = (),
+    delta: bool | None = None,
+) -> str:
+    """Save the model of :func:`stepped_model` (no optimizer), sharded over the ranks."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model = shard(stepped_model(steps), world)
+    writer = CasWriter(location, key, parents=parents, delta=delta)
     metadata = save({"model": get_model_state_dict(model)}, storage_writer=writer)
     assert metadata.storage_meta is not None
     return str(metadata.storage_meta.checkpoint_id)

@@ -249,6 +249,49 @@ def test_a_save_where_some_layers_moved_stores_only_their_chunks(
     assert "runs/ft@1" in lineage.stdout
 
 
+def test_a_save_without_parents_is_a_delta_of_the_latest_version(
+    ranks: RankPool, tmp_path: Path
+) -> None:
+    location = str(tmp_path / "store")
+    store = new_store(location)
+    key = "runs/step"
+
+    def save_step(steps: int, **options: Any) -> tuple[str, float]:
+        """Save the model after ``steps`` steps: its ref, and stored bytes added / its size."""
+        before = chunk_objects(store)
+        args = (location, key, steps, options.get("parents", ()), options.get("delta"))
+        (ref,) = set(check(ranks.run(2, dcp_ranks.save_stepped, *args)))
+        added = sum(store.backend.stat(k).size for k in chunk_objects(store) - before)
+        return ref, added / store.show(ref).version.size
+
+    save_step(0)
+    whole_ref, whole_ratio = save_step(1, delta=False)
+    assert not any(c.bases for e in store.show(whole_ref).entries for c in e.chunks)
+    assert whole_ratio > 0.5
+    assert store.show(whole_ref).storage.delta_base is None
+    # A named parent wins over the latest version.
+    parent_ref, _ = save_step(2, parents=(f"{key}@1",))
+    assert store.show(parent_ref).storage.delta_base == f"{key}@1"
+    delta_ref, delta_ratio = save_step(3)
+    assert delta_ratio <= 0.30, delta_ratio
+    storage = store.show(delta_ref).storage
+    assert storage.delta_base == parent_ref  # the latest version, as a delta base only
+    assert store.show(delta_ref).version.parents == ()
+    assert storage.delta_chunks > 0
+    assert storage.max_reads <= store.config.max_delta_reads
+    shown = run_cas("show", delta_ref, store=location)
+    assert f"chunks are deltas of {parent_ref}" in shown.stdout, shown.stdout
+    # Keeping the newest only: gc stores again what it needs of the deleted versions.
+    assert run_cas("prune", key, "--keep-last", "1", store=location).returncode == 0
+    before = sum(store.backend.stat(k).size for k in chunk_objects(store))
+    assert run_cas("gc", "--grace", "0", store=location).returncode == 0
+    assert sum(store.backend.stat(k).size for k in chunk_objects(store)) < before / 2
+    assert store.verify(deep=True).ok
+    expected = dcp_ranks.stepped_model(3).state_dict()
+    loaded = _load_state_dict_from_keys(storage_reader=CasReader(location, delta_ref))
+    assert differences(expected, loaded["model"]) == []
+
+
 # -- async save ---------------------------------------------------------------------------
 
 

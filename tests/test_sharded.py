@@ -74,14 +74,18 @@ def record(key: str, **fields: Any) -> Record:
 
 
 def commit_two_ranks(
-    store: Store, spec: Record, weight: NDArray[np.float32], parents: Sequence[str] = ()
+    store: Store,
+    spec: Record,
+    weight: NDArray[np.float32],
+    parents: Sequence[str] = (),
+    **options: Any,
 ) -> str:
     """Rank 1 writes its half and seals; rank 0 writes its half, .metadata, and commits."""
-    rank1 = store.shard_writer(spec, parents=parents)
+    rank1 = store.shard_writer(spec, parents=parents, **options)
     with rank1:
         rank1.write("__1_0.distcp", shard_parts(weight, slice(64, 128), bias=False))
         part = pickle.loads(pickle.dumps(rank1.seal()))
-    with store.shard_writer(spec, parents=parents) as rank0:
+    with store.shard_writer(spec, parents=parents, **options) as rank0:
         rank0.write("__0_0.distcp", shard_parts(weight, slice(0, 64), bias=True))
         own = rank0.seal()
         rank0.write(".metadata", [b"pickled metadata"])
@@ -149,6 +153,30 @@ def test_a_second_version_stores_only_the_changed_shard_as_a_delta(store: Store)
     assert report.new_bytes < WEIGHT.nbytes // 2 + 4 * KiB
     np.testing.assert_array_equal(store.read_tensor(second, None, "w"), moved)
     assert store.show(second).version.parents == ("runs/a@1",)
+
+
+def test_without_parents_the_pinned_latest_version_is_the_delta_base(store: Store) -> None:
+    commit_two_ranks(store, record("runs/a"), WEIGHT)
+    commit_two_ranks(store, record("runs/a"), WEIGHT + 1)  # the latest, unrelated
+    moved = WEIGHT + np.float32(1e-4) * rng.standard_normal(WEIGHT.shape).astype(np.float32)
+    # Pinned to version 1, as the committing process pins it for every rank.
+    third = commit_two_ranks(store, record("runs/a"), moved, latest=1)
+    shown = store.show(third)
+    assert shown.storage.delta_base == "runs/a@1"
+    assert shown.version.parents == ()
+    first_chunks = {c.digest for e in store.show("runs/a@1").entries for c in e.chunks}
+    deltas = [c for e in shown.entries for c in e.chunks if c.bases]
+    assert len(deltas) >= 2  # each rank's shard of the weight
+    assert all(c.bases[0] in first_chunks for c in deltas)
+    np.testing.assert_array_equal(store.read_tensor(third, None, "w"), moved)
+    # delta=False stores whole; a pinned version deleted since gives no base.
+    again = moved + np.float32(1e-4)
+    whole = commit_two_ranks(store, record("runs/a"), again, latest=3, delta=False)
+    assert store.show(whole).storage.delta_chunks == 0
+    store.delete("runs/a@1")
+    orphan = commit_two_ranks(store, record("runs/a"), again * 2, latest=1)
+    assert store.show(orphan).storage.delta_chunks == 0
+    assert store.verify(deep=True).ok
 
 
 def test_a_writer_that_never_commits_leaves_no_version(store: Store) -> None:

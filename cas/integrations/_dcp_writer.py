@@ -5,9 +5,9 @@ The order of a save, and what each step does here:
 1. ``set_up_storage_writer`` (every rank, inside DCP's planning collective):
    open the store. A store that cannot be opened on any rank fails the
    save on every rank, before anything is uploaded.
-2. ``prepare_global_plan`` (coordinator): pin the parents to ``KEY@N``, so
-   every rank bases its deltas on the same versions, and name each rank's
-   file.
+2. ``prepare_global_plan`` (coordinator): pin the parents to ``KEY@N``, and
+   without parents the key's latest version, so every rank bases its deltas
+   on the same version, and name each rank's file.
 3. ``write_data`` (every rank, at once): chunk, hash, compress and upload
    the rank's items from memory through a :class:`~cas.store.ShardWriter`,
    make them durable, and seal them into a part for the coordinator.
@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, RefNotFoundError
 from ..store import ArtifactInfo, Record, ShardPart, Store, TensorPart, Version
 from ._common import open_store
 from ._dcp_files import (
@@ -53,10 +53,11 @@ from ._dcp_files import (
 
 @dataclass(frozen=True)
 class _RankPlan:
-    """What the coordinator tells each rank: its file and the pinned parents."""
+    """What the coordinator tells each rank: its file, the pinned parents and latest version."""
 
     file: str
     parents: tuple[str, ...]
+    latest: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,11 @@ class CasWriter(StorageWriter):
     ``store`` is a location (a path, ``s3://bucket/prefix``, ``gs://...``,
     ``az://...``) or an open :class:`~cas.store.Store` (one process only).
     ``parents`` are references the version derives from; the same tensors
-    of the first one are the bases of its deltas. ``tags``, ``metrics``,
+    of the first one are the bases of its deltas. Without parents, the same
+    tensors of the key's latest version are (a storage choice, recorded as
+    the version's delta base, not as lineage); ``delta=False`` stores every
+    tensor whole, and None follows the store's setting, as for ``Store.put``.
+    ``tags``, ``metrics``,
     ``metadata``, ``message`` and ``info`` are recorded as by ``Store.put``.
     ``workers`` is the number of chunks each rank uploads at once (default:
     the store's). After a save, :attr:`version` is the committed version on
@@ -96,8 +101,12 @@ class CasWriter(StorageWriter):
         message: str = "",
         info: ArtifactInfo | None = None,
         workers: int | None = None,
+        delta: bool | None = None,
     ) -> None:
         super().__init__()
+        if delta is not None and not isinstance(delta, bool):
+            raise InvalidInputError(f"delta must be True, False or None, not {delta!r}")
+        self.delta = delta
         self._location = store if isinstance(store, Store) else check_location(store)
         self._fields: dict[str, Any] = {
             "parents": tuple(parents),
@@ -114,6 +123,7 @@ class CasWriter(StorageWriter):
         self._store: Store | None = None
         self._is_coordinator = False
         self._pinned: tuple[str, ...] = ()
+        self._latest: int | None = None
         self._save_id = uuid.uuid4().hex
 
     # -- set-up and planning --------------------------------------------------------
@@ -152,8 +162,11 @@ class CasWriter(StorageWriter):
         store = self._open()
         refs = [store.resolve(parent) for parent in self.record.parents]
         self._pinned = tuple(f"{ref.key}@{ref.number}" for ref in refs)
+        self._latest = None if refs or self.delta is False else _latest(store, self.record.key)
         return [
-            dataclasses.replace(plan, storage_data=_RankPlan(data_file(rank), self._pinned))
+            dataclasses.replace(
+                plan, storage_data=_RankPlan(data_file(rank), self._pinned, self._latest)
+            )
             for rank, plan in enumerate(plans)
         ]
 
@@ -170,6 +183,8 @@ class CasWriter(StorageWriter):
                 parents=rank_plan.parents,
                 size_hint=sum(_item_bytes(item) for item in items),
                 workers=self.workers,
+                delta=self.delta,
+                latest=rank_plan.latest,
             )
             with writer:
                 writer.write(rank_plan.file, _parts(items, planner, rank_plan.file, results))
@@ -197,7 +212,9 @@ class CasWriter(StorageWriter):
         metadata.storage_data = storage
         meta = metadata.storage_meta = self._meta()
         blob = pickle.dumps(metadata)
-        with self._open().shard_writer(self.record, parents=self._pinned) as writer:
+        with self._open().shard_writer(
+            self.record, parents=self._pinned, delta=self.delta, latest=self._latest
+        ) as writer:
             writer.write(METADATA_FILE, [blob])
             self.version = writer.commit(parts)
         # Every rank gets this Metadata back from dcp.save: it names the version.
@@ -218,6 +235,14 @@ class CasWriter(StorageWriter):
         except (InvalidInputError, TypeError):
             return False
         return True
+
+
+def _latest(store: Store, key: str) -> int | None:
+    """The number of the key's latest version, None before its first."""
+    try:
+        return store.resolve(key).number
+    except RefNotFoundError:
+        return None
 
 
 def _item_bytes(item: WriteItem) -> int:

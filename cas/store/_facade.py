@@ -247,6 +247,8 @@ class Store:
         size_hint: int = 0,
         workers: int | None = None,
         progress: ProgressFn | None = None,
+        delta: bool | None = None,
+        latest: int | None = None,
     ) -> ShardWriter:
         """One process's share of a version that several processes write at once.
 
@@ -255,11 +257,21 @@ class Store:
         ``parents`` (references, default ``record.parents``) should be pinned
         to ``KEY@N`` by the committing process so that every process uses the
         same ones; ``size_hint`` is about how many bytes this process will write.
+        ``delta`` is as for ``put``: without parents, tensors are stored as deltas
+        of the key's latest version, and ``latest`` (a version number, pinned by
+        the committing process like the parents) says which version that is.
         """
         from ._sharded import ShardWriter
 
         return ShardWriter(
-            self, record, parents=parents, size_hint=size_hint, workers=workers, progress=progress
+            self,
+            record,
+            parents=parents,
+            size_hint=size_hint,
+            workers=workers,
+            progress=progress,
+            deltas=self._delta_mode(delta),
+            latest=latest,
         )
 
     def open_version(self, ref: str) -> VersionFiles:

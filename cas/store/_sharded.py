@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InvalidInputError, NotFoundError
 from ..gc._session import SessionRecords, WriteSession
-from ..repository._manifest import Entry, Manifest, check_entries, check_relative_path
+from ..repository._manifest import DeltaBase, Entry, Manifest, check_entries, check_relative_path
 
 # What cas.store offers with the writer, from where it lives.
 from ..tensors._index import INDEX_PATH as INDEX_PATH
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     # Imported where used, as the put's modules are by the facade: a command
     # that does not write or read a version in parts does not load them.
     from ..chunks._listing import ChunkIndex
-    from ..tensors._writer import FilePlan
+    from ..tensors._writer import DeltaMode, FilePlan
     from ..transfer._ingest import Ingestor, ProgressFn
     from ..transfer._ranges import Fill, RangeReader, Request
     from ._facade import Store
@@ -63,6 +63,8 @@ class ShardPart:
     files: bytes  # the entries of its files, as a manifest
     tensors: bytes  # the tensor index of its files
     records: SessionRecords
+    #: The version (key, number) whose chunks its delta chunks were coded against.
+    delta_source: tuple[str, int] | None = None
 
 
 class ShardWriter:
@@ -73,6 +75,12 @@ class ShardWriter:
     :class:`ShardPart` to the coordinator, whose own writer then
     :meth:`commit`\\ s the version from all the parts. :meth:`close` ends a
     writer (it does not undo uploads: unreferenced chunks are garbage).
+
+    Tensors are stored as deltas of the same tensors (by name and range) in
+    the first parent, else in the key's latest version, as a put stores
+    them (``deltas``); ``latest`` pins the number of that latest version, so
+    that every process codes against the same one. The commit records the
+    version the deltas were coded against as the manifest's delta base.
     """
 
     def __init__(
@@ -84,12 +92,16 @@ class ShardWriter:
         size_hint: int = 0,
         workers: int | None = None,
         progress: ProgressFn | None = None,
+        deltas: DeltaMode = "latest",
+        latest: int | None = None,
     ) -> None:
         self.store = store
         self.record = record
         self.id = uuid.uuid4().hex
         chosen = record.parents if parents is None else parents
         self.parents = tuple(dict.fromkeys(store._parent(p) for p in chosen))
+        self._deltas = deltas
+        self._latest_number = latest
         self.entries: dict[str, Entry] = {}
         self.rows: list[IndexRow] = []
         self._writer = VersionWriter(
@@ -114,10 +126,19 @@ class ShardWriter:
         store = self.store
         expected = -(-size_hint // store.config.chunker.avg_size)
         self._index = plan_in_background(store.backend, expected, workers=workers)
-        latest = self._latest.submit(self._writer.latest_manifest, self.record.key, self.parents)
+        latest = self._latest.submit(
+            self._writer.latest_manifest, self.record.key, self.parents, self._latest_number
+        )
         parent_manifests = [store.load_manifest(p.manifest_id) for p in self.parents]
         ingestor = self._writer.ingestor(
-            self.session, self._index, self.parents, parent_manifests, latest, progress, workers
+            self.session,
+            self._index,
+            self.parents,
+            parent_manifests,
+            latest,
+            progress,
+            workers,
+            deltas=self._deltas,
         )
         assert ingestor.tensors is not None
         return ingestor, ingestor.tensors.plan_parts()
@@ -148,13 +169,20 @@ class ShardWriter:
             files.to_bytes(),
             TensorIndex.build(self.rows).to_bytes(),
             self.session.export(),
+            self._delta_source(),
         )
+
+    def _delta_source(self) -> tuple[str, int] | None:
+        tensors = self.ingestor.tensors
+        return tensors.delta_source if tensors is not None else None
 
     def commit(self, parts: Iterable[ShardPart]) -> Version:
         """Commit the version made of this writer's files and every other part's (coordinator)."""
         entries = dict(self.entries)
         rows = list(self.rows)
+        sources = [self._delta_source()]
         for part in parts:
+            sources.append(part.delta_source)
             if part.writer == self.id:
                 continue  # our own, as sealed: what we hold now is newer
             for entry in Manifest.from_bytes(part.files, name="a process's files").entries:
@@ -169,7 +197,10 @@ class ShardWriter:
         ordered = tuple(entries[path] for path in sorted(entries))
         check_entries(ordered)
         key = self.record.key
-        manifest = self.record.manifest("directory", self.parents, ordered)
+        # Every process took its bases from the same pinned version, if any.
+        source = next((s for s in sources if s is not None), None)
+        delta_base = DeltaBase(*source) if source is not None else None
+        manifest = self.record.manifest("directory", self.parents, ordered, delta_base)
         former_kind = self._latest.submit(self._writer.former_kind, key)
         # Every process flushed its chunks when it sealed; this commits.
         ref = self._writer.commit_manifest(self.session, manifest, former_kind, None, stacklevel=4)

@@ -289,16 +289,17 @@ class VersionWriter:
             return None  # none, or unreadable: not worth failing the put over a warning
 
     def latest_manifest(
-        self, key: str, parents: tuple[Parent, ...]
+        self, key: str, parents: tuple[Parent, ...], number: int | None = None
     ) -> Sequence[tuple[Manifest, int]]:
         """The key's latest version unless a parent: what a new version of a key most
         often reuses (its chains spare a header read per reused chunk), and its delta
-        base when the put names no parent."""
+        base when the put names no parent. ``number`` pins which version counts as the
+        latest (the writers of one version in parts must agree); none if deleted since."""
         try:
-            latest = self.refs.latest(key)
+            latest = self.refs.latest(key) if number is None else self.refs.read_live(key, number)
         except RefNotFoundError:
             return []
-        if any(p.manifest_id == latest.manifest_id for p in parents):
+        if latest is None or any(p.manifest_id == latest.manifest_id for p in parents):
             return []
         try:
             return [(self.load_manifest(latest.manifest_id), latest.number)]

@@ -240,10 +240,14 @@ class TensorWriter:
         """The plan of the files of a version written in parts: only their delta bases.
 
         Such a version says where its tensors lie in its tensor index, so
-        every file of the parent that the index describes offers bases: a
-        shard that moved to another rank's file keeps its base.
+        every file of the former version that the index describes offers
+        bases: a shard that moved to another rank's file keeps its base. The
+        former version is the first parent written in parts, else (without
+        parents) the key's latest version, as for a put.
         """
-        for manifest, number in self.parents:
+        if self.max_reads < 2:
+            return _NO_PARENTS
+        for manifest, number in self._bases_from():
             index = load_index(self.chunks, manifest, label=f"{manifest.key}@{number}")
             if index is None:
                 continue
@@ -251,7 +255,7 @@ class TensorWriter:
             for entry in manifest.entries:
                 if entry.type == "file" and entry.path in index.files:
                     found.update(self._keyed(entry, index.header(entry.path)))
-            return FilePlan([], found, number + 1)
+            return FilePlan([], found, number + 1, (manifest.key, number))
         return _NO_PARENTS
 
     def _bases_from(self) -> Sequence[Numbered]:
