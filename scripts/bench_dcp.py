@@ -19,8 +19,9 @@ Each round, for each dtype, a fresh pair of rank processes does, in order:
    (N(0, 0.001)); FileSystemWriter writes it whole to a new folder, CasWriter
    saves it with the first version as parent;
 3. ``full step``: every weight moves a little (1e-4 * N(0, 1), on fp32
-   master weights, then cast); CasWriter saves it with the previous version
-   as parent;
+   master weights, then cast); CasWriter saves it naming no parent, as a
+   training loop does, so its deltas are of the key's latest version (the
+   previous one), chosen by cas;
 4. ``async``: two more 10% saves, one with ``dcp.save`` and one with
    ``dcp.async_save``; what is timed is how long the training loop is held.
 
@@ -68,6 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cas.integrations.dcp import CasReader, CasWriter  # noqa: E402
+from cas.store import Store  # noqa: E402
 
 WORLD = 2
 MB = 1_000_000
@@ -234,8 +236,11 @@ def save_job(rank: int, work: Path, size: int, dtype: torch.dtype, round_: int) 
     out["cas_stored_2"] = stored_bytes(store)
 
     model.set_step(1)  # every weight moves: a full fine-tuning step from version 1
-    timed_save("cas_save_full", CasWriter(store, KEY, parents=[f"{KEY}@2"]))
+    timed_save("cas_save_full", CasWriter(store, KEY))  # no parent: cas takes the latest, @2
     out["cas_stored_3"] = stored_bytes(store)
+    if rank == 0:
+        storage = Store.open(store).show(f"{KEY}@3").storage
+        assert storage.delta_base == f"{KEY}@2", storage  # a delta base, not a parent
 
     model.change_tenth(round_ + 1)
     timed_save("sync_blocked", CasWriter(store, KEY, parents=[f"{KEY}@3"]))
