@@ -78,8 +78,8 @@ class CasWriter(StorageWriter):
     tensors of the key's latest version are (a storage choice, recorded as
     the version's delta base, not as lineage); ``delta=False`` stores every
     tensor whole, and None follows the store's setting, as for ``Store.put``.
-    ``tags``, ``metrics``,
-    ``metadata``, ``message`` and ``info`` are recorded as by ``Store.put``.
+    ``tags``, ``metrics``, ``metadata``, ``message`` and ``info`` are
+    recorded as by ``Store.put``.
     ``workers`` is the number of chunks each rank uploads at once (default:
     the store's). After a save, :attr:`version` is the committed version on
     the coordinator, and the ``Metadata`` that ``dcp.save`` returns on every

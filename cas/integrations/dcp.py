@@ -1,14 +1,15 @@
 """PyTorch distributed checkpoints (``torch.distributed.checkpoint``) in a cas store.
 
 Every rank writes its shards straight into the store, deduplicated,
-compressed and stored as deltas of the parent checkpoint's same tensors;
-the coordinator commits exactly one version, or none if any rank fails::
+compressed and stored as deltas of the same tensors in the parent checkpoint
+or, naming none, the key's latest one; the coordinator commits exactly one
+version, or none if any rank fails::
 
     import torch.distributed.checkpoint as dcp
     from cas.integrations.dcp import CasReader, CasWriter
 
     dcp.save(state_dict, storage_writer=CasWriter("s3://bucket/prefix", "runs/llm/ckpt",
-             metrics={"loss": 1.9}, parents=["runs/llm/ckpt"]))
+             metrics={"loss": 1.9}))
     dcp.load(state_dict, storage_reader=CasReader("s3://bucket/prefix", "runs/llm/ckpt@7"))
 
 The version is an ordinary cas version (``cas log``, ``diff``, ``gc``,
