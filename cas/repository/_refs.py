@@ -30,6 +30,7 @@ from ..errors import (
     RefNotFoundError,
 )
 from . import _layout as layout
+from ._changes import ChangeLog
 from ._manifest import canonical_json
 
 #: Compare-and-swap attempts of a ref that others keep changing.
@@ -88,6 +89,8 @@ class DeletedRef:
 class Refs:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
+        #: Every change below is announced in the catalog's log first (:mod:`._changes`).
+        self.changes = ChangeLog(backend)
 
     # -- versions --------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class Refs:
         body = canonical_json(fields)
         while True:
             object_key = layout.version_key(key, number)
+            noted = self.changes.note(object_key)
             try:
                 self.backend.put(object_key, body, if_absent=True)
             except AlreadyExistsError:
@@ -177,6 +181,7 @@ class Refs:
                     number += 1  # another writer took it: the next one is ours to try
                     continue
             self.backend.flush()  # the commit is durable before anyone is told of it
+            self.changes.landed(object_key, noted)
             return VersionRef(key, number, manifest_id, created, fields.get("summary"), token)
 
     def _holds(self, object_key: str, body: bytes) -> bool:
@@ -216,7 +221,16 @@ class Refs:
 
     def mark_deleted(self, ref: VersionRef | DeletedRef) -> None:
         body = canonical_json({"manifest": None, "created": ref.created, "deleted": utc_now()})
-        self.backend.put(layout.version_key(ref.key, ref.number), body)
+        self._change(layout.version_key(ref.key, ref.number), body)
+
+    def _change(self, object_key: str, body: bytes | None) -> None:
+        """Overwrite (or, with ``body`` None, delete) a ref, announced in the catalog's log."""
+        noted = self.changes.note(object_key)
+        if body is None:
+            self.backend.delete([object_key])
+        else:
+            self.backend.put(object_key, body)
+        self.changes.landed(object_key, noted)
 
     # -- tags ------------------------------------------------------------------
 
@@ -255,10 +269,10 @@ class Refs:
 
     def set_tag(self, key: str, tag: str, number: int) -> None:
         body = canonical_json({"version": number, "created": utc_now()})
-        self.backend.put(layout.tag_key(key, tag), body)
+        self._change(layout.tag_key(key, tag), body)
 
     def remove_tag(self, key: str, tag: str) -> None:
-        self.backend.delete([layout.tag_key(key, tag)])
+        self._change(layout.tag_key(key, tag), None)
 
     # -- keys ------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
-"""Versions as users see them, read from refs: one version, a key's log, a whole catalog.
+"""Versions as users see them: one version, a key's log, a whole catalog.
 
-Each version ref carries its summary (see :mod:`cas.repository._metadata`),
-so listing versions reads small ref objects and never a manifest, except for
-refs written without one (before summaries existed, or too large), whose
-manifest is read instead. Nothing is cached between calls, so an answer is
-never stale; on the local backend 10,000 versions take well under a second
-(``scripts/bench_queries.py``).
+Whole-store answers (``log``, ``ls``, ``find``, ``lineage``) come from the
+catalog kept in the store (:mod:`cas.store._index`): a checkpoint of every
+live version, and the refs named by the notes written since. Without
+pyarrow, or on a store where the catalog cannot be written and there is
+none yet, they read every version ref instead, as before the catalog
+existed: each carries its summary (see :mod:`cas.repository._metadata`), so
+listing versions reads small ref objects and never a manifest, except for
+refs written without one, whose manifest is read instead.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..digest import Digest
-from ..errors import RefNotFoundError
+from ..errors import BackendError, RefNotFoundError
 from ..repository import _layout as layout
 from ..repository._manifest import Manifest
 from ..repository._metadata import Summary
 from ..repository._refs import Refs, VersionRef
+from ._catalog_table import CatalogUnavailable
+from ._index import Index, State, state_of
 from ._values import KeySummary, Version
 
 # Reading refs is one small GET each: a pool hides the latency of object
@@ -61,30 +65,69 @@ class Catalog:
             tags = self.refs.tags_by_version(ref.key).get(ref.number, [])
         return Version.of(ref, summary, tags)
 
+    def index(self) -> Index:
+        """The catalog kept in the store (rebuilt from :meth:`from_refs` when needed)."""
+        return Index(
+            self.refs.backend,
+            self.refs,
+            self.summary,
+            lambda: state_of(self.from_refs()),
+            self.workers,
+        )
+
+    def _state(self) -> State | None:
+        try:
+            return self.index().snapshot()
+        except CatalogUnavailable:
+            return None
+        except BackendError as err:
+            if err.is_transient:
+                raise
+            return None  # no catalog yet, and none can be written here: read the refs
+
     def log(self, key: str) -> list[Version]:
         """Live versions of ``key``, newest first."""
         layout.check_key(key)
-        tags = self.refs.tags_by_version(key)
-        out = [
-            self.version(ref, tags=tags.get(ref.number, []))
-            for ref in self.refs.live_versions(key, newest_first=True)
-        ]
+        out = [v for v in self.everything(key) if v.key == key]
         if not out:
             raise RefNotFoundError(f"key {key!r} has no versions")
         return out
 
     def keys(self, prefix: str = "") -> list[KeySummary]:
         """Keys under ``prefix`` that have live versions, with their latest version."""
-        out = []
-        for key, numbers in sorted(self.refs.iter_keys(prefix)):
-            del numbers  # read each ref below: some may be tombstones
-            live = list(self.refs.live_versions(key, newest_first=True))
-            if live:
-                out.append(KeySummary(key, len(live), self.version(live[0])))
-        return out
+        out: dict[str, KeySummary] = {}
+        for version in self.everything(prefix):
+            if not version.key.startswith(prefix):
+                continue
+            if version.key in out:  # newest first: the first is the latest
+                known = out[version.key]
+                out[version.key] = KeySummary(known.key, known.versions + 1, known.latest)
+            else:
+                out[version.key] = KeySummary(version.key, 1, version)
+        return [out[key] for key in sorted(out)]
 
     def everything(self, prefix: str = "") -> list[Version]:
-        """Every live version under ``prefix``, with current tags; by key, then newest first.
+        """Every live version under ``prefix``, with current tags; by key, then newest first."""
+        state = self._state()
+        if state is None:
+            return self.from_refs(prefix)
+        tags = state.tags_by_version()
+        # The order of a listing of refs/: a key's versions before those of "KEY/..."
+        chosen = sorted(
+            (key + "/", -number)
+            for key, number in state.versions
+            if key.startswith(prefix) or (key + "/").startswith(prefix)
+        )
+        out = []
+        for slashed, negative in chosen:
+            entry = state.versions[(slashed[:-1], -negative)]
+            out.append(
+                Version.of(entry.ref, entry.summary, tags.get((slashed[:-1], -negative), ()))
+            )
+        return out
+
+    def from_refs(self, prefix: str = "") -> list[Version]:
+        """:meth:`everything`, read from the refs alone (the catalog's own source).
 
         One listing of ``refs/<prefix>`` yields every version ref and tag;
         tags are read at once (they are few), version refs in parallel.
