@@ -21,6 +21,7 @@ from .. import __version__
 from ..errors import CasError
 from ..store import DEFAULT_STORE
 from . import _cache_commands as cache_commands
+from . import _catalog_commands as catalog_commands
 from . import _commands as commands
 from . import _gc_commands as gc_commands
 from . import _process as process
@@ -28,7 +29,7 @@ from . import _ui_commands as ui_commands
 from . import _workflow_commands as workflow_commands
 from ._common import CLI_WORDS, Handler
 
-COMMAND_MODULES = [commands, workflow_commands, gc_commands, ui_commands, cache_commands]
+COMMAND_MODULES = [commands, workflow_commands, gc_commands, ui_commands, cache_commands, catalog_commands]
 
 
 class _Skipped:

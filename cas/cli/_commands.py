@@ -282,13 +282,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     for chunk, moved_to in report.quarantined:
         lines.append(f"quarantined corrupt chunk {chunk} -> {moved_to}")
+    if report.catalog_problem is not None:
+        lines.append(f"DAMAGED catalog: {report.catalog_problem}; rebuilt from the refs")
     if report.reput:
         lines.append(
             "to heal, put the content of the damaged files again (any key will do): "
             + ", ".join(report.reput)
         )
     count = len(report.damaged)
-    lines.append("ok" if report.ok else counted(count, "damaged version"))
+    lines.append("ok" if report.ok else counted(count, "damaged version") if count else "damaged")
     emit(args, report.to_dict(), "\n".join(lines))
     return 0 if report.ok else 3
 

@@ -75,10 +75,12 @@ class VerifyReport:
     quarantined: tuple[tuple[str, str], ...] = ()
     #: Versions that heal when the content of their damaged files is put again.
     reput: tuple[str, ...] = ()
+    #: How the catalog of versions disagreed with the refs (it was then rebuilt), if it did.
+    catalog_problem: str | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.damaged
+        return not self.damaged and self.catalog_problem is None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +100,7 @@ class VerifyReport:
             ],
             "quarantined": [{"chunk": c, "moved_to": k} for c, k in self.quarantined],
             "reput": list(self.reput),
+            "catalog_problem": self.catalog_problem,
         }
 
 

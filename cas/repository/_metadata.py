@@ -318,13 +318,19 @@ class Summary:
         if data is None:
             return None
         try:
-            return cls(**{name: read(data[name]) for name, read in _SUMMARY_READERS.items()})
+            return cls(**summary_fields(data))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
 
+def summary_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a summary read back from its JSON form, each checked (KeyError,
+    TypeError, ValueError or AttributeError when one is not what it must be)."""
+    return {name: read(data[name]) for name, read in _SUMMARY_READERS.items()}
+
+
 def _texts(value: Any) -> tuple[str, ...]:
-    return tuple(str(item) for item in value)
+    return tuple(map(str, value))
 
 
 #: How each field of a summary is read back from a ref, in field order.

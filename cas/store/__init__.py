@@ -6,8 +6,9 @@ versions, a version's manifest, random access to a stored file, what
 deleting versions would free). The value types it returns (``Version``,
 ``Details``, ``KeySummary``, ``Stats``, ``Reclaimable``) live beside it.
 ``_writing`` is the put's pipeline, ``_catalog`` how versions are read
-from refs, ``_sharded`` the writer and reader of versions written by
-several processes at once (``ShardWriter``, ``VersionFiles``).
+(from the catalog kept in the store, ``_index`` and ``_catalog_table``, and
+the refs changed since), ``_sharded`` the writer and reader of versions
+written by several processes at once (``ShardWriter``, ``VersionFiles``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from ..gc._history import LastRun
 from ..repository._metadata import ARTIFACT_TYPES, ArtifactInfo
 from ..transfer._budget import IN_FLIGHT_BYTES
 from ._cache import CachedStore, CacheReport, cache_report, clear_cache
+from ._catalog_table import CatalogUnavailable
 from ._config import DELTA_METHODS, ENTROPY_CODERS
 from ._facade import DEFAULT_STORE, Store, open
+from ._index import CatalogStatus
 from ._values import Details, KeySummary, Reclaimable, Restored, Stats, Version
 
 #: A put's or get's default workers (``Store.workers``) are its backend's
@@ -84,6 +87,8 @@ __all__ = [
     "ArtifactInfo",
     "CacheReport",
     "CachedStore",
+    "CatalogStatus",
+    "CatalogUnavailable",
     "ChunkerParams",
     "Details",
     "IndexedTensor",

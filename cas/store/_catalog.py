@@ -12,16 +12,18 @@ refs written without one, whose manifest is read instead.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..digest import Digest
-from ..errors import BackendError, RefNotFoundError
+from ..errors import BackendError, CasError, RefNotFoundError
 from ..repository import _layout as layout
 from ..repository._manifest import Manifest
 from ..repository._metadata import Summary
 from ..repository._refs import Refs, VersionRef
-from ._catalog_table import CatalogUnavailable
+from ._catalog_table import CatalogDamaged, CatalogUnavailable
 from ._index import Index, State, state_of
 from ._values import KeySummary, Version
 
@@ -85,46 +87,75 @@ class Catalog:
                 raise
             return None  # no catalog yet, and none can be written here: read the refs
 
+    def _tagged(self, state: State, chosen: list[tuple[str, int]]) -> list[Version] | None:
+        """The versions ``chosen`` names with their current tags; None when a row of the
+        checkpoint fails its checks (the catalog is then rebuilt for the next query)."""
+        try:
+            versions = state.read(chosen)
+        except CatalogDamaged:
+            with contextlib.suppress(CasError):
+                self.index().compact(full=True)
+            return None
+        tags = state.tags_by_version()
+        return [
+            dataclasses.replace(v, tags=tuple(tags[named])) if named in tags else v
+            for named, v in zip(chosen, versions, strict=True)
+        ]
+
     def log(self, key: str) -> list[Version]:
         """Live versions of ``key``, newest first."""
         layout.check_key(key)
-        out = [v for v in self.everything(key) if v.key == key]
+        state = self._state()
+        chosen = (
+            []
+            if state is None
+            else sorted((n for n in state.versions if n[0] == key), reverse=True)
+        )
+        out = None if state is None else self._tagged(state, chosen)
+        if out is None:
+            out = [v for v in self.from_refs(key) if v.key == key]
         if not out:
             raise RefNotFoundError(f"key {key!r} has no versions")
         return out
 
     def keys(self, prefix: str = "") -> list[KeySummary]:
         """Keys under ``prefix`` that have live versions, with their latest version."""
+        state = self._state()
+        counts: dict[str, int] = {}
+        latest: dict[str, int] = {}
+        for key, number in () if state is None else state.versions:
+            if key.startswith(prefix):
+                counts[key] = counts.get(key, 0) + 1
+                latest[key] = max(latest.get(key, 0), number)
+        names = sorted(counts)
+        found = None if state is None else self._tagged(state, [(k, latest[k]) for k in names])
+        if found is not None:
+            return [KeySummary(k, counts[k], v) for k, v in zip(names, found, strict=True)]
         out: dict[str, KeySummary] = {}
-        for version in self.everything(prefix):
-            if not version.key.startswith(prefix):
-                continue
-            if version.key in out:  # newest first: the first is the latest
-                known = out[version.key]
-                out[version.key] = KeySummary(known.key, known.versions + 1, known.latest)
-            else:
-                out[version.key] = KeySummary(version.key, 1, version)
+        for version in self.from_refs(prefix):  # by key, newest first: the first is the latest
+            if version.key.startswith(prefix):
+                known = out.get(version.key)
+                count = 1 if known is None else known.versions + 1
+                out[version.key] = KeySummary(
+                    version.key, count, known.latest if known else version
+                )
         return [out[key] for key in sorted(out)]
 
     def everything(self, prefix: str = "") -> list[Version]:
         """Every live version under ``prefix``, with current tags; by key, then newest first."""
         state = self._state()
-        if state is None:
-            return self.from_refs(prefix)
-        tags = state.tags_by_version()
-        # The order of a listing of refs/: a key's versions before those of "KEY/..."
-        chosen = sorted(
-            (key + "/", -number)
-            for key, number in state.versions
-            if key.startswith(prefix) or (key + "/").startswith(prefix)
-        )
-        out = []
-        for slashed, negative in chosen:
-            entry = state.versions[(slashed[:-1], -negative)]
-            out.append(
-                Version.of(entry.ref, entry.summary, tags.get((slashed[:-1], -negative), ()))
-            )
-        return out
+        if state is not None:
+            chosen = [
+                named
+                for named in state.versions
+                if named[0].startswith(prefix) or (named[0] + "/").startswith(prefix)
+            ]
+            # The order of a listing of refs/: a key's versions before those of "KEY/..."
+            chosen.sort(key=lambda named: (named[0] + "/", -named[1]))
+            found = self._tagged(state, chosen)
+            if found is not None:
+                return found
+        return self.from_refs(prefix)
 
     def from_refs(self, prefix: str = "") -> list[Version]:
         """:meth:`everything`, read from the refs alone (the catalog's own source).

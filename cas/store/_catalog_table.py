@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..digest import Digest
 from ..errors import CasError, CorruptObjectError
 from ..repository import _layout as layout
 from ..repository._manifest import canonical_json
-from ..repository._metadata import DEFAULT_TYPE, Summary
-from ..repository._refs import VersionRef
+from ..repository._metadata import DEFAULT_TYPE, Summary, summary_fields
+from ._values import Version
 
 #: Increased when cas can no longer read an older file (then it rebuilds).
 TABLE_FORMAT = 1
@@ -62,29 +61,73 @@ def require() -> None:
     _pyarrow()
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A live version of the catalog: its ref (summary included) and what it is."""
+class Raw:
+    """A row as read: checked but for its summary, which is read (and checked) when asked.
 
-    ref: VersionRef
-    summary: Summary
+    A query about one key reads the summaries of that key only; the first
+    that fails its checks makes the whole file refused (:class:`CatalogDamaged`).
+    """
+
+    __slots__ = ("created", "key", "manifest", "number", "parsed", "summary")
+
+    def __init__(self, key: str, number: int, manifest: str, created: str, summary: str) -> None:
+        self.key = key
+        self.number = number
+        self.manifest = manifest
+        self.created = created
+        self.summary = summary
+        self.parsed: Version | None = None
+
+    def version(self, name: str = "catalog") -> Version:
+        if self.parsed is None:
+            parse_all([self], name)
+        assert self.parsed is not None
+        return self.parsed
 
 
-def encode(entries: Iterable[Entry], tags: Mapping[tuple[str, int], list[str]]) -> bytes:
-    """The Parquet file of ``entries`` (sorted by key, then number), with current ``tags``."""
+def parse_all(raws: Sequence[Raw], name: str = "catalog") -> None:
+    """Read the summaries of ``raws`` not read yet: one JSON parse for all of them."""
+    todo = [raw for raw in raws if raw.parsed is None]
+    if not todo:
+        return
+    try:
+        # One array: parsing costs one call, not one per row. A row that is not one
+        # JSON value shifts or breaks the array, and every element is checked below.
+        values = json.loads("[" + ",".join(raw.summary for raw in todo) + "]")
+        if len(values) != len(todo):
+            raise ValueError("a summary is not one JSON value")
+    except (ValueError, RecursionError) as err:
+        raise CatalogDamaged(f"{name}: a summary is not JSON ({err})") from None
+    for raw, value in zip(todo, values, strict=True):
+        try:
+            described = summary_fields(value)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise CatalogDamaged(f"{name}: {raw.key}@{raw.number}: bad summary ({err})") from None
+        described["tags"] = ()  # current tags are the state's, not the row's
+        raw.parsed = Version(
+            **described,
+            key=raw.key,
+            number=raw.number,
+            manifest_id=raw.manifest,
+            created=raw.created,
+        )
+
+
+def encode(versions: Iterable[Version], tags: Mapping[tuple[str, int], list[str]]) -> bytes:
+    """The Parquet file of ``versions`` (sorted by key, then number), with current ``tags``."""
     pa = _pyarrow()
-    rows = sorted(entries, key=lambda e: (e.ref.key, e.ref.number))
+    rows = sorted(versions, key=lambda v: (v.key, v.number))
     columns: dict[str, list[Any]] = {name: [] for name in _COLUMNS}
-    for entry in rows:
-        ref, summary = entry.ref, entry.summary
+    for summary in rows:
         described = Summary.to_dict(summary)  # a Version's own to_dict says more
+        described["tags"] = []  # a Version's tags are its current ones: in their own column
         values = {
-            "key": ref.key,
-            "version": ref.number,
-            "manifest": ref.manifest_id.hex,
-            "created": ref.created,
+            "key": summary.key,
+            "version": summary.number,
+            "manifest": summary.manifest_id,
+            "created": summary.created,
             "summary": canonical_json(described).decode(),
-            "tags": sorted(tags.get((ref.key, ref.number), [])),
+            "tags": sorted(tags.get((summary.key, summary.number), [])),
             "type": str(summary.artifact.get("type", DEFAULT_TYPE)),
             "kind": summary.kind,
             "size": summary.size,
@@ -134,8 +177,8 @@ def _type(pa: Any, kind: str) -> Any:
     return getattr(pa, kind)()
 
 
-def decode(blob: bytes, *, name: str) -> tuple[list[Entry], dict[tuple[str, str], int]]:
-    """The live versions and tags a file holds, every row checked; CatalogDamaged if any fails."""
+def decode(blob: bytes, *, name: str) -> tuple[list[Raw], dict[tuple[str, str], int]]:
+    """The rows and tags a file holds, checked (summaries when read); CatalogDamaged if not."""
     pa = _pyarrow()
     try:
         parquet = pa.parquet.ParquetFile(io.BytesIO(blob))
@@ -151,33 +194,32 @@ def decode(blob: bytes, *, name: str) -> tuple[list[Entry], dict[tuple[str, str]
     return _rows(data, name)
 
 
-def _rows(
-    data: Mapping[str, list[Any]], name: str
-) -> tuple[list[Entry], dict[tuple[str, str], int]]:
-    entries: list[Entry] = []
+_MANIFEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _rows(data: Mapping[str, list[Any]], name: str) -> tuple[list[Raw], dict[tuple[str, str], int]]:
+    raws: list[Raw] = []
     tags: dict[tuple[str, str], int] = {}
     seen: set[tuple[str, int]] = set()
-    parsed_keys: dict[str, None] = {}
+    keys: set[str] = set()
     rows = zip(*(data[column] for column in _READ), strict=True)
     for index, (key, number, manifest, created, summary, tag_list) in enumerate(rows):
         try:
-            if key not in parsed_keys:
+            if key not in keys:
                 layout.check_key(key)
-                parsed_keys[key] = None
+                keys.add(key)
             if type(number) is not int or number < 1 or (key, number) in seen:
                 raise ValueError(f"version {number!r}")
             seen.add((key, number))
-            if not isinstance(created, str):
-                raise ValueError(f"created {created!r}")
-            described = Summary.from_ref(json.loads(summary))
-            if described is None:
-                raise ValueError("summary does not parse")
-            ref = VersionRef(key, number, Digest.parse(manifest), created, None)
+            if not isinstance(manifest, str) or not _MANIFEST.fullmatch(manifest):
+                raise ValueError(f"manifest {manifest!r}")
+            if not isinstance(created, str) or not isinstance(summary, str):
+                raise ValueError("created and summary must be text")
             for tag in tag_list:
                 layout.check_tag(tag)
                 if tags.setdefault((key, tag), number) != number:
                     raise ValueError(f"tag {tag!r} on two versions")
-        except (CasError, ValueError, TypeError, AttributeError, RecursionError) as err:
+        except (CasError, ValueError, TypeError) as err:
             raise CatalogDamaged(f"{name}: row {index} is not a valid version ({err})") from None
-        entries.append(Entry(ref, described))
-    return entries, tags
+        raws.append(Raw(key, number, manifest, created, summary))
+    return raws, tags

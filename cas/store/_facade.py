@@ -8,6 +8,7 @@ collection reclaims. Versions are read from their refs (:mod:`cas.store._catalog
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +36,7 @@ from ..repository._metadata import ArtifactInfo, Summary, check_ref
 from ..repository._refs import DeletedRef, Refs, VersionRef
 from ._cache import CacheChoice, cache_for
 from ._catalog import Catalog
+from ._catalog_table import CatalogUnavailable
 from ._config import (
     DELTA_METHODS,
     StoreConfig,
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from ..tensors._encoding import TensorCodec
     from ..tensors._safetensors import ChunkCache, StoredFile
     from ..tensors._writer import DeltaMode
+    from ._index import CatalogStatus
     from ._sharded import ShardWriter, VersionFiles
     from ._stats import Summaries
     from ._writing import Record
@@ -473,6 +476,27 @@ class Store:
     def _catalog(self) -> Catalog:
         return Catalog(self.refs, self.load_manifest, self.workers)
 
+    def catalog_status(self, *, check: bool = False) -> CatalogStatus:
+        """The catalog of versions kept in the store (docs/format.md, "The catalog").
+
+        ``check`` compares it with every ref and rebuilds it if they disagree
+        (``problem`` then says how). Needs pyarrow (CatalogUnavailable).
+        """
+        from ._index import check as check_catalog
+        from ._index import status
+
+        index = self._catalog().index()
+        return check_catalog(index) if check else status(index)
+
+    def compact_catalog(self, *, rebuild: bool = False) -> CatalogStatus:
+        """Fold the changes since into a new checkpoint; ``rebuild`` reads every ref instead
+        of trusting the last one. Safe while others write, query and compact."""
+        from ._index import status
+
+        index = self._catalog().index()
+        index.compact(full=rebuild)
+        return status(index)
+
     # -- tags and deletion ---------------------------------------------------------
 
     def tag(self, ref: str, tag: str) -> Version:
@@ -578,11 +602,12 @@ class Store:
         """Check every version; ``deep`` rehashes every chunk, ``sample`` a percentage of them.
 
         ``repair`` moves corrupt chunks to quarantine/ so that putting the
-        same content again heals the versions the report lists.
+        same content again heals the versions the report lists. The catalog
+        of versions is compared with the refs, and rebuilt if they disagree.
         """
         from ..gc._verify import verify_store
 
-        return verify_store(
+        report = verify_store(
             self.refs,
             self.chunks,
             self.load_manifest,
@@ -592,6 +617,10 @@ class Store:
             workers=self.workers,
             progress=progress,
         )
+        with contextlib.suppress(CatalogUnavailable):  # without pyarrow no catalog is read
+            problem = self.catalog_status(check=True).problem
+            report = dataclasses.replace(report, catalog_problem=problem)
+        return report
 
     def gc(
         self,
@@ -613,7 +642,7 @@ class Store:
         """
         from ..gc._collect import collect
 
-        return collect(
+        report = collect(
             self.backend,
             grace=grace,
             dry_run=dry_run,
@@ -622,6 +651,10 @@ class Store:
             progress=progress,
             repack=self._tensor_codec() if repack else None,
         )
+        if not dry_run:  # a collection reads every ref anyway: the catalog is rebuilt from them
+            with contextlib.suppress(CatalogUnavailable):
+                self.compact_catalog(rebuild=True)
+        return report
 
     def last_gc(self) -> LastRun | None:
         """What the last collection (not a dry run) did and when it finished; None if none ran."""

@@ -28,9 +28,10 @@ names as folded, which queries skip and the next compaction deletes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,8 @@ from ..repository._manifest import canonical_json
 from ..repository._metadata import Summary
 from ..repository._refs import Refs, VersionRef, utc_now
 from . import _catalog_table as table
-from ._catalog_table import CatalogDamaged, Entry
+from ._catalog_table import CatalogDamaged, Raw
+from ._values import Version
 
 HEAD = CATALOG + "head"
 CHECKPOINTS = CATALOG + "checkpoints/"
@@ -99,9 +101,10 @@ class Head:
 
 @dataclass
 class State:
-    """Live versions and tags: a checkpoint, with the changes since read from the refs."""
+    """Live versions (without their tags) and tags: a checkpoint, with the changes since
+    read from the refs. Rows of a checkpoint are read when first asked for."""
 
-    versions: dict[tuple[str, int], Entry] = field(default_factory=dict)
+    versions: dict[tuple[str, int], Raw | Version] = field(default_factory=dict)
     tags: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def copy(self) -> State:
@@ -113,6 +116,12 @@ class State:
             if (key, number) in self.versions:
                 out.setdefault((key, number), []).append(tag)
         return out
+
+    def read(self, chosen: Sequence[tuple[str, int]]) -> list[Version]:
+        """The versions ``chosen`` names, without tags (CatalogDamaged if a row fails)."""
+        entries = [self.versions[named] for named in chosen]
+        table.parse_all([e for e in entries if isinstance(e, Raw)])
+        return [e.version() if isinstance(e, Raw) else e for e in entries]
 
 
 def checkpoint_key(hex_digest: str) -> str:
@@ -184,8 +193,9 @@ class Index:
         if memo in _DECODED:
             return _DECODED[memo]
         blob = self._fetch(hex_digest)
-        entries, tags = table.decode(blob, name=checkpoint_key(hex_digest))
-        state = State({(e.ref.key, e.ref.number): e for e in entries}, tags)
+        raws, tags = table.decode(blob, name=checkpoint_key(hex_digest))
+        versions: dict[tuple[str, int], Raw | Version] = {(r.key, r.number): r for r in raws}
+        state = State(versions, tags)
         _DECODED.clear()
         _DECODED[memo] = state
         return state
@@ -214,17 +224,17 @@ class Index:
         for note, result in zip(unique, results, strict=True):
             if note.version is not None:
                 state.versions.pop((note.key, note.version), None)
-                if isinstance(result, Entry):
+                if isinstance(result, Version):
                     state.versions[(note.key, note.version)] = result
             elif note.tag is not None:
                 state.tags.pop((note.key, note.tag), None)
                 if isinstance(result, int):
                     state.tags[(note.key, note.tag)] = result
 
-    def _truth(self, note: Note) -> Entry | int | None:
+    def _truth(self, note: Note) -> Version | int | None:
         if note.version is not None:
             ref = self.refs.read_live(note.key, note.version)
-            return None if ref is None else Entry(ref, self.describe(ref))
+            return None if ref is None else Version.of(ref, self.describe(ref), ())
         assert note.tag is not None
         try:
             return self.refs.read_tag(note.key, note.tag)
@@ -255,11 +265,9 @@ class Index:
         else:
             state = state.copy()
             self._apply(state, [n for n in settled if n.name not in head.folded])  # type: ignore[union-attr]
-        blob = table.encode(state.versions.values(), state.tags_by_version())
+        blob = table.encode(state.read(list(state.versions)), state.tags_by_version())
         digest = Digest.of(blob).hex
-        # Already there: the same state, written by another compaction (same name, same bytes).
-        with contextlib.suppress(AlreadyExistsError):
-            self.backend.put(checkpoint_key(digest), blob, if_absent=True)
+        self._write_checkpoint(digest, blob)
         generation = head.generation + 1 if head is not None else 1
         new_head = Head(digest, frozenset(n.name for n in settled), generation)
         try:
@@ -272,6 +280,15 @@ class Index:
         self.backend.delete([n.name for n in settled])
         self._remove_old_checkpoints(digest, now)
         return True
+
+    def _write_checkpoint(self, digest: str, blob: bytes) -> None:
+        name = checkpoint_key(digest)
+        try:
+            self.backend.put(name, blob, if_absent=True)
+        except AlreadyExistsError:
+            # The same state, written before: same name, same bytes, unless damaged since.
+            if Digest.of(self.backend.get(name)).hex != digest:
+                self.backend.put(name, blob)
 
     def _head_versioned(self) -> tuple[Head | None, str | None]:
         try:
@@ -318,14 +335,87 @@ def _write_cache(path: Path, blob: bytes) -> None:
         pass  # a cache that cannot be written is only slower
 
 
-def state_of(versions: Iterable[Any]) -> State:
-    """The state of versions read from the refs (``cas.store.Version`` objects, with tags)."""
+def state_of(versions: Iterable[Version]) -> State:
+    """The state of versions read from the refs (with their current tags)."""
     state = State()
     for version in versions:
-        ref = VersionRef(
-            version.key, version.number, Digest.parse(version.manifest_id), version.created
-        )
-        state.versions[(version.key, version.number)] = Entry(ref, version)
+        state.versions[(version.key, version.number)] = dataclasses.replace(version, tags=())
         for tag in version.tags:
             state.tags[(version.key, tag)] = version.number
     return state
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogStatus:
+    """What the catalog holds: its checkpoint, and the notes not folded in yet."""
+
+    checkpoint: str | None  # BLAKE3 of the current checkpoint file; None: no catalog yet
+    checkpoint_bytes: int
+    versions: int  # live versions in the checkpoint
+    tags: int
+    pending: int  # notes a query reads the refs of
+    generation: int
+    #: After a check: the first difference between the catalog and the refs, if any.
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "versions": self.versions,
+            "tags": self.tags,
+            "pending_notes": self.pending,
+            "generation": self.generation,
+            "problem": self.problem,
+        }
+
+
+def status(index: Index) -> CatalogStatus:
+    """The catalog as it stands (its checkpoint read and checked)."""
+    table.require()
+    head = index._read_head()
+    pending = index.refs.changes.list()
+    if head is None:
+        return CatalogStatus(None, 0, 0, 0, len(pending), 0)
+    state = index._load(head.checkpoint)
+    size = index.backend.stat(checkpoint_key(head.checkpoint)).size
+    unfolded = sum(1 for note in pending if note.name not in head.folded)
+    return CatalogStatus(
+        head.checkpoint, size, len(state.versions), len(state.tags), unfolded, head.generation
+    )
+
+
+def difference(view: State, truth: State) -> str | None:
+    """The first way the catalog's ``view`` differs from the ``truth`` read from the refs."""
+    common = sorted(view.versions.keys() & truth.versions.keys())
+    seen_all = dict(zip(common, view.read(common), strict=True))
+    for named in sorted(view.versions.keys() | truth.versions.keys()):
+        label = f"{named[0]}@{named[1]}"
+        if named not in truth.versions:
+            return f"the catalog lists {label}, which is not a live version"
+        if named not in view.versions:
+            return f"the catalog misses live version {label}"
+        seen, [real] = seen_all[named], truth.read([named])
+        if seen.manifest_id != real.manifest_id or seen.created != real.created:
+            return f"the catalog's {label} names another manifest or time than its ref"
+        if Summary.to_dict(seen) != Summary.to_dict(real):
+            return f"the catalog's {label} describes it otherwise than its ref"
+    seen_tags, real_tags = view.tags_by_version(), truth.tags_by_version()
+    for named in sorted(seen_tags.keys() | real_tags.keys()):
+        if seen_tags.get(named) != real_tags.get(named):
+            return f"the catalog's tags of {named[0]}@{named[1]} are not what the refs say"
+    return None
+
+
+def check(index: Index) -> CatalogStatus:
+    """Compare the catalog with every ref; rebuild it when they disagree (twice, to be
+    sure a concurrent change was not the cause)."""
+    problem = None
+    for _ in range(2):
+        truth = index.scan()
+        problem = difference(index.snapshot(), truth)
+        if problem is None:
+            break
+    if problem is not None:
+        index.compact(full=True)
+    return dataclasses.replace(status(index), problem=problem)
