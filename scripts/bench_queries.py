@@ -251,7 +251,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--versions", type=int, default=10_000)
     parser.add_argument("--keys", type=int, default=100)
-    parser.add_argument("--store", help="build here (default: a temporary directory)")
+    parser.add_argument(
+        "--store",
+        help="build here, or reuse what an earlier run built (default: a temporary directory)",
+    )
     parser.add_argument("--s3", action="store_true", help="on a local S3 server (moto)")
     parser.add_argument("--since", type=int, default=100, help="versions committed after")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
@@ -264,7 +267,10 @@ def main() -> int:
         with ExitStack() as stack:
             counter = Counting(open_backend(args, root, stack))
             start = time.perf_counter()
-            build_store(root, args.versions, args.keys, backend=counter.inner, refs_only=args.s3)
+            if not (args.store and (root / "config").exists()):  # else built by an earlier run
+                build_store(
+                    root, args.versions, args.keys, backend=counter.inner, refs_only=args.s3
+                )
             out["build_seconds"] = round(time.perf_counter() - start, 1)
             store = Store(counter, load_config(counter, create=False))
             print(

@@ -36,6 +36,7 @@ def fresh_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(_index, "_DECODED", {})
     monkeypatch.setenv("CAS_CATALOG_CACHE", str(tmp_path / "catalog-cache"))
     monkeypatch.setattr(_changes, "SETTLE", 0.0)
+    monkeypatch.setattr(_changes, "TIME_GRAIN", 0.0)  # local file times are finer
 
 
 def seen(versions: list[Version]) -> list[tuple[str, int, str, tuple[str, ...], dict[str, Any]]]:

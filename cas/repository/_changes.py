@@ -30,6 +30,8 @@ CATALOG = "catalog/"
 LOG = CATALOG + "log/"
 #: Seconds after which a note's change has surely landed (see the module's docstring).
 SETTLE = 60.0
+#: Some services give object times in whole seconds: a note may look this much older.
+TIME_GRAIN = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +70,11 @@ def _valid(parsed: layout.RefObject) -> bool:
 
 def _settle() -> float:
     return SETTLE  # read when used: tests shorten it
+
+
+def settled(note: Note, now: float) -> bool:
+    """Whether ``note``'s change has surely landed by ``now`` (both on the backend's clock)."""
+    return note.mtime < now - _settle() - TIME_GRAIN
 
 
 class ChangeLog:

@@ -252,7 +252,7 @@ class Index:
         of the last checkpoint. False when another compaction replaced the head first."""
         now = self._backend_now()
         notes = self.refs.changes.list()
-        settled = [n for n in notes if n.mtime < now - changes.SETTLE]
+        settled = [n for n in notes if changes.settled(n, now)]
         head, token = self._head_versioned()
         state: State | None = None
         if not full and head is not None:
