@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ok, run_cas
 
 from cas.backends import Backend
 from cas.digest import Digest
@@ -332,3 +333,38 @@ def test_on_every_backend(any_backend: Backend, tmp_path: Path) -> None:
     assert_truthful(store)
     status = store.catalog_status(check=True)
     assert status.problem is None
+
+
+def test_the_catalog_command(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "store")
+    populate(store, tmp_path)
+    root = tmp_path / "store"
+    assert "no catalog yet" in ok(run_cas("catalog", store=root)).stdout
+    rebuilt = json.loads(ok(run_cas("catalog", "rebuild", "--json", store=root)).stdout)
+    assert rebuilt["versions"] == len(store.catalog())
+    assert rebuilt["problem"] is None
+    forge(store, [{"key": "runs/fake", "number": 3}], {})
+    checked = run_cas("catalog", "check", store=root)
+    assert checked.returncode == 3
+    assert "DAMAGED: the catalog lists runs/fake@3" in checked.stdout
+    verified = run_cas("verify", store=root)
+    assert verified.returncode == 0, verified.stdout  # check rebuilt it
+    forge(store, [{"key": "runs/fake", "number": 3}], {})
+    verified = run_cas("verify", store=root)
+    assert verified.returncode == 3
+    assert "DAMAGED catalog: the catalog lists runs/fake@3" in verified.stdout
+
+
+def test_the_catalog_command_without_pyarrow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cas.cli import main
+
+    Store.open(tmp_path / "store")
+
+    def missing() -> None:
+        raise CatalogUnavailable("the catalog needs pyarrow (pip install 'cas-store[catalog]')")
+
+    monkeypatch.setattr(table, "_pyarrow", missing)
+    assert main(["--store", str(tmp_path / "store"), "catalog", "rebuild"]) == 1
+    assert "cas-store[catalog]" in capsys.readouterr().err

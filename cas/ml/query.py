@@ -1,15 +1,16 @@
-"""Queries over many versions, answered from refs alone: ``find`` over the store's catalog.
+"""Queries over many versions: ``find`` over the store's catalog.
 
 :meth:`Store.catalog <cas.store.Store.catalog>` lists every live version under
-a prefix from one listing of ``refs/<prefix>``; each version ref carries a
-summary of its manifest, so a query reads small ref objects and never a
-manifest (except for refs written before summaries existed). Nothing is
-cached between calls, so a query can never be stale; on the local backend
-10,000 versions take well under a second (see ``scripts/bench_queries.py``).
+a prefix from the catalog kept in the store: its last checkpoint, and the
+refs that changed since, read again, so that a query reflects every version
+committed before it started and never shows one deleted before. Its requests
+do not grow with the number of versions (docs/performance.md, "Queries";
+``scripts/bench_queries.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import re
@@ -93,6 +94,10 @@ def parse_meta_value(text: str) -> Any:
         return text
 
 
+# Parsed once per query, not once per version it is matched against (only compared).
+_wanted = functools.lru_cache(maxsize=64)(parse_meta_value)
+
+
 def _lookup(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
     # Exact key first: metadata keys may themselves contain dots.
     if dotted in data:
@@ -111,7 +116,7 @@ def meta_matches(version: Version, name: str, raw: str) -> bool:
     The value matches as JSON (``--meta epochs=3`` finds the number 3) or as
     its text (``--meta commit=0123`` finds the string "0123").
     """
-    wanted = parse_meta_value(raw)
+    wanted = _wanted(raw)
     candidates: list[Any] = []
     if name in ("type",):
         candidates.append(version.artifact.get("type", DEFAULT_TYPE))

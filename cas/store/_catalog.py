@@ -80,8 +80,8 @@ class Catalog:
     def _state(self) -> State | None:
         try:
             return self.index().snapshot()
-        except CatalogUnavailable:
-            return None
+        except (CatalogUnavailable, CatalogDamaged):
+            return None  # no pyarrow, or a catalog that kept failing its checks: the refs
         except BackendError as err:
             if err.is_transient:
                 raise
@@ -147,11 +147,9 @@ class Catalog:
         if state is not None:
             chosen = [
                 named
-                for named in state.versions
+                for named in state.ordered()
                 if named[0].startswith(prefix) or (named[0] + "/").startswith(prefix)
             ]
-            # The order of a listing of refs/: a key's versions before those of "KEY/..."
-            chosen.sort(key=lambda named: (named[0] + "/", -named[1]))
             found = self._tagged(state, chosen)
             if found is not None:
                 return found

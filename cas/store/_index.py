@@ -60,7 +60,7 @@ HEAD = CATALOG + "head"
 CHECKPOINTS = CATALOG + "checkpoints/"
 CLOCK = CATALOG + "clock"
 #: A query that reads more notes than this old enough to fold compacts the catalog.
-COMPACT_AFTER = 256
+COMPACT_AFTER = 512
 _ATTEMPTS = 6
 
 Describe = Callable[[VersionRef], Summary]
@@ -106,16 +106,31 @@ class State:
 
     versions: dict[tuple[str, int], Raw | Version] = field(default_factory=dict)
     tags: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Worked out once per state: a process asks the same state many questions.
+    _order: list[tuple[str, int]] | None = field(default=None, init=False, repr=False)
+    _tagged: dict[tuple[str, int], list[str]] | None = field(default=None, init=False, repr=False)
 
     def copy(self) -> State:
         return State(dict(self.versions), dict(self.tags))
 
+    def changed(self) -> None:
+        self._order = self._tagged = None
+
     def tags_by_version(self) -> dict[tuple[str, int], list[str]]:
-        out: dict[tuple[str, int], list[str]] = {}
-        for (key, tag), number in sorted(self.tags.items()):
-            if (key, number) in self.versions:
-                out.setdefault((key, number), []).append(tag)
-        return out
+        if self._tagged is None:
+            out: dict[tuple[str, int], list[str]] = {}
+            for (key, tag), number in sorted(self.tags.items()):
+                if (key, number) in self.versions:
+                    out.setdefault((key, number), []).append(tag)
+            self._tagged = out
+        return self._tagged
+
+    def ordered(self) -> list[tuple[str, int]]:
+        """Every live version by key, newest first, in the order of a listing of refs/
+        (a key's versions before those of ``KEY/...``)."""
+        if self._order is None:
+            self._order = sorted(self.versions, key=lambda named: (named[0] + "/", -named[1]))
+        return self._order
 
     def read(self, chosen: Sequence[tuple[str, int]]) -> list[Version]:
         """The versions ``chosen`` names, without tags (CatalogDamaged if a row fails)."""
@@ -215,6 +230,7 @@ class Index:
 
     def _apply(self, state: State, notes: Iterable[Note]) -> None:
         """Read the ref each note names, and make ``state`` say what it says."""
+        state.changed()
         unique = list({(n.key, n.version, n.tag): n for n in notes}.values())
         if len(unique) <= 1 or self.workers <= 1:
             results = [self._truth(note) for note in unique]
