@@ -200,6 +200,8 @@ VARYING = [
         r"\1 \2 \3",
     ),
     (re.compile(r"^total \d+$"), "total <blocks>"),
+    # Notes of the catalog's log end in a random suffix.
+    (re.compile(r"(catalog/log/\S*)\.[0-9a-f]{16}$"), r"\1.<nonce>"),
 ]
 # Where manifest ids appear: as values first (numbered in the order the session
 # shows them; "manifest <id>" is how error messages name one), then as object
