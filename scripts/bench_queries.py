@@ -157,9 +157,10 @@ class Counting(DelegatingBackend):
 
 def timed(label: str, fn: Callable[[], Any], counter: Counting) -> Row:
     before = counter.requests
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return Row(label, time.perf_counter() - start, counter.requests - before, result)
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return Row(label, elapsed, counter.requests - before, result, cpu)
 
 
 @dataclass
@@ -168,6 +169,9 @@ class Row:
     seconds: float
     requests: int
     result: Any
+    #: CPU time of this process (all its threads; a server's is not counted): a machine's
+    #: load moves it far less than wall time.
+    cpu: float = 0.0
 
 
 def queries(store: Store, versions: int, keys: int) -> list[tuple[str, Callable[[], Any]]]:
@@ -243,8 +247,14 @@ def phase(name: str, rows: list[Row], out: dict[str, Any]) -> None:
     print(f"-- {name}")
     for row in rows:
         count = len(row.result) if isinstance(row.result, list) else ""
-        print(f"{row.seconds * 1000:9.1f} ms {row.requests:7d} req  {row.label}  {count}")
-    out[name] = {r.label: {"seconds": round(r.seconds, 4), "requests": r.requests} for r in rows}
+        print(
+            f"{row.seconds * 1000:9.1f} ms {row.cpu * 1000:9.1f} ms CPU {row.requests:7d} req  "
+            f"{row.label}  {count}"
+        )
+    out[name] = {
+        r.label: {"seconds": round(r.seconds, 4), "cpu": round(r.cpu, 4), "requests": r.requests}
+        for r in rows
+    }
 
 
 def main() -> int:
@@ -289,6 +299,7 @@ def main() -> int:
     ]
     if args.json:
         print(json.dumps(out, indent=2))
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("all under 2 s and 20 requests" if not slow else f"missed: {'; '.join(slow)}")
     return 1 if slow else 0
 

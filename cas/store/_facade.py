@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from ..chunks._chunking import ChunkerParams
 from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..errors import (
+    BackendError,
     CasError,
     CorruptObjectError,
     IntegrityError,
@@ -617,10 +618,10 @@ class Store:
             workers=self.workers,
             progress=progress,
         )
-        with contextlib.suppress(CatalogUnavailable):  # without pyarrow no catalog is read
+        problem = None
+        with _catalog_optional():
             problem = self.catalog_status(check=True).problem
-            report = dataclasses.replace(report, catalog_problem=problem)
-        return report
+        return dataclasses.replace(report, catalog_problem=problem)
 
     def gc(
         self,
@@ -652,7 +653,7 @@ class Store:
             repack=self._tensor_codec() if repack else None,
         )
         if not dry_run:  # a collection reads every ref anyway: the catalog is rebuilt from them
-            with contextlib.suppress(CatalogUnavailable):
+            with _catalog_optional():
                 self.compact_catalog(rebuild=True)
         return report
 
@@ -695,6 +696,19 @@ class Store:
     def set_gc_lease(self, seconds: float) -> GcSettings:
         """Set how long a marker may go unrenewed before its put or collection counts as dead."""
         return write_settings(self.backend, lease=seconds)
+
+
+@contextlib.contextmanager
+def _catalog_optional() -> Iterator[None]:
+    """Verify and gc look after the catalog where they can: not without pyarrow, nor
+    where the store cannot be written (the refs they answer from are untouched)."""
+    try:
+        yield
+    except CatalogUnavailable:
+        pass
+    except BackendError as err:
+        if err.is_transient:
+            raise
 
 
 def open(
