@@ -18,12 +18,13 @@ note and seeing its change done, writes another note.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass
 
 from ..backends.base import Backend, ObjectInfo
-from ..errors import CasError
+from ..errors import AlreadyExistsError, CasError
 from . import _layout as layout
 
 CATALOG = "catalog/"
@@ -87,7 +88,9 @@ class ChangeLog:
         """Write a note naming ``ref_key``; the local time it started, for :meth:`landed`."""
         started = time.monotonic()
         name = f"{LOG}{ref_key[len(layout.REFS) :]}.{secrets.token_hex(8)}"
-        self.backend.put(name, b"", if_absent=True)
+        # A retried request may find its own first attempt: the name is ours alone.
+        with contextlib.suppress(AlreadyExistsError):
+            self.backend.put(name, b"", if_absent=True)
         return started
 
     def landed(self, ref_key: str, started: float) -> None:

@@ -18,7 +18,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..digest import Digest
-from ..errors import BackendError, CasError, RefNotFoundError
+from ..errors import (
+    BackendError,
+    CasError,
+    IntegrityError,
+    RefNotFoundError,
+    UnsafePathError,
+)
 from ..repository import _layout as layout
 from ..repository._manifest import Manifest
 from ..repository._metadata import Summary
@@ -80,8 +86,10 @@ class Catalog:
     def _state(self) -> State | None:
         try:
             return self.index().snapshot()
-        except (CatalogUnavailable, CatalogDamaged):
-            return None  # no pyarrow, or a catalog that kept failing its checks: the refs
+        except (CatalogUnavailable, CatalogDamaged, IntegrityError, UnsafePathError):
+            # No pyarrow, a catalog that kept failing its checks, or a damaged version
+            # (which verify reports) that no catalog can describe: the refs, as they are.
+            return None
         except BackendError as err:
             if err.is_transient:
                 raise

@@ -701,11 +701,11 @@ class Store:
 @contextlib.contextmanager
 def _catalog_optional() -> Iterator[None]:
     """Verify and gc look after the catalog where they can: not without pyarrow, nor
-    where the store cannot be written (the refs they answer from are untouched)."""
+    where the store cannot be written or holds a damaged version."""
     try:
         yield
-    except CatalogUnavailable:
-        pass
+    except (CatalogUnavailable, IntegrityError, UnsafePathError):
+        pass  # no pyarrow, or a damaged version (reported by verify) that none can describe
     except BackendError as err:
         if err.is_transient:
             raise

@@ -43,9 +43,11 @@ from ..errors import (
     AlreadyExistsError,
     CasError,
     CorruptObjectError,
+    IntegrityError,
     NotFoundError,
     PreconditionFailedError,
     RefNotFoundError,
+    UnsafePathError,
 )
 from ..repository import _changes as changes
 from ..repository._changes import CATALOG, Note
@@ -428,8 +430,11 @@ def check(index: Index) -> CatalogStatus:
     sure a concurrent change was not the cause)."""
     problem = None
     for _ in range(2):
-        truth = index.scan()
-        problem = difference(index.snapshot(), truth)
+        try:
+            truth = index.scan()
+            problem = difference(index.snapshot(), truth)
+        except (IntegrityError, UnsafePathError):
+            break  # a damaged version, which verify reports: nothing to compare it with
         if problem is None:
             break
     if problem is not None:
