@@ -171,6 +171,8 @@ class Refs:
         body = canonical_json(fields)
         while True:
             object_key = layout.version_key(key, number)
+            # The note goes first; the flush below makes both durable. A note is an
+            # empty object, named only: its creation is journalled before the ref's.
             noted = self.changes.note(object_key)
             try:
                 self.backend.put(object_key, body, if_absent=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from types import MappingProxyType
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -104,6 +105,8 @@ def parse_all(raws: Sequence[Raw], name: str = "catalog") -> None:
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CatalogDamaged(f"{name}: {raw.key}@{raw.number}: bad summary ({err})") from None
         described["tags"] = ()  # current tags are the state's, not the row's
+        for name in ("metrics", "metadata", "artifact"):  # fresh dicts: no copy needed
+            described[name] = MappingProxyType(described[name])
         raw.parsed = Version(
             **described,
             key=raw.key,
