@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from ..digest import Digest
@@ -186,3 +186,16 @@ class Catalog:
             if ref is not None:  # else deleted, or removed since the listing
                 out.append(Version.of(ref, self.summary(ref), tags.get(number, ())))
         return out
+
+
+@contextlib.contextmanager
+def catalog_optional() -> Iterator[None]:
+    """Verify and gc look after the catalog where they can: not without pyarrow, nor
+    where the store cannot be written or holds a damaged version."""
+    try:
+        yield
+    except (CatalogUnavailable, IntegrityError, UnsafePathError):
+        pass  # no pyarrow, or a damaged version (reported by verify) that none can describe
+    except BackendError as err:
+        if err.is_transient:
+            raise

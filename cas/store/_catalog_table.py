@@ -19,8 +19,8 @@ from __future__ import annotations
 import io
 import json
 import re
-from types import MappingProxyType
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from ..errors import CasError, CorruptObjectError

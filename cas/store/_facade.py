@@ -8,10 +8,9 @@ collection reclaims. Versions are read from their refs (:mod:`cas.store._catalog
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,6 @@ from ..chunks._chunking import ChunkerParams
 from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..errors import (
-    BackendError,
     CasError,
     CorruptObjectError,
     IntegrityError,
@@ -36,8 +34,7 @@ from ..repository._manifest import Entry, Manifest, Parent
 from ..repository._metadata import ArtifactInfo, Summary, check_ref
 from ..repository._refs import DeletedRef, Refs, VersionRef
 from ._cache import CacheChoice, cache_for
-from ._catalog import Catalog
-from ._catalog_table import CatalogUnavailable
+from ._catalog import Catalog, catalog_optional
 from ._config import (
     DELTA_METHODS,
     StoreConfig,
@@ -619,7 +616,7 @@ class Store:
             progress=progress,
         )
         problem = None
-        with _catalog_optional():
+        with catalog_optional():
             problem = self.catalog_status(check=True).problem
         return dataclasses.replace(report, catalog_problem=problem)
 
@@ -653,7 +650,7 @@ class Store:
             repack=self._tensor_codec() if repack else None,
         )
         if not dry_run:  # a collection reads every ref anyway: the catalog is rebuilt from them
-            with _catalog_optional():
+            with catalog_optional():
                 self.compact_catalog(rebuild=True)
         return report
 
@@ -696,19 +693,6 @@ class Store:
     def set_gc_lease(self, seconds: float) -> GcSettings:
         """Set how long a marker may go unrenewed before its put or collection counts as dead."""
         return write_settings(self.backend, lease=seconds)
-
-
-@contextlib.contextmanager
-def _catalog_optional() -> Iterator[None]:
-    """Verify and gc look after the catalog where they can: not without pyarrow, nor
-    where the store cannot be written or holds a damaged version."""
-    try:
-        yield
-    except (CatalogUnavailable, IntegrityError, UnsafePathError):
-        pass  # no pyarrow, or a damaged version (reported by verify) that none can describe
-    except BackendError as err:
-        if err.is_transient:
-            raise
 
 
 def open(
