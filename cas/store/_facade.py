@@ -651,7 +651,7 @@ class Store:
         )
         if not dry_run:  # a collection reads every ref anyway: the catalog is rebuilt from them
             with catalog_optional():
-                self.compact_catalog(rebuild=True)
+                self._catalog().index().compact(full=True)
         return report
 
     def last_gc(self) -> LastRun | None:

@@ -391,16 +391,21 @@ class CatalogStatus:
 def status(index: Index) -> CatalogStatus:
     """The catalog as it stands (its checkpoint read and checked)."""
     table.require()
-    head = index._read_head()
-    pending = index.refs.changes.list()
-    if head is None:
-        return CatalogStatus(None, 0, 0, 0, len(pending), 0)
-    state = index._load(head.checkpoint)
-    size = index.backend.stat(checkpoint_key(head.checkpoint)).size
-    unfolded = sum(1 for note in pending if note.name not in head.folded)
-    return CatalogStatus(
-        head.checkpoint, size, len(state.versions), len(state.tags), unfolded, head.generation
-    )
+    for _ in range(_ATTEMPTS):
+        head = index._read_head()
+        pending = index.refs.changes.list()
+        if head is None:
+            return CatalogStatus(None, 0, 0, 0, len(pending), 0)
+        try:
+            state = index._load(head.checkpoint)
+            size = index.backend.stat(checkpoint_key(head.checkpoint)).size
+        except NotFoundError:
+            continue  # replaced by a compaction since the head was read
+        unfolded = sum(1 for note in pending if note.name not in head.folded)
+        return CatalogStatus(
+            head.checkpoint, size, len(state.versions), len(state.tags), unfolded, head.generation
+        )
+    raise CatalogDamaged("the catalog kept changing while it was read; try again")
 
 
 def difference(view: State, truth: State) -> str | None:
