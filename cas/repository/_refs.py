@@ -213,11 +213,13 @@ class Refs:
             if not isinstance(data, dict) or data.get("manifest") != old.hex:
                 return data.get("manifest") == new.hex if isinstance(data, dict) else False
             body = canonical_json({**data, "manifest": new.hex, "repacked": utc_now()})
+            noted = self.changes.note(object_key)  # the catalog names the manifest too
             try:
                 self.backend.put(object_key, body, if_match=token)
             except PreconditionFailedError:
                 continue  # changed meanwhile (or our own write, retried): read it again
             self.backend.flush()
+            self.changes.landed(object_key, noted)
             return True
         return False
 
