@@ -29,7 +29,14 @@ from . import _ui_commands as ui_commands
 from . import _workflow_commands as workflow_commands
 from ._common import CLI_WORDS, Handler
 
-COMMAND_MODULES = [commands, workflow_commands, gc_commands, ui_commands, cache_commands, catalog_commands]
+COMMAND_MODULES = [
+    commands,
+    workflow_commands,
+    gc_commands,
+    ui_commands,
+    cache_commands,
+    catalog_commands,
+]
 
 
 class _Skipped:
