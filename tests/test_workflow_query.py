@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -249,20 +248,29 @@ def test_lineage_shows_deleted_parents(tmp_path: Path) -> None:
 # -- speed ---------------------------------------------------------------------------
 
 
-def test_queries_on_thousands_of_versions_read_refs_only(tmp_path: Path) -> None:
-    """A looser version of scripts/bench_queries.py (10,000 versions, < 2 s each)."""
+def test_queries_on_thousands_of_versions_read_the_catalog_not_every_ref(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What scripts/bench_queries.py measures, counted in requests rather than seconds
+    (a shared machine's load moves seconds, not requests): once the catalog is
+    compacted, no query reads a manifest, and none makes more requests than the
+    benchmark's target, whatever the number of versions."""
+    monkeypatch.setenv("CAS_CATALOG_CACHE", str(tmp_path / "catalog-cache"))
     bench = load_script("bench_queries")
-    store = bench.build_store(tmp_path / "store", versions=2000, keys=20)
+    built = bench.build_store(tmp_path / "store", versions=2000, keys=20)
     # Queries must not need manifests: remove them all.
     for path in (tmp_path / "store" / "manifests").rglob("*"):
         if path.is_file():
             path.unlink()
-    for label, seconds, result in bench.run_queries(store, 2000, 20):
-        assert seconds < 2.0, f"{label} took {seconds:.2f} s on 2,000 versions"
-        if label.startswith("find (all)"):
-            assert len(result) == 2000
-    started = time.perf_counter()
+    counter = bench.Counting(built.backend)
+    store = Store(counter, built.config)
+    store.compact_catalog()
+    for row in bench.measure(store, 2000, 20, counter):
+        assert row.requests <= bench.TARGET_REQUESTS, f"{row.label}: {row.requests} requests"
+        if row.label.startswith("find (all)"):
+            assert len(row.result) == 2000
+    before = counter.requests
     best = find(store, Query(tags=("best",), sort="loss", limit=3))
     assert len(best) == 3
     assert all("best" in v.tags for v in best)
-    assert time.perf_counter() - started < 2.0
+    assert counter.requests - before <= bench.TARGET_REQUESTS
