@@ -29,7 +29,7 @@ from ..repository import _layout as layout
 from ..repository._manifest import Manifest
 from ..repository._metadata import Summary
 from ..repository._refs import Refs, VersionRef
-from ._catalog_table import CatalogDamaged, CatalogUnavailable
+from ._catalog_table import CatalogDamaged, CatalogUnavailable, bulk
 from ._index import Index, State, state_of
 from ._values import KeySummary, Version
 
@@ -105,10 +105,11 @@ class Catalog:
                 self.index().compact(full=True)
             return None
         tags = state.tags_by_version()
-        return [
-            dataclasses.replace(v, tags=tuple(tags[named])) if named in tags else v
-            for named, v in zip(chosen, versions, strict=True)
-        ]
+        with bulk():
+            return [
+                dataclasses.replace(v, tags=tuple(tags[named])) if named in tags else v
+                for named, v in zip(chosen, versions, strict=True)
+            ]
 
     def log(self, key: str) -> list[Version]:
         """Live versions of ``key``, newest first."""

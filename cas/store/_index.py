@@ -131,7 +131,8 @@ class State:
         """Every live version by key, newest first, in the order of a listing of refs/
         (a key's versions before those of ``KEY/...``)."""
         if self._order is None:
-            self._order = sorted(self.versions, key=lambda named: (named[0] + "/", -named[1]))
+            with table.bulk():
+                self._order = sorted(self.versions, key=lambda named: (named[0] + "/", -named[1]))
         return self._order
 
     def read(self, chosen: Sequence[tuple[str, int]]) -> list[Version]:
