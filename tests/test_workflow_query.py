@@ -274,3 +274,21 @@ def test_queries_on_thousands_of_versions_read_the_catalog_not_every_ref(
     assert len(best) == 3
     assert all("best" in v.tags for v in best)
     assert counter.requests - before <= bench.TARGET_REQUESTS
+
+
+def test_every_criterion_of_a_query_makes_it_checked() -> None:
+    # find skips the per-version check of a query without criteria: a new criterion
+    # that ``selective`` forgot would match everything.
+    arranging = {"prefix", "sort", "descending", "limit", "latest_only"}
+    criteria: dict[str, Any] = {
+        "type": "dataset",
+        "tags": ("best",),
+        "meta": (("job", "a"),),
+        "where": (Condition.parse("loss<1"),),
+    }
+    assert set(Query.__dataclass_fields__) == arranging | set(criteria)
+    for name, value in criteria.items():
+        assert Query(**{name: value}).selective, name
+    assert not Query(
+        prefix="runs/", sort="loss", descending=True, limit=3, latest_only=True
+    ).selective
