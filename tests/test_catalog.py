@@ -9,6 +9,7 @@ objects are damaged or forged.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import threading
@@ -271,6 +272,24 @@ def test_hostile_rows_make_the_catalog_rebuilt(tmp_path: Path, column: str, valu
     with pytest.raises(table.CatalogDamaged):  # refused when read, summaries on first use
         read_whole(parquet_with(column, value))
     assert_truthful(store)
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+@pytest.mark.parametrize(
+    "summary", ['{"kind": "file"}', json.dumps(Summary("file", 1, 1).to_dict())]
+)
+def test_reading_a_catalog_leaves_the_garbage_collector_as_it_was(
+    collecting: bool, summary: str
+) -> None:
+    # Rows are decoded with the collector off; a damaged file must not leave it off.
+    blob = parquet_with("summary", summary)
+    (gc.enable if collecting else gc.disable)()
+    try:
+        with contextlib.suppress(table.CatalogDamaged):
+            read_whole(blob)
+        assert gc.isenabled() is collecting
+    finally:
+        gc.enable()
 
 
 def test_a_forged_but_well_formed_catalog_is_found_by_verify(tmp_path: Path) -> None:
