@@ -3,11 +3,15 @@
 The figures are checked against a walk that reads every manifest whole (the
 way stats were counted before summaries), on a store with dedup, deltas and
 deleted versions, as versions are put, deleted and collected; and against a
-fresh store object, which has no summary yet.
+fresh store object, which has no summary yet. ``Store.stats`` takes the live
+versions from the catalog of versions where it can: the figures must be
+those of the refs alone, whatever state the catalog is in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +20,15 @@ from test_tensors import PARAMS
 
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, MissingObjectError
+from cas.repository import _changes
 from cas.repository import _layout as layout
 from cas.repository._live import LiveVersions
-from cas.store import Store
-from cas.store._stats import Summaries, measure
+from cas.store import CatalogUnavailable, Store, _index
+from cas.store import _catalog_table as table
+from cas.store._config import load_config
+from cas.store._stats import Summaries, live_from_refs, measure
 from cas.store._values import Stats
+from cas.testing.faults import FaultyBackend
 
 
 def read_whole(store: Store) -> Stats:
@@ -65,7 +73,11 @@ def read_whole(store: Store) -> Stats:
 
 def summarised(store: Store, summaries: Summaries) -> Stats:
     return measure(
-        store.refs, store.load_manifest, store.chunks, store.backend, summaries=summaries
+        live_from_refs(store.refs),
+        store.load_manifest,
+        store.chunks,
+        store.backend,
+        summaries=summaries,
     )
 
 
@@ -81,6 +93,7 @@ def assert_all_agree(store: Store, *kept: Summaries) -> Stats:
     assert summarised(store, Summaries()) == whole  # none kept
     fresh = Store.open(store.uri, create=False)
     assert store.stats() == fresh.stats()
+    assert dataclasses.replace(store.stats(), repack_frees_bytes=0) == whole
     return whole
 
 
@@ -134,3 +147,96 @@ def test_a_summarised_manifest_of_other_bytes_fails_as_an_unread_one(
     path.write_bytes(path.read_bytes() + b" ")
     with pytest.raises(CorruptObjectError):
         store.stats()
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A process of its own for the catalog; its notes fold at the next compaction."""
+    monkeypatch.setattr(_index, "_DECODED", {})
+    monkeypatch.setenv("CAS_CATALOG_CACHE", str(tmp_path / "catalog-cache"))
+    monkeypatch.setattr(_changes, "SETTLE", 0.0)
+    monkeypatch.setattr(_changes, "TIME_GRAIN", 0.0)
+
+
+def assert_catalog_gives_the_refs_figures(store: Store, monkeypatch: pytest.MonkeyPatch) -> Stats:
+    """``stats`` through the catalog equals ``stats`` from every ref, and the whole manifests."""
+    via_catalog = store.stats()
+    assert store._live_from_catalog() is not None  # the catalog answered
+
+    def missing() -> None:
+        raise CatalogUnavailable("the catalog needs pyarrow")
+
+    with monkeypatch.context() as without:
+        without.setattr(table, "_pyarrow", missing)
+        assert store._live_from_catalog() is None
+        via_refs = Store.open(store.uri, create=False).stats()
+    assert via_catalog == via_refs
+    assert dataclasses.replace(via_catalog, repack_frees_bytes=0) == read_whole(store)
+    return via_catalog
+
+
+@pytest.mark.usefixtures("settled")
+def test_stats_through_the_catalog_are_those_of_the_refs(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = series(store, tmp_path, versions=4)  # deltas
+    store.put(paths[1], "copy", tags=["best"])  # dedup
+    store.put(paths[2], "copy")
+    assert_catalog_gives_the_refs_figures(store, monkeypatch)
+
+    time.sleep(0.05)  # file times are coarse: the last note must be older than "now"
+    assert store.compact_catalog().pending == 0
+    store.tag("copy@2", "best")  # moved: committed after the compaction, read from the notes
+    store.delete("run@1")
+    store.delete("copy@1")
+    store.put(paths[3], "late")
+    assert store.catalog_status().pending >= 4
+    after = assert_catalog_gives_the_refs_figures(store, monkeypatch)
+    assert (after.keys, after.versions) == (3, 5)
+    assert after.delta_base_bytes > 0
+    assert after.repack_frees_bytes >= 0
+
+    status = store.compact_catalog()
+    damaged = tmp_path / "store" / "catalog" / "checkpoints" / f"{status.checkpoint}.parquet"
+    damaged.write_bytes(b"PAR1 not a parquet file")
+    for cached in (tmp_path / "catalog-cache").rglob("*"):
+        if cached.is_file():
+            cached.unlink()
+    _index._DECODED.clear()
+    assert assert_catalog_gives_the_refs_figures(store, monkeypatch) == after  # rebuilt
+
+    for entry in sorted((tmp_path / "store" / "catalog").rglob("*"), reverse=True):
+        entry.unlink() if entry.is_file() else entry.rmdir()
+    _index._DECODED.clear()
+    assert assert_catalog_gives_the_refs_figures(store, monkeypatch) == after  # built anew
+
+
+@pytest.mark.usefixtures("settled")
+def test_stats_read_no_version_ref_when_the_catalog_answers(store: Store, tmp_path: Path) -> None:
+    faulty = FaultyBackend(store.backend)
+    counted = Store(faulty, load_config(faulty, create=False))
+    for n in range(12):
+        source = tmp_path / "src.bin"
+        source.write_bytes(f"version {n}".encode() * 50)
+        counted.put(source, f"k{n % 3}")
+    time.sleep(0.05)
+    counted.compact_catalog()
+    warm = counted.stats()  # reads and summarises every manifest once
+    faulty.reset_counts()
+    assert counted.stats() == warm
+    gets = faulty.keys["get"]
+    assert not [key for key in gets if key.startswith(layout.REFS)], gets
+    assert faulty.calls["get"] <= 3, gets  # the catalog's head, twice
+    assert faulty.calls["list"] == 3  # the catalog's notes, chunks/, manifests/
+
+
+@pytest.mark.usefixtures("settled")
+def test_stats_of_a_store_that_cannot_be_written_and_has_no_catalog(
+    store: Store, tmp_path: Path
+) -> None:
+    series(store, tmp_path, versions=3)
+    store.delete("run@1")
+    readonly = FaultyBackend(store.backend, fail_on={"put"}, transient=False)
+    reader = Store(readonly, store.config)
+    assert reader._live_from_catalog() is None
+    assert dataclasses.replace(reader.stats(), repack_frees_bytes=0) == read_whole(store)

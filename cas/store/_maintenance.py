@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..repository._refs import Refs, VersionRef
     from ..tensors._encoding import TensorCodec
     from ._config import StoreConfig
-    from ._index import CatalogStatus
+    from ._index import CatalogStatus, State
     from ._stats import Summaries
 
 ProgressFn = Callable[[int], None]
@@ -76,11 +76,12 @@ class StoreMaintenance:
 
     def stats(self) -> Stats:
         """What the store holds: live versions, what they need, what only deltas keep."""
-        from ._stats import Summaries, measure
+        from ._stats import Summaries, live_from_refs, measure
 
         self._summaries = self._summaries or Summaries()
+        live = self._live_from_catalog()
         stats = measure(
-            self.refs,
+            live if live is not None else live_from_refs(self.refs, workers=self.workers),
             self.load_manifest,
             self.chunks,
             self.backend,
@@ -93,6 +94,24 @@ class StoreMaintenance:
         estimate = self.repack_estimate()
         frees = max(estimate.frees_bytes - estimate.cost_bytes, 0)
         return dataclasses.replace(stats, repack_frees_bytes=frees)
+
+    def _live_from_catalog(self) -> list[tuple[str, Digest]] | None:
+        """Every live version's key and manifest id, as the catalog answers a query (a few
+        requests, not one per version); None where it cannot answer (no pyarrow, ...)."""
+        from ._catalog_table import Raw
+
+        answered: list[State] = []  # stays empty where catalog_optional swallowed the error
+        with catalog_optional():  # a damaged catalog is rebuilt by the query, or refused
+            answered.append(self._catalog().index().snapshot())
+        return (
+            [
+                (key, Digest.parse(row.manifest if isinstance(row, Raw) else row.manifest_id))
+                for state in answered
+                for (key, _), row in state.versions.items()
+            ]
+            if answered
+            else None
+        )
 
     def chunk_sizes(self) -> dict[str, int]:
         """The stored (compressed or delta-coded) size of every chunk object, by hex digest.

@@ -10,7 +10,9 @@ What counts of a manifest is kept in a :class:`Summaries` by manifest id.
 A manifest is named by the hash of its bytes and never changes, so a
 summary cannot go stale; what can change (which versions are live, which
 chunks and manifests are stored, and their sizes) is read again on every
-call: the refs, and one listing each of ``chunks/`` and ``manifests/``.
+call: which versions are live (from the catalog of versions when it can
+answer, else from every ref), and one listing each of ``chunks/`` and
+``manifests/``.
 A summarised manifest that the listing no longer shows, or shows at another
 size than before, is read again, and fails as an unsummarised one would.
 """
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..backends import Backend
 from ..chunks._store import ChunkStore
 from ..digest import Digest
 from ..repository import _layout as layout
-from ..repository._live import LiveVersions
+from ..repository._live import LiveVersions, bounded_map
 from ..repository._manifest import Manifest
 from ..repository._refs import Refs, VersionRef
 from ._values import Stats
@@ -114,8 +117,21 @@ class Summaries:
                     self._known[manifest_id] = (known[0], size)
 
 
+#: A live version, as stats counts it: its key, and the manifest it names.
+Live = tuple[str, Digest]
+
+
+def live_from_refs(refs: Refs, *, workers: int = 1) -> list[Live]:
+    """Every live version, read from its ref: one small read per version."""
+    return [(ref.key, ref.manifest_id) for ref, _ in LiveVersions(refs, _nothing, workers=workers)]
+
+
+def _nothing(ref: VersionRef) -> None:
+    return None
+
+
 def measure(
-    refs: Refs,
+    live: Iterable[Live],
     load_manifest: Callable[[Digest], Manifest],
     chunks: ChunkStore,
     backend: Backend,
@@ -123,29 +139,27 @@ def measure(
     workers: int = 1,
     summaries: Summaries | None = None,
 ) -> Stats:
-    """Sizes and counts of the store behind ``refs``, walked as garbage collection walks it."""
+    """Sizes and counts of a store whose live versions are ``live``, walked as
+    garbage collection walks it (:func:`live_from_refs`, or the catalog's)."""
     known = summaries if summaries is not None else Summaries()
-    keys: set[str] = set()
-    versions = logical = 0
+    versions = list(live)
+    manifest_ids = list(dict.fromkeys(manifest_id for _, manifest_id in versions))
+
+    def summarise(manifest_id: Digest) -> tuple[ManifestSummary, bool]:
+        return known.get(manifest_id, load_manifest)
+
+    if workers <= 1 or len(manifest_ids) <= 1:
+        found = [summarise(m) for m in manifest_ids]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="cas-stats") as pool:
+            found = list(bounded_map(pool, summarise, manifest_ids, workers * 4))
+    by_manifest = dict(zip(manifest_ids, found, strict=True))
+    reused = {m for m, (_, was_known) in by_manifest.items() if was_known}
     named: dict[bytes, int] = {}  # raw length of the chunks live versions name, by raw digest
     needed: set[bytes] = set()  # and what they keep alive: those and their delta bases
     bases: set[bytes] = set()
     deltas: set[bytes] = set()  # needed chunks that are deltas: all of a chain but its root
-    live_manifests: set[Digest] = set()
-    reused: set[Digest] = set()  # summaries not read from their manifest in this walk
-
-    def summarise(ref: VersionRef) -> tuple[ManifestSummary, bool]:
-        return known.get(ref.manifest_id, load_manifest)
-
-    for ref, (summary, was_known) in LiveVersions(refs, summarise, workers=workers):
-        if was_known:
-            reused.add(ref.manifest_id)
-        keys.add(ref.key)
-        versions += 1
-        logical += summary.size
-        if ref.manifest_id in live_manifests:
-            continue  # a manifest shared by versions adds no chunk the first did not
-        live_manifests.add(ref.manifest_id)
+    for summary, _ in found:  # a manifest shared by versions adds no chunk the first did not
         named.update(summary.named)
         needed |= summary.needed
         bases |= summary.bases
@@ -153,13 +167,13 @@ def measure(
     stored_sizes = {digest.raw: info.size for digest, info in chunks.list_chunks()}
     listed = {info.key: info.size for info in backend.list_objects(layout.MANIFESTS)}
     known.check_listed(reused, listed, load_manifest)
-    known.remember_sizes(live_manifests - reused, listed)
-    live_keys = {layout.manifest_key(m) for m in live_manifests}
+    known.remember_sizes(by_manifest.keys() - reused, listed)
+    live_keys = {layout.manifest_key(m) for m in by_manifest}
     base_only = needed - named.keys()
     return Stats(
-        keys=len(keys),
-        versions=versions,
-        logical_bytes=logical,
+        keys=len({key for key, _ in versions}),
+        versions=len(versions),
+        logical_bytes=sum(by_manifest[m][0].size for _, m in versions),
         unique_bytes=sum(named.values()),
         stored_bytes=sum(stored_sizes.values()) + sum(listed.values()),
         chunks=len(stored_sizes),
