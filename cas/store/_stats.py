@@ -87,6 +87,12 @@ class Summaries:
                 self._known[manifest_id] = (summary, None)
         return summary, False
 
+    def known(self, manifest_ids: Iterable[Digest]) -> dict[Digest, ManifestSummary]:
+        """The summaries already kept of ``manifest_ids`` (no manifest is read)."""
+        with self._lock:
+            found = {m: self._known.get(m) for m in manifest_ids}
+        return {m: entry[0] for m, entry in found.items() if entry is not None}
+
     def check_listed(
         self,
         reused: Iterable[Digest],
@@ -144,22 +150,24 @@ def measure(
     known = summaries if summaries is not None else Summaries()
     versions = list(live)
     manifest_ids = list(dict.fromkeys(manifest_id for _, manifest_id in versions))
+    by_manifest = known.known(manifest_ids)
+    reused = set(by_manifest)  # summaries not read from their manifest in this walk
+    unread = [m for m in manifest_ids if m not in by_manifest]
 
-    def summarise(manifest_id: Digest) -> tuple[ManifestSummary, bool]:
-        return known.get(manifest_id, load_manifest)
+    def summarise(manifest_id: Digest) -> ManifestSummary:
+        return known.get(manifest_id, load_manifest)[0]
 
-    if workers <= 1 or len(manifest_ids) <= 1:
-        found = [summarise(m) for m in manifest_ids]
-    else:
+    if workers <= 1 or len(unread) <= 1:
+        by_manifest.update((m, summarise(m)) for m in unread)
+    else:  # manifests are read on a pool, as the refs are: one small read each
         with ThreadPoolExecutor(workers, thread_name_prefix="cas-stats") as pool:
-            found = list(bounded_map(pool, summarise, manifest_ids, workers * 4))
-    by_manifest = dict(zip(manifest_ids, found, strict=True))
-    reused = {m for m, (_, was_known) in by_manifest.items() if was_known}
+            read = list(bounded_map(pool, summarise, unread, workers * 4))
+        by_manifest.update(zip(unread, read, strict=True))
     named: dict[bytes, int] = {}  # raw length of the chunks live versions name, by raw digest
     needed: set[bytes] = set()  # and what they keep alive: those and their delta bases
     bases: set[bytes] = set()
     deltas: set[bytes] = set()  # needed chunks that are deltas: all of a chain but its root
-    for summary, _ in found:  # a manifest shared by versions adds no chunk the first did not
+    for summary in by_manifest.values():  # one per manifest: shared ones add no chunk twice
         named.update(summary.named)
         needed |= summary.needed
         bases |= summary.bases
@@ -173,7 +181,7 @@ def measure(
     return Stats(
         keys=len({key for key, _ in versions}),
         versions=len(versions),
-        logical_bytes=sum(by_manifest[m][0].size for _, m in versions),
+        logical_bytes=sum(by_manifest[m].size for _, m in versions),
         unique_bytes=sum(named.values()),
         stored_bytes=sum(stored_sizes.values()) + sum(listed.values()),
         chunks=len(stored_sizes),
