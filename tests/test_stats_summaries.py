@@ -171,6 +171,7 @@ def assert_catalog_gives_the_refs_figures(store: Store, monkeypatch: pytest.Monk
         assert store._live_from_catalog() is None
         via_refs = Store.open(store.uri, create=False).stats()
     assert via_catalog == via_refs
+    assert store.stats(versions=store.catalog()) == via_catalog  # as the ui's store page asks
     assert dataclasses.replace(via_catalog, repack_frees_bytes=0) == read_whole(store)
     return via_catalog
 

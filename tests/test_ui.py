@@ -176,6 +176,22 @@ def test_no_path_reaches_the_file_system(demo_store: Path, demo_base: str, path:
     assert "Traceback" not in page.text
 
 
+def test_store_page_reads_the_catalog_once(demo_store: Path, serve: Any) -> None:
+    backend = FaultyBackend(LocalBackend(demo_store))
+    store = Store(backend, load_config(backend, create=False))
+    base = base_url(serve(store))
+    assert request(base, "/store").status == 200  # reads and keeps every manifest once
+    backend.reset_counts()
+    store.catalog()
+    query = [key for key in backend.keys["get"] if key.startswith("refs/")]
+    backend.reset_counts()
+    assert request(base, "/store").status == 200
+    gets = backend.keys["get"]
+    assert gets.count("catalog/head") == 2, gets  # one query: the head, and again after the log
+    # The refs of the changes since the last compaction, as one query reads them: once.
+    assert sorted(key for key in gets if key.startswith("refs/")) == sorted(query)
+
+
 def test_requests_never_change_the_store(demo_store: Path, serve: Any) -> None:
     store = Store.open(str(demo_store), create=False)
     before = sorted(p.relative_to(demo_store) for p in demo_store.rglob("*"))

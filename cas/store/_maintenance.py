@@ -74,12 +74,20 @@ class StoreMaintenance:
 
     # -- store-wide ----------------------------------------------------------------
 
-    def stats(self) -> Stats:
-        """What the store holds: live versions, what they need, what only deltas keep."""
+    def stats(self, *, versions: Iterable[Version] | None = None) -> Stats:
+        """What the store holds: live versions, what they need, what only deltas keep.
+
+        ``versions`` is every live version as :meth:`catalog` returned it a
+        moment ago, for a caller that shows both (one catalog read, not two);
+        by default the catalog is read here, or every ref where it cannot answer.
+        """
         from ._stats import Summaries, live_from_refs, measure
 
         self._summaries = self._summaries or Summaries()
-        live = self._live_from_catalog()
+        if versions is None:
+            live = self._live_from_catalog()
+        else:
+            live = [(v.key, Digest.parse(v.manifest_id)) for v in versions]
         stats = measure(
             live if live is not None else live_from_refs(self.refs, workers=self.workers),
             self.load_manifest,

@@ -96,10 +96,14 @@ class StoreView:
 
     # -- what the pages need ----------------------------------------------------------
 
-    def key_rows(self, prefix: str = "") -> list[KeyRow]:
-        """Every key with live versions: its latest, its tags and what it costs."""
+    def key_rows(self, prefix: str = "", versions: Sequence[Version] | None = None) -> list[KeyRow]:
+        """Every key with live versions: its latest, its tags and what it costs.
+
+        ``versions``: ``store.catalog(prefix)`` when the caller has just read it.
+        """
         by_key: dict[str, list[Version]] = {}
-        for version in self.store.catalog(prefix):  # by key, newest first
+        listed = self.store.catalog(prefix) if versions is None else versions
+        for version in listed:  # by key, newest first
             by_key.setdefault(version.key, []).append(version)
         everything = [v for versions in by_key.values() for v in versions]
         needs = dict(zip((v.ref for v in everything), self.needs(everything), strict=True))

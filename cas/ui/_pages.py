@@ -212,7 +212,8 @@ def store_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
     from ..units import format_duration
 
     store = view.store
-    stats = store.stats()
+    versions = store.catalog()  # one read of the catalog, for the figures and the chart
+    stats = store.stats(versions=versions)
     settings = store.gc_settings()
     facts = rows_table(
         [
@@ -238,7 +239,7 @@ def store_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
             ("would reclaim", f"{size(garbage)} once older than the grace period"),
         ]
     )
-    by_key = {row.key: row.cost.stored for row in view.key_rows()}
+    by_key = {row.key: row.cost.stored for row in view.key_rows(versions=versions)}
     body = join(
         [
             tag("h1", "Store"),
