@@ -18,6 +18,7 @@ import pytest
 from test_repack import series
 from test_tensors import PARAMS
 
+from cas.backends import LocalBackend
 from cas.digest import Digest
 from cas.errors import CorruptObjectError, MissingObjectError
 from cas.repository import _changes
@@ -147,6 +148,37 @@ def test_a_summarised_manifest_of_other_bytes_fails_as_an_unread_one(
     path.write_bytes(path.read_bytes() + b" ")
     with pytest.raises(CorruptObjectError):
         store.stats()
+
+
+def test_live_chunks_are_what_stats_counts_and_read_once_for_both(tmp_path: Path) -> None:
+    Store.init(tmp_path / "store", chunker=PARAMS)
+    backend = FaultyBackend(LocalBackend(tmp_path / "store"))
+    store = Store(backend, load_config(backend, create=False))
+    series(store, tmp_path, versions=3)  # deltas: their bases are kept alive too
+    versions = store.log("run")
+    expected = {
+        v.manifest_id: frozenset(
+            d.raw for _, d, _ in store.load_manifest(Digest.parse(v.manifest_id)).live_chunks()
+        )
+        for v in versions
+    }
+    backend.reset_counts()
+    assert {v.manifest_id: store.live_chunks(v.manifest_id) for v in versions} == expected
+    assert any(len(chunks) > 1 for chunks in expected.values())
+    store.stats()
+    store.live_chunks(versions[0].manifest_id)
+    manifest_reads = [k for k in backend.keys["get"] if k.startswith(layout.MANIFESTS)]
+    assert sorted(manifest_reads) == sorted(
+        layout.manifest_key(Digest.parse(v.manifest_id)) for v in versions
+    )
+
+
+def test_live_chunks_of_a_damaged_manifest_raise(store: Store, tmp_path: Path) -> None:
+    version = store.put(series(store, tmp_path, versions=1)[0], "other")
+    path = tmp_path / "store" / layout.manifest_key(Digest.parse(version.manifest_id))
+    path.write_bytes(b"{}")
+    with pytest.raises(CorruptObjectError):
+        store.live_chunks(version.manifest_id)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 from helpers import CAS, cas_env, load_script, ok, run_cas
-from ui_fixtures import base_url, request
+from ui_fixtures import base_url, copy_of, manifest_file, request
 
 from cas.backends import LocalBackend
 from cas.errors import InvalidInputError
@@ -425,12 +424,9 @@ def test_store_page_shows_the_last_collection(tmp_path: Path, serve: Any) -> Non
 def test_a_damaged_version_spoils_only_its_own_page(
     demo_store: Path, tmp_path: Path, serve: Any
 ) -> None:
-    root = tmp_path / "store"
-    shutil.copytree(demo_store, root)
-    store = Store.open(str(root), create=False)
+    root, store = copy_of(demo_store, tmp_path)
     damaged = store.log("runs/demo/ckpt")[-1]  # @1
-    (manifest,) = root.glob(f"manifests/**/{damaged.manifest_id}*")
-    manifest.write_bytes(b"{}")
+    manifest_file(root, damaged.manifest_id).write_bytes(b"{}")
     base = base_url(serve(store))
     assert request(base, "/").status == 200
     assert request(base, "/key/runs/demo/ckpt").status == 200

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from helpers import load_script
-from ui_fixtures import base_url
+from ui_fixtures import Gate, base_url
 
 from cas.backends import LocalBackend
 from cas.store import Store
@@ -138,6 +138,35 @@ def test_page_reloads_when_a_version_lands(tmp_path: Path, serve: Any, page: Any
     # The page's CSP forbids evaluating strings, so wait_for_function cannot poll: expect can.
     sync_api.expect(page.locator("svg.plot circle.pt")).to_have_count(2, timeout=15_000)
     assert page.locator("#versions tbody tr").count() == 2
+
+
+def test_figures_fill_in_without_a_reload_once_read(
+    demo_store: Path, serve: Any, browser: Any
+) -> None:
+    gate = Gate(LocalBackend(demo_store))
+    store = Store(gate, load_config(gate, create=False))
+    try:
+        base = base_url(serve(store, figures_wait=0, poll_seconds=60))
+        context = browser.new_context()
+        keys, store_tab = context.new_page(), context.new_page()
+        keys.goto(base + "/")
+        store_tab.goto(base + "/store")
+        row = keys.locator("#keys tbody tr", has=keys.get_by_role("link", name="runs/demo/ckpt"))
+        assert row.locator("td").nth(1).inner_text() == "4"  # the catalog's, at once
+        assert row.locator(".computing").all_inner_texts() == ["computing…"] * 2
+        assert keys.locator("#computing-note").count() == 1
+        assert store_tab.locator("#stats .computing").count() > 0
+        gate.opened.set()  # the server reads the manifests; nobody reloads the pages
+        sync_api.expect(keys.locator(".computing")).to_have_count(0, timeout=30_000)
+        sync_api.expect(store_tab.locator(".computing")).to_have_count(0, timeout=30_000)
+        assert keys.locator("#computing-note").count() == 0
+        assert "MiB" in row.locator("td").nth(6).inner_text()  # stored
+        stats = Store.open(str(demo_store), create=False).stats()
+        assert f"{stats.dedup_ratio:.2f}x" in store_tab.locator("#stats").inner_text()
+        assert store_tab.locator("svg rect.bar").count() == 5  # stored bytes by key
+        context.close()
+    finally:
+        gate.opened.set()
 
 
 def test_report_works_from_a_file_with_the_network_off(

@@ -22,6 +22,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         server = UiServer(store, args.host, args.port, token=args.token)
     except OSError as err:
         raise InvalidInputError(f"cannot listen on {args.host}:{args.port}: {err}") from None
+    server.prepare()  # the catalog opened and the manifests read before the first page asks
     emit(args, {"url": server.url, "store": store.uri}, f"cas ui: serving {store.uri}")
     if not args.json:
         print(server.url, flush=True)

@@ -8,6 +8,7 @@ inherits these methods, and the attributes they use are the Store's.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from ._stats import Summaries
 
 ProgressFn = Callable[[int], None]
+#: Makes a store's kept manifest summaries once, whichever thread asks first.
+_SUMMARIES_LOCK = threading.Lock()
 
 
 class StoreMaintenance:
@@ -81,9 +84,9 @@ class StoreMaintenance:
         moment ago, for a caller that shows both (one catalog read, not two);
         by default the catalog is read here, or every ref where it cannot answer.
         """
-        from ._stats import Summaries, live_from_refs, measure
+        from ._stats import live_from_refs, measure
 
-        self._summaries = self._summaries or Summaries()
+        summaries = self._kept_summaries()
         if versions is None:
             live = self._live_from_catalog()
         else:
@@ -94,7 +97,7 @@ class StoreMaintenance:
             self.chunks,
             self.backend,
             workers=self.workers,
-            summaries=self._summaries,
+            summaries=summaries,
         )
         if not stats.delta_base_bytes:
             return stats
@@ -102,6 +105,26 @@ class StoreMaintenance:
         estimate = self.repack_estimate()
         frees = max(estimate.frees_bytes - estimate.cost_bytes, 0)
         return dataclasses.replace(stats, repack_frees_bytes=frees)
+
+    def live_chunks(self, manifest_id: str) -> frozenset[bytes]:
+        """What a version with this manifest keeps alive: the raw digests
+        (``Digest.raw``) of the chunks its files name and of their delta bases.
+
+        Kept as :meth:`stats` keeps what it counts of each manifest (a manifest
+        is named by its hash and never changes), so this and ``stats`` read a
+        manifest once between them. A missing or damaged manifest raises
+        (IntegrityError), and is read again when asked again.
+        """
+        summary, _ = self._kept_summaries().get(Digest.parse(manifest_id), self.load_manifest)
+        return summary.needed
+
+    def _kept_summaries(self) -> Summaries:
+        from ._stats import Summaries
+
+        with _SUMMARIES_LOCK:
+            if self._summaries is None:
+                self._summaries = Summaries()
+            return self._summaries
 
     def _live_from_catalog(self) -> list[tuple[str, Digest]] | None:
         """Every live version's key and manifest id, as the catalog answers a query (a few

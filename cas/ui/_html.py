@@ -83,6 +83,21 @@ def rows_table(rows: Iterable[tuple[str, object]]) -> Html:
     return tag("table", *(tag("tr", tag("th", k), tag("td", v)) for k, v in rows), cls="facts")
 
 
+#: What a figure shows while the manifests it needs are being read; a page that holds
+#: it reloads itself once the server has read them (see :func:`page`).
+COMPUTING = "computing…"
+
+
+def computing() -> Html:
+    return tag("span", COMPUTING, cls="computing")
+
+
+def is_computing(body: str) -> bool:
+    """Whether a page shows a figure still being computed (stored text is escaped, so
+    only :func:`computing` can put that class attribute in a page)."""
+    return 'class="computing"' in body
+
+
 def size(n: int | float | None) -> str:
     return "-" if n is None else format_size(n)
 
@@ -126,7 +141,7 @@ th{background:#eef1f5;font-weight:600}td.num,th.num{text-align:right}
 table.facts th{width:9em;white-space:nowrap}
 pre{margin:0;white-space:pre-wrap;word-break:break-word;font-size:13px}
 .tag{background:#e3ecff;border-radius:3px;padding:0 .35em;margin-right:.3em;font-size:.92em}
-.best td{background:#fff6d6}.muted{color:#6b7383}.error{color:#a11}
+.best td{background:#fff6d6}.muted{color:#6b7383}.error{color:#a11}.computing{color:#8a6d00}
 svg text{font:11px system-ui,sans-serif}
 svg .pt{fill:#2f6fdb}svg .pt.best{fill:#e0a100;stroke:#7a5800;stroke-width:1.5}
 svg .line{fill:none;stroke:#9db8ec;stroke-width:1.5}svg .axis{stroke:#777}
@@ -138,13 +153,19 @@ svg.plot,svg.lineage{display:block;margin:.3em 0 1em;background:#fff;border:1px 
 """
 
 #: Reloads the page when the store changes: the server answers /changes with a
-#: fingerprint of every live version and its tags; a report has no server and no poll.
+#: fingerprint of every live version and its tags, then a line that says whether
+#: figures are still being computed ("computing") or not ("ready"). A page that
+#: shows "computing…" asks often and reloads once they are ready; a report has
+#: no server and no poll.
 _POLL = """
-(function(){var seen=null;function poll(){fetch('/changes',{credentials:'same-origin'})
+(function(){var seen=null,pending=%s;function poll(){fetch('/changes',{credentials:'same-origin'})
 .then(function(r){return r.ok?r.text():null}).then(function(t){if(t===null)return;
-if(seen!==null&&t!==seen){location.reload();return}seen=t}).catch(function(){})
-.finally(function(){setTimeout(poll,%d)})}poll()})();
+var l=t.split('\\n');if(pending&&l[1]==='ready'){location.reload();return}
+if(seen!==null&&l[0]!==seen){location.reload();return}seen=l[0]}).catch(function(){})
+.finally(function(){setTimeout(poll,pending?%d:%d)})}poll()})();
 """
+#: How often a page showing "computing…" asks whether its figures are ready.
+PENDING_POLL_MS = 1000
 
 
 def page(
@@ -158,7 +179,9 @@ def page(
     """A whole document. ``nonce`` lets the one inline script run under the page's CSP."""
     script = ""
     if poll_ms is not None and nonce is not None:
-        script = f'<script nonce="{esc(nonce)}">{_POLL % poll_ms}</script>'
+        pending = "true" if is_computing(body) else "false"
+        poll = _POLL % (pending, min(poll_ms, PENDING_POLL_MS), poll_ms)
+        script = f'<script nonce="{esc(nonce)}">{poll}</script>'
     header = ""
     if nav:
         header = '<header><b>cas</b><a href="/">keys</a><a href="/store">store</a></header>'

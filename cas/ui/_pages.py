@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from ._charts import Point, byte_bars, metric_plot
-from ._data import StoreView
+from ._data import KeyRow, StoreView
 from ._html import (
     Html,
     Linker,
+    computing,
     join,
     link,
     number,
@@ -24,7 +25,7 @@ from ._html import (
 )
 
 if TYPE_CHECKING:
-    from ..store import LastRun, Version
+    from ..store import LastRun, Stats, Version
 
 #: Rows of a key's table shown at once (newest first); the plot always has every version.
 TABLE_ROWS = 500
@@ -43,8 +44,8 @@ def keys_page(view: StoreView, linker: Linker, prefix: str = "") -> tuple[str, H
             when(row.latest.created),
             size(row.latest.size),
             tags_html(row.tags),
-            size(row.cost.stored),
-            size(row.cost.stored - row.cost.shared),
+            computing() if row.cost is None else size(row.cost.stored),
+            computing() if row.cost is None else size(row.cost.stored - row.cost.shared),
         )
         for row in rows
     ]
@@ -67,8 +68,19 @@ def keys_page(view: StoreView, linker: Linker, prefix: str = "") -> tuple[str, H
         empty = f"No key starts with {prefix}." if prefix else "The store holds no versions."
         return "cas: keys", join([tag("h1", "Keys"), search, tag("p", empty)])
     heading = tag("h1", f"Keys ({len(rows)})")
-    body = join([heading, search, table(headers, cells, id="keys"), explain])
+    note = _computing_note("stored and own") if rows[0].cost is None else ""
+    body = join([heading, search, note, table(headers, cells, id="keys"), explain])
     return "cas: keys", body
+
+
+def _computing_note(what: str) -> Html:
+    return tag(
+        "p",
+        f"The server is reading the manifests that {what} need; this page fills them in "
+        "as soon as they are read.",
+        cls="muted",
+        id="computing-note",
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,8 @@ def key_page(
         parts += [tag("h2", f"{name} ({pick.best} is best)")]
         parts.append(_plot(versions, name, pick.best_of(versions), linker))
     parts.append(tag("h2", "Versions"))
+    if added is None:
+        parts.append(_computing_note("the added bytes"))
     if len(versions) > len(shown):
         parts.append(tag("p", f"The newest {len(shown)} of {len(versions)}.", cls="muted"))
     parts.append(_versions_table(shown, names, best_ref, added, linker))
@@ -176,7 +190,7 @@ def _versions_table(
     versions: Sequence[Version],
     names: Sequence[str],
     best_ref: str | None,
-    added: Mapping[str, int],
+    added: Mapping[str, int] | None,
     linker: Linker,
 ) -> Html:
     headers = ["version", "created", "tags", *names, "type", "job", "algorithm"]
@@ -197,7 +211,7 @@ def _versions_table(
             a.get("fine_tuning", ""),
             v.kind,
             size(v.size),
-            size(added.get(v.ref)),
+            computing() if added is None else size(added.get(v.ref)),
             join((link(linker, "version", p) for p in v.parents), ", "),
             v.message,
         ]
@@ -208,49 +222,73 @@ def _versions_table(
 
 
 def store_page(view: StoreView, linker: Linker) -> tuple[str, Html]:
-    """Sizes and ratios, stored bytes by key, and what garbage collection would do."""
+    """Sizes and ratios, stored bytes by key, and what garbage collection would do.
+
+    Until the server has read the manifests of every live version, only what
+    the catalog says is shown, and "computing…" for the rest.
+    """
     from ..units import format_duration
 
     store = view.store
     versions = store.catalog()  # one read of the catalog, for the figures and the chart
-    stats = store.stats(versions=versions)
+    rows = view.key_rows(versions=versions)
+    ready = all(row.cost is not None for row in rows)
+    stats = store.stats(versions=versions) if ready else None
     settings = store.gc_settings()
-    facts = rows_table(
-        [
-            ("location", store.uri),
-            ("keys", stats.keys),
-            ("versions", stats.versions),
-            ("logical bytes", size(stats.logical_bytes)),
-            ("unique bytes", size(stats.unique_bytes)),
-            ("stored bytes", size(stats.stored_bytes)),
-            ("needed by live versions", size(stats.live_bytes)),
-            ("delta bases", size(stats.delta_base_bytes)),
-            ("chunks", f"{stats.chunks} ({stats.referenced_chunks} referenced)"),
-            ("dedup ratio", f"{stats.dedup_ratio:.2f}x"),
-            ("compression ratio", f"{stats.compression_ratio:.2f}x"),
-            ("overall", f"{stats.total_ratio:.2f}x"),
-        ]
-    )
-    garbage = max(0, stats.stored_bytes - stats.live_bytes)
+    garbage = None if stats is None else size(max(0, stats.stored_bytes - stats.live_bytes))
     gc_facts = rows_table(
         [
             ("grace period", format_duration(settings.grace)),
             ("last collection", _last_gc(store.last_gc())),
-            ("would reclaim", f"{size(garbage)} once older than the grace period"),
+            (
+                "would reclaim",
+                computing() if garbage is None else f"{garbage} once older than the grace period",
+            ),
         ]
     )
-    by_key = {row.key: row.cost.stored for row in view.key_rows(versions=versions)}
+    chart = (
+        byte_bars({row.key: row.cost.stored for row in rows if row.cost is not None}, linker)
+        if ready
+        else tag("p", computing())
+    )
     body = join(
         [
             tag("h1", "Store"),
-            tag("div", facts, id="stats"),
+            "" if ready else _computing_note("these figures"),
+            tag("div", _store_facts(store.uri, rows, versions, stats), id="stats"),
             tag("h2", "Stored bytes by key"),
-            byte_bars(by_key, linker),
+            chart,
             tag("h2", "Garbage collection"),
             tag("div", gc_facts, id="gc"),
         ]
     )
     return "cas: store", body
+
+
+def _store_facts(
+    uri: str, rows: Sequence[KeyRow], versions: Sequence[Version], stats: Stats | None
+) -> Html:
+    """The figures of ``cas stats``; those that need manifests are "computing…" without it."""
+
+    def shown(figure: Callable[[Stats], object]) -> object:
+        return computing() if stats is None else figure(stats)
+
+    return rows_table(
+        [
+            ("location", uri),
+            ("keys", len(rows) if stats is None else stats.keys),
+            ("versions", len(versions) if stats is None else stats.versions),
+            ("logical bytes", shown(lambda s: size(s.logical_bytes))),
+            ("unique bytes", shown(lambda s: size(s.unique_bytes))),
+            ("stored bytes", shown(lambda s: size(s.stored_bytes))),
+            ("needed by live versions", shown(lambda s: size(s.live_bytes))),
+            ("delta bases", shown(lambda s: size(s.delta_base_bytes))),
+            ("chunks", shown(lambda s: f"{s.chunks} ({s.referenced_chunks} referenced)")),
+            ("dedup ratio", shown(lambda s: f"{s.dedup_ratio:.2f}x")),
+            ("compression ratio", shown(lambda s: f"{s.compression_ratio:.2f}x")),
+            ("overall", shown(lambda s: f"{s.total_ratio:.2f}x")),
+        ]
+    )
 
 
 def _last_gc(run: LastRun | None) -> str:

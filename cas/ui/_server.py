@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 TOKEN_COOKIE = "cas_ui_token_{port}"
 #: How often an open page asks whether the store changed.
 POLL_SECONDS = 10.0
+#: How long a page waits for the manifests its figures need before it shows
+#: "computing…" in their place (and fills them in once they are read).
+FIGURES_WAIT = 0.25
 
 Render = Callable[[StoreView, dict[str, str]], "tuple[str, Html]"]
 
@@ -64,16 +67,24 @@ class UiServer(ThreadingHTTPServer):
         *,
         token: str | None = None,
         poll_seconds: float = POLL_SECONDS,
+        figures_wait: float | None = FIGURES_WAIT,
     ) -> None:
+        """``figures_wait``: seconds a page waits for the manifests its figures need
+        (None: until they are read, so a page never shows "computing…")."""
         if not is_loopback(host) and not token:
             raise InvalidInputError(
                 f"serving on {host} (not a loopback address) needs an access token"
             )
         super().__init__((host, port), _Handler)
-        self.view = StoreView(store)
+        self.view = StoreView(store, wait=figures_wait)
         self.token = token
         self.poll_seconds = poll_seconds
         self.loopback = is_loopback(host)
+
+    def prepare(self) -> None:
+        """Open the catalog now, and start reading every live version's manifest on the
+        figures' thread, so that the first page a user opens finds them read or under way."""
+        self.view.figures.read_soon({v.manifest_id for v in self.view.store.catalog()})
 
     @property
     def url(self) -> str:
@@ -128,7 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = unquote(parts.path)
         if path == "/changes":
-            body = self.server.view.fingerprint(self.server.poll_seconds / 2).encode()
+            view = self.server.view
+            state = "computing" if view.figures.busy else "ready"
+            body = f"{view.fingerprint(self.server.poll_seconds / 2)}\n{state}".encode()
             self._send(HTTPStatus.OK, body, content_type="text/plain; charset=utf-8")
             return
         render = _route(path)
