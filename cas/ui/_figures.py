@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 #: themselves are the store's, shared with ``Store.stats``).
 MANIFEST_CACHE = 1_000_000
 #: Manifests read between two looks at what pages wait for.
-SLICE = 256
+SLICE = 64
 
 
 class Figures:
@@ -53,6 +53,7 @@ class Figures:
         self._reading = False  # whether the thread runs
         self._failure: Exception | None = None  # what stopped the thread, for the next page
         self._sizes: dict[bytes, int] = {}  # stored size by raw chunk digest, as last listed
+        self._listing = 0  # listings of the chunks under way
 
     @property
     def busy(self) -> bool:
@@ -89,9 +90,14 @@ class Figures:
 
     def sizes(self, wanted: Iterable[frozenset[bytes]]) -> Mapping[bytes, int]:
         """Stored size by raw chunk digest, listed again if a wanted chunk is not known yet."""
+        wanted = list(wanted)
         with self._cond:
+            while self._listing:  # one is under way: wait for it rather than list twice
+                self._cond.wait()
             known = self._sizes
         if any(not chunks <= known.keys() for chunks in wanted):
+            with self._cond:
+                self._listing += 1
             known = self._list_sizes()
         return known
 
@@ -117,6 +123,11 @@ class Figures:
         read: list[frozenset[bytes]] = []
         try:
             with ThreadPoolExecutor(max(1, self.store.workers), "cas-ui") as pool:
+                with self._cond:
+                    first = not self._sizes and not self._listing
+                    self._listing += first
+                if first:  # beside the manifests: most chunks they name are there already
+                    pool.submit(self._list_sizes)
                 while True:
                     batch = self._next_slice()
                     if batch:
@@ -164,7 +175,13 @@ class Figures:
             self._cond.notify_all()
 
     def _list_sizes(self) -> dict[bytes, int]:
-        listed = {bytes.fromhex(h): size for h, size in self.store.chunk_sizes().items()}
-        with self._cond:
-            self._sizes = listed
-        return listed
+        """List the chunks; the caller counted this listing in ``_listing``."""
+        try:
+            listed = {bytes.fromhex(h): size for h, size in self.store.chunk_sizes().items()}
+            with self._cond:
+                self._sizes = listed
+            return listed
+        finally:
+            with self._cond:
+                self._listing -= 1
+                self._cond.notify_all()
