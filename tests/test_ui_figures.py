@@ -157,3 +157,20 @@ def test_a_damaged_manifest_counts_as_nothing_and_is_read_again(
     wait_until_ready(base)
     repaired = request(base, "/").text
     assert row_of(repaired, "datasets/corpus") != row_of(page, "datasets/corpus")
+
+
+def test_chunks_of_a_new_version_are_listed_again(
+    demo_store: Path, tmp_path: Path, serve: Any
+) -> None:
+    _, store = copy_of(demo_store, tmp_path)
+    base = base_url(serve(store, figures_wait=0))
+    request(base, "/")
+    wait_until_ready(base)  # every manifest read, and the chunks listed
+    (tmp_path / "new").write_bytes(bytes(range(256)) * 4000)
+    store.put(tmp_path / "new", "fresh/key")  # chunks the last listing did not have
+    request(base, "/")
+    wait_until_ready(base)
+    page = request(base, "/").text
+    reference = base_url(serve(Store.open(store.uri, create=False), figures_wait=None))
+    assert row_of(page, "fresh/key") == row_of(request(reference, "/").text, "fresh/key")
+    assert "0 B" not in row_of(page, "fresh/key")

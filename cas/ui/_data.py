@@ -52,12 +52,6 @@ class StoreView:
         self._lock = threading.Lock()
         self._fingerprint: tuple[float, str] = (0.0, "")
 
-    def needs(self, versions: Sequence[Version]) -> list[frozenset[bytes]] | None:
-        """For each version, the chunks it keeps alive (its own and their delta bases),
-        as raw digests; None while they are being read."""
-        found = self.figures.needs({v.manifest_id for v in versions})
-        return None if found is None else [found[v.manifest_id] for v in versions]
-
     # -- what the pages need ----------------------------------------------------------
 
     def key_rows(self, prefix: str = "", versions: Sequence[Version] | None = None) -> list[KeyRow]:
@@ -83,10 +77,10 @@ class StoreView:
         ]
 
     def _costs(self, by_key: dict[str, list[Version]]) -> dict[str, KeyCost] | None:
-        everything = [v for versions in by_key.values() for v in versions]
-        found = self.figures.needs({v.manifest_id for v in everything})
-        if found is None:
+        read = self.figures.read({v.manifest_id for vs in by_key.values() for v in vs})
+        if read is None:
             return None
+        found, sizes = read
         per_key = {
             key: frozenset().union(*(found[v.manifest_id] for v in versions))
             for key, versions in by_key.items()
@@ -95,7 +89,6 @@ class StoreView:
         for chunks in per_key.values():
             for digest in chunks:
                 users[digest] = users.get(digest, 0) + 1
-        sizes = self.figures.sizes(per_key.values())
         return {
             key: KeyCost(
                 key,
@@ -108,15 +101,14 @@ class StoreView:
     def added_bytes(self, versions: Sequence[Version]) -> dict[str, int] | None:
         """Stored bytes each version added: of chunks no earlier version in ``versions``
         needs; None while their manifests are being read."""
-        ordered = sorted(versions, key=lambda v: v.number)
-        needs = self.needs(ordered)
-        if needs is None:
+        read = self.figures.read({v.manifest_id for v in versions})
+        if read is None:
             return None
-        sizes = self.figures.sizes(needs)
+        found, sizes = read
         seen: set[bytes] = set()
         added = {}
-        for version, chunks in zip(ordered, needs, strict=True):
-            fresh = chunks - seen
+        for version in sorted(versions, key=lambda v: v.number):
+            fresh = found[version.manifest_id] - seen
             added[version.ref] = sum(sizes.get(d, 0) for d in fresh)
             seen |= fresh
         return added
