@@ -22,8 +22,9 @@ Two parts, each measured in one run so the ratios compare like with like:
 * **Delta codecs on real state.** For each pair of consecutive checkpoints
   of that run, the weights and each kind of Adam moment (``exp_avg``,
   ``exp_avg_sq``) coded as deltas of the checkpoint before in 1 MiB chunks,
-  both ways a store can: XOR (codec 3) and the zigzag-coded integer
-  difference (codec 4), against byte grouping without a base; bytes over
+  every way a store can: XOR (codec 3), the zigzag-coded integer
+  difference (codec 4) and the difference from the base times a factor
+  (codec 5), against byte grouping without a base; bytes over
   raw, and encode and decode speed (CPU time of one thread, best of
   ``--rounds`` on the last pair).
 
@@ -264,10 +265,14 @@ def bench_run(work: Path, checkpoints: int, every: int) -> dict[str, Any]:
     return {"checkpoints": rows, "mean": summary}
 
 
-# -- XOR against integer difference, on the run's consecutive checkpoints ----------------
+# -- XOR, integer and scaled difference, on the run's consecutive checkpoints ----------
 
 CHUNK = 1 << 20
-METHODS = {"xor": codec.Codec.DELTA, "difference": codec.Codec.DIFFERENCE}
+METHODS = {
+    "xor": codec.Codec.DELTA,
+    "difference": codec.Codec.DIFFERENCE,
+    "scaled": codec.Codec.SCALED,
+}
 
 
 def sorted_checkpoints(work: Path) -> list[Path]:

@@ -72,8 +72,8 @@ def test_a_new_version_is_a_delta_of_the_latest_without_a_parent(
         assert manifest["delta_base"] == {"key": "run", "version": number - 1}
         assert store.show(f"run@{number}").version.parents == ()
     assert all(c.bases[-1] in first for c in entry_chunks(store, "run@3") if c.bases)
-    # A store of format 3 codes them as integer differences.
-    assert codec.Codec.DIFFERENCE in codecs(store, "run@3")
+    # A default store codes them as integer differences (scaled where that pays).
+    assert codecs(store, "run@3") & {codec.Codec.DIFFERENCE, codec.Codec.SCALED}
     assert codec.Codec.DELTA not in codecs(store, "run@3")
     for number, path in enumerate(paths, 1):
         store.get(f"run@{number}", tmp_path / f"out{number}")
@@ -227,7 +227,7 @@ def test_cli_init_no_auto_delta(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     ok(run_cas("init", "--no-auto-delta", store=store_dir))
     config = json.loads((store_dir / "config").read_bytes())
-    assert config["delta"] == {"auto": False, "method": "difference"}
+    assert config["delta"] == {"auto": False, "method": "scaled"}
     arrays = weights(19)
     for number in (1, 2):
         path = save(tmp_path / f"v{number}.safetensors", arrays)
@@ -249,6 +249,11 @@ def test_a_config_with_a_bad_delta_setting_is_refused(tmp_path: Path) -> None:
     )
     result = run_cas("ls", store=tmp_path / "store")
     assert "needs store format 3" in result.stderr
+    (tmp_path / "store" / "config").write_text(
+        json.dumps({**config, "format": 3, "delta": {"method": "scaled"}})
+    )
+    result = run_cas("ls", store=tmp_path / "store")
+    assert "delta method 'scaled' needs store format 4" in result.stderr
     with pytest.raises(InvalidInputError, match="delta method 'rle'"):
         Store.init(tmp_path / "other", delta_method="rle")
     assert not (tmp_path / "other").exists()

@@ -109,8 +109,8 @@ def test_init_human_and_json(tmp_path: Path) -> None:
         "avg_size": 1024 * 1024,
         "max_size": 4 * 1024 * 1024,
     }
-    assert data["config"]["format"] == 3  # difference deltas, the default
-    assert "format 3" in proc.stdout
+    assert data["config"]["format"] == 4  # scaled difference deltas, the default
+    assert "format 4" in proc.stdout
     stored = json.loads((tmp_path / "a" / "config").read_text())
     assert stored["chunker"]["avg_size"] == 64 * 1024
     # Twice is an error, and the first config stays.

@@ -120,15 +120,15 @@ def test_bad_entropy_settings_are_refused(tmp_path: Path) -> None:
     (tmp_path / "fse" / "config").write_text(json.dumps({**config, "format": 1}))
     with pytest.raises(NotAStoreError, match="needs store format 2"):
         Store.open(tmp_path / "fse")
-    (tmp_path / "fse" / "config").write_text(json.dumps({**config, "format": 4}))
-    with pytest.raises(UnsupportedFormatError, match="reads formats 1, 2 and 3 only"):
+    (tmp_path / "fse" / "config").write_text(json.dumps({**config, "format": 5}))
+    with pytest.raises(UnsupportedFormatError, match="reads formats 1, 2, 3 and 4 only"):
         Store.open(tmp_path / "fse")
 
 
 def test_cli_init_chooses_the_entropy_coder(tmp_path: Path) -> None:
     done = ok(run_cas("init", "--entropy", "fse", "--json", store=tmp_path / "s"))
     shown = json.loads(done.stdout)
-    assert shown["config"]["format"] == 3  # FSE and difference deltas, the default
+    assert shown["config"]["format"] == 4  # FSE and scaled deltas, the default
     assert shown["config"]["codec"]["entropy"] == "fse"
     done = ok(run_cas("init", "--entropy", "fse", "--delta-method", "xor", store=tmp_path / "x"))
     assert "FSE exponents, format 2" in done.stdout

@@ -425,7 +425,7 @@ def test_cli_init_sets_the_delta_chain_limit(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     ok(run_cas("init", "--max-delta-reads", "2", "--json", store=store_dir))
     config = json.loads((store_dir / "config").read_bytes())
-    assert config["delta"] == {"max_reads": 2, "method": "difference"}
+    assert config["delta"] == {"max_reads": 2, "method": "scaled"}
     assert Store.open(store_dir).config.max_delta_reads == 2
     bad = run_cas("init", "--max-delta-reads", "0", store=tmp_path / "other")
     assert bad.returncode == 2
@@ -435,8 +435,13 @@ def test_cli_init_sets_the_delta_chain_limit(tmp_path: Path) -> None:
     plain = json.loads((tmp_path / "plain" / "config").read_bytes())
     assert "delta" not in plain
     assert plain["format"] == 1
-    # A default store codes deltas as differences, which only format 3 allows.
+    # A store of plain differences is format 3.
+    ok(run_cas("init", "--delta-method", "difference", store=tmp_path / "difference"))
+    difference = json.loads((tmp_path / "difference" / "config").read_bytes())
+    assert difference["delta"] == {"method": "difference"}
+    assert difference["format"] == 3
+    # A default store codes deltas as scaled differences, which only format 4 allows.
     ok(run_cas("init", store=tmp_path / "default"))
     default = json.loads((tmp_path / "default" / "config").read_bytes())
-    assert default["delta"] == {"method": "difference"}
-    assert default["format"] == 3
+    assert default["delta"] == {"method": "scaled"}
+    assert default["format"] == 4

@@ -6,11 +6,13 @@ delta chunk (codec 3) also needs its base, whose hash follows the header.
 Incompressible chunks are stored raw: a cheap zstd probe on a sample decides
 before the whole chunk is compressed, so random data costs almost nothing.
 
-Codecs 2 to 4 are for tensor data (see :mod:`cas.chunks._floatcodec`): byte-grouped
+Codecs 2 to 5 are for tensor data (see :mod:`cas.chunks._floatcodec`): byte-grouped
 elements, and a chunk as a delta of its base chunk, byte-grouped: their XOR
-(codec 3), or the zigzag-coded integer difference of their elements (codec
-4, store format 3). All are chosen by the writer, which knows the element
-type; this module only encodes what it is told and decodes whatever it is given.
+(codec 3), the zigzag-coded integer difference of their elements (codec
+4, store format 3), or of fp32 elements and their base's times a factor
+(codec 5, store format 4: :mod:`cas.chunks._scaled`). All are chosen by
+the writer, which knows the element type; this module only encodes what it
+is told and decodes whatever it is given.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import zstandard
 from .._zstd import decompress_bounded, zstd_compressor
 from ..errors import CorruptObjectError, InvalidInputError, MismatchedObjectError
 from . import _floatcodec as floatcodec
+from . import _scaled as scaled
 
 MAGIC = b"CAS"
 HEADER = struct.Struct("<3sBQ")
@@ -49,10 +52,13 @@ class Codec(IntEnum):
     #: Element-wise integer difference from a base chunk, zigzag-coded and
     #: byte-grouped; the base's hash follows the header. Store format 3.
     DIFFERENCE = 4
+    #: Difference of fp32 elements from their base's times a factor, which
+    #: follows the base's hash (binary32), then as codec 4. Store format 4.
+    SCALED = 5
 
 
 #: The codecs of chunks that need a base chunk to be decoded.
-DELTA_CODECS = frozenset((Codec.DELTA, Codec.DIFFERENCE))
+DELTA_CODECS = frozenset((Codec.DELTA, Codec.DIFFERENCE, Codec.SCALED))
 
 
 #: What follows the header of a delta chunk: the BLAKE3 of its base's raw bytes.
@@ -123,15 +129,28 @@ def encode_delta(
 ) -> bytes:
     """The stored form of ``data`` as a delta of ``base`` (same length), byte-grouped.
 
-    ``method`` is :attr:`Codec.DELTA` (their XOR) or :attr:`Codec.DIFFERENCE`
+    ``method`` is :attr:`Codec.DELTA` (their XOR), :attr:`Codec.DIFFERENCE`
     (the zigzag-coded difference of their ``itemsize``-byte elements, which
-    stores close floats smaller: docs/performance.md, "Tensor-aware storage").
-    Plain byte grouping, not a float layout: either delta of two close floats
-    has zeros in its high bytes, which plain grouping collects in streams.
+    stores close floats smaller: docs/performance.md, "Tensor-aware storage")
+    or :attr:`Codec.SCALED` (fp32 only: the difference from the base times the
+    factor that codes a sample smallest; a difference, codec 4, when that is
+    1). Plain byte grouping, not a float layout: any of these deltas of two
+    close floats has zeros in its high bytes, which plain grouping collects.
     """
     view = memoryview(data).cast("B")
-    header = HEADER.pack(MAGIC, method, len(view)) + BASE.pack(base_digest)
-    if method == Codec.DIFFERENCE:
+    factor = b""
+    if method == Codec.SCALED:
+        if itemsize != 4:
+            raise ValueError(f"no scaled delta of {itemsize}-byte elements")
+        scale = scaled.choose(view, base)
+        if scale == 1.0:
+            method = Codec.DIFFERENCE
+        else:
+            factor = scaled.SCALE.pack(scale)
+    header = HEADER.pack(MAGIC, method, len(view)) + BASE.pack(base_digest) + factor
+    if method == Codec.SCALED:
+        delta = scaled.difference(view, base, scaled.SCALE.unpack(factor)[0])
+    elif method == Codec.DIFFERENCE:
         delta = floatcodec.difference(view, base, itemsize)
     elif method == Codec.DELTA:
         delta = floatcodec.xor(view, base)
@@ -206,10 +225,23 @@ def decode(
 def _undo_delta(
     codec: int, payload: memoryview, raw_length: int, base: bytes | memoryview, name: str
 ) -> bytes | memoryview:
+    scale = 1.0
+    if codec == Codec.SCALED:
+        if len(payload) < scaled.SCALE.size + 1:
+            raise CorruptObjectError(f"{name}: scaled delta header is truncated")
+        (scale,) = scaled.SCALE.unpack_from(payload)
+        payload = payload[scaled.SCALE.size :]
+        if not scaled.valid(scale) or payload[0] != 4:
+            raise CorruptObjectError(
+                f"{name}: scaled delta header is damaged (factor {scale!r}, "
+                f"{payload[0]}-byte elements)"
+            )
     grouped = floatcodec.decode(payload, raw_length, name=name)
     if codec == Codec.DELTA:
         return floatcodec.xor(grouped, base)
     try:
+        if codec == Codec.SCALED:
+            return scaled.undo_difference(grouped, base, scale)
         return floatcodec.undo_difference(grouped, base, payload[0] if raw_length else 1)
     except ValueError as err:
         raise CorruptObjectError(f"{name}: difference delta is damaged ({err})") from None

@@ -358,8 +358,10 @@ def _register_init(add: AddCommand) -> None:
         "--delta-method",
         choices=DELTA_METHODS,
         default=DELTA_METHODS[0],
-        help="how tensor deltas are coded: difference (default: integer difference of the"
-        " elements, smaller; store format 3) or xor (a store cas before format 3 reads)",
+        help="how tensor deltas are coded: scaled (default: integer difference of the"
+        " elements from the base's, fp32 ones times a factor where that is smaller; store"
+        " format 4), difference (from the base's alone; format 3) or xor (a store cas"
+        " before format 3 reads)",
     )
     p.add_argument(
         "--no-auto-delta",

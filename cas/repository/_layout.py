@@ -1,4 +1,4 @@
-"""Where things live in a store (formats 1 to 3), and the syntax of keys and references.
+"""Where things live in a store (formats 1 to 4), and the syntax of keys and references.
 
 Pure functions only: nothing here touches a backend. ``docs/format.md``
 describes the same layout for people.
@@ -23,14 +23,17 @@ from ..errors import InvalidKeyError, InvalidRefError
 #: The oldest format, of a store that asks for nothing newer. A store whose
 #: tensor chunks may hold FSE streams (``cas init --entropy fse``) is format
 #: 2, and one whose delta chunks may be integer differences (codec 4, what
-#: ``cas init`` sets by default) format 3, so that a cas that cannot decode
+#: ``cas init --delta-method difference``) format 3, and one whose fp32 delta
+#: chunks may be differences from their base times a factor (codec 5, what
+#: ``cas init`` sets by default) format 4, so that a cas that cannot decode
 #: them refuses the store by its config instead of failing on chunks. Each
 #: format holds everything the ones below it do.
 #: docs/format.md, "Changes", has the rule for when the number goes up.
 FORMAT_VERSION = 1
 FSE_FORMAT = 2
 DIFFERENCE_FORMAT = 3
-READABLE_FORMATS = (1, 2, 3)
+SCALED_FORMAT = 4
+READABLE_FORMATS = (1, 2, 3, 4)
 CONFIG_KEY = "config"
 CHUNKS = "chunks/"
 MANIFESTS = "manifests/"

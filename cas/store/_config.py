@@ -29,10 +29,22 @@ from ..repository._refs import utc_now
 #: Entropy coders of the exponent streams of tensor chunks, the default first.
 ENTROPY_CODERS = ("huffman", "fse")
 #: How writers code a delta chunk, the default of new stores first: the
-#: zigzag-coded integer difference of the elements (codec 4, format 3), or
-#: their XOR (codec 3, any format).
-DELTA_METHODS = ("difference", "xor")
-_DELTA_CODECS = {"difference": codec.Codec.DIFFERENCE, "xor": codec.Codec.DELTA}
+#: zigzag-coded integer difference of the elements, from the base's fp32
+#: elements times a factor where one codes smaller (codec 5, format 4), from
+#: the base's elements alone (codec 4, format 3), or their XOR (codec 3, any
+#: format).
+DELTA_METHODS = ("scaled", "difference", "xor")
+_DELTA_CODECS = {
+    "scaled": codec.Codec.SCALED,
+    "difference": codec.Codec.DIFFERENCE,
+    "xor": codec.Codec.DELTA,
+}
+#: The oldest store format that holds the chunks of each delta method.
+_DELTA_FORMATS = {
+    "scaled": layout.SCALED_FORMAT,
+    "difference": layout.DIFFERENCE_FORMAT,
+    "xor": layout.FORMAT_VERSION,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +62,8 @@ class StoreConfig:
     #: (zstd, fastest to decode) or "fse" (smaller; needs format 2).
     entropy: str = "huffman"
     #: How delta chunks are coded: "xor" (what a config without the field
-    #: means) or "difference" (smaller; needs format 3).
+    #: means), "difference" (smaller; needs format 3) or "scaled" (smaller
+    #: still on decaying fp32 state; needs format 4).
     delta_method: str = "xor"
     #: Whether a put that names no parent may store tensor chunks as deltas
     #: of the key's latest version (a put can still turn it off for itself).
@@ -71,9 +84,10 @@ class StoreConfig:
             raise InvalidInputError(
                 f"delta method {self.delta_method!r}: choose one of {', '.join(DELTA_METHODS)}"
             )
-        if self.delta_method == "difference" and self.format < layout.DIFFERENCE_FORMAT:
+        needs = _DELTA_FORMATS[self.delta_method]
+        if self.format < needs:
             raise InvalidInputError(
-                f"delta method 'difference' needs store format {layout.DIFFERENCE_FORMAT}"
+                f"delta method {self.delta_method!r} needs store format {needs}"
             )
 
     @classmethod
@@ -89,8 +103,8 @@ class StoreConfig:
         version = layout.FORMAT_VERSION
         if entropy == "fse":
             version = layout.FSE_FORMAT
-        if delta_method == "difference":
-            version = layout.DIFFERENCE_FORMAT
+        if delta_method in _DELTA_FORMATS:
+            version = max(version, _DELTA_FORMATS[delta_method])
         return cls(
             chunker=chunker or ChunkerParams(),
             entropy=entropy,

@@ -127,8 +127,10 @@ class Store(StoreMaintenance):
         (docs/performance.md, "Tensor-aware storage"), and only a cas that
         reads store format 2 reads the store.
         ``delta_method`` codes delta chunks as the integer difference of
-        their elements ("difference", the default: smaller; store format 3)
-        or as their XOR ("xor": a store older cas versions read).
+        their elements from the base's, fp32 ones times a factor where that
+        codes smaller ("scaled", the default; store format 4), from the
+        base's alone ("difference", store format 3), or as their XOR ("xor":
+        a store older cas versions read).
         ``auto_delta=False`` stores a version as a delta of its key's latest
         version only when a put asks for it (names a parent).
         ``create_bucket`` first creates the bucket or container of a cloud

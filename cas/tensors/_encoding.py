@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..chunks import _codec as codec
+from ..chunks import _scaled as scaled
 from ..chunks._floatcodec import LAYOUT_ITEMSIZE, Layout
 
 # Chunks up to twice this size are encoded whole to compare with their delta; for
@@ -43,6 +44,8 @@ class Elements:
             payload = codec.HEADER.size
         elif blob[3] in codec.DELTA_CODECS:
             payload = codec.HEADER.size + codec.BASE.size
+            if blob[3] == codec.Codec.SCALED:
+                payload += scaled.SCALE.size
             if len(blob) < payload + 2:
                 return None
             return cls(blob[payload], Layout.PLAIN) if blob[payload] else None
@@ -78,7 +81,11 @@ class TensorCodec:
     ) -> tuple[bytes, bool]:
         """The chunk as a delta of ``base`` when that pays, else whole; and which it is."""
         itemsize = elements.itemsize
-        method = self.method if itemsize in _DIFFERENCE_ITEMSIZES else codec.Codec.DELTA
+        method = self.method
+        if method == codec.Codec.SCALED and elements.layout != Layout.FP32:
+            method = codec.Codec.DIFFERENCE  # a factor is for fp32 elements only
+        if itemsize not in _DIFFERENCE_ITEMSIZES:
+            method = codec.Codec.DELTA
         delta = codec.encode_delta(view, base, base_digest, itemsize, method)
         whole = self._whole_if_smaller(view, elements, len(delta))
         return (delta, True) if whole is None else (whole, False)
