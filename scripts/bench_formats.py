@@ -17,8 +17,10 @@ Two parts, each measured in one run so the ratios compare like with like:
   ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``,
   ``trainer_state.json``). Each checkpoint is put as the next version of one
   key without naming a parent, then, in a second store, with ``--parent``
-  the checkpoint before it. Costs are chunk bytes added over the checkpoint's
-  size, against ``tar | zstd -3`` of the same directory.
+  the checkpoint before it, and in a third without a parent again, in a
+  store of plain differences (``--delta-method difference``, format 3).
+  Costs are chunk bytes added over the checkpoint's size, against ``tar |
+  zstd -3`` of the same directory.
 * **Delta codecs on real state.** For each pair of consecutive checkpoints
   of that run, the weights and each kind of Adam moment (``exp_avg``,
   ``exp_avg_sq``) coded as deltas of the checkpoint before in 1 MiB chunks,
@@ -187,12 +189,10 @@ def write_checkpoint(
     return directory
 
 
-def training_run(work: Path, checkpoints: int, every: int) -> list[Path]:
-    from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
+def run_model() -> Any:
+    """The run's model, freshly initialised from the current seed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
-    random.seed(0)
-    np.random.seed(0)
     config = GPT2Config(
         vocab_size=256,
         n_positions=128,
@@ -202,7 +202,16 @@ def training_run(work: Path, checkpoints: int, every: int) -> list[Path]:
         bos_token_id=0,
         eos_token_id=0,
     )
-    net = GPT2LMHeadModel(config)
+    return GPT2LMHeadModel(config)
+
+
+def training_run(work: Path, checkpoints: int, every: int) -> list[Path]:
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    net = run_model()
     optimizer = torch.optim.AdamW(net.parameters(), lr=5e-4, weight_decay=0.01)
     total = checkpoints * every
     scheduler = get_linear_schedule_with_warmup(optimizer, total // 10, total)  # type: ignore[no-untyped-call]
@@ -232,22 +241,28 @@ def tar_zstd(directory: Path) -> int:
     return len(packed.stdout)
 
 
-def bench_run(work: Path, checkpoints: int, every: int) -> dict[str, Any]:
+def bench_run(work: Path, checkpoints: int, every: int, reads: int | None) -> dict[str, Any]:
     directories = training_run(work / "run", checkpoints, every)
-    plain = Store.init(work / "store-run")
-    chained = Store.init(work / "store-run-parents")
+    plain = Store.init(work / "store-run", max_delta_reads=reads)
+    chained = Store.init(work / "store-run-parents", max_delta_reads=reads)
+    # The same puts into a store of plain differences (format 3): what scaled deltas save.
+    difference = Store.init(
+        work / "store-run-difference", max_delta_reads=reads, delta_method="difference"
+    )
     rows: list[dict[str, Any]] = []
     for number, directory in enumerate(directories, 1):
         size = tree_bytes(directory)
-        before = (chunk_bytes(plain), chunk_bytes(chained))
+        before = (chunk_bytes(plain), chunk_bytes(chained), chunk_bytes(difference))
         plain.put(directory, "run")
         chained.put(directory, "run", parents=[f"run@{number - 1}"] if number > 1 else [])
+        difference.put(directory, "run")
         rows.append(
             {
                 "checkpoint": directory.name,
                 "bytes": size,
                 "no_parent": (chunk_bytes(plain) - before[0]) / size,
                 "parent": (chunk_bytes(chained) - before[1]) / size,
+                "difference_no_parent": (chunk_bytes(difference) - before[2]) / size,
                 "tar_zstd3": tar_zstd(directory) / size,
                 "optimizer_share": (directory / "optimizer.pt").stat().st_size / size,
             }
@@ -260,7 +275,7 @@ def bench_run(work: Path, checkpoints: int, every: int) -> dict[str, Any]:
             assert (restored / path.relative_to(directories[-1])).read_bytes() == path.read_bytes()
     summary = {
         key: statistics.mean(float(row[key]) for row in rows)
-        for key in ("no_parent", "parent", "tar_zstd3", "optimizer_share")
+        for key in ("no_parent", "parent", "difference_no_parent", "tar_zstd3", "optimizer_share")
     }
     return {"checkpoints": rows, "mean": summary}
 
@@ -336,6 +351,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--checkpoints", type=int, default=10)
     parser.add_argument("--every", type=int, default=20, help="training steps per checkpoint")
+    parser.add_argument(
+        "--max-delta-reads",
+        type=int,
+        help="the stores' delta chain limit for the run (default: the stores' own)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--skip-run", action="store_true")
@@ -351,7 +371,7 @@ def main() -> None:
                     log(row)
                     results["minilm"].append(row)
         if not args.skip_run:
-            results["run"] = bench_run(work, args.checkpoints, args.every)
+            results["run"] = bench_run(work, args.checkpoints, args.every, args.max_delta_reads)
             log(results["run"]["mean"])
             results["delta_codecs"] = delta_codecs(sorted_checkpoints(work), args.rounds)
     print(json.dumps(results, indent=2))
