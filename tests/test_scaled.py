@@ -107,6 +107,24 @@ def test_only_safe_base_elements_are_scaled() -> None:
             scaled.predict(words.tobytes(), bad)
 
 
+@settings(max_examples=100, deadline=None)
+@given(words=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64), scale=SCALES)
+def test_predictions_follow_the_format_rule(words: list[int], scale: float) -> None:
+    # The rule of docs/format.md, element by element: a product of two
+    # binary32 values is exact in binary64, so rounding it once to binary32
+    # is the correctly rounded product.
+    base = np.array(words, dtype="<u4")
+    predicted = scaled.predict(base.tobytes(), scale)
+    for word, got in zip(words, predicted.tolist(), strict=True):
+        exponent = (word >> 23) & 0xFF
+        if 2 <= exponent <= 253:
+            (value,) = struct.unpack("<f", struct.pack("<I", word))
+            (expected,) = struct.unpack("<I", struct.pack("<f", value * scale))
+        else:
+            expected = word
+        assert got == expected
+
+
 def _with_factor(blob: bytes, factor: bytes) -> bytes:
     at = codec.HEADER.size + codec.BASE.size
     return blob[:at] + factor + blob[at + scaled.SCALE.size :]
@@ -196,5 +214,23 @@ def test_a_store_of_plain_differences_stays_readable_by_format_3(tmp_path: Path)
     }
     assert codec.Codec.SCALED not in stored
     assert codec.Codec.DIFFERENCE in stored
+    store.get("run@2", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == path.read_bytes()
+
+
+def test_scaled_deltas_of_a_deleted_version_are_repacked_whole(tmp_path: Path) -> None:
+    store = Store.init(tmp_path / "store", chunker=PARAMS)
+    path = _put_decaying(store, tmp_path)
+    assert any(c.bases for c in entry_chunks(store, "run@2"))
+    store.delete("run@1")
+    report = store.gc(grace=0)
+    assert report.repack is not None
+    assert report.repack.chunks > 0
+    kept = entry_chunks(store, "run@2")
+    assert not any(c.bases for c in kept)
+    # Stored again as the put groups a whole fp32 chunk.
+    stored = {store.backend.get(layout.chunk_key(c.digest))[3] for c in kept}
+    assert codec.Codec.SCALED not in stored
+    assert store.verify(deep=True).ok
     store.get("run@2", tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == path.read_bytes()
