@@ -94,7 +94,7 @@ def test_ls_and_info_by_number_tag_and_latest(stored: dict[str, Any]) -> None:
         f"runs/data@1/{name}"
         for name in ("latest.csv", "model.safetensors", "shards", "table.csv", "weights.pt")
     )
-    for ref in ("runs/data@1", "runs/data:good", "runs/data@latest", "runs/data"):
+    for ref in ("runs/data@1", "runs/data:good", "runs/data@latest"):
         assert sorted(fs.ls(ref, detail=False)) == expected, ref
     info = fs.info("cas://runs/data@1/table.csv")
     assert info["type"] == "file"
@@ -106,7 +106,50 @@ def test_ls_and_info_by_number_tag_and_latest(stored: dict[str, Any]) -> None:
     assert len(fs.glob("runs/data@1/shards/*.parquet")) == 3
     single = fs.info("runs/single@1")
     assert (single["type"], single["size"]) == ("file", len(b"single file version"))
-    assert fs.cat("runs/single") == b"single file version"
+    assert fs.cat("runs/single@latest") == b"single file version"
+
+
+def test_ls_lists_keys_at_the_root_and_versions_under_a_key(
+    stored: dict[str, Any], tmp_path: Path
+) -> None:
+    store = Store.open(stored["uri"])
+    (tmp_path / "two.bin").write_bytes(b"second")
+    for key in ("runs/single", "runs/single", "runs/data/extra", "top"):
+        store.put(tmp_path / "two.bin", key)
+    store.delete("runs/single@2")
+    fs = fsspec.filesystem("cas", store=stored["uri"])
+    assert fs.ls("cas://", detail=False) == ["runs", "top"]
+    assert fs.ls("cas://runs", detail=False) == ["runs/data", "runs/single"]
+    assert fs.ls("runs/single", detail=False) == ["runs/single@1", "runs/single@3"]
+    # A key that is also a prefix of keys lists its versions and the keys under it.
+    data = {i["name"]: i for i in fs.ls("cas://runs/data/")}
+    assert data.keys() == {"runs/data@1", "runs/data/extra"}
+    assert data["runs/data@1"]["type"] == "directory"
+    assert (data["runs/data@1"]["version"], data["runs/data@1"]["tags"]) == (1, ["good"])
+    listed = [*fs.ls(""), *fs.ls("runs"), *data.values(), *fs.ls("runs/single")]
+    for entry in listed:  # info and isdir say what the listings say
+        info = fs.info(entry["name"])
+        assert (info["type"], info["size"]) == (entry["type"], entry["size"]), entry
+        assert fs.isdir(entry["name"]) == (entry["type"] == "directory")
+    assert fs.info("runs/single@3")["size"] == len(b"second")
+    assert fs.info("cas://") == {"name": "", "size": 0, "type": "directory"}
+    assert (fs.info("runs/single")["versions"], fs.info("runs/single")["latest"]) == (2, 3)
+    assert not fs.isdir("runs/single@2")
+    assert not fs.exists("run")
+    assert not fs.exists("runs/x")
+    # Tags, latest and a path under a key still name versions; a key is not a file.
+    assert fs.cat("runs/single@latest") == b"second"
+    assert fs.cat("runs/data/table.csv") == (stored["src"] / "table.csv").read_bytes()
+    with pytest.raises(IsADirectoryError, match="runs/single"):
+        fs.open("runs/single")
+    with pytest.raises(FileNotFoundError, match="nothing/here"):
+        fs.ls("nothing/here")
+    # A walk from the root sees each live version once, by number.
+    files = [p.relative_to(stored["src"]).as_posix() for p in stored["src"].rglob("*")]
+    expected = [f"runs/data@1/{f}" for f in files if not (stored["src"] / f).is_dir()]
+    expected += ["runs/data/extra@1", "runs/single@1", "runs/single@3", "top@1"]
+    assert sorted(fs.find("cas://")) == sorted(expected)
+    assert fs.du("runs/single") == len(b"single file version") + len(b"second")
 
 
 def test_pandas_reads_csv_and_parquet(stored: dict[str, Any]) -> None:
@@ -270,7 +313,8 @@ def test_the_entry_point_lets_pandas_open_cas_urls_without_importing_cas(
     script = (
         "import sys, pandas as pd\n"
         "df = pd.read_csv('cas://runs/data@1/table.csv')\n"
-        "print(len(df), sys.modules['fsspec'].get_filesystem_class('cas').__module__)\n"
+        "fs = sys.modules['fsspec'].filesystem('cas')\n"
+        "print(len(df), type(fs).__module__, *fs.ls('cas://runs', detail=False))\n"
     )
     env = cas_env(
         {
@@ -282,7 +326,7 @@ def test_the_entry_point_lets_pandas_open_cas_urls_without_importing_cas(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["3000", "cas.integrations.fsspec"]
+    assert proc.stdout.split() == ["3000", "cas.integrations.fsspec", "runs/data", "runs/single"]
 
 
 def test_io_wrappers_read_text(stored: dict[str, Any]) -> None:

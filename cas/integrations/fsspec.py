@@ -9,8 +9,11 @@ Any library that takes fsspec URLs (pandas, pyarrow, ``datasets``,
 A URL names a version and a path in it: ``cas://KEY@N/path``,
 ``cas://KEY:TAG/path``, ``cas://KEY@latest/path`` or ``cas://KEY/path``
 (the latest version; the longest prefix that is a key with versions wins).
-A single-file version is the file itself (``cas://KEY@N``). The store is
-``store=`` (a location, or a :class:`~cas.store.Store`), else ``$CAS_STORE``.
+A single-file version is the file itself (``cas://KEY@N``). Above the
+versions, ``cas://`` lists the first level of keys, a prefix of keys the next
+level, and a key (``cas://KEY``) its versions by number, beside any keys under
+it. The store is ``store=`` (a location, or a :class:`~cas.store.Store`), else
+``$CAS_STORE``.
 
 Reads fetch only the chunks that hold the bytes asked for, each verified
 against its hash, through the store's local chunk cache (docs/cache.md).
@@ -96,6 +99,17 @@ class CasFileSystem(AbstractFileSystem, metaclass=_StoreFromEnvironment):  # typ
 
     def _version(self, path: str) -> tuple[_Version, str]:
         """The version a path names, and the path inside it."""
+        found = self._locate(path)
+        if isinstance(found, _Keys):
+            raise IsADirectoryError(
+                f"cas://{found.url}: {found.what}, not a file; name a version (KEY@N, KEY:TAG, "
+                "KEY@latest)"
+            )
+        return found
+
+    def _locate(self, path: str) -> tuple[_Version, str] | _Keys:
+        """What a path names: a place in a version, or a folder of keys (the root,
+        a key's versions, a prefix of keys)."""
         path = self._strip_protocol(path)
         parts = path.split("/")
         for i, part in enumerate(parts):
@@ -103,12 +117,26 @@ class CasFileSystem(AbstractFileSystem, metaclass=_StoreFromEnvironment):  # typ
                 ref = "/".join(parts[: i + 1])
                 ref = ref.removesuffix("@latest")
                 return self._load(ref, path), "/".join(parts[i + 1 :])
-        for i in range(len(parts), 0, -1):  # no version given: the longest key wins
+        keys = self._keys(path)
+        if keys is not None:
+            return keys
+        for i in range(len(parts), 0, -1):  # a path in a key's latest version: the longest wins
             try:
                 return self._load("/".join(parts[:i]), path), "/".join(parts[i:])
             except FileNotFoundError:
                 continue
         raise FileNotFoundError(f"cas://{path}: no key with versions in this path")
+
+    def _keys(self, url: str) -> _Keys | None:
+        """The keys at or under ``url`` (None if there are none, nor is it the root)."""
+        try:
+            listed = self.store.list_keys(url)
+        except CasError as err:
+            raise FileNotFoundError(f"cas://{url}: {err}") from None
+        under = [k for k in listed if not url or k.key == url or k.key.startswith(url + "/")]
+        if url and not under:
+            return None
+        return _Keys(url, under)
 
     def _load(self, ref: str, url: str) -> _Version:
         try:
@@ -166,21 +194,56 @@ class CasFileSystem(AbstractFileSystem, metaclass=_StoreFromEnvironment):  # typ
     # -- the fsspec interface --------------------------------------------------------
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        version, inner = self._version(path)
+        found = self._locate(path)
+        if isinstance(found, _Keys):
+            return found.info()
+        version, inner = found
         info = self._entry_info(version, inner, self._strip_protocol(path))
-        return {k: v for k, v in info.items() if k not in ("entry", "label")}
+        return _public(info)
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
-        version, inner = self._version(path)
-        url = self._strip_protocol(path)
-        info = self._entry_info(version, inner, url)
-        if info["type"] == "file":
-            found = [info]
+        found = self._locate(path)
+        if isinstance(found, _Keys):
+            listed = self._list_keys(found)
         else:
-            folder = inner if inner in version.children else _link_target(version, inner)
-            found = [self._entry_info(version, c, url) for c in version.children.get(folder, [])]
-        listed = [{k: v for k, v in i.items() if k not in ("entry", "label")} for i in found]
+            version, inner = found
+            url = self._strip_protocol(path)
+            info = self._entry_info(version, inner, url)
+            if info["type"] == "file":
+                entries = [info]
+            else:
+                folder = inner if inner in version.children else _link_target(version, inner)
+                children = version.children.get(folder, [])
+                entries = [self._entry_info(version, c, url) for c in children]
+            listed = [_public(i) for i in entries]
         return listed if detail else [item["name"] for item in listed]
+
+    def _list_keys(self, found: _Keys) -> list[dict[str, Any]]:
+        """A key's versions (by number: tags and ``latest`` name them again, so they are
+        not listed, and a walk sees each version once) and the next level of keys under it."""
+        listed: dict[str, dict[str, Any]] = {}
+        if found.key is not None:
+            try:
+                versions = self.store.log(found.key.key)
+            except RefNotFoundError:
+                versions = []  # its last version deleted since the listing
+            for version in sorted(versions, key=lambda v: v.number):
+                listed[version.ref] = {
+                    "name": version.ref,
+                    "size": version.size if version.kind == "file" else 0,
+                    "type": "file" if version.kind == "file" else "directory",
+                    "version": version.number,
+                    "tags": list(version.tags),
+                    "created": version.created,
+                }
+        start = len(found.url) + 1 if found.url else 0
+        for key in found.keys:
+            if key.key != found.url:
+                name = key.key[: start + len(key.key[start:].split("/")[0])]
+                listed.setdefault(
+                    name, _Keys(name, [k for k in found.keys if k.key == name]).info()
+                )
+        return list(listed.values())
 
     def ukey(self, path: str) -> str:
         """A file's BLAKE3: what fsspec's caches key a file's content by."""
@@ -223,6 +286,26 @@ class CasFileSystem(AbstractFileSystem, metaclass=_StoreFromEnvironment):  # typ
     mkdir = makedirs = rm = rm_file = rmdir = mv = cp_file = touch = put_file = pipe_file = (
         _read_only
     )
+
+
+class _Keys:
+    """A folder of keys: the root, a key (its versions), or a prefix of keys."""
+
+    def __init__(self, url: str, keys: list[Any]) -> None:
+        self.url = url
+        self.keys = keys  # KeySummary of each key at or under url
+        self.key = next((k for k in keys if k.key == url), None)
+        self.what = "a key's versions" if self.key is not None else "a folder of keys"
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"name": self.url, "size": 0, "type": "directory"}
+        if self.key is not None:
+            info.update(versions=self.key.versions, latest=self.key.latest.number)
+        return info
+
+
+def _public(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if k not in ("entry", "label")}
 
 
 def _link_target(version: _Version, inner: str) -> str:
