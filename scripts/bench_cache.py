@@ -37,6 +37,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import servers  # noqa: E402
-from bench_s3 import MB, checkpoint, parse_size, sha256, timed  # noqa: E402
+from bench_s3 import MB, checkpoint, parse_size, sha256  # noqa: E402
 
 GB = 1_000_000_000
 TIMES = (
@@ -101,6 +103,19 @@ def one_tensor(store: Any, ref: str) -> tuple[int, int]:
     return chunk_gets(store) - before, needed
 
 
+def timer(out: dict[str, float]) -> Callable[[str, Callable[[], object]], None]:
+    """Times a step into ``out``: wall seconds under its name, this process's CPU
+    seconds (every thread) under ``NAME cpu`` (the S3 server's own CPU is not in it)."""
+
+    def timed(name: str, fn: Callable[[], object]) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        out[f"{name} cpu"] = time.process_time() - cpu
+        out[name] = time.perf_counter() - wall
+
+    return timed
+
+
 def one_repeat(repeat: int, info: dict[str, Any], scratch: Path) -> dict[str, float]:
     from cas.store import Store
 
@@ -108,24 +123,25 @@ def one_repeat(repeat: int, info: dict[str, Any], scratch: Path) -> dict[str, fl
     uri = f"s3://cas-bench-cache/r{repeat}"
     Store.init(uri, create_bucket=True)
     out: dict[str, float] = {}
+    timed = timer(out)
     writer = counted_store(uri, None)
     writer.put(v1, "ckpt")
     out["put v1 requests/GB"] = requests(writer) / (info["size"] / GB)
     writer.put(v2, "ckpt")
 
     plain = counted_store(uri, None)
-    out["get, no cache"] = timed(lambda: plain.get("ckpt@1", scratch / "v1-plain"))
+    timed("get, no cache", lambda: plain.get("ckpt@1", scratch / "v1-plain"))
     (scratch / "v1-plain").unlink()
     cache = scratch / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     reader = counted_store(uri, cache)
     dest = scratch / "v1"
-    out["cold get"] = timed(lambda: reader.get("ckpt@1", dest))
+    timed("cold get", lambda: reader.get("ckpt@1", dest))
     out["cold get requests/GB"] = requests(reader) / (info["size"] / GB)
     out["cold get chunk requests"] = chunk_gets(reader)
     before = chunk_gets(reader)
     warm_dest = scratch / "v1-warm"
-    out["warm get"] = timed(lambda: reader.get("ckpt@1", warm_dest))
+    timed("warm get", lambda: reader.get("ckpt@1", warm_dest))
     out["warm get chunk requests"] = chunk_gets(reader) - before
     if repeat == 0:
         assert sha256(warm_dest) == info["sha256"]["v1"], "warm get restored different bytes"
@@ -133,14 +149,14 @@ def one_repeat(repeat: int, info: dict[str, Any], scratch: Path) -> dict[str, fl
 
     uncached = counted_store(uri, None)
     fresh = scratch / "v2-fresh"
-    out["fresh get v2"] = timed(lambda: uncached.get("ckpt@2", fresh))
+    timed("fresh get v2", lambda: uncached.get("ckpt@2", fresh))
     fresh.unlink()
     result: dict[str, Any] = {}
 
     def update() -> None:
         result["r"] = uncached.restore("ckpt@2", dest, update=True)
 
-    out["update v1->v2"] = timed(update)
+    timed("update v1->v2", update)
     if repeat == 0:
         assert sha256(dest) == info["sha256"]["v2"], "update gave different bytes"
     out["update fetched MB"] = result["r"].fetched_bytes / MB
@@ -148,7 +164,7 @@ def one_repeat(repeat: int, info: dict[str, Any], scratch: Path) -> dict[str, fl
     dest.unlink()
 
     holder: dict[str, tuple[int, int]] = {}
-    out["fsspec one tensor"] = timed(lambda: holder.update(r=one_tensor(uncached, "ckpt@1")))
+    timed("fsspec one tensor", lambda: holder.update(r=one_tensor(uncached, "ckpt@1")))
     out["fsspec chunk requests"], out["header+tensor chunks"] = holder["r"]
     uncached.backend.delete([i.key for i in uncached.backend.list_objects()])
     return out
@@ -171,10 +187,10 @@ def report(info: dict[str, Any], runs: list[dict[str, float]]) -> dict[str, Any]
         f"{info['changed']} changed in v2; {len(runs)} repeat(s), medians\n"
     )
     for name in TIMES:
-        print(f"{name:<20} {med[name]:>8.2f} s")
+        print(f"{name:<20} {med[name]:>8.2f} s wall {med[name + ' cpu']:>8.2f} s CPU")
     print()
     for name in med:
-        if name not in TIMES:
+        if name not in TIMES and not name.endswith(" cpu"):
             print(f"{name:<28} {med[name]:>10.1f}")
     ratios = {
         "cold get / warm get": med["cold get"] / med["warm get"],
