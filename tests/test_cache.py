@@ -76,7 +76,7 @@ def test_second_get_makes_no_chunk_requests(s3_backend: S3Backend, tmp_path: Pat
 
     assert second.fetched_chunks == 0
     assert second.cached_chunks == first.fetched_chunks
-    assert second.cached_bytes == first.fetched_bytes
+    assert second.cached_bytes == second.version.size  # kept decoded: raw bytes
     # The ref and the manifest are read again; no chunk is.
     assert _chunk_gets(store) - gets_before <= 2
     assert digests(tmp_path / "two") == digests(tmp_path / "src")
@@ -116,7 +116,7 @@ def test_a_damaged_entry_is_dropped_fetched_again_and_reported(
     store.get("runs/a", tmp_path / "one")
     cache = store.chunks.cache
     assert cache is not None
-    entries = sorted((cache.folder / "chunks").rglob("*"))
+    entries = sorted((cache.folder / "raw").rglob("*"))
     victim = next(p for p in entries if p.is_file())
     good = victim.read_bytes()
     if damage == "flip":
@@ -485,8 +485,9 @@ def test_a_damaged_cached_delta_base_is_found_dropped_and_fetched_again(
     s3_backend: S3Backend, tmp_path: Path
 ) -> None:
     """A version stored as deltas of the one before: its chunks and their bases
-    are cached; a damaged base fails the chunk's hash, the chain is read again
-    link by link, and only the bad base is dropped and fetched."""
+    are cached, decoded. With the chunks themselves gone from the cache, their
+    chains are read again: a damaged base fails its hash, and only it is
+    dropped and fetched beside the chunks."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -508,6 +509,9 @@ def test_a_damaged_cached_delta_base_is_found_dropped_and_fetched_again(
     # Headers may end a listed chain early; the bases the get read are cached.
     cached_bases = sorted((b for b in bases if cache.contains(b)), key=lambda d: d.hex)
     assert cached_bases
+    deltas = {c.digest for c in store.manifest("runs/m@2").entries[0].chunks if c.bases}
+    for digest in deltas:
+        cache.entry_path(digest).unlink()
     victim = cache.entry_path(cached_bases[0])
     good = victim.read_bytes()
     victim.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
@@ -515,7 +519,7 @@ def test_a_damaged_cached_delta_base_is_found_dropped_and_fetched_again(
         warnings.simplefilter("always")
         again = store.restore("runs/m@2", tmp_path / "two")
     assert (tmp_path / "two").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
-    assert again.fetched_chunks == 1
+    assert again.fetched_chunks == len(deltas) + 1
     reported = [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
     assert len(reported) == 1
     assert victim.name in reported[0]
@@ -540,3 +544,29 @@ def test_in_place_reads_go_through_the_cache(s3_backend: S3Backend, tmp_path: Pa
         assert bytes(out) == data
         chunk_gets = _chunk_gets(store) - gets
         assert chunk_gets == (len(entry.chunks) if round_ == 0 else 0)
+
+
+def test_entries_are_kept_decoded_and_a_former_cache_is_evicted_never_read(
+    s3_backend: S3Backend, tmp_path: Path
+) -> None:
+    """An entry holds the chunk's raw bytes (a warm read decodes nothing); entries of
+    a cache that kept stored objects under chunks/ are counted and evicted, not read."""
+    store = _cached_store(s3_backend, tmp_path / "cache")
+    src = _tree(tmp_path / "src")
+    store.put(src, "runs/a")
+    store.get("runs/a", tmp_path / "one")
+    cache = store.chunks.cache
+    assert cache is not None
+    entry = store.manifest("runs/a").entries[0]
+    data, offset = (src / entry.path).read_bytes(), 0
+    for chunk in entry.chunks:
+        kept = cache.entry_path(chunk.digest).read_bytes()
+        assert kept == data[offset : offset + chunk.length]
+        offset += chunk.length
+    former = cache.folder / "chunks" / "ab" / ("ab" + "0" * 62)
+    former.parent.mkdir(parents=True)
+    former.write_bytes(b"x" * 1000)
+    held = usage(cache.root)[0]
+    assert held.entries == len(list((cache.folder / "raw").rglob("*/*"))) + 1
+    assert evict(cache.root, 0) == 0
+    assert not former.exists()

@@ -1,11 +1,12 @@
 """A local folder of chunk objects, shared by every process on the machine.
 
-A read of a remote store keeps each chunk object it fetched here, as stored
-(compressed), under its hash; the next read of that chunk, by this process
-or another, takes it from disk. Nothing here is trusted: the chunk store
-decodes and rehashes a cached object on every use exactly as it does one
-fresh from the store, and drops it (:meth:`LocalCache.discard`) when it does
-not match.
+A read of a remote store keeps each chunk it fetched here, decoded (its raw
+bytes, which its name is the hash of), under its hash; the next read of that
+chunk, by this process or another, takes it from disk with nothing to
+decode: a warm restore costs a copy and a hash per chunk, not a
+decompression. Nothing here is trusted: the chunk store rehashes a cached
+chunk on every use and drops it (:meth:`LocalCache.discard`) when it does
+not match its name.
 
 Sharing needs no lock. An entry is written under a temporary name in
 ``tmp/`` and renamed into ``chunks/``, so a reader sees a whole object or
@@ -37,7 +38,6 @@ from pathlib import Path
 from ..digest import Digest, hash_bytes
 from ..errors import CacheWarning
 from ..repository._manifest import MAX_CHUNK_LENGTH
-from . import _codec as codec
 
 #: The default limit of a cache folder, all stores together.
 DEFAULT_LIMIT = 4 * 1024**3
@@ -49,8 +49,13 @@ _LOW_WATER = 0.9
 _TOUCH_AFTER = 60.0
 #: Temporary files older than this belong to a writer that died.
 _STALE_TEMP = 3600.0
-#: No stored chunk object is larger than its raw bytes plus framing.
-_MAX_ENTRY = MAX_CHUNK_LENGTH + codec.HEADER.size + codec.BASE.size + 4096
+#: No entry is larger than a chunk can be.
+_MAX_ENTRY = MAX_CHUNK_LENGTH
+#: Where a store's folder keeps its entries (``raw/<h[:2]>/<h>``). Caches
+#: written before entries were kept decoded hold stored objects under
+#: ``chunks/``: never read, but counted, evicted and cleared like the rest.
+_ENTRIES = "raw"
+_FORMER_ENTRIES = "chunks"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,24 +115,28 @@ class LocalCache:
 
     def entry_path(self, digest: Digest) -> Path:
         name = digest.hex
-        return self.folder / "chunks" / name[:2] / name
+        return self.folder / _ENTRIES / name[:2] / name
 
     def load(self, digest: Digest) -> bytes | None:
-        """The cached object of ``digest`` (unverified), or None if it is not here."""
+        """The cached raw bytes of ``digest`` (unverified), or None if they are not here."""
         path = self.entry_path(digest)
         try:
-            with open(path, "rb") as stream:
-                stat = os.fstat(stream.fileno())
-                if stat.st_size > _MAX_ENTRY:
-                    blob = None
-                else:
-                    blob = stream.read(_MAX_ENTRY + 1)
-                    if time.time() - stat.st_mtime > _TOUCH_AFTER:
-                        self._touch(stream.fileno())
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except OSError:
-            # Not there, evicted just now, or unreadable: the store has it.
+            # Not there, or evicted just now: the store has it.
             self._count(misses=1)
             return None
+        try:
+            stat = os.fstat(fd)
+            blob = None if stat.st_size > _MAX_ENTRY else _read_all(fd, stat.st_size)
+            if blob is not None and time.time() - stat.st_mtime > _TOUCH_AFTER:
+                self._touch(fd)
+        except OSError:
+            # Unreadable: the store has it.
+            self._count(misses=1)
+            return None
+        finally:
+            os.close(fd)
         if blob is None:
             self.discard(digest, "it is larger than any chunk object can be")
             self._count(misses=1)
@@ -146,8 +155,8 @@ class LocalCache:
 
     # -- writing -------------------------------------------------------------------
 
-    def save(self, digest: Digest, blob: bytes) -> None:
-        """Keep ``blob`` (a verified chunk object) for the next read of ``digest``."""
+    def save(self, digest: Digest, blob: bytes | memoryview) -> None:
+        """Keep ``blob`` (the verified raw bytes of ``digest``) for its next read."""
         if not self._writable:
             return
         path = self.entry_path(digest)
@@ -156,8 +165,8 @@ class LocalCache:
             for folder in (temp.parent, path.parent):
                 folder.mkdir(parents=True, exist_ok=True)
             self._write_store_name()
-            with open(temp, "wb") as stream:
-                stream.write(blob)
+            with open(temp, "wb", buffering=0) as stream:
+                _write_all(stream.fileno(), blob)
             os.replace(temp, path)
         except OSError as err:
             _unlink(temp)
@@ -233,16 +242,36 @@ class LocalCache:
 # -- the whole folder ------------------------------------------------------------------
 
 
+def _read_all(fd: int, size: int) -> bytes:
+    """The ``size`` bytes of an open entry (fewer if it is shorter: its hash will not match)."""
+    blob = os.read(fd, size)
+    while len(blob) < size and (more := os.read(fd, size - len(blob))):
+        blob += more
+    return blob
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _store_entries(store: str) -> Iterator[os.DirEntry[str]]:
+    """Every entry file of one store's folder, current and former layout."""
+    for kind in (_ENTRIES, _FORMER_ENTRIES):
+        for shard in _scandir(os.path.join(store, kind)):
+            yield from _scandir(shard.path)
+
+
 def _entries(root: Path) -> Iterator[tuple[float, int, str]]:
     """(last use, size, path) of every entry of every store under ``root``."""
     for store in _scandir(root):
-        for shard in _scandir(os.path.join(store.path, "chunks")):
-            for entry in _scandir(shard.path):
-                try:
-                    stat = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # evicted meanwhile
-                yield stat.st_mtime, stat.st_size, entry.path
+        for entry in _store_entries(store.path):
+            try:
+                stat = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # evicted meanwhile
+            yield stat.st_mtime, stat.st_size, entry.path
 
 
 def _scandir(path: str | Path) -> list[os.DirEntry[str]]:
@@ -293,13 +322,12 @@ def usage(root: Path) -> list[StoreUsage]:
         if not store.is_dir():
             continue
         entries = size = 0
-        for shard in _scandir(os.path.join(store.path, "chunks")):
-            for entry in _scandir(shard.path):
-                try:
-                    size += entry.stat(follow_symlinks=False).st_size
-                except OSError:
-                    continue
-                entries += 1
+        for entry in _store_entries(store.path):
+            try:
+                size += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+            entries += 1
         try:
             name = (Path(store.path) / "store").read_text().strip()
         except OSError:

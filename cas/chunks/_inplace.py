@@ -23,7 +23,6 @@ from .._zstd import decompress_into
 from ..digest import hash_bytes
 from ..errors import (
     CorruptObjectError,
-    IntegrityError,
     MismatchedObjectError,
     MissingObjectError,
     NotFoundError,
@@ -55,28 +54,28 @@ def read_into(chunks: ChunkStore, chunk: ChunkRef, out: memoryview, *, context: 
     if hash_bytes(out) != chunk.digest.raw:
         raise CorruptObjectError(f"{where} is corrupt: its content does not match its hash")
     if chunks.cache is not None:
-        chunks.cache.save(chunk.digest, blob)
+        chunks.cache.save(chunk.digest, out)
 
 
 def _from_cache(
     chunks: ChunkStore, chunk: ChunkRef, out: memoryview, where: str, context: str
 ) -> bool:
-    """Fill ``out`` from the local chunk cache if it holds a plain chunk that checks
-    out; a damaged entry is dropped (and reported) and the store asked instead."""
+    """Fill ``out`` from the local chunk cache (which keeps chunks decoded) if it
+    holds the chunk and it checks out; a damaged entry is dropped (and reported)
+    and the store asked instead."""
     assert chunks.cache is not None
-    blob = chunks.cache.load(chunk.digest)
-    if blob is None:
+    raw = chunks.cache.load(chunk.digest)
+    if raw is None:
         return False
-    try:
-        if not _decode_into(blob, out, where):
-            out[:] = chunks.read(chunk, context=context)  # a delta, followed through the cache
-            return True
-        if hash_bytes(out) != chunk.digest.raw:
-            raise CorruptObjectError(f"{where} is corrupt: its content does not match its hash")
-    except IntegrityError as err:
-        chunks.cache.discard(chunk.digest, str(err))
-        return False
-    return True
+    if len(raw) != len(out):
+        damage = f"{len(raw)} bytes where the chunk has {len(out)}"
+    elif hash_bytes(raw) != chunk.digest.raw:
+        damage = f"{where} is corrupt: its content does not match its hash"
+    else:
+        out[:] = raw
+        return True
+    chunks.cache.discard(chunk.digest, damage)
+    return False
 
 
 def _decode_into(blob: bytes, out: memoryview, name: str) -> bool:

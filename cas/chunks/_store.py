@@ -192,20 +192,14 @@ class ChunkStore:
         of the bases only when the chunk's own hash fails (``read.check_links``),
         to name the damaged link: a base that is not what its name says
         cannot rebuild bytes of the chunk's hash, and hashing each base cost
-        a read of a delta chunk a tenth of its time. What the store gave is
-        kept in the cache once the chunk it rebuilds checked out.
+        a read of a delta chunk a tenth of its time. The cache keeps chunks
+        decoded, so what it gives is hashed at once, at any depth; what the
+        store gave is kept there once the chunk it rebuilds checked out.
         """
         if self.cache is not None:
-            blob = self.cache.load(link.digest)
-            if blob is not None:
-                try:
-                    raw = self._decode(blob, link, read)
-                except _Damaged as damage:
-                    self.cache.discard(link.digest, str(damage.error))
-                else:
-                    read.tally.add(cached=len(blob))
-                    self._keep_fetched(link, read)
-                    return raw
+            cached = self._cached(link, read)
+            if cached is not None:
+                return cached
         try:
             blob = self.backend.get(layout.chunk_key(link.digest))
         except NotFoundError:
@@ -216,16 +210,34 @@ class ChunkStore:
             raw = self._decode(blob, link, read)
         except _Damaged as damage:
             raise damage.error from None
-        read.fetched.append((link.digest, blob))
+        read.fetched.append((link.digest, raw))
         self._keep_fetched(link, read)
         return raw
 
+    def _cached(self, link: _Link, read: _Reading) -> bytes | None:
+        """The link's raw bytes from the cache if it holds them and they hash to its
+        name; a damaged entry is dropped (and reported)."""
+        assert self.cache is not None
+        raw = self.cache.load(link.digest)
+        if raw is None:
+            return None
+        if len(raw) != link.length:
+            damage = f"{len(raw)} bytes where the chunk has {link.length}"
+        elif hash_bytes(raw) != link.digest.raw:
+            damage = f"{link.name} is corrupt: its content does not match its hash"
+        else:
+            read.tally.add(cached=len(raw))
+            self._keep_fetched(link, read)
+            return raw
+        self.cache.discard(link.digest, damage)
+        return None
+
     def _keep_fetched(self, link: _Link, read: _Reading) -> None:
-        """Once a whole chain checked out (its top link), cache what it fetched."""
+        """Once a whole chain checked out (its top link), cache what it fetched, decoded."""
         if link.depth == 0:
             if self.cache is not None:
-                for digest, blob in read.fetched:
-                    self.cache.save(digest, blob)
+                for digest, raw in read.fetched:
+                    self.cache.save(digest, raw)
             read.fetched.clear()
 
     def _decode(self, blob: bytes, link: _Link, read: _Reading) -> bytes | memoryview:
@@ -277,8 +289,8 @@ class ChunkStore:
 
 
 class ReadTally:
-    """Where the chunk objects of one operation came from: fetched from the
-    store or taken from the local cache (stored bytes, delta bases included)."""
+    """Where the chunks of one operation came from: fetched from the store (stored
+    bytes) or taken from the local cache (raw bytes, kept decoded); delta bases included."""
 
     def __init__(self) -> None:
         self.fetched_chunks = self.fetched_bytes = 0
@@ -298,11 +310,11 @@ class ReadTally:
 @dataclass
 class _Reading:
     """One chunk being read: where its objects came from, whether every link's
-    hash is checked, and the objects fetched, kept in the cache once checked."""
+    hash is checked, and the links fetched (decoded), kept in the cache once checked."""
 
     tally: ReadTally
     check_links: bool = False
-    fetched: list[tuple[Digest, bytes]] = field(default_factory=list)
+    fetched: list[tuple[Digest, bytes | memoryview]] = field(default_factory=list)
 
 
 class _Damaged(Exception):
