@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import (
@@ -149,27 +150,53 @@ def test_delete_needs_update_and_update_excludes_force(
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("when", ["opened", "rebuilding"])
 def test_dest_changed_while_the_update_reads_it_gives_no_wrong_byte(
-    versions: tuple[Store, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    versions: tuple[Store, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    """Between the cut of the old file and the reads of its chunks, someone
-    overwrites it: every reused chunk is rehashed, so the stale ones are fetched."""
-    from cas.tensors._cutting import cut_local_file as real_cut
+    """Someone overwrites big.bin in place once the update has opened it, or once it
+    has found the first changed chunk and begins the new file (the chunks before
+    were read and hashed already): every reused chunk is rehashed as it is
+    used, so the stale ones are fetched."""
+    from cas.transfer import _update
 
     store, _, v2 = versions
     dest = tmp_path / "dest"
     store.get("runs/a@1", dest)
 
-    def cut_then_scribble(path: Path, params: object, former: object) -> object:
-        found = real_cut(path, params, former)  # type: ignore[arg-type]
+    def scribble(path: Path) -> None:
         if path.name == "big.bin":
-            path.write_bytes(random_bytes(path.stat().st_size, 77))
-        return found
+            with open(path, "r+b") as stream:  # in place: the update's open file sees it
+                stream.write(random_bytes(path.stat().st_size, 77))
 
-    monkeypatch.setattr("cas.transfer._update.cut_local_file", cut_then_scribble)
+    if when == "opened":
+        real_plan = _update.Updater._plan
+
+        def plan_then_scribble(self: Any, entry: Any, target: Path) -> Any:
+            plan = real_plan(self, entry, target)
+            scribble(target)
+            return plan
+
+        monkeypatch.setattr(_update.Updater, "_plan", plan_then_scribble)
+    else:
+        real_begin = _update._Rebuilt._begin
+
+        def scribble_then_begin(self: Any, index: int) -> None:
+            if self.plan.target.name == "big.bin":
+                assert index > 0  # the chunks before the change were found where they were
+                scribble(self.plan.target)
+            real_begin(self, index)
+
+        monkeypatch.setattr(_update._Rebuilt, "_begin", scribble_then_begin)
     restored = store.restore("runs/a@2", dest, update=True, delete=True)
     assert snapshot(dest) == snapshot(v2)
-    assert restored.fetched_bytes > 500 * KiB  # the scribbled file came from the store
+    # The scribbled file, or all of it before the change, came from the store.
+    assert restored.fetched_bytes > (500 if when == "opened" else 250) * KiB
+    assert restored.reused_bytes + restored.missing_bytes == v2_size(v2)
+
+
+def v2_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def test_a_symlinked_folder_in_dest_is_replaced_not_written_through(
@@ -306,3 +333,38 @@ def test_update_with_delete_always_gives_exactly_the_new_tree(
     store.get("old", dest)
     store.restore("new", dest, update=True, delete=True)
     assert snapshot(dest) == snapshot(base / "new")
+
+
+def test_a_changed_tensor_is_rebuilt_on_its_old_copy_fetching_only_its_delta(
+    tmp_path: Path,
+) -> None:
+    """v2 changes one tensor of a checkpoint a little, stored as deltas of v1's
+    chunks: the update fetches those deltas and nothing else, their bases taken
+    from the old file (rehashed there), not from the store."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from cas.repository import _layout as layout
+
+    store = Store.init(tmp_path / "store", chunker=SMALL_PARAMS)
+    rng = np.random.default_rng(0)
+    weights = {f"t{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(4)}
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    store.put(tmp_path / "m.safetensors", "runs/m")
+    weights["t2"] = weights["t2"] + np.float32(1e-3)
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    store.put(tmp_path / "m.safetensors", "runs/m")
+    old = {c.digest for c in store.manifest("runs/m@1").entries[0].chunks}
+    changed = [c for c in store.manifest("runs/m@2").entries[0].chunks if c.digest not in old]
+    if not any(c.bases for c in changed):
+        pytest.skip("this store did not keep the changed tensor as deltas")
+    dest = tmp_path / "dest.safetensors"
+    store.get("runs/m@1", dest)
+    counted = FaultyBackend(store.backend)
+    restored = Store(counted, store.config).restore("runs/m@2", dest, update=True)
+    assert dest.read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+    fetched = [k for k in counted.keys["get"] if k.startswith("chunks/")]
+    assert sorted(fetched) == sorted({layout.chunk_key(c.digest) for c in changed})
+    stored = sum(store.backend.stat(key).size for key in fetched)
+    assert restored.fetched_bytes == stored
+    assert restored.reused_bytes == dest.stat().st_size - sum(c.length for c in changed)

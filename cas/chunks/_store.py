@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from ..backends.base import Backend, ObjectInfo
@@ -169,10 +169,20 @@ class ChunkStore:
         return raw if isinstance(raw, bytes) else bytes(raw)
 
     def read(
-        self, chunk: ChunkRef, *, context: str = "", tally: ReadTally | None = None
+        self,
+        chunk: ChunkRef,
+        *,
+        context: str = "",
+        tally: ReadTally | None = None,
+        known: Mapping[bytes, bytes | memoryview] | None = None,
     ) -> bytes | memoryview:
         """:meth:`get` without the copy into bytes: for a reader that only
-        writes or hashes the chunk (a restore), a view of the decoded data."""
+        writes or hashes the chunk (a restore), a view of the decoded data.
+
+        ``known`` gives raw bytes of delta bases the caller holds and has
+        verified against their hashes (an update: the old copy of a changed
+        chunk), by raw hash: a chain that reaches one of them reads no further.
+        """
         where = f"{context}: chunk {chunk.digest.hex}" if context else f"chunk {chunk.digest.hex}"
         if not 0 <= chunk.length <= MAX_CHUNK_LENGTH:
             raise CorruptObjectError(f"{where}: a length of {chunk.length} bytes is not possible")
@@ -181,7 +191,8 @@ class ChunkStore:
         # the listed bases. Without a list (manifests older than deltas), the
         # headers lead, for at most MAX_CHAIN links.
         link = _Link(chunk.digest, chunk.length, chunk.bases or None, where, 0)
-        return self._get(link, _Reading(tally if tally is not None else ReadTally()))
+        reading = _Reading(tally if tally is not None else ReadTally(), known=known or {})
+        return self._get(link, reading)
 
     def _get(self, link: _Link, read: _Reading) -> bytes | memoryview:
         """``read`` of one link of a delta chain: from the cache if it holds a good
@@ -196,6 +207,8 @@ class ChunkStore:
         decoded, so what it gives is hashed at once, at any depth; what the
         store gave is kept there once the chunk it rebuilds checked out.
         """
+        if link.depth and link.digest.raw in read.known:
+            return read.known[link.digest.raw]
         if self.cache is not None:
             cached = self._cached(link, read)
             if cached is not None:
@@ -315,6 +328,8 @@ class _Reading:
     tally: ReadTally
     check_links: bool = False
     fetched: list[tuple[Digest, bytes | memoryview]] = field(default_factory=list)
+    #: Verified raw bytes of bases the caller holds, by raw hash.
+    known: Mapping[bytes, bytes | memoryview] = field(default_factory=dict)
 
 
 class _Damaged(Exception):

@@ -14,20 +14,35 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from ..backends.base import TEMP_PREFIX
 from ..chunks._store import ChunkStore, ReadTally
-from ..digest import StreamingHasher, hasher_for
+from ..digest import Digest, hasher_for
 from ..errors import CorruptObjectError, DestinationExistsError, SourceError
 from ..repository._manifest import ChunkRef, Entry, Manifest, check_entries
 from ._budget import IN_FLIGHT_BYTES, InFlight
 
 ProgressFn = Callable[[int], None]
-#: Reads one chunk of a file being written: ``read(entry, chunk, context)``.
-ChunkReader = Callable[[Entry, ChunkRef, str], "bytes | memoryview"]
-#: Called once a file is written and verified: ``placed(entry, path)``.
-PlacedFn = Callable[[Entry, Path], None]
+#: Reads chunk ``index`` of a file being written: ``read(entry, index, context)``.
+ChunkReader = Callable[[Entry, int, str], "bytes | memoryview"]
+
+
+class FileSink(Protocol):
+    """Where the chunks of one file go, in order, as :meth:`Restorer.write_files` drains them."""
+
+    def add(self, index: int, raw: bytes | memoryview) -> None:
+        """Chunk ``index`` of the file (verified), after every chunk before it."""
+
+    def finish(self) -> None:
+        """After the last chunk: check the file whole and put it where it belongs."""
+
+    def close(self) -> None:
+        """Give up (a failure elsewhere): release what is open, leave no file behind."""
+
+
+#: Makes the sink of a file: ``sink(entry, path)``.
+SinkFactory = Callable[[Entry, Path], FileSink]
 # setuid, setgid and sticky bits are dropped: a store is not trusted to hand
 # out privileges, least of all to a restore run as root.
 _SAFE_MODE_BITS = 0o777
@@ -107,7 +122,7 @@ class Restorer:
         try:
             if manifest.kind == "file":
                 (entry,) = manifest.entries
-                self._write_files([(entry, staging)], label)
+                self.write_files([(entry, staging)], label)
             else:
                 self._write_tree(manifest.entries, staging, label)
             self._move_into_place(staging, dest)
@@ -123,7 +138,7 @@ class Restorer:
         files = [e for e in entries if e.type == "file"]
         for entry in files:
             (root / entry.path).parent.mkdir(parents=True, exist_ok=True)
-        self._write_files([(e, root / e.path) for e in files], label)
+        self.write_files([(e, root / e.path) for e in files], label)
         # Links last: nothing is ever written through one (check_entries
         # refuses paths below a link, this keeps it so while we write).
         for entry in entries:
@@ -137,105 +152,86 @@ class Restorer:
             os.chmod(root / entry.path, entry.mode & _SAFE_MODE_BITS)
         os.chmod(root, 0o755)
 
-    def fetch(self, entry: Entry, chunk: ChunkRef, context: str) -> bytes | memoryview:
-        """The default :data:`ChunkReader`: from the store (through its cache)."""
-        return self.chunks.read(chunk, context=context, tally=self.tally)
+    def fetch(
+        self,
+        entry: Entry,
+        index: int,
+        context: str,
+        *,
+        known: dict[bytes, bytes | memoryview] | None = None,
+    ) -> bytes | memoryview:
+        """The default :data:`ChunkReader`: from the store (through its cache);
+        ``known`` holds verified raw bytes of delta bases, by hash."""
+        chunk = entry.chunks[index]
+        return self.chunks.read(chunk, context=context, tally=self.tally, known=known)
 
-    def _write_files(
+    def write_files(
         self,
         targets: list[tuple[Entry, Path]],
         label: str,
         *,
         read: ChunkReader | None = None,
-        placed: PlacedFn | None = None,
+        sink: SinkFactory | None = None,
     ) -> None:
-        """Fetch chunks of all files through one bounded window, write them in order.
+        """Fetch chunks of all files through one bounded window, hand them in order
+        to each file's sink.
 
-        ``read`` supplies each chunk (default: :meth:`fetch`); ``placed`` is
-        called as each file is complete and verified.
+        ``read`` supplies each chunk (default: :meth:`fetch`); ``sink`` makes
+        what a file's chunks go to (default: a new file at its path, checked
+        whole).
         """
         read = read or self.fetch
-        window: deque[tuple[Entry, bool, Future[bytes | memoryview]]] = deque()
+        make = sink or (lambda entry, path: _NewFile(entry, path, label))
+        window: deque[tuple[Entry, int, Future[bytes | memoryview]]] = deque()
         # Drained by this thread alone: it makes room itself before it asks.
         room = InFlight(self.workers * 2 + 2)
-        handles: dict[str, tuple[BinaryIO, StreamingHasher]] = {}
-
-        tasks = [
-            (entry, chunk, index == len(entry.chunks) - 1)
-            for entry, _ in targets
-            for index, chunk in enumerate(entry.chunks)
-        ]
-        ahead = _ReadAhead(self.chunks, [chunk for _, chunk, _ in tasks])
+        sinks: dict[str, FileSink] = {}
+        tasks = [(entry, index) for entry, _ in targets for index in range(len(entry.chunks))]
+        ahead = _ReadAhead(self.chunks, [entry.chunks[index] for entry, index in tasks])
         paths = {entry.path: path for entry, path in targets}
         try:
-            # Files open when their first chunk arrives, so about one is open
-            # at a time however many the tree holds; empty ones are made here.
+            # A file's sink is made when its first chunk arrives, so about one is
+            # open at a time however many the tree holds; empty files are made here.
             for entry, path in targets:
                 if not entry.chunks:
-                    self._finish(entry, path, self._open(path, 0), label)
-                    if placed is not None:
-                        placed(entry, path)
+                    make(entry, path).finish()
             with ThreadPoolExecutor(self.workers, thread_name_prefix="cas-get") as pool:
-                for entry, chunk, is_last in tasks:
-                    while room.full(chunk.length):
-                        self._drain_one(window, handles, paths, label, room, placed)
-                    ahead.submitted(chunk.length)
-                    room.acquire(chunk.length)
+                for entry, index in tasks:
+                    length = entry.chunks[index].length
+                    while room.full(length):
+                        self._drain_one(window, sinks, make, paths, room)
+                    ahead.submitted(length)
+                    room.acquire(length)
                     context = f"{label}: file {entry.path!r}"
-                    future = pool.submit(read, entry, chunk, context)
-                    window.append((entry, is_last, future))
+                    window.append((entry, index, pool.submit(read, entry, index, context)))
                 while window:
-                    self._drain_one(window, handles, paths, label, room, placed)
+                    self._drain_one(window, sinks, make, paths, room)
         finally:
             for future in (f for _, _, f in window):
                 future.cancel()
-            for handle, hasher in handles.values():
-                handle.close()
-                hasher.close()
+            for open_sink in sinks.values():
+                open_sink.close()
 
     def _drain_one(
         self,
-        window: deque[tuple[Entry, bool, Future[bytes | memoryview]]],
-        handles: dict[str, tuple[BinaryIO, StreamingHasher]],
+        window: deque[tuple[Entry, int, Future[bytes | memoryview]]],
+        sinks: dict[str, FileSink],
+        make: SinkFactory,
         paths: dict[str, Path],
-        label: str,
         room: InFlight,
-        placed: PlacedFn | None,
     ) -> None:
-        entry, is_last, future = window.popleft()
+        entry, index, future = window.popleft()
         raw = future.result()
         room.release(len(raw))
-        if entry.path not in handles:
-            handles[entry.path] = self._open(paths[entry.path], entry.size)
-        handle, hasher = handles[entry.path]
-        handle.write(raw)
-        hasher.update(raw)
+        file_sink = sinks.get(entry.path)
+        if file_sink is None:
+            file_sink = sinks[entry.path] = make(entry, paths[entry.path])
+        file_sink.add(index, raw)
         if self.progress is not None:
             self.progress(len(raw))
-        if is_last:
-            self._finish(entry, paths[entry.path], handles.pop(entry.path), label)
-            if placed is not None:
-                placed(entry, paths[entry.path])
-
-    @staticmethod
-    def _open(path: Path, size: int) -> tuple[BinaryIO, StreamingHasher]:
-        # A large file's hash runs on a thread of its own, beside the writes.
-        return open(path, "wb"), hasher_for(size)  # closed by _finish
-
-    @staticmethod
-    def _finish(
-        entry: Entry, path: Path, handle: tuple[BinaryIO, StreamingHasher], label: str
-    ) -> None:
-        stream, hasher = handle
-        try:
-            stream.close()
-        finally:
-            digest = hasher.digest()  # which also ends a background hasher's thread
-        if digest != entry.digest:
-            raise CorruptObjectError(
-                f"{label}: file {entry.path!r} does not match its recorded BLAKE3 after restore"
-            )
-        os.chmod(path, entry.mode & _SAFE_MODE_BITS)
+        if index == len(entry.chunks) - 1:
+            del sinks[entry.path]
+            file_sink.finish()
 
     @staticmethod
     def _move_into_place(staging: Path, dest: Path) -> None:
@@ -252,3 +248,38 @@ class Restorer:
             os.rename(aside, dest)
             raise
         _remove(aside)
+
+
+class _NewFile:
+    """A file written from its first byte, hashed whole as it is written; a large
+    file's hash runs on a thread of its own, beside the writes."""
+
+    def __init__(self, entry: Entry, path: Path, label: str) -> None:
+        self.entry = entry
+        self.path = path
+        self.label = label
+        self.stream = open(path, "wb")  # noqa: SIM115 (closed by finish or close)
+        self.hasher = hasher_for(entry.size)
+
+    def add(self, index: int, raw: bytes | memoryview) -> None:
+        self.stream.write(raw)
+        self.hasher.update(raw)
+
+    def finish(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            digest = self.hasher.digest()  # which also ends a background hasher's thread
+        check_whole(self.entry, digest, self.label)
+        os.chmod(self.path, self.entry.mode & _SAFE_MODE_BITS)
+
+    def close(self) -> None:
+        self.stream.close()
+        self.hasher.close()
+
+
+def check_whole(entry: Entry, digest: Digest, label: str) -> None:
+    if digest != entry.digest:
+        raise CorruptObjectError(
+            f"{label}: file {entry.path!r} does not match its recorded BLAKE3 after restore"
+        )
