@@ -22,7 +22,9 @@ request the store makes counted (a counting wrapper around its backend):
    bytes), without a cache: time and chunk requests, against the chunks that
    hold the header and the tensor.
 
-Medians over the repeats, with the targets: warm get >= 10x faster than cold
+Each step's wall time is printed beside the CPU time of this process (all
+its threads; the S3 server's own CPU is not in it). Medians over the
+repeats, with the targets: warm get >= 10x faster than cold
 and no chunk requests; update's fetched bytes within 10% of the changed
 chunks' stored size and >= 5x faster than a fresh get; one tensor through
 fsspec >= 20x faster than a full get.
