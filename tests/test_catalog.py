@@ -387,3 +387,26 @@ def test_the_catalog_command_without_pyarrow(
     monkeypatch.setattr(table, "_pyarrow", missing)
     assert main(["--store", str(tmp_path / "store"), "catalog", "rebuild"]) == 1
     assert "cas-store[catalog]" in capsys.readouterr().err
+
+
+def test_a_bad_summary_after_good_ones_names_the_file() -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = json.dumps(Summary("file", 1, 1, metrics={"loss": 1}, metadata={"a": 1}).to_dict())
+    rows: list[dict[str, Any]] = [
+        {
+            "key": "runs/x",
+            "version": n,
+            "manifest": Digest.of(b"x").hex,
+            "created": "2026-01-01T00:00:00Z",
+            "summary": good if n < 3 else good.replace('"loss": 1', '"loss": true'),
+            "tags": [],
+        }
+        for n in (1, 2, 3)
+    ]
+    schema_meta = {b"cas.catalog": json.dumps({"format": 1, "rows": 3}).encode()}
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows).replace_schema_metadata(schema_meta), sink)
+    with pytest.raises(table.CatalogDamaged, match=r"^catalog: runs/x@3: bad summary"):
+        read_whole(sink.getvalue())
