@@ -220,3 +220,8 @@ class KindChangeWarning(CasWarning):
 class CacheWarning(CasWarning):
     """The local chunk cache held a damaged entry, or cannot be written; the
     read went on from the store."""
+
+
+class CatalogMismatchWarning(CasWarning):
+    """The catalog of versions disagreed with the refs it summarises (damaged, or
+    written by a hostile hand): it was rebuilt, and the query answered from the refs."""

@@ -24,10 +24,12 @@ from cas.backends import Backend
 from cas.digest import Digest
 from cas.errors import BackendError
 from cas.repository import _changes
+from cas.repository import _layout as layout
 from cas.repository._metadata import Summary
 from cas.repository._refs import VersionRef
 from cas.store import CatalogUnavailable, Store, Version, _index
 from cas.store import _catalog_table as table
+from cas.store import _catalog_trust as trust
 from cas.store._config import load_config
 from cas.testing.faults import FaultyBackend
 
@@ -101,17 +103,25 @@ def test_a_query_reads_a_constant_number_of_objects(tmp_path: Path) -> None:
     for n in range(30):
         put(store, tmp_path, f"k{n % 5}", n)
     time.sleep(0.05)  # file times are coarse: the last note must be older than "now"
-    store.compact_catalog()
-    store.catalog()  # decodes the checkpoint once
+    store.compact_catalog()  # every row read from its ref: believed by this process
     faulty.reset_counts()
     assert len(store.catalog()) == 30
-    assert sum(faulty.calls.values()) == 3, faulty.keys[
-        "get"
-    ]  # head, the log's listing, head again
+    # head, the log's listing, head again, and a key's listing (the spot check)
+    assert faulty.calls == {"get": 2, "list": 2}, faulty.keys
+    _index._DECODED.clear()  # as a new process: the checkpoint's rows are spot-checked
+    faulty.reset_counts()
+    assert len(store.catalog()) == 30
+    # and the checkpoint, and up to SPOT_REQUESTS to check rows against their refs
+    assert 5 + 1 < sum(faulty.calls.values()) <= 4 + trust.SPOT_REQUESTS
+    for _ in range(4):  # rows found right are not read again by this process
+        store.catalog()
+    faulty.reset_counts()
+    assert len(store.catalog()) == 30
+    assert faulty.calls == {"get": 2, "list": 2}, faulty.keys
     put(store, tmp_path, "k0", 99)
     faulty.reset_counts()
     store.catalog()
-    assert faulty.calls["get"] == 3  # and one ref for the version committed since
+    assert faulty.keys["get"].count(layout.version_key("k0", 7)) >= 1  # the version since
 
 
 def test_the_checkpoint_is_parquet_that_duckdb_and_pandas_read(tmp_path: Path) -> None:

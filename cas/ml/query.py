@@ -177,8 +177,15 @@ _newest = operator.attrgetter("created", "key", "number")
 
 
 def find(store: Store, query: Query) -> list[Version]:
-    """Live versions matching ``query``: newest first, or by a metric with ``sort``."""
-    versions = catalog(store, query.prefix)
+    """Live versions matching ``query``: newest first, or by a metric with ``sort``.
+
+    The versions found are those the store checks against their refs when it
+    answers from its catalog (docs/format.md, "What cas checks").
+    """
+    return store.catalog(query.prefix, select=functools.partial(_select, query))
+
+
+def _select(query: Query, versions: list[Version]) -> list[Version]:
     if query.latest_only:
         seen: set[str] = set()
         latest = []

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from ..digest import Digest
 from ..errors import (
     BackendError,
     CasError,
+    CatalogMismatchWarning,
     IntegrityError,
     RefNotFoundError,
     UnsafePathError,
@@ -29,6 +32,7 @@ from ..repository import _layout as layout
 from ..repository._manifest import Manifest
 from ..repository._metadata import Summary
 from ..repository._refs import Refs, VersionRef
+from . import _catalog_trust as trust
 from ._catalog_table import CatalogDamaged, CatalogUnavailable, bulk
 from ._index import Index, State, state_of
 from ._values import KeySummary, Version
@@ -39,6 +43,11 @@ from ._values import KeySummary, Version
 _BATCH = 256
 
 _Job = tuple[str, int, Mapping[int, list[str]]]
+A = TypeVar("A")
+#: Narrows a list of versions (a query's filter, sort and limit).
+Select = Callable[[list[Version]], list[Version]]
+#: Answers a query may compute: a change committed meanwhile, then a rebuilt catalog.
+_ROUNDS = 3
 
 
 class Catalog:
@@ -111,16 +120,59 @@ class Catalog:
                 for named, v in zip(chosen, versions, strict=True)
             ]
 
+    def _checked(
+        self, answer: Callable[[State], tuple[A, list[Version]] | None], key: str | None = None
+    ) -> A | None:
+        """``answer`` of the catalog's state, spot-checked against the refs
+        (:mod:`._catalog_trust`); None when the refs must be read instead.
+
+        ``answer`` gives the answer and the versions it shows; ``key`` is a key
+        the query is about, whose listing is compared with the catalog.
+        """
+        rebuilt = False
+        for _ in range(_ROUNDS):
+            state = self._state()
+            found = None if state is None else answer(state)
+            if state is None or found is None:
+                return None
+            wrong = trust.spot_check(self, state, found[1], key)
+            if not wrong:
+                return found[0]
+            fresh = self._state()  # a change committed since the query started?
+            if fresh is None:
+                return None
+            wrong = trust.still_wrong(self, fresh, wrong)
+            if not wrong:
+                continue  # it was: ask the fresh catalog again
+            warnings.warn(
+                CatalogMismatchWarning(
+                    f"the catalog of versions disagrees with the refs "
+                    f"({', '.join(map(str, wrong[:5]))}): it is rebuilt from them"
+                ),
+                stacklevel=4,
+            )
+            if rebuilt or not self._rebuild():
+                return None
+            rebuilt = True
+        return None
+
+    def _rebuild(self) -> bool:
+        try:
+            self.index().compact(full=True)
+        except CasError:
+            return False  # a store that cannot be written: the refs answer
+        return True
+
     def log(self, key: str) -> list[Version]:
         """Live versions of ``key``, newest first."""
         layout.check_key(key)
-        state = self._state()
-        chosen = (
-            []
-            if state is None
-            else sorted((n for n in state.versions if n[0] == key), reverse=True)
-        )
-        out = None if state is None else self._tagged(state, chosen)
+
+        def answer(state: State) -> tuple[list[Version], list[Version]] | None:
+            chosen = sorted((n for n in state.numbers(key)), reverse=True)
+            found = self._tagged(state, [(key, n) for n in chosen])
+            return None if found is None else (found, found)
+
+        out = self._checked(answer, key)
         if out is None:
             out = [v for v in self.from_refs(key) if v.key == key]
         if not out:
@@ -129,17 +181,24 @@ class Catalog:
 
     def keys(self, prefix: str = "") -> list[KeySummary]:
         """Keys under ``prefix`` that have live versions, with their latest version."""
-        state = self._state()
-        counts: dict[str, int] = {}
-        latest: dict[str, int] = {}
-        for key, number in () if state is None else state.versions:
-            if key.startswith(prefix):
-                counts[key] = counts.get(key, 0) + 1
-                latest[key] = max(latest.get(key, 0), number)
-        names = sorted(counts)
-        found = None if state is None else self._tagged(state, [(k, latest[k]) for k in names])
-        if found is not None:
-            return [KeySummary(k, counts[k], v) for k, v in zip(names, found, strict=True)]
+
+        def answer(state: State) -> tuple[list[KeySummary], list[Version]] | None:
+            counts: dict[str, int] = {}
+            latest: dict[str, int] = {}
+            for key, number in state.versions:
+                if key.startswith(prefix):
+                    counts[key] = counts.get(key, 0) + 1
+                    latest[key] = max(latest.get(key, 0), number)
+            names = sorted(counts)
+            found = self._tagged(state, [(k, latest[k]) for k in names])
+            if found is None:
+                return None
+            summaries = [KeySummary(k, counts[k], v) for k, v in zip(names, found, strict=True)]
+            return summaries, found
+
+        checked = self._checked(answer)
+        if checked is not None:
+            return checked
         out: dict[str, KeySummary] = {}
         for version in self.from_refs(prefix):  # by key, newest first: the first is the latest
             if version.key.startswith(prefix):
@@ -150,19 +209,30 @@ class Catalog:
                 )
         return [out[key] for key in sorted(out)]
 
-    def everything(self, prefix: str = "") -> list[Version]:
-        """Every live version under ``prefix``, with current tags; by key, then newest first."""
-        state = self._state()
-        if state is not None:
+    def everything(self, prefix: str = "", select: Select | None = None) -> list[Version]:
+        """Every live version under ``prefix``, with current tags; by key, then newest first.
+
+        ``select`` narrows that answer (a query's filter, sort and limit) before
+        it is checked against the refs: the versions it keeps are those checked.
+        """
+        pick: Select = select if select is not None else list
+
+        def answer(state: State) -> tuple[list[Version], list[Version]] | None:
             chosen = [
                 named
                 for named in state.ordered()
                 if named[0].startswith(prefix) or (named[0] + "/").startswith(prefix)
             ]
             found = self._tagged(state, chosen)
-            if found is not None:
-                return found
-        return self.from_refs(prefix)
+            if found is None:
+                return None
+            picked = pick(found)
+            return picked, picked
+
+        # A query about one key (its latest, its best) probes that key's listing.
+        key = prefix.rstrip("/")
+        checked = self._checked(answer, key if _is_key(key) else None)
+        return checked if checked is not None else pick(self.from_refs(prefix))
 
     def from_refs(self, prefix: str = "") -> list[Version]:
         """:meth:`everything`, read from the refs alone (the catalog's own source).
@@ -187,6 +257,14 @@ class Catalog:
             if ref is not None:  # else deleted, or removed since the listing
                 out.append(Version.of(ref, self.summary(ref), tags.get(number, ())))
         return out
+
+
+def _is_key(text: str) -> bool:
+    try:
+        layout.check_key(text)
+    except CasError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -459,14 +459,22 @@ class Store(StoreMaintenance):
         """Keys under ``prefix`` that have live versions, with their latest version."""
         return self._catalog().keys(prefix)
 
-    def catalog(self, prefix: str = "") -> list[Version]:
+    def catalog(
+        self,
+        prefix: str = "",
+        *,
+        select: Callable[[list[Version]], list[Version]] | None = None,
+    ) -> list[Version]:
         """Every live version of every key under ``prefix``, with its current tags.
 
-        By key, then newest first. Read from the version refs alone (each
-        carries a summary of its manifest), in parallel: no manifest is read
-        except for refs written without a summary.
+        By key, then newest first. Read from the catalog kept in the store,
+        and the refs changed since it was compacted; some of the versions
+        returned are read again from their refs to check it (all of them
+        when they are few: docs/format.md, "What cas checks"). ``select``
+        narrows the answer (a query's filter, sort and limit) before that
+        check, so that the versions checked are those returned.
         """
-        return self._catalog().everything(prefix)
+        return self._catalog().everything(prefix, select)
 
     def _catalog(self) -> Catalog:
         return Catalog(self.refs, self.load_manifest, self.workers)

@@ -108,15 +108,31 @@ class State:
 
     versions: dict[tuple[str, int], Raw | Version] = field(default_factory=dict)
     tags: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Tags read from their refs in this state (the others come from a checkpoint);
+    #: versions read from their refs are those not held as a :class:`Raw` row.
+    tags_read: set[tuple[str, str]] = field(default_factory=set)
+    #: Rows and tags of the checkpoint found equal to their refs by a query's spot
+    #: checks (:mod:`._catalog_trust`): shared by the copies of a checkpoint's state.
+    confirmed: set[tuple[str, int | str]] = field(default_factory=set)
     # Worked out once per state: a process asks the same state many questions.
     _order: list[tuple[str, int]] | None = field(default=None, init=False, repr=False)
     _tagged: dict[tuple[str, int], list[str]] | None = field(default=None, init=False, repr=False)
+    _by_key: dict[str, list[int]] | None = field(default=None, init=False, repr=False)
 
     def copy(self) -> State:
-        return State(dict(self.versions), dict(self.tags))
+        return State(dict(self.versions), dict(self.tags), set(self.tags_read), self.confirmed)
 
     def changed(self) -> None:
-        self._order = self._tagged = None
+        self._order = self._tagged = self._by_key = None
+
+    def numbers(self, key: str) -> list[int]:
+        """The live version numbers of ``key``."""
+        if self._by_key is None:
+            by_key: dict[str, list[int]] = {}
+            for name, number in self.versions:
+                by_key.setdefault(name, []).append(number)
+            self._by_key = by_key
+        return self._by_key.get(key, [])
 
     def tags_by_version(self) -> dict[tuple[str, int], list[str]]:
         if self._tagged is None:
@@ -247,6 +263,7 @@ class Index:
                     state.versions[(note.key, note.version)] = result
             elif note.tag is not None:
                 state.tags.pop((note.key, note.tag), None)
+                state.tags_read.add((note.key, note.tag))
                 if isinstance(result, int):
                     state.tags[(note.key, note.tag)] = result
 
@@ -279,6 +296,7 @@ class Index:
                 state = self._load(head.checkpoint)
             except (NotFoundError, CatalogDamaged):
                 state = None
+        scanned = state is None
         if state is None:
             state = self.scan()
         else:
@@ -296,6 +314,9 @@ class Index:
                 self.backend.put(HEAD, new_head.to_bytes(), if_match=token)
         except (AlreadyExistsError, PreconditionFailedError):
             return False
+        if scanned:  # every row just read from its ref: what the checkpoint holds, believed
+            _DECODED.clear()
+            _DECODED[(self.backend.uri, digest)] = state
         self.backend.delete([n.name for n in settled])
         self._remove_old_checkpoints(digest, now)
         return True
@@ -361,6 +382,7 @@ def state_of(versions: Iterable[Version]) -> State:
         state.versions[(version.key, version.number)] = dataclasses.replace(version, tags=())
         for tag in version.tags:
             state.tags[(version.key, tag)] = version.number
+    state.tags_read.update(state.tags)
     return state
 
 
