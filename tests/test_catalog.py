@@ -237,20 +237,28 @@ def read_whole(blob: bytes) -> None:
 
 def parquet_with(column: str, value: Any) -> bytes:
     """A catalog file of one row whose ``column`` holds ``value``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    return parquet_of([good_row(1, **{column: value})])
 
+
+def good_row(number: int, **changes: Any) -> dict[str, Any]:
     row = {
         "key": "runs/x",
-        "version": 1,
+        "version": number,
         "manifest": Digest.of(b"x").hex,
         "created": "2026-01-01T00:00:00Z",
         "summary": json.dumps(Summary("file", 1, 1).to_dict()),
         "tags": [],
     }
-    row[column] = value
-    schema_meta = {b"cas.catalog": json.dumps({"format": 1, "rows": 1}).encode()}
-    frame = pa.Table.from_pylist([row]).replace_schema_metadata(schema_meta)
+    row.update(changes)
+    return row
+
+
+def parquet_of(rows: list[dict[str, Any]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema_meta = {b"cas.catalog": json.dumps({"format": 1, "rows": len(rows)}).encode()}
+    frame = pa.Table.from_pylist(rows).replace_schema_metadata(schema_meta)
     sink = io.BytesIO()
     pq.write_table(frame, sink)
     return sink.getvalue()
@@ -400,23 +408,27 @@ def test_the_catalog_command_without_pyarrow(
 
 
 def test_a_bad_summary_after_good_ones_names_the_file() -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     good = json.dumps(Summary("file", 1, 1, metrics={"loss": 1}, metadata={"a": 1}).to_dict())
-    rows: list[dict[str, Any]] = [
-        {
-            "key": "runs/x",
-            "version": n,
-            "manifest": Digest.of(b"x").hex,
-            "created": "2026-01-01T00:00:00Z",
-            "summary": good if n < 3 else good.replace('"loss": 1', '"loss": true'),
-            "tags": [],
-        }
-        for n in (1, 2, 3)
-    ]
-    schema_meta = {b"cas.catalog": json.dumps({"format": 1, "rows": 3}).encode()}
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows).replace_schema_metadata(schema_meta), sink)
+    bad = good.replace('"loss": 1', '"loss": true')
+    rows = [good_row(n, summary=good if n < 3 else bad) for n in (1, 2, 3)]
     with pytest.raises(table.CatalogDamaged, match=r"^catalog: runs/x@3: bad summary"):
-        read_whole(sink.getvalue())
+        read_whole(parquet_of(rows))
+
+
+@pytest.mark.parametrize(
+    ("rows", "wrong"),
+    [
+        ([good_row(1), good_row(2), good_row(1)], r"row 2 .*version 1"),
+        ([good_row(1, tags=["best"]), good_row(2, tags=["best"])], r"row 1 .*on two versions"),
+        ([good_row(1), good_row(2, key="runs/../x")], r"row 1 "),
+        ([good_row(1), good_row(2, manifest="A" * 64)], r"row 1 .*manifest"),
+        ([good_row(1), good_row(2, tags=["ok", "no/slash"])], r"row 1 "),
+    ],
+)
+def test_rows_are_checked_whole_whatever_the_file_holds(
+    rows: list[dict[str, Any]], wrong: str
+) -> None:
+    with pytest.raises(table.CatalogDamaged, match=wrong):
+        table.decode(parquet_of(rows), name="forged")
+    raws, _ = table.decode(parquet_of(rows[:1]), name="forged")  # the first alone is fine
+    assert [(r.key, r.number) for r in raws] == [("runs/x", 1)]

@@ -168,7 +168,7 @@ class Catalog:
         layout.check_key(key)
 
         def answer(state: State) -> tuple[list[Version], list[Version]] | None:
-            chosen = sorted((n for n in state.numbers(key)), reverse=True)
+            chosen = sorted(state.numbers(key), reverse=True)
             found = self._tagged(state, [(key, n) for n in chosen])
             return None if found is None else (found, found)
 

@@ -245,6 +245,42 @@ _MANIFEST = re.compile(r"[0-9a-f]{64}")
 
 
 def _rows(data: Mapping[str, list[Any]], name: str) -> tuple[list[Raw], dict[tuple[str, str], int]]:
+    """Every row checked: by column when all is well, else row by row to name the first
+    that fails (the same checks; :func:`_each_row`)."""
+    keys, numbers, manifests, created, summaries, tag_lists = (data[c] for c in _READ)
+    tags: dict[tuple[str, str], int] = {}
+    try:
+        well_formed = (
+            _types(numbers) == {int}
+            and _types(manifests) | _types(created) | _types(summaries) == {str}
+            and _types(tag_lists) == {list}
+            and min(numbers) >= 1
+            and len(set(zip(keys, numbers, strict=True))) == len(keys)
+            and all(map(_MANIFEST.fullmatch, manifests))
+        )
+        if well_formed:  # empty columns are not: row by row costs nothing then
+            for key in set(keys):
+                layout.check_key(key)
+            for index in [i for i, listed in enumerate(tag_lists) if listed]:
+                key, number = keys[index], numbers[index]
+                for tag in tag_lists[index]:
+                    layout.check_tag(tag)
+                    if tags.setdefault((key, tag), number) != number:
+                        well_formed = False
+    except (CasError, TypeError, ValueError, AttributeError):
+        well_formed = False
+    if not well_formed:
+        return _each_row(data, name)
+    return list(map(Raw, keys, numbers, manifests, created, summaries)), tags
+
+
+def _types(column: list[Any]) -> set[type]:
+    return set(map(type, column))
+
+
+def _each_row(
+    data: Mapping[str, list[Any]], name: str
+) -> tuple[list[Raw], dict[tuple[str, str], int]]:
     raws: list[Raw] = []
     tags: dict[tuple[str, str], int] = {}
     seen: set[tuple[str, int]] = set()
