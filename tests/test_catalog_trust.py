@@ -232,3 +232,22 @@ def test_on_a_store_that_cannot_be_written_the_refs_answer(tmp_path: Path) -> No
     with pytest.warns(CatalogMismatchWarning):  # every time: it cannot be rebuilt
         best = find(reader, Query(sort="loss", limit=1))
     assert [(v.key, v.number) for v in best] == [("runs/r1", 8 // 2)]
+
+
+def test_a_key_listed_beyond_one_page_is_compared_as_far_as_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(Store.open(tmp_path / "store").backend, tmp_path)
+    monkeypatch.setattr(trust, "_LISTING_PAGE", 2)  # runs/r1 has 4 versions: two pages
+    expected = seen(store.log("runs/r1"))
+    forge(store, lambda versions, tags: versions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CatalogMismatchWarning)
+        assert seen(store.log("runs/r1")) == expected  # versions 3 and 4: not listed, not wrong
+
+    def drop_first(versions: list[Version], tags: Any) -> list[Version]:
+        return [v for v in versions if (v.key, v.number) != ("runs/r1", 1)]
+
+    forge(store, drop_first)
+    with pytest.warns(CatalogMismatchWarning, match="runs/r1@1"):
+        assert seen(store.log("runs/r1")) == expected

@@ -8,11 +8,12 @@ budget of :data:`SPOT_REQUESTS` requests:
 * the refs of the versions it returns, and of their tags: all of them when
   they fit in the budget, else a random sample (drawn from the operating
   system's randomness, so a forger cannot know which rows are read);
-* one listing of the refs of one key (the key asked about, else one of the
-  answer drawn at random), compared with the catalog's versions and tags of
-  that key: a number listed that the catalog does not show as live, or a tag
-  it does not show, is read too (within the budget); a live version the
-  catalog shows that is not listed is wrong outright.
+* the listings of the version refs and the tags of one key (the key asked
+  about, else one of the answer drawn at random; their first page each),
+  compared with the catalog's versions and tags of that key: a number
+  listed that the catalog does not show as live, or a tag it does not show,
+  is read too (a few, within the budget); a live version the catalog shows
+  that is not listed is wrong outright.
 
 Only rows that came from the checkpoint are checked: what this query read
 from the refs (the changes since the last compaction) is the truth already,
@@ -26,6 +27,7 @@ caller rebuilds it. What this guarantees is written in docs/format.md
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import CasError, CorruptObjectError, RefNotFoundError
+from ..repository import _layout as layout
 from ..repository._metadata import Summary
 from ._catalog_table import Raw
 from ._values import Version
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 SPOT_REQUESTS = 15
 #: Of them, at most this many read what a key's listing shows the catalog lacks.
 _PROBE_READS = 4
+#: Objects a listing returns in one request (S3, GCS, Azure: 1,000 at most; more on
+#: a local disk, where it is one directory read).
 _LISTING_PAGE = 1000
 _RANDOM = random.SystemRandom()
 T = TypeVar("T")
@@ -79,9 +84,8 @@ def spot_check(
     budget = SPOT_REQUESTS
     probed: list[Claim] = []
     if key is not None:
-        listed, pages = _listing(catalog, key)
-        budget -= pages
-        probed = _probe(state, key, *listed)
+        budget -= 2  # the listings
+        probed = _probe(state, key, *_listing(catalog, key))
     reads = probed[:_PROBE_READS]  # outright wrong first, then a random few
     reads += _claims_of(state, answer, budget - len(reads))
     reads = list(dict.fromkeys(reads))  # a claim of the answer may also be one of the probe
@@ -98,23 +102,31 @@ def still_wrong(catalog: Catalog, fresh: State, claims: Iterable[Claim]) -> list
     return [claim for claim, good in zip(claims, agreed, strict=True) if not good]
 
 
-def _listing(catalog: Catalog, key: str) -> tuple[tuple[list[int], list[str]], int]:
-    """The version numbers and tag names one listing finds under ``key``; requests made."""
-    objects = 0
-    numbers: list[int] = []
-    tags: list[str] = []
-    for listed in catalog.refs.scan(key + "/"):
-        objects += len(listed.numbers) + len(listed.tags)
-        if listed.key == key:
-            numbers, tags = listed.numbers, listed.tags
-    return (numbers, tags), 1 + objects // _LISTING_PAGE
+def _listing(catalog: Catalog, key: str) -> tuple[list[int], list[str], bool]:
+    """The version numbers and tag names the first page of each listing of ``key``'s refs
+    shows (two requests), and whether the numbers went on beyond that page."""
+    backend = catalog.refs.backend
+    numbers = []
+    listed = backend.list_objects(layout.versions_prefix(key))
+    for info in itertools.islice(listed, _LISTING_PAGE):
+        name = info.key.rpartition("/")[2]
+        if name.isascii() and name.isdigit():
+            numbers.append(int(name))
+    tags = [
+        info.key.rpartition("/")[2]
+        for info in itertools.islice(backend.list_objects(layout.tags_prefix(key)), _LISTING_PAGE)
+    ]
+    return numbers, tags, len(numbers) == _LISTING_PAGE
 
 
-def _probe(state: State, key: str, numbers: list[int], tags: list[str]) -> list[Claim]:
-    """What the listing of ``key`` says the catalog may have wrong, unread yet."""
+def _probe(state: State, key: str, numbers: list[int], tags: list[str], more: bool) -> list[Claim]:
+    """What the listing of ``key`` says the catalog may have wrong, unread yet (``more``:
+    numbers were listed up to the largest in ``numbers`` only)."""
     live = set(state.numbers(key))
-    listed = set(numbers)
     shown = {tag for (k, tag), n in state.tags.items() if k == key and n in live}
+    if more:  # a version beyond the page: said nothing about
+        live = {n for n in live if n <= max(numbers)}
+    listed = set(numbers)
     # Rows with no ref at all, and tags shown that do not exist, are wrong outright:
     # refs are never removed (a deleted version keeps a tombstone). They come first.
     outright = [Claim(key, n) for n in sorted(live - listed)]
