@@ -11,12 +11,14 @@ and rebuild the catalog; on the local store and on the S3 test server.
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ok, run_cas
 
 from cas.backends import Backend
 from cas.digest import Digest
@@ -251,3 +253,14 @@ def test_a_key_listed_beyond_one_page_is_compared_as_far_as_listed(
     forge(store, drop_first)
     with pytest.warns(CatalogMismatchWarning, match="runs/r1@1"):
         assert seen(store.log("runs/r1")) == expected
+
+
+def test_the_cli_reports_a_forged_catalog_and_answers_from_the_refs(tmp_path: Path) -> None:
+    store = make_store(Store.open(tmp_path / "store").backend, tmp_path)
+    forge(store, add_fake)
+    done = ok(run_cas("log", "runs/r1", "--json", store=tmp_path / "store"))
+    assert "cas: warning: the catalog of versions disagrees with the refs" in done.stderr
+    assert "runs/r1@9" in done.stderr
+    assert [v["version"] for v in json.loads(done.stdout)] == [4, 3, 2, 1]
+    again = ok(run_cas("log", "runs/r1", store=tmp_path / "store"))  # rebuilt: no warning
+    assert "warning" not in again.stderr

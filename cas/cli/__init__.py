@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 from .. import __version__
-from ..errors import CasError
+from ..errors import CasError, CasWarning
 from ..store import DEFAULT_STORE
 from . import _cache_commands as cache_commands
 from . import _catalog_commands as catalog_commands
@@ -131,7 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, None if name == "store" else False)
     try:
-        return int(args.handler(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.handler(args))
     except CasError as err:
         print(f"cas: error: {err.worded(CLI_WORDS)}", file=sys.stderr)
         return err.exit_code
@@ -145,6 +148,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"cas: error: {err}", file=sys.stderr)
         return 1
+
+
+_show_default = warnings.showwarning
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """cas's own warnings as ``cas: warning: ...`` on stderr; others as Python shows them."""
+    if issubclass(category, CasWarning):
+        print(f"cas: warning: {message}", file=sys.stderr)
+    else:
+        _show_default(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":
