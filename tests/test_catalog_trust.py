@@ -22,7 +22,7 @@ from helpers import ok, run_cas
 
 from cas.backends import Backend
 from cas.digest import Digest
-from cas.errors import CatalogMismatchWarning
+from cas.errors import BackendError, CatalogMismatchWarning
 from cas.ml.query import Query, find
 from cas.repository import _changes
 from cas.store import Store, Version, _index
@@ -264,3 +264,18 @@ def test_the_cli_reports_a_forged_catalog_and_answers_from_the_refs(tmp_path: Pa
     assert [v["version"] for v in json.loads(done.stdout)] == [4, 3, 2, 1]
     again = ok(run_cas("log", "runs/r1", store=tmp_path / "store"))  # rebuilt: no warning
     assert "warning" not in again.stderr
+
+
+def test_a_ref_that_cannot_be_read_for_now_fails_the_query_not_the_catalog(
+    tmp_path: Path,
+) -> None:
+    store = make_store(Store.open(tmp_path / "store").backend, tmp_path)
+    forge(store, lambda versions, tags: versions)  # the truth, as a new process reads it
+    generation = store.catalog_status().generation
+    flaky = FaultyBackend(store.backend, fail_on={"get"}, prefix="refs/", transient=True)
+    reader = Store(flaky, store.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CatalogMismatchWarning)
+        with pytest.raises(BackendError, match="injected fault"):
+            reader.log("runs/r1")
+    assert store.catalog_status().generation == generation  # not taken for a forgery

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import CasError, CorruptObjectError, RefNotFoundError
+from ..errors import BackendError, CasError, CorruptObjectError, RefNotFoundError
 from ..repository import _layout as layout
 from ..repository._metadata import Summary
 from ._catalog_table import Raw
@@ -181,6 +181,10 @@ def _read_all(catalog: Catalog, state: State, claims: Sequence[Claim]) -> list[b
     def agrees(claim: Claim) -> bool:
         try:
             return _agrees(catalog, state, claim)
+        except BackendError as err:
+            if err.is_transient:
+                raise  # retried already: the query fails, as it would reading the refs
+            return False
         except CasError:
             return False  # a ref or a row that cannot be read: not confirmed
 
