@@ -279,3 +279,12 @@ def test_a_ref_that_cannot_be_read_for_now_fails_the_query_not_the_catalog(
         with pytest.raises(BackendError, match="injected fault"):
             reader.log("runs/r1")
     assert store.catalog_status().generation == generation  # not taken for a forgery
+
+
+def test_stats_check_the_catalog_they_count_from(tmp_path: Path) -> None:
+    store = make_store(Store.open(tmp_path / "store").backend, tmp_path)
+    expected = store.stats()
+    forge(store, add_fake)  # one more version, of a manifest that exists: it would count
+    with pytest.warns(CatalogMismatchWarning):
+        assert store.stats() == expected
+    assert expected.versions == 8

@@ -33,7 +33,7 @@ from ..repository._manifest import Manifest
 from ..repository._metadata import Summary
 from ..repository._refs import Refs, VersionRef
 from . import _catalog_trust as trust
-from ._catalog_table import CatalogDamaged, CatalogUnavailable, bulk
+from ._catalog_table import CatalogDamaged, CatalogUnavailable, Raw, bulk
 from ._index import Index, State, state_of
 from ._values import KeySummary, Version
 
@@ -130,8 +130,9 @@ class Catalog:
         the query is about, whose listing is compared with the catalog.
         """
         rebuilt = False
-        for _ in range(_ROUNDS):
-            state = self._state()
+        fresh: State | None = None
+        for round_ in range(_ROUNDS):
+            state = fresh if fresh is not None else self._state()
             found = None if state is None else answer(state)
             if state is None or found is None:
                 return None
@@ -142,8 +143,14 @@ class Catalog:
             if fresh is None:
                 return None
             wrong = trust.still_wrong(self, fresh, wrong)
+            if not wrong and round_ == _ROUNDS - 1:
+                # Changes kept landing on what was checked: the fresh snapshot holds them
+                # as its refs say, and the rest was checked in the rounds before.
+                found = answer(fresh)
+                return None if found is None else found[0]
             if not wrong:
                 continue  # it was: ask the fresh catalog again
+            fresh = None
             warnings.warn(
                 CatalogMismatchWarning(
                     f"the catalog of versions disagrees with the refs "
@@ -233,6 +240,24 @@ class Catalog:
         key = prefix.rstrip("/")
         checked = self._checked(answer, key if _is_key(key) else None)
         return checked if checked is not None else pick(self.from_refs(prefix))
+
+    def manifests(self) -> list[tuple[str, Digest]] | None:
+        """Every live version's key and manifest id from the catalog (spot-checked on a
+        sample of versions drawn at random); None when the refs must be read instead."""
+
+        def answer(state: State) -> tuple[list[tuple[str, Digest]], list[Version]] | None:
+            names = list(state.versions)
+            sample = trust.draw(names, 2 * trust.SPOT_REQUESTS)
+            shown = self._tagged(state, sample)
+            if shown is None:
+                return None
+            rows = [
+                (key, Digest.parse(row.manifest if isinstance(row, Raw) else row.manifest_id))
+                for (key, _), row in state.versions.items()
+            ]
+            return rows, shown
+
+        return self._checked(answer)
 
     def from_refs(self, prefix: str = "") -> list[Version]:
         """:meth:`everything`, read from the refs alone (the catalog's own source).

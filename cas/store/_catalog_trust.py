@@ -170,6 +170,11 @@ def _claims_of(state: State, answer: Sequence[Version], budget: int) -> list[Cla
     return chosen
 
 
+def draw(items: Sequence[T], most: int) -> list[T]:
+    """Up to ``most`` of ``items`` drawn at random (all of them, shuffled, if fewer)."""
+    return _sample(items, min(len(items), most))
+
+
 def _sample(items: Sequence[T], count: int) -> list[T]:
     """``count`` of ``items`` drawn at random, in random order."""
     return _RANDOM.sample(items, count)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..repository._refs import Refs, VersionRef
     from ..tensors._encoding import TensorCodec
     from ._config import StoreConfig
-    from ._index import CatalogStatus, State
+    from ._index import CatalogStatus
     from ._stats import Summaries
 
 ProgressFn = Callable[[int], None]
@@ -128,21 +128,9 @@ class StoreMaintenance:
 
     def _live_from_catalog(self) -> list[tuple[str, Digest]] | None:
         """Every live version's key and manifest id, as the catalog answers a query (a few
-        requests, not one per version); None where it cannot answer (no pyarrow, ...)."""
-        from ._catalog_table import Raw
-
-        answered: list[State] = []  # stays empty where catalog_optional swallowed the error
-        with catalog_optional():  # a damaged catalog is rebuilt by the query, or refused
-            answered.append(self._catalog().index().snapshot())
-        return (
-            [
-                (key, Digest.parse(row.manifest if isinstance(row, Raw) else row.manifest_id))
-                for state in answered
-                for (key, _), row in state.versions.items()
-            ]
-            if answered
-            else None
-        )
+        requests, not one per version, spot-checked as a query's are); None where it
+        cannot answer (no pyarrow, ...)."""
+        return self._catalog().manifests()
 
     def chunk_sizes(self) -> dict[str, int]:
         """The stored (compressed or delta-coded) size of every chunk object, by hex digest.
