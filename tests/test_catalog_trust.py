@@ -288,3 +288,19 @@ def test_stats_check_the_catalog_they_count_from(tmp_path: Path) -> None:
     with pytest.warns(CatalogMismatchWarning):
         assert store.stats() == expected
     assert expected.versions == 8
+
+
+def leave_out_everything(versions: list[Version], tags: dict[Any, list[str]]) -> list[Version]:
+    tags.clear()
+    return []
+
+
+@pytest.mark.parametrize("ask", [lambda s: s.catalog(), lambda s: find(s, Query(tags=("nope",)))])
+def test_an_empty_answer_is_checked_too(
+    tmp_path: Path, ask: Callable[[Store], list[Version]]
+) -> None:
+    store = make_store(Store.open(tmp_path / "store").backend, tmp_path)
+    expected = seen(ask(store))
+    forge(store, leave_out_everything)
+    with pytest.warns(CatalogMismatchWarning):
+        assert seen(ask(store)) == expected

@@ -79,9 +79,13 @@ def spot_check(
 ) -> list[Claim]:
     """The claims behind ``answer`` (and about ``key``, or a key of the answer) that the
     refs contradict; empty when every one checked agreed (they are then confirmed)."""
+    budget = SPOT_REQUESTS
     if key is None and answer:
         key = _RANDOM.choice(answer).key
-    budget = SPOT_REQUESTS
+    elif key is None:  # an empty answer says nothing: a key of the catalog, or of refs/
+        keys = list({name for name, _ in state.versions})
+        key = _RANDOM.choice(keys) if keys else _first_key(catalog)
+        budget -= 0 if keys else 1
     probed: list[Claim] = []
     if key is not None:
         budget -= 2  # the listings
@@ -100,6 +104,15 @@ def still_wrong(catalog: Catalog, fresh: State, claims: Iterable[Claim]) -> list
     claims = list(claims)
     agreed = _read_all(catalog, fresh, claims)
     return [claim for claim, good in zip(claims, agreed, strict=True) if not good]
+
+
+def _first_key(catalog: Catalog) -> str | None:
+    """The first key that has a version ref, from the first page of a listing of refs/."""
+    for info in itertools.islice(catalog.refs.backend.list_objects(layout.REFS), _LISTING_PAGE):
+        parsed = layout.parse_ref_key(info.key)
+        if parsed is not None and parsed.version is not None:
+            return parsed.key
+    return None
 
 
 def _listing(catalog: Catalog, key: str) -> tuple[list[int], list[str], bool]:
