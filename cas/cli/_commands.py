@@ -24,12 +24,12 @@ from ..units import counted, format_size, parse_size
 from ._common import (
     AddCommand,
     emit,
+    emit_versions,
     open_store,
     parse_metadata,
     parse_metrics,
     progress,
     tree_size,
-    version_line,
     warnings_noted,
 )
 from ._workflow_commands import add_artifact_arguments, artifact_from_args
@@ -129,7 +129,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_log(args: argparse.Namespace) -> int:
     versions = open_store(args, create=False).log(args.key)
-    emit(args, [v.to_dict() for v in versions], "\n".join(version_line(v) for v in versions))
+    emit_versions(args, versions)
     return 0
 
 

@@ -118,6 +118,15 @@ def tree_size(path: str) -> int:
     return total
 
 
+def emit_versions(args: argparse.Namespace, versions: Sequence[Version]) -> None:
+    """Print versions as JSON or as lines; only the form asked for is built, since
+    a store-wide ``find`` may list 100,000 versions."""
+    if args.json:
+        emit(args, [v.to_dict() for v in versions], "")
+    else:
+        emit(args, None, "\n".join(version_line(v) for v in versions))
+
+
 def version_line(v: Version) -> str:
     extras = []
     if v.artifact.get("type"):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidInputError
 from ..store import ARTIFACT_TYPES, ArtifactInfo
 from ..units import counted, format_size
-from ._common import AddCommand, emit, open_store, pairs, repack_lines, version_line
+from ._common import AddCommand, emit, emit_versions, open_store, pairs, repack_lines
 
 if TYPE_CHECKING:
     from ..ml.diff import DiffReport
@@ -116,7 +116,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         latest_only=args.latest,
     )
     hits = find(store, query)
-    emit(args, [v.to_dict() for v in hits], "\n".join(version_line(v) for v in hits))
+    emit_versions(args, hits)
     return 0
 
 

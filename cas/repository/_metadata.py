@@ -372,6 +372,9 @@ _summary_values = operator.attrgetter(*_SUMMARY_FIELDS)
 
 def _plain(value: Any) -> Any:
     """A field value in JSON types: tuples as lists, mappings as dicts."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float:
+        return value  # most fields: spared the abstract-class check below
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, Mapping):
