@@ -258,3 +258,33 @@ def test_fp32_low_streams_hold_byte_1_then_byte_0() -> None:
     streams = floatcodec._streams(memoryview(data), 4, Layout.FP32)
     assert [bytes(s) for s in streams[2:]] == [data[1::4], data[0::4]]
     assert bytes(floatcodec._merge(streams, 4, Layout.FP32)) == data
+
+
+@pytest.mark.parametrize("itemsize", [1, 2, 4, 8])
+@pytest.mark.parametrize("method", [codec.Codec.DIFFERENCE, codec.Codec.DELTA])
+@pytest.mark.parametrize("spread", [3, 300, 1 << 40])
+def test_a_delta_applied_in_place_gives_what_decoding_gives(
+    itemsize: int, method: codec.Codec, spread: int
+) -> None:
+    # Small and large differences alike (high bytes zero, and not), either sign.
+    rng = np.random.default_rng(itemsize * 7 + spread % 97)
+    words = floatcodec._WORDS[itemsize]
+    base = rng.integers(0, 256, 4000 * itemsize, dtype=np.uint8).tobytes()
+    step = (rng.standard_normal(4000) * spread).astype(np.int64).astype(np.uint64)
+    new = (np.frombuffer(base, words).astype(np.uint64) + step).astype(words).tobytes()
+    blob = codec.encode_delta(new, base, hash_bytes(base), itemsize, method)
+    out = bytearray(base)
+    codec.apply_delta(blob, memoryview(out))
+    assert bytes(out) == new == bytes(codec.decode(blob, base=base))
+
+
+def test_a_damaged_delta_applied_in_place_is_refused() -> None:
+    base = np.arange(1000, dtype="<u2").tobytes()
+    new = (np.arange(1000, dtype="<u2") + 3).tobytes()
+    blob = codec.encode_delta(new, base, hash_bytes(base), 2, codec.Codec.DIFFERENCE)
+    with pytest.raises(CorruptObjectError):
+        codec.apply_delta(blob[:-5], memoryview(bytearray(base)))
+    with pytest.raises(CorruptObjectError, match="not a delta"):
+        codec.apply_delta(codec.encode(new), memoryview(bytearray(base)))
+    with pytest.raises(CorruptObjectError, match="manifest"):
+        codec.apply_delta(blob, memoryview(bytearray(base[:-2])))

@@ -22,7 +22,7 @@ from enum import IntEnum
 
 import zstandard
 
-from .._zstd import decompress_bounded, zstd_compressor
+from .._zstd import decompress_bounded, decompress_into, zstd_compressor
 from ..errors import CorruptObjectError, InvalidInputError, MismatchedObjectError
 from . import _floatcodec as floatcodec
 from . import _scaled as scaled
@@ -252,3 +252,64 @@ def raw_length(blob: bytes) -> int:
     if len(blob) < HEADER.size or blob[:3] != MAGIC:
         raise CorruptObjectError("not a cas chunk header")
     return int(HEADER.unpack_from(blob)[2])
+
+
+def _header_for(blob: bytes, out: memoryview, name: str) -> tuple[int, memoryview]:
+    """(codec id, payload) of a chunk object about to be decoded into ``out``, checked."""
+    if len(blob) < HEADER.size:
+        raise CorruptObjectError(f"{name}: truncated ({len(blob)} bytes, header is {HEADER.size})")
+    magic, codec, raw_length = HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptObjectError(f"{name}: not a cas chunk (bad magic {magic!r})")
+    if raw_length != len(out):
+        raise MismatchedObjectError(
+            f"{name}: its header says {raw_length} bytes, the manifest {len(out)}"
+        )
+    return codec, memoryview(blob)[HEADER.size :]
+
+
+def decode_into(blob: bytes, out: memoryview, name: str = "chunk") -> bool:
+    """Decode ``blob`` into ``out`` (its raw length); False, with nothing done, for a
+    delta (which needs its base: :func:`apply_delta`) or a codec this function does
+    not know (which :func:`decode` judges). What ``out`` holds is unverified."""
+    codec, payload = _header_for(blob, out, name)
+    if codec == Codec.RAW:
+        if len(payload) != len(out):
+            raise CorruptObjectError(
+                f"{name}: decoded to {len(payload)} bytes, header promises {len(out)}"
+            )
+        out[:] = payload
+    elif codec == Codec.ZSTD:
+        try:
+            decompress_into(payload, out)
+        except zstandard.ZstdError as err:
+            raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
+    elif codec == Codec.GROUPED:
+        floatcodec.decode_into(payload, out, name=name)
+    else:
+        return False
+    return True
+
+
+def apply_delta(blob: bytes, out: memoryview, name: str = "chunk") -> None:
+    """Rebuild a delta chunk in place: ``out`` holds its base's raw bytes, and then its own.
+
+    The caller has checked that ``blob`` names that base (:func:`delta_base`);
+    what ``out`` then holds is unverified: the caller hashes it.
+    """
+    codec, payload = _header_for(blob, out, name)
+    if codec not in DELTA_CODECS:
+        raise CorruptObjectError(f"{name}: codec {codec} is not a delta")
+    if len(payload) < BASE.size:
+        raise CorruptObjectError("delta chunk header is truncated")
+    if codec == Codec.SCALED:
+        # Base times a factor, then the difference: not a pass over ``out`` in
+        # place, so decoded beside it (the whole result is built before the copy).
+        out[:] = _undo_delta(codec, payload[BASE.size :], len(out), out, name)
+        return
+    try:
+        floatcodec.apply_delta(
+            payload[BASE.size :], out, difference=codec == Codec.DIFFERENCE, name=name
+        )
+    except ValueError as err:
+        raise CorruptObjectError(f"{name}: delta is damaged ({err})") from None

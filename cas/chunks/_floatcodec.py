@@ -287,17 +287,7 @@ def decode_into(payload: bytes | memoryview, out: memoryview, *, name: str = "ch
     if not bodies:
         return
     elements = len(out) // itemsize
-    streams = []
-    for index, (method, body) in enumerate(bodies):
-        if method == _ZSTD:
-            scratch = _scratch(f"stream{index}", elements, np.uint8)
-            try:
-                decompress_into(body, memoryview(scratch))
-            except zstandard.ZstdError as err:
-                raise CorruptObjectError(f"{name}: stream {index} is damaged ({err})") from None
-            streams.append(scratch)
-        else:
-            streams.append(_stream(body, method, elements, name, index))
+    streams = _scratch_streams(bodies, elements, name)
     if layout in (Layout.BF16, Layout.FP16):
         _join16(streams[0], streams[1], layout, out=np.frombuffer(out, dtype="<u2"))
     elif layout == Layout.FP32:
@@ -310,6 +300,27 @@ def decode_into(payload: bytes | memoryview, out: memoryview, *, name: str = "ch
         word |= low
     else:
         out[:] = _merge(streams, itemsize, layout)
+
+
+def buffer(length: int) -> memoryview:
+    """A writable buffer of ``length`` bytes, not zeroed: for a decoder that fills all of it."""
+    return _bytes_view(np.empty(length, np.uint8))
+
+
+def _scratch_streams(bodies: list[tuple[int, memoryview]], elements: int, name: str) -> list[U8]:
+    """The streams of a grouped payload, zstd ones decoded into this thread's scratch buffers."""
+    streams = []
+    for index, (method, body) in enumerate(bodies):
+        if method == _ZSTD:
+            scratch = _scratch(f"stream{index}", elements, np.uint8)
+            try:
+                decompress_into(body, memoryview(scratch))
+            except zstandard.ZstdError as err:
+                raise CorruptObjectError(f"{name}: stream {index} is damaged ({err})") from None
+            streams.append(scratch)
+        else:
+            streams.append(_stream(body, method, elements, name, index))
+    return streams
 
 
 def _scratch(role: str, length: int, dtype: Any) -> Any:
@@ -434,6 +445,90 @@ def undo_difference(
     delta ^= sign
     delta += old
     return _bytes_view(delta)
+
+
+def apply_delta(
+    payload: bytes | memoryview, out: memoryview, *, difference: bool, name: str = "chunk"
+) -> None:
+    """Undo a delta in place: ``out`` holds the base, and then the chunk built on it.
+
+    ``payload`` is a grouped delta (:func:`difference` if ``difference``, else
+    :func:`xor`) of as many bytes as ``out``. Its streams are decoded into this
+    thread's scratch buffers, merged into words and zigzag-decoded there, then
+    added to (or XORed into) ``out``: a link of a delta chain allocates
+    nothing, where decoding it into new arrays cost about as much as the
+    arithmetic (docs/performance.md, "Deltas without asking"). What ``out``
+    then holds is unverified: the caller hashes it.
+    """
+    itemsize, layout, bodies = _parse(payload, len(out), name)
+    if not bodies:
+        return
+    if layout != Layout.PLAIN or itemsize not in _WORDS:
+        raise CorruptObjectError(f"{name}: a delta must be grouped plainly, in 1 to 8-byte words")
+    elements = len(out) // itemsize
+    streams = _scratch_streams(bodies, elements, name)
+    target = np.frombuffer(out, dtype=_WORDS[itemsize])
+    if difference and itemsize == 2:
+        target += _unzigzag16(streams[0], streams[1])
+        return
+    words = _merge_words(streams, itemsize)
+    if not difference:
+        target ^= words
+        return
+    sign = _scratch(f"sign{itemsize}", elements, _WORDS[itemsize])
+    np.bitwise_and(words, 1, out=sign)
+    np.negative(sign, out=sign)
+    words >>= 1
+    words ^= sign
+    target += words
+
+
+def _unzigzag16(low: U8, high: U8) -> U16:
+    """The 16-bit differences whose zigzag codes have bytes ``low`` and ``high``.
+
+    Undone a byte at a time: the low byte's own zigzag decoding, as a
+    signed byte, widened, is the difference but for the high byte's bits,
+    which land above bit 6 unchanged: ``((z >> 1) ^ -(z & 1))`` equals
+    ``sext8((lo >> 1) ^ -(lo & 1)) ^ (hi << 7)``. Half the passes over
+    16-bit words of merging the bytes first; deltas of bf16 weights have
+    almost every high byte zero.
+    """
+    elements = len(low)
+    small = _scratch("small", elements, np.uint8)
+    np.bitwise_and(low, 1, out=small)
+    np.negative(small, out=small)
+    half = _scratch("half8", elements, np.uint8)
+    np.right_shift(low, 1, out=half)
+    small ^= half
+    words: U16 = _scratch("words2", elements, "<u2")
+    np.left_shift(high, 7, out=words, dtype=np.uint16)
+    signed = words.view(np.int16)
+    np.bitwise_xor(signed, small.view(np.int8), out=signed)
+    return words
+
+
+def _merge_words(streams: list[U8], itemsize: int) -> Any:
+    """The words of PLAIN streams, merged into this thread's scratch buffer of their type."""
+    elements = len(streams[0])
+    words = _scratch(f"words{itemsize}", elements, _WORDS[itemsize])
+    if itemsize == 1:
+        words[:] = streams[0]
+        return words
+    if itemsize == 2:
+        np.left_shift(streams[1], 8, out=words, dtype=np.uint16)
+        words |= streams[0]
+        return words
+    if itemsize == 4:
+        half = _scratch("half", elements, "<u2")
+        np.left_shift(streams[3], 8, out=half, dtype=np.uint16)
+        half |= streams[2]
+        np.left_shift(half, 16, out=words, dtype=np.uint32)
+        np.left_shift(streams[1], 8, out=half, dtype=np.uint16)
+        half |= streams[0]
+        words |= half
+        return words
+    words.view(np.uint8).reshape(elements, itemsize)[:] = np.stack(streams, axis=1)
+    return words
 
 
 def xor(data: bytes | bytearray | memoryview, base: bytes | bytearray | memoryview) -> memoryview:

@@ -17,20 +17,15 @@ copied; so is a chunk of any codec this module does not know.
 
 from __future__ import annotations
 
-import zstandard
-
-from .._zstd import decompress_into
 from ..digest import hash_bytes
 from ..errors import (
     CorruptObjectError,
-    MismatchedObjectError,
     MissingObjectError,
     NotFoundError,
 )
 from ..repository import _layout as layout
 from ..repository._manifest import MAX_CHUNK_LENGTH, ChunkRef
-from . import _floatcodec as floatcodec
-from ._codec import HEADER, MAGIC, Codec
+from . import _codec as codec
 from ._store import ChunkStore
 
 
@@ -48,7 +43,7 @@ def read_into(chunks: ChunkStore, chunk: ChunkRef, out: memoryview, *, context: 
         blob = chunks.backend.get(layout.chunk_key(chunk.digest))
     except NotFoundError:
         raise MissingObjectError(f"{where} is missing from the store") from None
-    if not _decode_into(blob, out, where):
+    if not codec.decode_into(blob, out, where):
         out[:] = chunks.read(chunk, context=context)
         return
     if hash_bytes(out) != chunk.digest.raw:
@@ -76,35 +71,3 @@ def _from_cache(
         return True
     chunks.cache.discard(chunk.digest, damage)
     return False
-
-
-def _decode_into(blob: bytes, out: memoryview, name: str) -> bool:
-    """Decode ``blob`` into ``out``; False, with nothing done, for any codec but the plain ones."""
-    if len(blob) < HEADER.size:
-        raise CorruptObjectError(f"{name}: truncated ({len(blob)} bytes, header is {HEADER.size})")
-    magic, codec, raw_length = HEADER.unpack_from(blob)
-    if magic != MAGIC:
-        raise CorruptObjectError(f"{name}: not a cas chunk (bad magic {magic!r})")
-    if raw_length != len(out):
-        raise MismatchedObjectError(
-            f"{name}: its header says {raw_length} bytes, the manifest {len(out)}"
-        )
-    payload = memoryview(blob)[HEADER.size :]
-    if codec == Codec.RAW:
-        if len(payload) != len(out):
-            raise CorruptObjectError(
-                f"{name}: decoded to {len(payload)} bytes, header promises {raw_length}"
-            )
-        out[:] = payload
-    elif codec == Codec.ZSTD:
-        try:
-            decompress_into(payload, out)
-        except zstandard.ZstdError as err:
-            raise CorruptObjectError(f"{name}: zstd payload is damaged ({err})") from None
-    elif codec == Codec.GROUPED:
-        floatcodec.decode_into(payload, out, name=name)
-    else:
-        # Delta codecs need their chain of bases, and ChunkStore.read
-        # judges an unknown codec id: both go the usual way.
-        return False
-    return True

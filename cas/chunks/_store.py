@@ -19,6 +19,7 @@ from ..errors import (
 from ..repository import _layout as layout
 from ..repository._manifest import MAX_CHAIN, MAX_CHUNK_LENGTH, ChunkRef
 from . import _codec as codec
+from . import _floatcodec as floatcodec
 from ._cache import LocalCache
 from ._listing import ChunkIndex
 
@@ -192,7 +193,78 @@ class ChunkStore:
         # headers lead, for at most MAX_CHAIN links.
         link = _Link(chunk.digest, chunk.length, chunk.bases or None, where, 0)
         reading = _Reading(tally if tally is not None else ReadTally(), known=known or {})
+        if chunk.bases:
+            built = self._build(link, reading)
+            if built is not None:
+                return built
         return self._get(link, reading)
+
+    def _build(self, top: _Link, read: _Reading) -> memoryview | None:
+        """A delta chunk rebuilt in one buffer, or None when anything did not check out.
+
+        The chain's objects are read from the top down (each header names the
+        next) until a root, or a base the caller holds or the cache keeps
+        decoded; then that bottom goes into one buffer and each delta is
+        applied to it in place from the bottom up (:func:`codec.apply_delta`):
+        no buffer per link and no copy of a base. The result is hashed, as
+        :meth:`_get` hashes it, and only it is kept in the cache. On any fault
+        the chain is read again by :meth:`_get`, which names the damaged link
+        and drops a bad cached copy.
+        """
+        chain: list[bytes] = []  # the objects fetched, top first
+        start: bytes | memoryview | None = None  # raw bytes the chain ends on
+        from_cache = False
+        link = top
+        try:
+            while True:
+                if link.depth and link.digest.raw in read.known:
+                    start = read.known[link.digest.raw]
+                    break
+                kept = self.cache.load(link.digest) if self.cache is not None else None
+                if kept is not None:
+                    if len(kept) != link.length or hash_bytes(kept) != link.digest.raw:
+                        return None
+                    start, from_cache = kept, True
+                    break
+                blob = self._fetch(link.digest)
+                if blob is None:
+                    return None
+                chain.append(blob)
+                base_raw = codec.delta_base(blob)
+                if base_raw is None:
+                    break
+                link = link.base(base_raw)
+            out = floatcodec.buffer(top.length)
+            deltas, root = chain, None
+            if start is not None:
+                out[:] = start
+            elif codec.decode_into(chain[-1], out, top.where):
+                deltas = chain[:-1]  # the last one fetched is the root
+                if deltas and self.cache is not None:
+                    root = (link.digest, bytes(out))  # other versions' chains end on it too
+            else:
+                return None
+            for blob in reversed(deltas):
+                codec.apply_delta(blob, out, top.where)
+        except IntegrityError:
+            return None
+        if hash_bytes(out) != top.digest.raw:
+            return None
+        if from_cache:
+            read.tally.add(cached=top.length)
+        for blob in chain:
+            read.tally.add(fetched=len(blob))
+        if self.cache is not None and chain:
+            self.cache.save(top.digest, out)
+            if root is not None:
+                self.cache.save(*root)  # checked on every use, as every entry is
+        return out
+
+    def _fetch(self, digest: Digest) -> bytes | None:
+        try:
+            return self.backend.get(layout.chunk_key(digest))
+        except NotFoundError:
+            return None
 
     def _get(self, link: _Link, read: _Reading) -> bytes | memoryview:
         """``read`` of one link of a delta chain: from the cache if it holds a good
