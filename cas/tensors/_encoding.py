@@ -20,6 +20,10 @@ _SAMPLE = 128 * 1024
 #: the chunk (and of each chunk based on it) then reads and decodes its base
 #: as well, which a saving of a few percent does not pay for.
 DELTA_GAIN = 0.9
+#: When a chain's root is due for renewal, a delta against it is kept only
+#: below this fraction of the chunk stored whole; past it the chunk is stored
+#: whole, as the root of the chains that follow (:mod:`cas.tensors._writer`).
+RENEWAL_GAIN = 0.25
 #: Element sizes a difference delta handles; others are coded as an XOR.
 _DIFFERENCE_ITEMSIZES = (2, 4, 8)
 
@@ -78,8 +82,12 @@ class TensorCodec:
         elements: Elements,
         base: bytes | memoryview,
         base_digest: bytes,
+        gain: float = DELTA_GAIN,
     ) -> tuple[bytes, bool]:
-        """The chunk as a delta of ``base`` when that pays, else whole; and which it is."""
+        """The chunk as a delta of ``base`` when that pays, else whole; and which it is.
+
+        The delta pays when it is under ``gain`` times the whole encoding.
+        """
         itemsize = elements.itemsize
         method = self.method
         if method == codec.Codec.SCALED and elements.layout != Layout.FP32:
@@ -87,11 +95,14 @@ class TensorCodec:
         if itemsize not in _DIFFERENCE_ITEMSIZES:
             method = codec.Codec.DELTA
         delta = codec.encode_delta(view, base, base_digest, itemsize, method)
-        whole = self._whole_if_smaller(view, elements, len(delta))
+        whole = self._whole_if_smaller(view, elements, len(delta), gain)
         return (delta, True) if whole is None else (whole, False)
 
-    def _whole_if_smaller(self, view: memoryview, elements: Elements, delta: int) -> bytes | None:
-        """The whole (byte-grouped) encoding if it beats a delta of ``delta`` bytes, else None.
+    def _whole_if_smaller(
+        self, view: memoryview, elements: Elements, delta: int, gain: float
+    ) -> bytes | None:
+        """The whole (byte-grouped) encoding if ``gain`` times it is not above a delta
+        of ``delta`` bytes, else None.
 
         A large chunk is judged on a sample, so that a delta that wins, the
         usual case, costs one encoding and not two.
@@ -101,8 +112,8 @@ class TensorCodec:
             middle = (len(view) // 2) // size * size
             sample = view[middle : middle + _SAMPLE // size * size]
             ratio = len(self.grouped(sample, elements)) / len(sample)
-            if delta < ratio * len(view) * DELTA_GAIN:
+            if delta < ratio * len(view) * gain:
                 return None
             return self.grouped(view, elements)
         whole = self.grouped(view, elements)
-        return None if delta < len(whole) * DELTA_GAIN else whole
+        return None if delta < len(whole) * gain else whole

@@ -12,11 +12,19 @@ a delta base is a storage choice, never recorded as lineage. A delta is
 kept only when it saves enough to pay for the extra read it costs.
 
 Delta chains are kept short: rebuilding a chunk never takes more than
-``max_reads`` reads. A chunk whose parent chunk sits at the end of a long
-chain is based on the chain's root (a chunk stored whole) instead, and so
-that not every chunk of one version pays for that at once, each chunk
-re-bases on its own schedule: chunk ``i`` of version ``v`` when
-``(v + i) % (max_reads - 1) == 0``.
+``max_reads`` reads, and a read of a version takes few on average, since
+every link of a chain costs about what decoding a whole chunk does. Each
+tensor range follows a cycle of :data:`RENEWAL` versions (see
+:func:`chain_level`): it starts from a root, a chunk stored whole; the
+:data:`FRONT` versions after it are deltas of the root itself (two reads);
+then chains grow one version at a time up to ``max_reads`` reads and start
+again from the root. A root only moves forward: at the end of its cycle the
+chunk is stored whole, the new root, unless a delta against the old one is
+still under :data:`~cas.tensors._encoding.RENEWAL_GAIN` of the chunk stored
+whole (little has changed since). The cycles of a file's chunks are
+staggered by where each chunk lies in the file, so every version stores
+about as many bytes whole, and re-bases about as many, as any other
+(docs/performance.md, "Deltas without asking").
 
 Every chunk a manifest names lists its chain of bases, so garbage
 collection keeps the chain alive from manifests alone. A put learns the
@@ -45,7 +53,7 @@ from ..errors import (
 )
 from ..repository import _layout as layout
 from ..repository._manifest import MAX_CHAIN, ChunkRef, Entry, Manifest
-from ._encoding import Elements, TensorCodec
+from ._encoding import DELTA_GAIN, RENEWAL_GAIN, Elements, TensorCodec
 from ._formats import parse
 from ._index import load_index
 from ._safetensors import Header, Piece, Span, StoredFile, chunk_keys, find_file
@@ -55,6 +63,22 @@ Numbered = tuple[Manifest, int]
 #: Where a put takes delta bases from: the parents it names and else the key's
 #: latest version, the parents only, or nowhere.
 DeltaMode = Literal["latest", "parents", "none"]
+
+#: Versions between two roots of the chains of one tensor range.
+RENEWAL = 16
+#: Versions after a root that are deltas of the root itself.
+FRONT = 3
+
+
+def chain_level(phase: int, max_reads: int) -> int:
+    """How deep a chunk at ``phase`` of its cycle goes: 0 for a root, else the
+    number of bases its chain may have (at most ``max_reads - 1``)."""
+    step = phase % RENEWAL
+    if step == 0:
+        return 0
+    if step <= FRONT:
+        return 1
+    return 1 + (step - FRONT - 1) % (max_reads - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +101,18 @@ class FilePlan:
     clock: int
     #: The former version (key, number) whose chunks are the delta bases.
     source: tuple[str, int] | None = None
+    #: The file's size, which staggers its chunks' cycles (0: by chunk index).
+    size: int = 0
+
+    def phase(self, index: int, span: Span) -> int:
+        """Where chunk ``index`` (``span``) stands in its cycle of chain shapes.
+
+        Offset by its place in the file, so that each version's renewals and
+        re-bases take an even share of the file's bytes, however unequal its
+        chunks (a file without a known size staggers by chunk index).
+        """
+        offset = RENEWAL * span.offset // self.size if self.size else index
+        return self.clock + offset
 
 
 _NO_PARENTS = FilePlan([], {}, 0)
@@ -274,7 +310,9 @@ class TensorWriter:
             header = self._stored_header(entry, f"{manifest.key}@{number}")
             if header is None:
                 continue
-            return FilePlan(spans, self._keyed(entry, header), number + 1, (manifest.key, number))
+            size = spans[-1].offset + spans[-1].length if spans else 0
+            keyed = self._keyed(entry, header)
+            return FilePlan(spans, keyed, number + 1, (manifest.key, number), size)
         return FilePlan(spans, {}, 0)
 
     @staticmethod
@@ -322,24 +360,30 @@ class TensorWriter:
         parent = file_plan.parents.get(span.key)
         if parent is None or parent.length != len(view) or self.max_reads < 2:
             return self._grouped(view, span), ()
-        base, chain = self._base(parent, file_plan.clock + index)
+        level = chain_level(file_plan.phase(index, span), self.max_reads)
+        base, chain = self._base(parent, level)
         # The base is as long as the parent chunk, and its own chain follows it in ours.
         base_ref = ChunkRef(base, parent.length, chain[1:])
         base_raw = self.chunks.read(base_ref, context=f"delta base for {span.key[0].name!r}")
-        blob, is_delta = self.codec.delta_or_whole(view, _elements(span), base_raw, base.raw)
+        # A root due for renewal: the delta against it must be small to be kept.
+        gain = RENEWAL_GAIN if level == 0 and parent.bases else DELTA_GAIN
+        elements = _elements(span)
+        blob, is_delta = self.codec.delta_or_whole(view, elements, base_raw, base.raw, gain)
         if not is_delta:
             return blob, ()
         self.delta_source = file_plan.source
         return blob, chain
 
-    def _base(self, parent: ParentChunk, phase: int) -> tuple[Digest, tuple[Digest, ...]]:
-        """The base to delta against, and the chain that gives the new chunk."""
-        # Reads to rebuild the new chunk: itself, the parent chunk and its bases.
-        fits = len(parent.bases) + 2 <= self.max_reads
-        if parent.bases and (not fits or phase % (self.max_reads - 1) == 0):
-            root = parent.bases[-1]
-            return root, (root,)
-        return parent.digest, (parent.digest, *parent.bases)
+    @staticmethod
+    def _base(parent: ParentChunk, level: int) -> tuple[Digest, tuple[Digest, ...]]:
+        """The base to delta against, and the chain that gives the new chunk: the
+        latest chunk of the parent's chain that leaves the new one at most
+        ``level`` bases deep (a root due for renewal: its root)."""
+        chain = (parent.digest, *parent.bases)
+        for index, base in enumerate(chain):
+            if len(chain) - 1 - index < max(level, 1):
+                return base, chain[index:]
+        raise AssertionError("a chain ends at its root")  # pragma: no cover
 
     def _grouped(self, view: memoryview, span: Span) -> bytes:
         return self.codec.grouped(view, _elements(span))
