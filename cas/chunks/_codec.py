@@ -64,12 +64,12 @@ DELTA_CODECS = frozenset((Codec.DELTA, Codec.DIFFERENCE, Codec.SCALED))
 #: What follows the header of a delta chunk: the BLAKE3 of its base's raw bytes.
 BASE = struct.Struct("<32s")
 #: Default limit of a store's delta chains: a chunk is rebuilt from at most
-#: this many chunk reads (itself and its bases). Every read of a chain costs
-#: about what reading a whole chunk does: with 4, a version of a fine-tuning
-#: run restores at about half the speed of one stored whole and stores in
-#: about a fifth of its size in bf16 (docs/performance.md, "Deltas without
-#: asking"); with 8 (the limit before deltas came without asking) at a third.
-DEFAULT_DELTA_READS = 4
+#: this many chunk reads (itself and its bases). Every link of a chain costs
+#: about what decoding a whole chunk does: with 3, a version of a fine-tuning
+#: run takes about 2.3 reads per chunk and stores in under a quarter of its
+#: size in bf16; with 4, about 2.7 reads for 0.01 to 0.02 less of its size
+#: (docs/performance.md, "Deltas without asking").
+DEFAULT_DELTA_READS = 3
 
 
 def _choose_level(data: memoryview, level: int) -> int | None:
