@@ -471,6 +471,9 @@ def apply_delta(
     if difference and itemsize == 2:
         target += _unzigzag16(streams[0], streams[1])
         return
+    if difference and itemsize == 4:
+        target += _unzigzag32(streams)
+        return
     words = _merge_words(streams, itemsize)
     if not difference:
         target ^= words
@@ -504,6 +507,21 @@ def _unzigzag16(low: U8, high: U8) -> U16:
     np.left_shift(high, 7, out=words, dtype=np.uint16)
     signed = words.view(np.int16)
     np.bitwise_xor(signed, small.view(np.int8), out=signed)
+    return words
+
+
+def _unzigzag32(streams: list[U8]) -> Any:
+    """:func:`_unzigzag16` of 32-bit codes: the low half's decoding, as a signed
+    16-bit word, widened, XOR the high half shifted by 15."""
+    elements = len(streams[0])
+    low = _unzigzag16(streams[0], streams[1])
+    words = _scratch("words4", elements, "<u4")
+    np.left_shift(streams[3], 23, out=words, dtype=np.uint32)
+    part = _scratch("part4", elements, "<u4")
+    np.left_shift(streams[2], 15, out=part, dtype=np.uint32)
+    words |= part
+    signed = words.view(np.int32)
+    np.bitwise_xor(signed, low.view(np.int16), out=signed)
     return words
 
 
