@@ -66,8 +66,8 @@ BASE = struct.Struct("<32s")
 #: Default limit of a store's delta chains: a chunk is rebuilt from at most
 #: this many chunk reads (itself and its bases). Every link of a chain costs
 #: about what decoding a whole chunk does: with 3, a version of a fine-tuning
-#: run takes about 2.3 reads per chunk and stores in under a quarter of its
-#: size in bf16; with 4, about 2.7 reads for 0.01 to 0.02 less of its size
+#: run takes about 2.2 reads per byte and stores in under a quarter of its
+#: size in bf16; with 4, about 2.6 reads for about 0.01 less of its size
 #: (docs/performance.md, "Deltas without asking").
 DEFAULT_DELTA_READS = 3
 

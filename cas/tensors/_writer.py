@@ -65,9 +65,9 @@ Numbered = tuple[Manifest, int]
 DeltaMode = Literal["latest", "parents", "none"]
 
 #: Versions between two roots of the chains of one tensor range.
-RENEWAL = 16
+RENEWAL = 14
 #: Versions after a root that are deltas of the root itself.
-FRONT = 3
+FRONT = 4
 
 
 def chain_level(phase: int, max_reads: int) -> int:
