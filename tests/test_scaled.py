@@ -63,6 +63,19 @@ def test_a_scaled_delta_chunk_round_trips(data: st.DataObject) -> None:
     assert codec.decode(blob, length=new.nbytes, base=base.tobytes()) == new.tobytes()
 
 
+def test_a_scaled_delta_applies_in_place_as_it_decodes() -> None:
+    """Chains are rebuilt in one buffer (ChunkStore's fast path): a scaled link
+    must give there exactly what decoding it gives, or every such chain would
+    be read a second time, link by link."""
+    before, after = decaying(1)
+    blob = codec.encode_delta(after.data, before.data, b"\0" * 32, 4, codec.Codec.SCALED)
+    assert blob[3] == codec.Codec.SCALED
+    out = floatcodec.buffer(before.nbytes)
+    out[:] = before.tobytes()
+    codec.apply_delta(blob, out)
+    assert bytes(out) == after.tobytes() == codec.decode(blob, base=before.tobytes())
+
+
 def test_a_decayed_state_stores_smaller_than_its_plain_difference() -> None:
     before, after = decaying(1)
     blob = codec.encode_delta(after.data, before.data, b"\0" * 32, 4, codec.Codec.SCALED)
