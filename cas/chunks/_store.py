@@ -207,9 +207,9 @@ class ChunkStore:
         decoded; then that bottom goes into one buffer and each delta is
         applied to it in place from the bottom up (:func:`codec.apply_delta`):
         no buffer per link and no copy of a base. The result is hashed, as
-        :meth:`_get` hashes it, and only it is kept in the cache. On any fault
-        the chain is read again by :meth:`_get`, which names the damaged link
-        and drops a bad cached copy.
+        :meth:`_get` hashes it, and it and the root are kept in the cache. A
+        damaged cache entry is dropped and its link fetched; on any other fault
+        the chain is read again by :meth:`_get`, which names the damaged link.
         """
         chain: list[bytes] = []  # the objects fetched, top first
         start: bytes | memoryview | None = None  # raw bytes the chain ends on
@@ -220,10 +220,8 @@ class ChunkStore:
                 if link.depth and link.digest.raw in read.known:
                     start = read.known[link.digest.raw]
                     break
-                kept = self.cache.load(link.digest) if self.cache is not None else None
+                kept = self._checked_entry(link) if self.cache is not None else None
                 if kept is not None:
-                    if len(kept) != link.length or hash_bytes(kept) != link.digest.raw:
-                        return None
                     start, from_cache = kept, True
                     break
                 blob = self._fetch(link.digest)
@@ -300,8 +298,17 @@ class ChunkStore:
         return raw
 
     def _cached(self, link: _Link, read: _Reading) -> bytes | None:
+        """:meth:`_checked_entry`, counted, and the chain's fetched links kept once
+        it is the top."""
+        raw = self._checked_entry(link)
+        if raw is not None:
+            read.tally.add(cached=len(raw))
+            self._keep_fetched(link, read)
+        return raw
+
+    def _checked_entry(self, link: _Link) -> bytes | None:
         """The link's raw bytes from the cache if it holds them and they hash to its
-        name; a damaged entry is dropped (and reported)."""
+        name; a damaged entry is dropped (and reported), and the store asked instead."""
         assert self.cache is not None
         raw = self.cache.load(link.digest)
         if raw is None:
@@ -311,8 +318,6 @@ class ChunkStore:
         elif hash_bytes(raw) != link.digest.raw:
             damage = f"{link.name} is corrupt: its content does not match its hash"
         else:
-            read.tally.add(cached=len(raw))
-            self._keep_fetched(link, read)
             return raw
         self.cache.discard(link.digest, damage)
         return None
