@@ -35,6 +35,7 @@ checkpoint whole, faster to read and larger.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -45,7 +46,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from ..errors import InvalidInputError, RefNotFoundError
+from ..errors import BackgroundSaveError, InvalidInputError, RefNotFoundError
 from ..ml._background import BackgroundUploader
 from ..store import ArtifactInfo, Store, Version
 from ._common import Chain, finite_metrics, open_store
@@ -79,6 +80,8 @@ class CasCheckpointIO(CheckpointIO):
         self._chain = Chain(self.store, key, delta=delta)
         #: The worker that runs the background saves (None when saving in the foreground).
         self.uploader = BackgroundUploader(memory_budget) if background else None
+        #: Whether a save has raised a background failure: fit is then unwinding with it.
+        self._failure_raised = False
 
     # -- the CheckpointIO interface ------------------------------------------------------
 
@@ -92,7 +95,11 @@ class CasCheckpointIO(CheckpointIO):
         if self.uploader is None:
             self._put(checkpoint, name, metrics, best)
             return
-        self.uploader.check()
+        try:
+            self.uploader.check()
+        except BackgroundSaveError:
+            self._failure_raised = True
+            raise
         nbytes = _tensor_bytes(checkpoint)
         self.uploader.reserve(nbytes, f"checkpoint {name}")
         try:
@@ -134,7 +141,13 @@ class CasCheckpointIO(CheckpointIO):
             )
 
     def teardown(self) -> None:
-        self.wait()
+        if not self._failure_raised:
+            self.wait()
+            return
+        # Lightning tears down while the failure a save raised unwinds fit: a later
+        # failure raised here would replace it (each was logged when it happened).
+        with contextlib.suppress(BackgroundSaveError):
+            self.wait()
 
     def wait(self) -> None:
         """Wait for the background saves; raise the first that failed."""
