@@ -17,6 +17,12 @@ drops. Recency is the file's modification time, refreshed on use; the
 least recently used entries go first when the folder grows past its limit.
 A cache that cannot be written (full disk, read-only folder) is reported
 once and then only read: the read it served still succeeds.
+
+A get asked to link (``cas get --link``) also keeps each file it restored,
+whole, under ``files/``: a hard link to the restored file, made read-only,
+so it costs no space while that file exists. The next such get of the same
+content links it again instead of writing it, once the linked file hashes
+to its name.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -35,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..digest import Digest, hash_bytes
+from ..digest import Digest, hash_bytes, hash_file
 from ..errors import CacheWarning
 from ..repository._manifest import MAX_CHUNK_LENGTH
 
@@ -56,6 +63,8 @@ _MAX_ENTRY = MAX_CHUNK_LENGTH
 #: ``chunks/``: never read, but counted, evicted and cleared like the rest.
 _ENTRIES = "raw"
 _FORMER_ENTRIES = "chunks"
+#: Whole restored files, hard links of files a get wrote (``files/<h[:2]>/<h>``).
+_FILES = "files"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,16 +76,21 @@ class CacheCounts:
     misses: int = 0
     saved: int = 0
     dropped: int = 0
+    #: Whole files linked from the cache, and their bytes.
+    linked: int = 0
+    linked_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class StoreUsage:
-    """The entries one store holds in a cache folder."""
+    """The entries one store holds in a cache folder: chunks, and whole files
+    (``files`` of the ``entries``, kept by gets that link)."""
 
     store: str
     folder: Path
     entries: int
     size: int
+    files: int = 0
 
 
 def default_cache_root() -> Path:
@@ -106,6 +120,7 @@ class LocalCache:
         self._lock = threading.Lock()
         self._counts = CacheCounts()
         self._writable = True
+        self._links_reported = False
         #: Bytes in the folder as last scanned plus what this process added
         #: since (None: not scanned yet); other processes' writes show at the
         #: next scan, so each may overshoot the limit by what it writes meanwhile.
@@ -178,6 +193,105 @@ class LocalCache:
             return
         self._count(saved=1)
         self._added(len(blob))
+
+    # -- whole files -----------------------------------------------------------------
+
+    def file_path(self, digest: Digest) -> Path:
+        name = digest.hex
+        return self.folder / _FILES / name[:2] / name
+
+    def link_file(self, digest: Digest, size: int, mode: int, path: Path) -> bool:
+        """Hard-link the cached whole file ``digest`` to ``path`` (which must not
+        exist); True once the link is there and hashes to ``digest``.
+
+        The link is checked, not the entry before it: what is verified is
+        exactly what ``path`` now holds. A file of another size or ``mode``
+        (the permission bits) is left alone; one that fails its hash is
+        dropped and reported.
+        """
+        if size == 0:
+            return False
+        source = self.file_path(digest)
+        try:
+            os.link(source, path)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            self._cannot_link(err, path)
+            return False
+        try:
+            linked = os.stat(path)
+            if (
+                not stat.S_ISREG(linked.st_mode)
+                or linked.st_size != size
+                or stat.S_IMODE(linked.st_mode) != mode
+            ):
+                _unlink(path)
+                return False
+            good = hash_file(path) == digest
+        except OSError:
+            _unlink(path)
+            return False
+        if not good:
+            _unlink(path)
+            self._discard_file(digest, linked.st_ino)
+            return False
+        if time.time() - linked.st_mtime > _TOUCH_AFTER:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        self._count(linked=1, linked_bytes=size)
+        return True
+
+    def keep_file(self, digest: Digest, path: Path) -> None:
+        """Keep ``path`` (a restored, verified, read-only file whose content is
+        ``digest``) as a hard link, for the next get that links."""
+        if not self._writable:
+            return
+        target = self.file_path(digest)
+        temp = self.folder / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        try:
+            for folder in (temp.parent, target.parent):
+                folder.mkdir(parents=True, exist_ok=True)
+            self._write_store_name()
+            os.link(path, temp)
+            os.replace(temp, target)
+        except OSError as err:
+            _unlink(temp)
+            if err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                self._cannot_link(err, path)
+            elif err.errno != errno.ENOENT:
+                self._stop_writing(err)
+            return
+        self._added(os.stat(target).st_size)
+
+    def _cannot_link(self, err: OSError, path: Path) -> None:
+        with self._lock:
+            if self._links_reported:
+                return
+            self._links_reported = True
+        warnings.warn(
+            CacheWarning(
+                f"cannot hard-link between the cache in {self.root} and {path.parent} "
+                f"({err.strerror or err}); files there are written, not linked"
+            ),
+            stacklevel=2,
+        )
+
+    def _discard_file(self, digest: Digest, inode: int) -> None:
+        path = self.file_path(digest)
+        # Only the entry that was checked: another process may have put a good one since.
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                path.unlink()
+        self._count(dropped=1)
+        warnings.warn(
+            CacheWarning(
+                f"cached file {digest.hex} in {self.folder} was damaged (its content does "
+                "not match its hash: a linked copy was written to?); dropped it and "
+                "restored the file from its chunks"
+            ),
+            stacklevel=2,
+        )
 
     def _write_store_name(self) -> None:
         """Name the store a folder belongs to, for ``cas cache stats``."""
@@ -258,7 +372,7 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def _store_entries(store: str) -> Iterator[os.DirEntry[str]]:
     """Every entry file of one store's folder, current and former layout."""
-    for kind in (_ENTRIES, _FORMER_ENTRIES):
+    for kind in (_ENTRIES, _FORMER_ENTRIES, _FILES):
         for shard in _scandir(os.path.join(store, kind)):
             yield from _scandir(shard.path)
 
@@ -321,18 +435,20 @@ def usage(root: Path) -> list[StoreUsage]:
     for store in _scandir(root):
         if not store.is_dir():
             continue
-        entries = size = 0
+        entries = size = files = 0
+        whole = os.sep + _FILES + os.sep
         for entry in _store_entries(store.path):
             try:
                 size += entry.stat(follow_symlinks=False).st_size
             except OSError:
                 continue
             entries += 1
+            files += whole in entry.path
         try:
             name = (Path(store.path) / "store").read_text().strip()
         except OSError:
             name = "(unknown)"
-        found.append(StoreUsage(name, Path(store.path), entries, size))
+        found.append(StoreUsage(name, Path(store.path), entries, size, files))
     return sorted(found, key=lambda u: u.store)
 
 
@@ -350,7 +466,13 @@ def clear(root: Path) -> StoreUsage:
         except OSError:
             continue
         shutil.rmtree(aside, ignore_errors=True)
-    return StoreUsage("all", root, sum(u.entries for u in held), sum(u.size for u in held))
+    return StoreUsage(
+        "all",
+        root,
+        sum(u.entries for u in held),
+        sum(u.size for u in held),
+        sum(u.files for u in held),
+    )
 
 
 def _unlink(path: Path) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InvalidInputError
-from ..store import CacheReport, cache_report, clear_cache
-from ..units import format_size, parse_size
+from ..store import CachedStore, CacheReport, cache_report, clear_cache
+from ..units import counted, format_size, parse_size
 from ._common import AddCommand, cache_options, emit
 
 #: Options before the command that take a value, and flags that do not;
@@ -57,7 +57,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         emit(
             args,
             {"cleared": report.to_dict()},
-            f"cleared {report.root}: {report.entries} chunks, {format_size(report.size)}",
+            f"cleared {report.root}: {_held(report)}, {format_size(report.size)}",
         )
         return 0
     report = cache_report(choice, options.get("cache_size"))
@@ -68,12 +68,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def _stats_text(report: CacheReport) -> str:
     lines = [
         f"cache folder: {report.root}",
-        f"holds: {report.entries} chunks, {format_size(report.size)} "
-        f"of {format_size(report.limit)}",
+        f"holds: {_held(report)}, {format_size(report.size)} of {format_size(report.limit)}",
     ]
     for store in report.stores:
-        lines.append(f"  {store.store}: {store.entries} chunks, {format_size(store.size)}")
+        lines.append(f"  {store.store}: {_held(store)}, {format_size(store.size)}")
     return "\n".join(lines)
+
+
+def _held(held: CacheReport | CachedStore) -> str:
+    """``N chunks``, and ``M whole files`` when gets that link kept some."""
+    text = counted(held.chunks, "chunk")
+    return f"{text}, {counted(held.files, 'whole file')}" if held.files else text
 
 
 def register(add: AddCommand) -> None:

@@ -100,9 +100,15 @@ def cmd_get(args: argparse.Namespace) -> int:
             delete=args.delete,
             progress=on_progress,
             workers=args.jobs,
+            link=args.link,
         )
     version = restored.version
     text = f"{version.ref} -> {args.dest} ({format_size(version.size)}, verified)"
+    if args.link:
+        text += (
+            f"\n{counted(restored.linked_files, 'file')} "
+            f"({format_size(restored.linked_bytes)}) linked from the cache"
+        )
     if args.update:
         text += (
             f"\n{counted(restored.files_kept, 'file')} unchanged, "
@@ -442,6 +448,12 @@ def _register_reads(add: AddCommand) -> None:
         "--delete",
         action="store_true",
         help="with --update: remove files in DEST that REF does not hold",
+    )
+    p.add_argument(
+        "--link",
+        action="store_true",
+        help="hard-link files the cache holds whole instead of writing them, and keep "
+        "the files written there; linked files are read-only (docs/cache.md)",
     )
     add_jobs_argument(p, "chunks downloaded and checked")
 

@@ -49,6 +49,8 @@ CLI_WORDS = {
     "update": "--update",
     "force_or_update": "--force or --update",
     "cache_size": "--cache-size",
+    "link": "--link",
+    "cache": "--cache DIR",
 }
 
 

@@ -35,12 +35,19 @@ class CachedStore:
     folder: str
     entries: int
     size: int
+    #: Of the entries, whole files kept by gets that link (``cas get --link``).
+    files: int = 0
+
+    @property
+    def chunks(self) -> int:
+        return self.entries - self.files
 
     def to_dict(self) -> dict[str, object]:
         return {
             "store": self.store,
             "folder": self.folder,
             "entries": self.entries,
+            "files": self.files,
             "size": self.size,
         }
 
@@ -58,6 +65,14 @@ class CacheReport:
         return sum(s.entries for s in self.stores)
 
     @property
+    def files(self) -> int:
+        return sum(s.files for s in self.stores)
+
+    @property
+    def chunks(self) -> int:
+        return self.entries - self.files
+
+    @property
     def size(self) -> int:
         return sum(s.size for s in self.stores)
 
@@ -66,6 +81,7 @@ class CacheReport:
             "root": self.root,
             "limit": self.limit,
             "entries": self.entries,
+            "files": self.files,
             "size": self.size,
             "stores": [s.to_dict() for s in self.stores],
         }
@@ -116,7 +132,9 @@ def cache_for(
 def cache_report(cache: CacheChoice = True, cache_size: int | str | None = None) -> CacheReport:
     """What the cache folder holds, store by store (``cache`` as :func:`cas.open` takes it)."""
     root = cache_root(cache) or default_cache_root()
-    stores = tuple(CachedStore(u.store, str(u.folder), u.entries, u.size) for u in usage(root))
+    stores = tuple(
+        CachedStore(u.store, str(u.folder), u.entries, u.size, u.files) for u in usage(root)
+    )
     return CacheReport(str(root), cache_limit(cache_size), stores)
 
 

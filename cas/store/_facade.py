@@ -393,12 +393,17 @@ class Store(StoreMaintenance):
         delete: bool = False,
         progress: ProgressFn | None = None,
         workers: int | None = None,
+        link: bool = False,
     ) -> Restored:
         """:meth:`get`, saying where the bytes came from; with ``update``, bring an
         existing ``dest`` to the version reusing what it holds, each file swapped
-        in once verified; ``delete`` removes what the version lacks (docs/cache.md).
+        in once verified; ``delete`` removes what the version lacks; ``link``
+        hard-links files the local cache holds whole, read-only (docs/cache.md).
         """
-        check_restore_options(force=force, update=update, delete=delete)
+        check_restore_options(
+            force=force, update=update, delete=delete, link=link,
+            cached=self.chunks.cache is not None,
+        )  # fmt: skip
         workers = self._check_workers(workers)
         refuse_replacing_store(self.backend.local_root, Path(dest))
         version_ref = self.resolve(ref)
@@ -407,7 +412,7 @@ class Store(StoreMaintenance):
         return restore_version(
             self.chunks, self.config.chunker, manifest, Path(dest), label=version_ref.label,
             describe=describe, force=force, update=update, delete=delete,
-            progress=progress, workers=workers,
+            progress=progress, workers=workers, link=link,
         )  # fmt: skip
 
     def cut_local_file(self, path: str | os.PathLike[str], former: Entry) -> LocalChunks | None:

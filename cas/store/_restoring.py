@@ -15,7 +15,9 @@ from ._values import Restored, Version
 ProgressFn = Callable[[int], None]
 
 
-def check_restore_options(*, force: bool, update: bool, delete: bool) -> None:
+def check_restore_options(
+    *, force: bool, update: bool, delete: bool, link: bool = False, cached: bool = True
+) -> None:
     if force and update:
         raise InvalidInputError.naming(
             "give {force_or_update}, not both: the first replaces DEST whole, "
@@ -27,6 +29,20 @@ def check_restore_options(*, force: bool, update: bool, delete: bool) -> None:
             "{delete} removes files an update does not need; it needs {update}",
             delete="delete=True",
             update="update=True",
+        )
+    if link and update:
+        raise InvalidInputError.naming(
+            "{link} hard-links whole files from the cache into a new DEST; an update "
+            "rewrites only what changed: give one of {link} and {update}",
+            link="link=True",
+            update="update=True",
+        )
+    if link and not cached:
+        raise InvalidInputError.naming(
+            "{link} links files from the local chunk cache, and this store is read "
+            "without one: open it with a cache (a remote store, or {cache})",
+            link="link=True",
+            cache="cache=DIR",
         )
 
 
@@ -56,6 +72,7 @@ def restore_version(
     delete: bool,
     progress: ProgressFn | None,
     workers: int,
+    link: bool = False,
 ) -> Restored:
     """Write ``manifest`` to ``dest`` (see :meth:`Store.restore`); ``describe``
     gives the version for the result."""
@@ -63,7 +80,7 @@ def restore_version(
     from ..transfer._restore import Restorer
     from ..transfer._update import UpdateCounts, Updater
 
-    restorer = Restorer(chunks, workers=workers, progress=progress)
+    restorer = Restorer(chunks, workers=workers, progress=progress, link=link)
     if update and os.path.lexists(dest):
         counts = Updater(restorer, params).update(manifest, dest, label=label, delete=delete)
     else:
@@ -91,4 +108,7 @@ def restore_version(
         files_removed=counts.files_removed,
         files_extra=counts.files_extra,
         update=update,
+        linked_files=restorer.linked_files,
+        linked_bytes=restorer.linked_bytes,
+        link=link,
     )

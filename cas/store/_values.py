@@ -211,12 +211,18 @@ class Restored:
     files_removed: int = 0
     files_extra: int = 0
     update: bool = False
+    #: Files hard-linked from the local cache instead of written (``link``).
+    linked_files: int = 0
+    linked_bytes: int = 0
+    link: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         counts = {
             name: getattr(self, name)
             for name in ("fetched_bytes", "fetched_chunks", "cached_bytes", "cached_chunks")
         }
+        if self.link:
+            counts.update(linked_files=self.linked_files, linked_bytes=self.linked_bytes)
         if self.update:
             counts.update(
                 reused_bytes=self.reused_bytes,

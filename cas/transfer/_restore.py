@@ -46,6 +46,14 @@ SinkFactory = Callable[[Entry, Path], FileSink]
 # setuid, setgid and sticky bits are dropped: a store is not trusted to hand
 # out privileges, least of all to a restore run as root.
 _SAFE_MODE_BITS = 0o777
+# A file shared with the cache by a hard link loses its write bits: written to
+# in place, it would change the cache's copy and every other link of it.
+_LINKED_MODE_BITS = 0o555
+
+
+def linked_mode(entry: Entry) -> int:
+    """The permission bits of ``entry``'s file when it is linked with the cache."""
+    return entry.mode & _LINKED_MODE_BITS
 
 
 class _ReadAhead:
@@ -97,12 +105,17 @@ class Restorer:
         workers: int,
         progress: ProgressFn | None = None,
         tally: ReadTally | None = None,
+        link: bool = False,
     ) -> None:
         self.chunks = chunks
         self.workers = workers
         self.progress = progress
         #: Where the chunk objects came from: the store or the local cache.
         self.tally = tally if tally is not None else ReadTally()
+        #: Hard-link whole files with the local cache (``cas get --link``).
+        self.link = link and chunks.cache is not None
+        #: Files (and their bytes) linked from the cache instead of written.
+        self.linked_files = self.linked_bytes = 0
 
     def restore(self, manifest: Manifest, dest: Path, *, label: str, force: bool = False) -> None:
         """Write ``manifest`` to ``dest``. ``label`` (e.g. "key@3") prefixes error messages."""
@@ -181,7 +194,9 @@ class Restorer:
         whole).
         """
         read = read or self.fetch
-        make = sink or (lambda entry, path: _NewFile(entry, path, label))
+        if sink is None and self.link:
+            targets = self._link_cached(targets)
+        make = sink or (lambda entry, path: _NewFile(entry, path, label, keep=self._keeper()))
         window: deque[tuple[Entry, int, Future[bytes | memoryview]]] = deque()
         # Drained by this thread alone: it makes room itself before it asks.
         room = InFlight(self.workers * 2 + 2)
@@ -211,6 +226,35 @@ class Restorer:
                 future.cancel()
             for open_sink in sinks.values():
                 open_sink.close()
+
+    def _link_cached(self, targets: list[tuple[Entry, Path]]) -> list[tuple[Entry, Path]]:
+        """Link every file the cache holds whole; the targets left to write."""
+        cache = self.chunks.cache
+        assert cache is not None
+        left = []
+        for entry, path in targets:
+            digest = entry.digest
+            if digest is not None and cache.link_file(digest, entry.size, linked_mode(entry), path):
+                self.linked_files += 1
+                self.linked_bytes += entry.size
+                if self.progress is not None:
+                    self.progress(entry.size)
+            else:
+                left.append((entry, path))
+        return left
+
+    def _keeper(self) -> Callable[[Entry, Path], None] | None:
+        """What a new file is handed to once verified: the cache, when linking."""
+        cache = self.chunks.cache
+        if not self.link or cache is None:
+            return None
+
+        def keep(entry: Entry, path: Path) -> None:
+            os.chmod(path, linked_mode(entry))
+            if entry.size and entry.digest is not None:
+                cache.keep_file(entry.digest, path)
+
+        return keep
 
     def _drain_one(
         self,
@@ -254,10 +298,18 @@ class _NewFile:
     """A file written from its first byte, hashed whole as it is written; a large
     file's hash runs on a thread of its own, beside the writes."""
 
-    def __init__(self, entry: Entry, path: Path, label: str) -> None:
+    def __init__(
+        self,
+        entry: Entry,
+        path: Path,
+        label: str,
+        *,
+        keep: Callable[[Entry, Path], None] | None = None,
+    ) -> None:
         self.entry = entry
         self.path = path
         self.label = label
+        self.keep = keep
         self.stream = open(path, "wb")  # noqa: SIM115 (closed by finish or close)
         self.hasher = hasher_for(entry.size)
 
@@ -271,7 +323,10 @@ class _NewFile:
         finally:
             digest = self.hasher.digest()  # which also ends a background hasher's thread
         check_whole(self.entry, digest, self.label)
-        os.chmod(self.path, self.entry.mode & _SAFE_MODE_BITS)
+        if self.keep is not None:
+            self.keep(self.entry, self.path)
+        else:
+            os.chmod(self.path, self.entry.mode & _SAFE_MODE_BITS)
 
     def close(self) -> None:
         self.stream.close()
