@@ -13,7 +13,9 @@ request the store makes counted (a counting wrapper around its backend):
 1. put v1 and v2 into a fresh store (requests of the first put, per GB);
 2. get v1 without a cache, then with an empty cache (cold: what filling it
    costs), then again into a new folder with the cache it filled (warm):
-   time and chunk requests of each;
+   time and chunk requests of each; then the cold and the warm get again
+   with ``link=True`` (``cas get --link``) and a new cache, where the warm
+   get hard-links the file the cold one kept and hashes it;
 3. a fresh get of v2 without a cache, then ``get --update`` of v2 over the
    folder holding v1 (no cache either, so every missing chunk comes from the
    store): time, and the stored bytes fetched against the stored size of the
@@ -56,6 +58,8 @@ TIMES = (
     "get, no cache",
     "cold get",
     "warm get",
+    "cold get --link",
+    "warm get --link",
     "fresh get v2",
     "update v1->v2",
     "fsspec one tensor",
@@ -148,6 +152,8 @@ def one_repeat(repeat: int, info: dict[str, Any], scratch: Path) -> dict[str, fl
     if repeat == 0:
         assert sha256(warm_dest) == info["sha256"]["v1"], "warm get restored different bytes"
     warm_dest.unlink()
+    link_gets(reader_for=lambda: counted_store(uri, scratch / "cache-link"), info=info,
+              scratch=scratch, timed=timed, out=out, check=repeat == 0)  # fmt: skip
 
     uncached = counted_store(uri, None)
     fresh = scratch / "v2-fresh"
@@ -170,6 +176,33 @@ def one_repeat(repeat: int, info: dict[str, Any], scratch: Path) -> dict[str, fl
     out["fsspec chunk requests"], out["header+tensor chunks"] = holder["r"]
     uncached.backend.delete([i.key for i in uncached.backend.list_objects()])
     return out
+
+
+def link_gets(
+    *,
+    reader_for: Callable[[], Any],
+    info: dict[str, Any],
+    scratch: Path,
+    timed: Callable[[str, Callable[[], object]], None],
+    out: dict[str, float],
+    check: bool,
+) -> None:
+    """Step 2 again with ``link=True``, from an empty cache of its own: the cold
+    get keeps the restored file in the cache, the warm one links it."""
+    shutil.rmtree(scratch / "cache-link", ignore_errors=True)
+    reader = reader_for()
+    cold, warm = scratch / "v1-link-cold", scratch / "v1-link-warm"
+    timed("cold get --link", lambda: reader.restore("ckpt@1", cold, link=True))
+    before = chunk_gets(reader)
+    held: dict[str, Any] = {}
+    timed("warm get --link", lambda: held.update(r=reader.restore("ckpt@1", warm, link=True)))
+    out["warm get --link chunk requests"] = chunk_gets(reader) - before
+    out["warm get --link linked MB"] = held["r"].linked_bytes / MB
+    if check:
+        assert sha256(warm) == info["sha256"]["v1"], "a linked get restored different bytes"
+    for path in (cold, warm):
+        path.unlink()
+    shutil.rmtree(scratch / "cache-link", ignore_errors=True)
 
 
 def changed_stored_bytes(store: Any) -> int:
@@ -197,6 +230,8 @@ def report(info: dict[str, Any], runs: list[dict[str, float]]) -> dict[str, Any]
     ratios = {
         "cold get / warm get": med["cold get"] / med["warm get"],
         "no cache / warm get": med["get, no cache"] / med["warm get"],
+        "cold / warm get, --link": med["cold get --link"] / med["warm get --link"],
+        "cold get / warm get --link": med["cold get"] / med["warm get --link"],
         "fresh get / update": med["fresh get v2"] / med["update v1->v2"],
         "update fetched / changed": med["update fetched MB"] / med["changed chunks stored MB"],
         "full get / one tensor": med["cold get"] / med["fsspec one tensor"],
@@ -204,6 +239,8 @@ def report(info: dict[str, Any], runs: list[dict[str, float]]) -> dict[str, Any]
     targets = {
         "cold get / warm get": ">= 10",
         "no cache / warm get": "(context)",
+        "cold / warm get, --link": ">= 10",
+        "cold get / warm get --link": ">= 10",
         "fresh get / update": ">= 5",
         "update fetched / changed": "<= 1.10",
         "full get / one tensor": ">= 20",

@@ -175,11 +175,9 @@ class LocalCache:
         if not self._writable:
             return
         path = self.entry_path(digest)
-        temp = self.folder / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        temp = self._temp_name()
         try:
-            for folder in (temp.parent, path.parent):
-                folder.mkdir(parents=True, exist_ok=True)
-            self._write_store_name()
+            self._make_folders(temp, path)
             with open(temp, "wb", buffering=0) as stream:
                 _write_all(stream.fileno(), blob)
             os.replace(temp, path)
@@ -248,11 +246,9 @@ class LocalCache:
         if not self._writable:
             return
         target = self.file_path(digest)
-        temp = self.folder / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        temp = self._temp_name()
         try:
-            for folder in (temp.parent, target.parent):
-                folder.mkdir(parents=True, exist_ok=True)
-            self._write_store_name()
+            self._make_folders(temp, target)
             os.link(path, temp)
             os.replace(temp, target)
         except OSError as err:
@@ -293,12 +289,20 @@ class LocalCache:
             stacklevel=2,
         )
 
+    def _temp_name(self) -> Path:
+        return self.folder / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+
+    def _make_folders(self, temp: Path, target: Path) -> None:
+        for folder in (temp.parent, target.parent):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._write_store_name()
+
     def _write_store_name(self) -> None:
         """Name the store a folder belongs to, for ``cas cache stats``."""
         name = self.folder / "store"
         if name.exists():
             return
-        temp = self.folder / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex}"
+        temp = self._temp_name()
         temp.write_text(self.store_uri + "\n")
         os.replace(temp, name)
 
