@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
-from helpers import SMALL_PARAMS, KiB, digests, ok, random_bytes, run_cas, run_json
+from helpers import (
+    CAS,
+    SMALL_PARAMS,
+    KiB,
+    cas_env,
+    digests,
+    ok,
+    random_bytes,
+    run_cas,
+    run_json,
+)
 
 from cas.backends.s3 import S3Backend
 from cas.chunks._cache import LocalCache, clear, evict, usage
@@ -229,3 +241,40 @@ def test_cli_get_link(s3_backend: S3Backend, tmp_path: Path) -> None:
     assert "--link" in uncached.stderr
     assert "--cache DIR" in uncached.stderr
     assert not (tmp_path / "four").exists()
+
+
+def test_processes_link_from_one_cache_under_eviction(
+    s3_backend: S3Backend, tmp_path: Path
+) -> None:
+    """Six processes get with --link at once through a cache smaller than the
+    version: files are kept, linked and evicted under each other; every get
+    verifies, none finds a damaged entry, no temporary file is left."""
+    src = _tree(tmp_path / "src", seed=17)
+    Store.init(s3_backend.uri, chunker=SMALL_PARAMS)
+    Store.open(s3_backend.uri, cache=False).put(src, "runs/a")
+    cache = tmp_path / "cache"
+    argv = [
+        *CAS, "--store", s3_backend.uri, "--json", "--cache", str(cache),
+        "--cache-size", str(1200 * KiB), "get", "runs/a",
+    ]  # fmt: skip
+    linked = 0
+    for round_ in range(2):
+        procs = [
+            subprocess.Popen(
+                [*argv, str(tmp_path / f"dest{round_}-{i}"), "--link"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=cas_env(),
+            )
+            for i in range(3)
+        ]
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+            assert "damaged" not in err
+            linked += json.loads(out)["linked_files"]
+        for i in range(3):
+            assert digests(tmp_path / f"dest{round_}-{i}") == digests(src)
+    assert linked > 0  # the second round found files the first one kept
+    assert not list(cache.rglob("tmp/*"))
