@@ -128,6 +128,22 @@ def test_an_entry_of_other_permissions_is_not_linked(s3_backend: S3Backend, tmp_
     assert model.read_bytes() == (src / "model.bin").read_bytes()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_an_entry_another_user_owns_is_not_linked(s3_backend: S3Backend, tmp_path: Path) -> None:
+    store = _store(s3_backend, tmp_path / "cache")
+    src = _tree(tmp_path / "src", seed=6)
+    store.put(src, "runs/a")
+    store.restore("runs/a", tmp_path / "one", link=True)
+    os.chown(_cached_file(store, tmp_path / "one" / "model.bin"), 65534, 65534)
+
+    again = store.restore("runs/a", tmp_path / "two", link=True)
+
+    assert again.linked_files == 1
+    model = tmp_path / "two" / "model.bin"
+    assert model.stat().st_uid == os.geteuid()
+    assert model.read_bytes() == (src / "model.bin").read_bytes()
+
+
 def test_force_links_over_an_existing_dest(s3_backend: S3Backend, tmp_path: Path) -> None:
     store = _store(s3_backend, tmp_path / "cache")
     src = _tree(tmp_path / "src", seed=7)
@@ -145,7 +161,8 @@ def test_force_links_over_an_existing_dest(s3_backend: S3Backend, tmp_path: Path
 def test_file_entries_are_counted_evicted_and_cleared(
     s3_backend: S3Backend, tmp_path: Path
 ) -> None:
-    store = _store(s3_backend, tmp_path / "cache")
+    # A folder named like the cache's own is no whole file.
+    store = _store(s3_backend, tmp_path / "files" / "cache")
     store.put(_tree(tmp_path / "src", seed=9), "runs/a")
     store.restore("runs/a", tmp_path / "one", link=True)
     cache = _cache(store)

@@ -204,8 +204,8 @@ class LocalCache:
 
         The link is checked, not the entry before it: what is verified is
         exactly what ``path`` now holds. A file of another size or ``mode``
-        (the permission bits) is left alone; one that fails its hash is
-        dropped and reported.
+        (the permission bits), or owned by another user, is left alone; one
+        that fails its hash is dropped and reported.
         """
         if size == 0:
             return False
@@ -219,10 +219,12 @@ class LocalCache:
             return False
         try:
             linked = os.stat(path)
+            # A file another user owns stays theirs to change after it was checked.
             if (
                 not stat.S_ISREG(linked.st_mode)
                 or linked.st_size != size
                 or stat.S_IMODE(linked.st_mode) != mode
+                or linked.st_uid != os.geteuid()
             ):
                 _unlink(path)
                 return False
@@ -248,6 +250,7 @@ class LocalCache:
         target = self.file_path(digest)
         temp = self._temp_name()
         try:
+            size = os.stat(path).st_size
             self._make_folders(temp, target)
             os.link(path, temp)
             os.replace(temp, target)
@@ -258,7 +261,7 @@ class LocalCache:
             elif err.errno != errno.ENOENT:
                 self._stop_writing(err)
             return
-        self._added(os.stat(target).st_size)
+        self._added(size)
 
     def _cannot_link(self, err: OSError, path: Path) -> None:
         with self._lock:
@@ -440,14 +443,14 @@ def usage(root: Path) -> list[StoreUsage]:
         if not store.is_dir():
             continue
         entries = size = files = 0
-        whole = os.sep + _FILES + os.sep
+        whole = os.path.join(store.path, _FILES, "")
         for entry in _store_entries(store.path):
             try:
                 size += entry.stat(follow_symlinks=False).st_size
             except OSError:
                 continue
             entries += 1
-            files += whole in entry.path
+            files += entry.path.startswith(whole)
         try:
             name = (Path(store.path) / "store").read_text().strip()
         except OSError:
