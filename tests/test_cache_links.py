@@ -148,7 +148,7 @@ def test_force_links_over_an_existing_dest(s3_backend: S3Backend, tmp_path: Path
     store = _store(s3_backend, tmp_path / "cache")
     src = _tree(tmp_path / "src", seed=7)
     store.put(src / "model.bin", "weights")
-    store.restore("weights", tmp_path / "one.bin", link=True)
+    store.get("weights", tmp_path / "one.bin", link=True)
     (tmp_path / "dest.bin").write_bytes(b"old")
 
     again = store.restore("weights", tmp_path / "dest.bin", force=True, link=True)

@@ -376,12 +376,17 @@ class Store(StoreMaintenance):
         force: bool = False,
         progress: ProgressFn | None = None,
         workers: int | None = None,
+        link: bool = False,
     ) -> Version:
         """Restore a version to ``dest`` (a file path or a directory), verified.
 
-        ``workers`` is the number of chunks downloaded in parallel (default: the store's).
+        ``workers`` is the number of chunks downloaded in parallel (default:
+        the store's); ``link`` as for :meth:`restore`.
         """
-        return self.restore(ref, dest, force=force, progress=progress, workers=workers).version
+        restored = self.restore(
+            ref, dest, force=force, progress=progress, workers=workers, link=link
+        )
+        return restored.version
 
     def restore(
         self,
