@@ -288,3 +288,76 @@ def test_a_damaged_delta_applied_in_place_is_refused() -> None:
         codec.apply_delta(codec.encode(new), memoryview(bytearray(base)))
     with pytest.raises(CorruptObjectError, match="manifest"):
         codec.apply_delta(blob, memoryview(bytearray(base[:-2])))
+
+
+def unzigzag_added(codes: list[int], base: list[int]) -> list[int]:
+    """The reference for 32-bit difference links: each code (the little-endian
+    merge of its four bytes) unzigzagged, then added to its base word mod 2**32."""
+    out = []
+    for code, word in zip(codes, base, strict=True):
+        difference = (code >> 1) ^ (0xFFFFFFFF if code & 1 else 0)
+        out.append((word + difference) & 0xFFFFFFFF)
+    return out
+
+
+def zigzag32(difference: int) -> int:
+    signed = difference - (1 << 32) if difference >= 1 << 31 else difference
+    return ((signed << 1) ^ (signed >> 31)) & 0xFFFFFFFF
+
+
+# Codes of the extreme differences: 0x7fffffff, 0x80000000 (the most negative),
+# 0xffffffff (-1), 1, 0; then byte patterns that put ones in each byte.
+EDGE_CODES = [zigzag32(d) for d in (0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1, 0)] + [
+    0xFFFFFFFE,
+    0xFFFFFFFF,
+    0x00000001,
+    0x80000000,
+    0x7FFFFFFF,
+    0x00FFFFFF,
+    0x0000FFFF,
+    0x000000FF,
+    0x01000000,
+    0x00010000,
+    0x00000100,
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    codes=st.lists(
+        st.one_of(st.sampled_from(EDGE_CODES), st.integers(0, 2**32 - 1)), min_size=1, max_size=300
+    ),
+    zeroed=st.sampled_from([0, 1, 2, 3]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_32_bit_difference_link_adds_what_the_reference_does(
+    codes: list[int], zeroed: int, seed: int
+) -> None:
+    # ``zeroed`` top byte streams are all zeros (differences under 2**23,
+    # 2**15, 2**7: fine-tuning steps), or none; the other streams keep any bytes.
+    mask = 0xFFFFFFFF >> (8 * zeroed)
+    codes = [code & mask for code in codes]
+    base = np.random.default_rng(seed).integers(0, 2**32, len(codes), dtype=np.uint64).tolist()
+    expected = unzigzag_added(codes, base)
+    coded = np.array(codes, dtype="<u4")
+    streams = floatcodec._streams(memoryview(coded.tobytes()), 4, Layout.PLAIN)
+    words = floatcodec._unzigzag32(streams)
+    assert ((np.array(base, dtype="<u4") + words).tolist()) == expected
+    # The same link as a restore applies it: grouped, compressed, in place.
+    out = bytearray(np.array(base, dtype="<u4").tobytes())
+    payload = floatcodec.encode(coded.tobytes(), 4, Layout.PLAIN)
+    floatcodec.apply_delta(payload, memoryview(out), difference=True)
+    assert np.frombuffer(out, "<u4").tolist() == expected
+
+
+def test_a_32_bit_difference_link_with_one_top_byte_set_among_zeros() -> None:
+    # A top stream almost all zeros (as for fine-tuning steps): the single
+    # elements that need its bytes get them.
+    codes = [0x00012345] * 5000
+    codes[4321] = 0xFE012345
+    codes[17] = 0x00FF0000
+    base = list(range(5000))
+    out = bytearray(np.array(base, dtype="<u4").tobytes())
+    payload = floatcodec.encode(np.array(codes, dtype="<u4").tobytes(), 4, Layout.PLAIN)
+    floatcodec.apply_delta(payload, memoryview(out), difference=True)
+    assert np.frombuffer(out, "<u4").tolist() == unzigzag_added(codes, base)
