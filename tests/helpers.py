@@ -209,3 +209,18 @@ def rerun_after_failed_put(store: Store, source: Path, key: str) -> tuple[set[st
     needed = {layout.chunk_key(c.digest) for e in store.show(key).entries for c in e.chunks}
     assert uploaded == needed - left
     return needed, left
+
+
+def counted_cached_store(uri: str, cache: Path, limit: int = 64 << 20) -> Store:
+    """A new store at ``uri`` (small chunks) reading through the chunk cache in
+    ``cache``, its requests counted (``chunk_gets``)."""
+    Store.init(uri, chunker=SMALL_PARAMS)
+    opened = Store.open(uri, cache=cache, cache_size=limit)
+    return Store(FaultyBackend(opened.backend), opened.config, cache=opened.chunks.cache)
+
+
+def chunk_gets(store: Store) -> int:
+    """The GETs a store made by :func:`counted_cached_store` has sent so far."""
+    backend = store.backend
+    assert isinstance(backend, FaultyBackend)
+    return backend.calls["get"]

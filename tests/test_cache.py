@@ -25,6 +25,8 @@ from helpers import (
     KiB,
     MiB,
     cas_env,
+    chunk_gets,
+    counted_cached_store,
     digests,
     ok,
     random_bytes,
@@ -51,17 +53,7 @@ def _tree(root: Path, seed: int = 0) -> Path:
 
 
 def _cached_store(backend: S3Backend, cache: Path, limit: int = 64 * MiB) -> Store:
-    """A store on ``backend`` whose requests are counted, reading through ``cache``."""
-    Store.init(backend.uri, chunker=SMALL_PARAMS)
-    counted = FaultyBackend(backend)
-    store = Store.open(backend.uri, cache=cache, cache_size=limit)
-    return Store(counted, store.config, cache=store.chunks.cache)
-
-
-def _chunk_gets(store: Store) -> int:
-    backend = store.backend
-    assert isinstance(backend, FaultyBackend)
-    return backend.calls["get"]
+    return counted_cached_store(backend.uri, cache, limit)
 
 
 def test_second_get_makes_no_chunk_requests(s3_backend: S3Backend, tmp_path: Path) -> None:
@@ -70,7 +62,7 @@ def test_second_get_makes_no_chunk_requests(s3_backend: S3Backend, tmp_path: Pat
     first = store.restore("runs/a", tmp_path / "one")
     assert first.fetched_chunks > 0
     assert first.cached_chunks == 0
-    gets_before = _chunk_gets(store)
+    gets_before = chunk_gets(store)
 
     second = store.restore("runs/a", tmp_path / "two")
 
@@ -78,7 +70,7 @@ def test_second_get_makes_no_chunk_requests(s3_backend: S3Backend, tmp_path: Pat
     assert second.cached_chunks == first.fetched_chunks
     assert second.cached_bytes == second.version.size  # kept decoded: raw bytes
     # The ref and the manifest are read again; no chunk is.
-    assert _chunk_gets(store) - gets_before <= 2
+    assert chunk_gets(store) - gets_before <= 2
     assert digests(tmp_path / "two") == digests(tmp_path / "src")
 
 
@@ -250,11 +242,11 @@ def test_read_tensor_reads_through_the_cache(s3_backend: S3Backend, tmp_path: Pa
     save_file({"w": weights, "b": weights[0].copy()}, str(tmp_path / "w.safetensors"))
     store.put(tmp_path / "w.safetensors", "runs/w")
     first = store.read_tensor("runs/w", None, "w")
-    gets = _chunk_gets(store)
+    gets = chunk_gets(store)
     second = store.read_tensor("runs/w", None, "w")
     assert np.array_equal(first, weights)
     assert np.array_equal(second, weights)
-    assert _chunk_gets(store) - gets <= 2  # ref and manifest only
+    assert chunk_gets(store) - gets <= 2  # ref and manifest only
 
 
 def test_processes_share_one_cache_under_eviction(s3_backend: S3Backend, tmp_path: Path) -> None:
@@ -372,7 +364,7 @@ def test_diff_reads_through_the_cache(s3_backend: S3Backend, tmp_path: Path) -> 
     save_file(weights, str(tmp_path / "m.safetensors"))
     store.put(tmp_path / "m.safetensors", "runs/m")
     first = diff(store, "runs/m@1", "runs/m@2")
-    gets = _chunk_gets(store)
+    gets = chunk_gets(store)
     second = diff(store, "runs/m@1", "runs/m@2")
     assert second == first
     backend = store.backend
@@ -535,15 +527,15 @@ def test_in_place_reads_go_through_the_cache(s3_backend: S3Backend, tmp_path: Pa
     store.put(tmp_path / "w.bin", "runs/w")
     entry = store.manifest("runs/w").entries[0]
     for round_ in range(2):
-        gets = _chunk_gets(store)
+        gets = chunk_gets(store)
         out = bytearray()
         for chunk in entry.chunks:
             buffer = bytearray(chunk.length)
             read_into(store.chunks, chunk, memoryview(buffer))
             out += buffer
         assert bytes(out) == data
-        chunk_gets = _chunk_gets(store) - gets
-        assert chunk_gets == (len(entry.chunks) if round_ == 0 else 0)
+        fetched = chunk_gets(store) - gets
+        assert fetched == (len(entry.chunks) if round_ == 0 else 0)
 
 
 def test_entries_are_kept_decoded_and_a_former_cache_is_evicted_never_read(

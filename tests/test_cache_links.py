@@ -15,6 +15,8 @@ from helpers import (
     SMALL_PARAMS,
     KiB,
     cas_env,
+    chunk_gets,
+    counted_cached_store,
     digests,
     ok,
     random_bytes,
@@ -27,7 +29,6 @@ from cas.chunks._cache import LocalCache, clear, evict, usage
 from cas.digest import Digest
 from cas.errors import CacheWarning, InvalidInputError
 from cas.store import Store
-from cas.testing.faults import FaultyBackend
 
 
 def _tree(root: Path, seed: int = 0) -> Path:
@@ -40,21 +41,12 @@ def _tree(root: Path, seed: int = 0) -> Path:
 
 
 def _store(backend: S3Backend, cache: Path) -> Store:
-    """A store on ``backend`` whose requests are counted, reading through ``cache``."""
-    Store.init(backend.uri, chunker=SMALL_PARAMS)
-    opened = Store.open(backend.uri, cache=cache)
-    return Store(FaultyBackend(backend), opened.config, cache=opened.chunks.cache)
+    return counted_cached_store(backend.uri, cache)
 
 
 def _cache(store: Store) -> LocalCache:
     assert store.chunks.cache is not None
     return store.chunks.cache
-
-
-def _chunk_gets(store: Store) -> int:
-    backend = store.backend
-    assert isinstance(backend, FaultyBackend)
-    return backend.calls["get"]
 
 
 def _cached_file(store: Store, path: Path) -> Path:
@@ -74,14 +66,14 @@ def test_a_second_linked_get_shares_the_files_and_asks_for_no_chunk(
     # Written once, read-only, and the cache's entry is the same file.
     assert stat.S_IMODE(one.stat().st_mode) & 0o222 == 0
     assert _cached_file(store, one).stat().st_ino == one.stat().st_ino
-    gets = _chunk_gets(store)
+    gets = chunk_gets(store)
 
     second = store.restore("runs/a", tmp_path / "two", link=True)
 
     assert second.linked_files == 2  # the empty file is written, never linked
     assert second.linked_bytes == 900 * KiB
     assert (second.fetched_chunks, second.cached_chunks) == (0, 0)
-    assert _chunk_gets(store) - gets <= 2  # the ref and the manifest
+    assert chunk_gets(store) - gets <= 2  # the ref and the manifest
     assert digests(tmp_path / "two") == digests(src)
     two = tmp_path / "two" / "model.bin"
     assert two.stat().st_ino == one.stat().st_ino
