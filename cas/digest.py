@@ -61,10 +61,22 @@ def hash_bytes(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data, max_threads=threads).digest()
 
 
+#: What :func:`hash_file` reads at a time: large enough for blake3's threads.
+_FILE_BLOCK = 16 << 20
+
+
 def hash_file(path: str | os.PathLike[str]) -> Digest:
-    """The BLAKE3 of a file's whole content, read through a memory map on every core."""
+    """The BLAKE3 of a file's whole content, hashed on every core.
+
+    Read, not mapped: a file another process truncates meanwhile gives a
+    short read and a wrong hash, where a memory map would kill the process
+    with SIGBUS.
+    """
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    hasher.update_mmap(os.fspath(path))
+    block = memoryview(bytearray(_FILE_BLOCK))
+    with open(path, "rb", buffering=0) as stream:
+        while size := stream.readinto(block):
+            hasher.update(block[:size])
     return Digest(hasher.digest())
 
 

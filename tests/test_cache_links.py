@@ -26,7 +26,7 @@ from helpers import (
 
 from cas.backends.s3 import S3Backend
 from cas.chunks._cache import LocalCache, clear, evict, usage
-from cas.digest import Digest
+from cas.digest import Digest, hash_file
 from cas.errors import CacheWarning, InvalidInputError
 from cas.store import Store
 
@@ -287,3 +287,10 @@ def test_processes_link_from_one_cache_under_eviction(
             assert digests(tmp_path / f"dest{round_}-{i}") == digests(src)
     assert linked > 0  # the second round found files the first one kept
     assert not list(cache.rglob("tmp/*"))
+
+
+@pytest.mark.parametrize("size", [0, 1, (16 << 20) - 1, 16 << 20, (16 << 20) + 12345])
+def test_hash_file_is_the_blake3_of_the_whole_content(tmp_path: Path, size: int) -> None:
+    data = random_bytes(size, size)
+    (tmp_path / "f").write_bytes(data)
+    assert hash_file(tmp_path / "f") == Digest.of(data)

@@ -212,10 +212,11 @@ class LocalCache:
         source = self.file_path(digest)
         try:
             os.link(source, path)
-        except FileNotFoundError:
-            return False
         except OSError as err:
-            self._cannot_link(err, path)
+            # Not held (or evicted just now), or not ours to link: restore it.
+            # Only another filesystem is worth a word: it holds for every file.
+            if err.errno == errno.EXDEV:
+                self._cannot_link(err, path)
             return False
         try:
             linked = os.stat(path)
