@@ -294,3 +294,26 @@ def test_hash_file_is_the_blake3_of_the_whole_content(tmp_path: Path, size: int)
     data = random_bytes(size, size)
     (tmp_path / "f").write_bytes(data)
     assert hash_file(tmp_path / "f") == Digest.of(data)
+
+
+def test_an_update_gives_a_linked_file_its_mode_without_touching_the_cache(
+    s3_backend: S3Backend, tmp_path: Path
+) -> None:
+    store = _store(s3_backend, tmp_path / "cache")
+    src = _tree(tmp_path / "src", seed=19)
+    store.put(src, "runs/a")
+    store.restore("runs/a", tmp_path / "one", link=True)
+    model = tmp_path / "one" / "model.bin"
+    entry = _cached_file(store, model)
+    assert model.stat().st_nlink == 2
+
+    updated = store.restore("runs/a", tmp_path / "one", update=True)
+
+    assert updated.files_kept == 3
+    # The version's mode (the source's 0o644), on a file of its own now ...
+    assert stat.S_IMODE(model.stat().st_mode) == stat.S_IMODE((src / "model.bin").stat().st_mode)
+    assert model.stat().st_nlink == 1
+    assert model.read_bytes() == (src / "model.bin").read_bytes()
+    # ... while the cache's copy stays read-only, and is linked again.
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o444
+    assert store.restore("runs/a", tmp_path / "two", link=True).linked_files == 2

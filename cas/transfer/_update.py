@@ -293,8 +293,7 @@ class _Rebuilt:
         check_whole(entry, self.hasher.digest(), self.label)
         mode = entry.mode & _SAFE_MODE_BITS
         if self.stream is None:  # every chunk where it was: the old copy is the new one
-            if (os.stat(plan.target).st_mode & 0o7777) != mode:
-                os.chmod(plan.target, mode)
+            _set_mode(plan, mode)
             self.updater._add(files_kept=1)
             return
         os.chmod(plan.temp, mode)
@@ -308,6 +307,21 @@ class _Rebuilt:
         if self.stream is not None:
             self.stream.close()
         self.hasher.close()
+
+
+def _set_mode(plan: _Plan, mode: int) -> None:
+    """Give a file kept as it was the version's mode. A file with other names
+    (one a ``get --link`` shares with the cache) is first made a file of its
+    own: a mode set on it would be set on every name, the cache's too."""
+    found = os.stat(plan.target)
+    if (found.st_mode & 0o7777) == mode:
+        return
+    if found.st_nlink > 1:
+        shutil.copyfile(plan.target, plan.temp)
+        os.chmod(plan.temp, mode)
+        os.replace(plan.temp, plan.target)
+        return
+    os.chmod(plan.target, mode)
 
 
 def _parents(path: str) -> Iterator[str]:
