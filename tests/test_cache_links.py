@@ -44,6 +44,15 @@ def _store(backend: S3Backend, cache: Path) -> Store:
     return counted_cached_store(backend.uri, cache)
 
 
+def _linked_once(backend: S3Backend, tmp_path: Path, seed: int) -> tuple[Store, Path]:
+    """A store holding a tree as ``runs/a``, got once with ``link=True`` into ``one``."""
+    store = _store(backend, tmp_path / "cache")
+    src = _tree(tmp_path / "src", seed=seed)
+    store.put(src, "runs/a")
+    store.restore("runs/a", tmp_path / "one", link=True)
+    return store, src
+
+
 def _cache(store: Store) -> LocalCache:
     assert store.chunks.cache is not None
     return store.chunks.cache
@@ -83,10 +92,7 @@ def test_a_second_linked_get_shares_the_files_and_asks_for_no_chunk(
 def test_a_linked_copy_written_in_place_is_dropped_and_restored_from_chunks(
     s3_backend: S3Backend, tmp_path: Path
 ) -> None:
-    store = _store(s3_backend, tmp_path / "cache")
-    src = _tree(tmp_path / "src", seed=3)
-    store.put(src, "runs/a")
-    store.restore("runs/a", tmp_path / "one", link=True)
+    store, src = _linked_once(s3_backend, tmp_path, seed=3)
     # What a user running as root (or after chmod) could do to a linked file.
     victim = tmp_path / "one" / "model.bin"
     entry = _cached_file(store, victim)
@@ -106,10 +112,7 @@ def test_a_linked_copy_written_in_place_is_dropped_and_restored_from_chunks(
 
 
 def test_an_entry_of_other_permissions_is_not_linked(s3_backend: S3Backend, tmp_path: Path) -> None:
-    store = _store(s3_backend, tmp_path / "cache")
-    src = _tree(tmp_path / "src", seed=5)
-    store.put(src, "runs/a")
-    store.restore("runs/a", tmp_path / "one", link=True)
+    store, src = _linked_once(s3_backend, tmp_path, seed=5)
     os.chmod(_cached_file(store, tmp_path / "one" / "model.bin"), 0o555)
 
     again = store.restore("runs/a", tmp_path / "two", link=True)
@@ -122,10 +125,7 @@ def test_an_entry_of_other_permissions_is_not_linked(s3_backend: S3Backend, tmp_
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
 def test_an_entry_another_user_owns_is_not_linked(s3_backend: S3Backend, tmp_path: Path) -> None:
-    store = _store(s3_backend, tmp_path / "cache")
-    src = _tree(tmp_path / "src", seed=6)
-    store.put(src, "runs/a")
-    store.restore("runs/a", tmp_path / "one", link=True)
+    store, src = _linked_once(s3_backend, tmp_path, seed=6)
     os.chown(_cached_file(store, tmp_path / "one" / "model.bin"), 65534, 65534)
 
     again = store.restore("runs/a", tmp_path / "two", link=True)
@@ -299,10 +299,7 @@ def test_hash_file_is_the_blake3_of_the_whole_content(tmp_path: Path, size: int)
 def test_an_update_gives_a_linked_file_its_mode_without_touching_the_cache(
     s3_backend: S3Backend, tmp_path: Path
 ) -> None:
-    store = _store(s3_backend, tmp_path / "cache")
-    src = _tree(tmp_path / "src", seed=19)
-    store.put(src, "runs/a")
-    store.restore("runs/a", tmp_path / "one", link=True)
+    store, src = _linked_once(s3_backend, tmp_path, seed=19)
     model = tmp_path / "one" / "model.bin"
     entry = _cached_file(store, model)
     assert model.stat().st_nlink == 2
