@@ -237,6 +237,10 @@ def test_cli_get_link(s3_backend: S3Backend, tmp_path: Path) -> None:
     assert second["linked_bytes"] == 900 * KiB
     assert "2 files (900.0 KiB) linked from the cache" in text.stdout
     assert digests(tmp_path / "three") == digests(src)
+    stats = run_json("cache", "stats", *cache)
+    assert (stats["files"], stats["stores"][0]["files"]) == (2, 2)
+    assert stats["entries"] > stats["files"]
+    assert "2 whole files" in ok(run_cas("cache", "stats", *cache)).stdout
 
     both = run_cas(*cache, "get", "runs/a", tmp_path / "one", "--link", "--update", store=store)
     assert both.returncode == 2
