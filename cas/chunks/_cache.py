@@ -76,9 +76,6 @@ class CacheCounts:
     misses: int = 0
     saved: int = 0
     dropped: int = 0
-    #: Whole files linked from the cache, and their bytes.
-    linked: int = 0
-    linked_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +213,7 @@ class LocalCache:
             # Not held (or evicted just now), or not ours to link: restore it.
             # Only another filesystem is worth a word: it holds for every file.
             if err.errno == errno.EXDEV:
-                self._cannot_link(err, path)
+                self._cannot_link(err)
             return False
         try:
             linked = os.stat(path)
@@ -240,7 +237,6 @@ class LocalCache:
         if time.time() - linked.st_mtime > _TOUCH_AFTER:
             with contextlib.suppress(OSError):
                 os.utime(path)
-        self._count(linked=1, linked_bytes=size)
         return True
 
     def keep_file(self, digest: Digest, path: Path) -> None:
@@ -258,21 +254,21 @@ class LocalCache:
         except OSError as err:
             _unlink(temp)
             if err.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                self._cannot_link(err, path)
+                self._cannot_link(err)
             elif err.errno != errno.ENOENT:
                 self._stop_writing(err)
             return
         self._added(size)
 
-    def _cannot_link(self, err: OSError, path: Path) -> None:
+    def _cannot_link(self, err: OSError) -> None:
         with self._lock:
             if self._links_reported:
                 return
             self._links_reported = True
         warnings.warn(
             CacheWarning(
-                f"cannot hard-link between the cache in {self.root} and {path.parent} "
-                f"({err.strerror or err}); files there are written, not linked"
+                f"cannot hard-link files between the cache in {self.root} and the "
+                f"destination ({err.strerror or err}); they are written, not linked"
             ),
             stacklevel=2,
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..backends.base import TEMP_PREFIX
+from ..chunks._cache import LocalCache
 from ..chunks._store import ChunkStore, ReadTally
 from ..digest import Digest, hasher_for
 from ..errors import CorruptObjectError, DestinationExistsError, SourceError
@@ -112,8 +113,8 @@ class Restorer:
         self.progress = progress
         #: Where the chunk objects came from: the store or the local cache.
         self.tally = tally if tally is not None else ReadTally()
-        #: Hard-link whole files with the local cache (``cas get --link``).
-        self.link = link and chunks.cache is not None
+        #: The cache whole files are hard-linked with (``cas get --link``), if any.
+        self.links = chunks.cache if link else None
         #: Files (and their bytes) linked from the cache instead of written.
         self.linked_files = self.linked_bytes = 0
 
@@ -194,9 +195,10 @@ class Restorer:
         whole).
         """
         read = read or self.fetch
-        if sink is None and self.link:
-            targets = self._link_cached(targets)
-        make = sink or (lambda entry, path: _NewFile(entry, path, label, keep=self._keeper()))
+        if sink is None and self.links is not None:
+            targets = self._link_cached(self.links, targets)
+        keep = self._keeper()
+        make = sink or (lambda entry, path: _NewFile(entry, path, label, keep=keep))
         window: deque[tuple[Entry, int, Future[bytes | memoryview]]] = deque()
         # Drained by this thread alone: it makes room itself before it asks.
         room = InFlight(self.workers * 2 + 2)
@@ -227,10 +229,10 @@ class Restorer:
             for open_sink in sinks.values():
                 open_sink.close()
 
-    def _link_cached(self, targets: list[tuple[Entry, Path]]) -> list[tuple[Entry, Path]]:
+    def _link_cached(
+        self, cache: LocalCache, targets: list[tuple[Entry, Path]]
+    ) -> list[tuple[Entry, Path]]:
         """Link every file the cache holds whole; the targets left to write."""
-        cache = self.chunks.cache
-        assert cache is not None
         left = []
         for entry, path in targets:
             digest = entry.digest
@@ -245,8 +247,8 @@ class Restorer:
 
     def _keeper(self) -> Callable[[Entry, Path], None] | None:
         """What a new file is handed to once verified: the cache, when linking."""
-        cache = self.chunks.cache
-        if not self.link or cache is None:
+        cache = self.links
+        if cache is None:
             return None
 
         def keep(entry: Entry, path: Path) -> None:
