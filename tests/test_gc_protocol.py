@@ -11,11 +11,14 @@ clock is real and only the invariant is checked (see gc_helpers).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 from gc_helpers import (
     GC_BACKENDS,
+    FakeClock,
+    HookedBackend,
     World,
     assert_intact,
     chunk_keys,
@@ -27,9 +30,10 @@ from gc_helpers import (
     write,
 )
 
+from cas.backends import MemoryBackend
 from cas.errors import ConcurrentCollectionError
 from cas.gc._collect import Collector, GcReport, _Tally
-from cas.gc._session import PUTS
+from cas.gc._session import PUTS, deletion_window
 from cas.repository import _layout as layout
 from cas.store import Store
 
@@ -222,6 +226,61 @@ def test_gc_does_not_delete_when_its_window_has_passed(world: World, tmp_path: P
     assert victims <= stored_keys(store.backend, layout.CHUNKS)
     world.backend.clear()
     assert collector(world, store).run().deleted_chunks == len(victims)
+
+
+class SlowDeletes(MemoryBackend):
+    """A service on which deleting a chunk takes ``seconds``, key after key; ``meanwhile``
+    runs once, right after the first chunk is deleted."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock.time)
+        self.fake = clock
+        self.seconds = 0.0
+        self.meanwhile: Callable[[], None] | None = None
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            super().delete([key])
+            if not key.startswith(layout.CHUNKS):
+                continue
+            self.fake.advance(self.seconds)
+            action, self.meanwhile = self.meanwhile, None
+            if action is not None:
+                action()
+
+
+def test_gc_sends_no_delete_after_its_window_even_within_one_batch(tmp_path: Path) -> None:
+    """A batch decided in time, whose deletes go out one after another on a slow service.
+
+    A put touches one of the batch's chunks while the first delete is on its
+    way: it reads the chunk again only a window after its touch, so no delete
+    of that chunk may go out later than half a window after the read that
+    decided it. The collection stops sending, reads the rest again, and keeps
+    the touched chunk; it deletes the others, now or at its next run.
+    """
+    clock = FakeClock()
+    backend = SlowDeletes(clock)
+    world = World("memory", HookedBackend(backend), clock, grace=600.0, deterministic=True)
+    store = world.store()
+    store.put(write(tmp_path / "a.bin", random_bytes(300 * KiB, seed=21)), "k")
+    victims = sorted(chunk_keys(store, "k@1"))
+    assert 2 < len(victims) <= 32, "the test needs the chunks in one batch"
+    store.delete("k@1")
+    world.advance(world.grace * 2)
+
+    reused = victims[-1]
+    backend.seconds = deletion_window(world.grace) / 2 + 1
+    backend.meanwhile = lambda: backend.touch(reused)
+    report = collector(world, store).run()
+
+    assert reused in stored_keys(backend, layout.CHUNKS), "a delete went out after its window"
+    # What could not be read and deleted in time on so slow a service waits for the next run.
+    assert report.deleted_chunks > 0
+    assert report.deleted_chunks + report.deferred == len(victims) - 1
+    backend.seconds = 0.0
+    again = collector(world, store).run()
+    assert again.deleted_chunks == report.deferred
+    assert stored_keys(backend, layout.CHUNKS) == {reused}
 
 
 def test_put_that_commits_after_gc_marked(

@@ -12,6 +12,8 @@ adds only what is its SDK's: the requests, and what each of its errors means
 from __future__ import annotations
 
 import enum
+import threading
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,8 @@ Listed = tuple[str, int, float, str | None]
 #: Parallel requests an S3, GCS or Azure backend makes unless its
 #: ``concurrency`` option says otherwise: each request mostly waits on the network.
 OBJECT_STORE_CONCURRENCY = 16
+#: Tries of one delete request under a deadline (:meth:`CloudBackend.delete_in_time`).
+DELETE_ATTEMPTS = 4
 
 
 class Fault(enum.Enum):
@@ -84,6 +88,9 @@ class CloudBackend(Backend):
     remote = True
     list_page_size = 1000  # a listing request answers up to 1,000 names on S3 and GCS
     default_concurrency: ClassVar[int] = OBJECT_STORE_CONCURRENCY
+    #: Keys one delete request may name: the service's batch limit, 1 where
+    #: every key is a request of its own.
+    delete_group: ClassVar[int] = 1
 
     #: URI scheme (``s3``), name of the service in messages (``S3``), the
     #: article before it, and what the service calls a bucket.
@@ -170,6 +177,11 @@ class CloudBackend(Backend):
     @abstractmethod
     def _delete_names(self, names: list[str]) -> None:
         """Delete the objects (missing ones are fine)."""
+
+    @abstractmethod
+    def _delete_once(self, names: list[str], in_time: Callable[[], bool]) -> list[str]:
+        """Delete the objects with one request the SDK does not retry; return the names
+        left unsent (a fallback that needs more requests asks ``in_time()`` before each)."""
 
     @abstractmethod
     def _touch_name(self, name: str) -> None:
@@ -273,6 +285,46 @@ class CloudBackend(Backend):
         names = [self._name(key) for key in keys]
         if names:
             self._requesting(Request(), lambda: self._delete_names(names))
+
+    def delete_in_time(self, keys: Sequence[str], in_time: Callable[[], bool]) -> list[str]:
+        names = [self._name(key) for key in keys]
+        size = self.delete_group
+        groups = [names[i : i + size] for i in range(0, len(names), size)]
+        unsent: list[str] = []
+        lock = threading.Lock()
+
+        def send(group: list[str]) -> None:
+            left = self._send_in_time(group, in_time)
+            with lock:
+                unsent.extend(left)
+
+        self._in_parallel(send, groups, self.concurrency)
+        return [self._key_of(name) for name in unsent]
+
+    def _send_in_time(self, names: list[str], in_time: Callable[[], bool]) -> list[str]:
+        """One delete request, retried here rather than by the SDK so that no
+        attempt goes out once ``in_time()`` is false."""
+        failure: BackendError | None = None
+        for attempt in range(DELETE_ATTEMPTS):
+            if attempt:
+                time.sleep(min(1.0, 0.05 * 2**attempt))
+            if not in_time():
+                return names
+            try:
+                return self._delete_once(names, in_time)
+            except BackendError as err:
+                if not err.is_transient:
+                    raise
+                failure = err
+            except self.sdk_errors as err:
+                try:
+                    self._fail(err, Request())
+                except BackendError as mapped:
+                    if not mapped.is_transient:
+                        raise
+                    failure = mapped
+        assert failure is not None
+        raise failure
 
     def touch(self, key: str) -> None:
         name = self._name(key)

@@ -67,6 +67,10 @@ class DelegatingBackend(Backend):
         names = list(keys)
         self._call("delete", names, lambda: self.inner.delete(names))
 
+    def delete_in_time(self, keys: Sequence[str], in_time: Callable[[], bool]) -> list[str]:
+        names = list(keys)
+        return self._call("delete", names, lambda: self.inner.delete_in_time(names, in_time))
+
     def touch(self, key: str) -> None:
         self._call("touch", [key], lambda: self.inner.touch(key))
 

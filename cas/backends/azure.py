@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import requests
@@ -49,6 +49,7 @@ class AzureBackend(CloudBackend):
     """Blobs in one container under an optional name prefix."""
 
     scheme, service, article, bucket_kind = "az", "Azure", "an", "container"
+    delete_group = DELETE_BATCH
     uri_options: ClassVar[Mapping[str, OptionReader]] = {
         "connection_string": as_is,
         "account_url": as_is,
@@ -211,18 +212,30 @@ class AzureBackend(CloudBackend):
             self._delete_one(names[0])
             return
         batches = [names[i : i + DELETE_BATCH] for i in range(0, len(names), DELETE_BATCH)]
-        self._in_parallel(self._delete_batch, batches, 4)
 
-    def _delete_batch(self, names: list[str]) -> None:
+        def delete(batch: list[str]) -> None:
+            self._delete_batch(batch)
+
+        self._in_parallel(delete, batches, 4)
+
+    def _delete_batch(
+        self, names: list[str], in_time: Callable[[], bool] | None = None
+    ) -> list[str]:
+        # retry_total=0 under a deadline: delete_in_time retries, within it.
+        options: dict[str, Any] = {} if in_time is None else {"retry_total": 0}
         try:
-            responses = list(self._container.delete_blobs(*names, raise_on_any_failure=False))
+            responses = list(
+                self._container.delete_blobs(*names, raise_on_any_failure=False, **options)
+            )
         except aexc.HttpResponseError as err:
             if err.status_code in (400, 403, 501):
                 # Some accounts (hierarchical namespace, some SAS scopes) refuse
                 # blob batches; deleting one by one always works.
-                for name in names:
-                    self._delete_one(name)
-                return
+                for index, name in enumerate(names):
+                    if in_time is not None and not in_time():
+                        return names[index:]
+                    self._delete_one(name, **options)
+                return []
             raise
         failed = [r for r in responses if r.status_code not in (200, 202, 404)]
         if failed:
@@ -232,10 +245,17 @@ class AzureBackend(CloudBackend):
                 f"{first.status_code} {first.reason}",
                 is_transient=any(is_transient_status(r.status_code) for r in failed),
             )
+        return []
 
-    def _delete_one(self, name: str) -> None:
+    def _delete_once(self, names: list[str], in_time: Callable[[], bool]) -> list[str]:
+        if len(names) == 1:
+            self._delete_one(names[0], retry_total=0)
+            return []
+        return self._delete_batch(names, in_time)
+
+    def _delete_one(self, name: str, **options: Any) -> None:
         try:
-            self._container.delete_blob(name)
+            self._container.delete_blob(name, **options)
         except aexc.ResourceNotFoundError as err:
             if getattr(err, "error_code", "") == "ContainerNotFound":
                 self._fail(err, Request())

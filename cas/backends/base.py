@@ -67,7 +67,7 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +203,25 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, keys: Iterable[str]) -> None:
         """Delete the given keys, in batches where the service allows. Missing keys are ignored."""
+
+    def delete_in_time(self, keys: Sequence[str], in_time: Callable[[], bool]) -> list[str]:
+        """Delete ``keys``, sending each request, retries included, only while ``in_time()``.
+
+        Returns the keys of the requests that were not sent, or did not
+        succeed, before ``in_time()`` turned false: this call did not delete
+        them (someone else may have). A garbage collection decides each
+        delete from a read of the object's time, and a writer that touched
+        the object waits only a bounded time for such deletes to land
+        (docs/gc.md): a delete sent later, by a slow batch or a retry, could
+        remove an object the writer has just made safe. This default sends
+        one key at a time through :meth:`delete`, right for backends whose
+        delete of one key is one request that is not retried.
+        """
+        for index, key in enumerate(keys):
+            if not in_time():
+                return list(keys[index:])
+            self.delete([key])
+        return []
 
     @abstractmethod
     def touch(self, key: str) -> None:

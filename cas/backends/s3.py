@@ -17,7 +17,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import boto3
@@ -78,6 +78,7 @@ class S3Backend(CloudBackend):
     """Objects in one bucket under an optional key prefix."""
 
     scheme, service, article = "s3", "S3", "an"
+    delete_group = DELETE_BATCH
     uri_options: ClassVar[Mapping[str, OptionReader]] = {
         "region": as_is,
         "endpoint_url": as_is,
@@ -140,6 +141,11 @@ class S3Backend(CloudBackend):
         # chunk is small and almost always accepted (the put asked first
         # whether it exists), so it goes at once; a refusal costs only its bytes.
         self._client.meta.events.unregister("before-call.s3", add_expect_header)
+        # Deletes under a deadline are retried by delete_in_time, never by
+        # botocore: made on first use, so that other commands do not pay for it.
+        self._client_options = (profile, config.merge(Config(retries={"total_max_attempts": 1})))
+        self._single_try: Any = None
+        self._single_try_lock = threading.Lock()
 
     # -- error mapping ---------------------------------------------------------------
 
@@ -290,8 +296,18 @@ class S3Backend(CloudBackend):
         for start in range(0, len(names), DELETE_BATCH):
             self._delete_batch(names[start : start + DELETE_BATCH])
 
-    def _delete_batch(self, names: list[str]) -> None:
-        answer = self._client.delete_objects(
+    def _delete_once(self, names: list[str], in_time: Callable[[], bool]) -> list[str]:
+        with self._single_try_lock:
+            if self._single_try is None:
+                profile, config = self._client_options
+                self._single_try = _session(profile).client(
+                    "s3", region_name=self.region, endpoint_url=self.endpoint_url, config=config
+                )
+        self._delete_batch(names, self._single_try)
+        return []
+
+    def _delete_batch(self, names: list[str], client: Any = None) -> None:
+        answer = (client or self._client).delete_objects(
             Bucket=self.bucket,
             Delete={"Objects": [{"Key": n} for n in names], "Quiet": True},
         )

@@ -153,6 +153,13 @@ class _Tally:
     kept_bytes: int = 0
     deferred: int = 0
 
+    def add(self, other: _Tally) -> None:
+        self.deleted += other.deleted
+        self.deleted_bytes += other.deleted_bytes
+        self.kept += other.kept
+        self.kept_bytes += other.kept_bytes
+        self.deferred += other.deferred
+
 
 @dataclass
 class _Sweep:
@@ -413,24 +420,31 @@ class Collector:
                 continue
             (doomed if info.mtime < self.report.threshold else kept).append(info)
         if doomed and not self._may_delete(began, renewed):
-            if len(keys) == 1:
-                tally.deferred = 1
-                return tally
-            middle = len(keys) // 2
-            halves = (self._delete_batch(keys[:middle]), self._delete_batch(keys[middle:]))
-            for half in halves:
-                tally.deleted += half.deleted
-                tally.deleted_bytes += half.deleted_bytes
-                tally.kept += half.kept
-                tally.kept_bytes += half.kept_bytes
-                tally.deferred += half.deferred
-            return tally
-        if doomed:
-            self.backend.delete([info.key for info in doomed])
-        tally.deleted = len(doomed)
-        tally.deleted_bytes = sum(info.size for info in doomed)
+            return self._in_halves(keys)
+        # Every request of the delete, retries included, goes out in time or
+        # not at all: what a slow batch leaves unsent is read again.
+        unsent = set(
+            self.backend.delete_in_time(
+                [info.key for info in doomed], lambda: self._may_delete(began, renewed)
+            )
+            if doomed
+            else ()
+        )
+        tally.deleted = len(doomed) - len(unsent)
+        tally.deleted_bytes = sum(info.size for info in doomed if info.key not in unsent)
         tally.kept = len(kept)
         tally.kept_bytes = sum(info.size for info in kept)
+        if unsent:
+            tally.add(self._in_halves([key for key in keys if key in unsent]))
+        return tally
+
+    def _in_halves(self, keys: list[str]) -> _Tally:
+        """Try ``keys`` again as two batches, with fresh reads; a single key is deferred."""
+        if len(keys) == 1:
+            return _Tally(deferred=1)
+        middle = len(keys) // 2
+        tally = self._delete_batch(keys[:middle])
+        tally.add(self._delete_batch(keys[middle:]))
         return tally
 
     def _may_delete(self, began: float, renewed: float) -> bool:

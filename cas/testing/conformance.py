@@ -284,6 +284,25 @@ class BackendConformance:
             backend.get("gone")
         assert [i.key for i in backend.list_objects()] == ["kept"]
 
+    def test_delete_in_time_sends_nothing_once_out_of_time(self, backend: Backend) -> None:
+        keys = [f"timed/{i:02d}" for i in range(12)]
+        for key in keys:
+            backend.put(key, b"x")
+        assert sorted(backend.delete_in_time(keys, lambda: False)) == keys
+        assert [i.key for i in backend.list_objects("timed/")] == keys
+
+        # In time for exactly one request: one request's worth goes, the rest
+        # is returned and still there.
+        answers = iter([True])
+        unsent = backend.delete_in_time(keys, lambda: next(answers, False))
+        left = [i.key for i in backend.list_objects("timed/")]
+        assert sorted(unsent) == left
+        group = getattr(backend, "delete_group", 1)
+        assert len(keys) - len(left) == min(group, len(keys))
+
+        assert backend.delete_in_time([*left, "timed/missing"], lambda: True) == []
+        assert list(backend.list_objects("timed/")) == []
+
     # -- listing ----------
 
     def test_list_paginates_and_delete_batches(self, backend: Backend) -> None:
