@@ -14,6 +14,7 @@ own retry of a body read.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -305,6 +306,75 @@ def test_unreachable_service_is_retried_then_reported(
     proc = run_cas("ls", store=uri)
     failed(proc, EXIT_BACKEND, *needles, "check the endpoint" if kind != "azure" else "check")
     assert time.monotonic() - started < 60
+
+
+class HangsUp:
+    """A TCP port that reads each request's first line and hangs up without an answer:
+    to an SDK a dropped connection, which it retries. Counts the requests that
+    may delete (any but GET and HEAD)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.deletes = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as request:
+                method = request.readline().split(b" ", 1)[0]
+            if method not in (b"GET", b"HEAD"):
+                self.deletes += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("kind", CLOUD_KINDS)
+def test_a_delete_in_time_is_not_retried_once_out_of_time(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDKs' own retries are off for garbage collection's deletes.
+
+    Each backend is opened with its default retries. The caller is in time
+    for the first attempt only; the service drops it, and no retry may go
+    out: one request, and every key reported unsent. (GCS's client may also
+    read the bucket's metadata in the background: a GET.)
+    """
+    server = HangsUp()
+    if kind == "s3":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        uri = "s3://models/cas"
+    elif kind == "gcs":
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.endpoint)
+        uri = "gs://models/cas"
+    else:
+        endpoint = f"{server.endpoint}/{servers.AZURITE_ACCOUNT}"
+        connection = servers.azurite_connection_string(endpoint)
+        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", connection)
+        uri = "az://models/cas"
+    backend = open_backend(uri)
+    asked: list[float] = []
+
+    def once() -> bool:
+        asked.append(time.monotonic())
+        return len(asked) == 1
+
+    keys = ["chunks/aa/one", "chunks/bb/two", "chunks/cc/three"]
+    try:
+        unsent = backend.delete_in_time(keys, once)
+    finally:
+        backend.close()
+        server.close()
+    assert sorted(unsent) == sorted(keys)
+    assert server.deletes == 1, "a delete went out after the caller was out of time"
 
 
 # -- a service that goes away in the middle of a put --------------------------------------------

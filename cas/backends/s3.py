@@ -163,6 +163,12 @@ class S3Backend(CloudBackend):
                 "check the endpoint (endpoint_url, AWS_ENDPOINT_URL), the network and proxies",
                 is_transient=True,
             )
+        if isinstance(err, bexc.ConnectionClosedError):
+            # Botocore retries a dropped connection too: what reaches us is its last.
+            return BackendError(
+                f"S3 closed the connection for {where} before answering, every time: {err}",
+                is_transient=True,
+            )
         if isinstance(err, bexc.ReadTimeoutError | bexc.ConnectTimeoutError):
             return BackendError(f"timeout talking to S3 for {where}", is_transient=True)
         if isinstance(err, _BROKEN_BODY):
