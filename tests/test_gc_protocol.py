@@ -31,7 +31,7 @@ from gc_helpers import (
 )
 
 from cas.backends import MemoryBackend
-from cas.errors import ConcurrentCollectionError
+from cas.errors import BackendError, ConcurrentCollectionError
 from cas.gc._collect import Collector, GcReport, _Tally
 from cas.gc._session import PUTS, deletion_window
 from cas.repository import _layout as layout
@@ -281,6 +281,52 @@ def test_gc_sends_no_delete_after_its_window_even_within_one_batch(tmp_path: Pat
     again = collector(world, store).run()
     assert again.deleted_chunks == report.deferred
     assert stored_keys(backend, layout.CHUNKS) == {reused}
+
+
+class LandsThenFails(MemoryBackend):
+    """A service whose first delete of a chunk lands but answers with a transient
+    error; ``meanwhile`` runs between the landing and the answer."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock.time)
+        self.meanwhile: Callable[[str], None] | None = None
+
+    def delete(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            super().delete([key])
+            if self.meanwhile is not None and key.startswith(layout.CHUNKS):
+                action, self.meanwhile = self.meanwhile, None
+                action(key)
+                raise BackendError("connection reset before the answer", is_transient=True)
+
+
+def test_gc_does_not_send_a_failed_delete_again(tmp_path: Path) -> None:
+    """A delete that failed may have landed. A put that found the chunk gone
+    uploads it anew; a delete sent again on the old read would remove that
+    upload. The collection reads the chunk again instead, sees it young, and
+    keeps it."""
+    clock = FakeClock()
+    backend = LandsThenFails(clock)
+    world = World("memory", HookedBackend(backend), clock, grace=600.0, deterministic=True)
+    store = world.store()
+    store.put(write(tmp_path / "a.bin", random_bytes(300 * KiB, seed=22)), "k")
+    victims = sorted(chunk_keys(store, "k@1"))
+    stored = {key: backend.get(key) for key in victims}
+    store.delete("k@1")
+    world.advance(world.grace * 2)
+
+    reuploaded: list[str] = []
+
+    def put_again(key: str) -> None:
+        world.tick()
+        backend.put(key, stored[key], if_absent=True)
+        reuploaded.append(key)
+
+    backend.meanwhile = put_again
+    report = collector(world, store).run()
+    assert len(reuploaded) == 1
+    assert stored_keys(backend, layout.CHUNKS) == set(reuploaded), "the new upload was deleted"
+    assert report.deleted_chunks == len(victims) - 1
 
 
 def test_put_that_commits_after_gc_marked(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import threading
-import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,8 +42,6 @@ Listed = tuple[str, int, float, str | None]
 #: Parallel requests an S3, GCS or Azure backend makes unless its
 #: ``concurrency`` option says otherwise: each request mostly waits on the network.
 OBJECT_STORE_CONCURRENCY = 16
-#: Tries of one delete request under a deadline (:meth:`CloudBackend.delete_in_time`).
-DELETE_ATTEMPTS = 4
 
 
 class Fault(enum.Enum):
@@ -302,29 +299,24 @@ class CloudBackend(Backend):
         return [self._key_of(name) for name in unsent]
 
     def _send_in_time(self, names: list[str], in_time: Callable[[], bool]) -> list[str]:
-        """One delete request, retried here rather than by the SDK so that no
-        attempt goes out once ``in_time()`` is false."""
-        failure: BackendError | None = None
-        for attempt in range(DELETE_ATTEMPTS):
-            if attempt:
-                time.sleep(min(1.0, 0.05 * 2**attempt))
-            if not in_time():
-                return names
+        """One delete request, sent only in time and never again: a request that
+        failed may still have landed, and a second one could remove an object
+        uploaded anew since. What failed for a transient reason is returned,
+        for the caller to read again and decide afresh."""
+        if not in_time():
+            return names
+        try:
+            return self._delete_once(names, in_time)
+        except BackendError as err:
+            if not err.is_transient:
+                raise
+        except self.sdk_errors as err:
             try:
-                return self._delete_once(names, in_time)
-            except BackendError as err:
-                if not err.is_transient:
+                self._fail(err, Request())
+            except BackendError as mapped:
+                if not mapped.is_transient:
                     raise
-                failure = err
-            except self.sdk_errors as err:
-                try:
-                    self._fail(err, Request())
-                except BackendError as mapped:
-                    if not mapped.is_transient:
-                        raise
-                    failure = mapped
-        assert failure is not None
-        raise failure
+        return names
 
     def touch(self, key: str) -> None:
         name = self._name(key)

@@ -71,7 +71,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidInputError, InvalidKeyError
+from ..errors import BackendError, InvalidInputError, InvalidKeyError
 
 TEMP_PREFIX = ".cas-tmp"
 #: What a put stores: any buffer of bytes, written without a copy where the service allows.
@@ -205,22 +205,28 @@ class Backend(ABC):
         """Delete the given keys, in batches where the service allows. Missing keys are ignored."""
 
     def delete_in_time(self, keys: Sequence[str], in_time: Callable[[], bool]) -> list[str]:
-        """Delete ``keys``, sending each request, retries included, only while ``in_time()``.
+        """Delete ``keys``, sending each request only while ``in_time()``, and only once.
 
-        Returns the keys of the requests that were not sent, or did not
-        succeed, before ``in_time()`` turned false: this call did not delete
-        them (someone else may have). A garbage collection decides each
-        delete from a read of the object's time, and a writer that touched
-        the object waits only a bounded time for such deletes to land
-        (docs/gc.md): a delete sent later, by a slow batch or a retry, could
-        remove an object the writer has just made safe. This default sends
-        one key at a time through :meth:`delete`, right for backends whose
-        delete of one key is one request that is not retried.
+        Returns the keys of the requests that were not sent, or failed for a
+        transient reason: they may or may not be gone. A garbage collection
+        decides each delete from a read of the object's time, and a writer
+        that touched the object waits only a bounded time for such deletes
+        to land (docs/gc.md): a delete sent later, by a slow batch, could
+        remove an object the writer has just made safe, and a retry of one
+        that landed could remove the object a writer uploaded anew since.
+        So nothing is retried here; the caller reads the returned keys again.
+        This default sends one key at a time through :meth:`delete`, right
+        for backends whose delete of one key is one request, never retried.
         """
         for index, key in enumerate(keys):
             if not in_time():
                 return list(keys[index:])
-            self.delete([key])
+            try:
+                self.delete([key])
+            except BackendError as err:
+                if not err.is_transient:
+                    raise
+                return list(keys[index:])
         return []
 
     @abstractmethod
