@@ -249,6 +249,21 @@ class SlowDeletes(MemoryBackend):
                 action()
 
 
+def _garbage_on(
+    backend: MemoryBackend, clock: FakeClock, tmp_path: Path
+) -> tuple[World, Store, list[str]]:
+    """A store on ``backend`` holding one deleted version's chunks, all in one
+    batch of a collection and older than twice the grace."""
+    world = World("memory", HookedBackend(backend), clock, grace=600.0, deterministic=True)
+    store = world.store()
+    store.put(write(tmp_path / "a.bin", random_bytes(300 * KiB, seed=21)), "k")
+    victims = sorted(chunk_keys(store, "k@1"))
+    assert 2 < len(victims) <= 32, "the test needs the chunks in one batch"
+    store.delete("k@1")
+    world.advance(world.grace * 2)
+    return world, store, victims
+
+
 def test_gc_sends_no_delete_after_its_window_even_within_one_batch(tmp_path: Path) -> None:
     """A batch decided in time, whose deletes go out one after another on a slow service.
 
@@ -260,13 +275,7 @@ def test_gc_sends_no_delete_after_its_window_even_within_one_batch(tmp_path: Pat
     """
     clock = FakeClock()
     backend = SlowDeletes(clock)
-    world = World("memory", HookedBackend(backend), clock, grace=600.0, deterministic=True)
-    store = world.store()
-    store.put(write(tmp_path / "a.bin", random_bytes(300 * KiB, seed=21)), "k")
-    victims = sorted(chunk_keys(store, "k@1"))
-    assert 2 < len(victims) <= 32, "the test needs the chunks in one batch"
-    store.delete("k@1")
-    world.advance(world.grace * 2)
+    world, store, victims = _garbage_on(backend, clock, tmp_path)
 
     reused = victims[-1]
     backend.seconds = deletion_window(world.grace) / 2 + 1
@@ -307,13 +316,8 @@ def test_gc_does_not_send_a_failed_delete_again(tmp_path: Path) -> None:
     keeps it."""
     clock = FakeClock()
     backend = LandsThenFails(clock)
-    world = World("memory", HookedBackend(backend), clock, grace=600.0, deterministic=True)
-    store = world.store()
-    store.put(write(tmp_path / "a.bin", random_bytes(300 * KiB, seed=22)), "k")
-    victims = sorted(chunk_keys(store, "k@1"))
+    world, store, victims = _garbage_on(backend, clock, tmp_path)
     stored = {key: backend.get(key) for key in victims}
-    store.delete("k@1")
-    world.advance(world.grace * 2)
 
     reuploaded: list[str] = []
 
