@@ -221,7 +221,7 @@ class AzureBackend(CloudBackend):
     def _delete_batch(
         self, names: list[str], in_time: Callable[[], bool] | None = None
     ) -> list[str]:
-        # retry_total=0 under a deadline: delete_in_time retries, within it.
+        # retry_total=0 under a deadline: such a delete is never sent twice (delete_in_time).
         options: dict[str, Any] = {} if in_time is None else {"retry_total": 0}
         try:
             responses = list(

@@ -141,8 +141,9 @@ class S3Backend(CloudBackend):
         # chunk is small and almost always accepted (the put asked first
         # whether it exists), so it goes at once; a refusal costs only its bytes.
         self._client.meta.events.unregister("before-call.s3", add_expect_header)
-        # Deletes under a deadline are retried by delete_in_time, never by
-        # botocore: made on first use, so that other commands do not pay for it.
+        # Deletes under a deadline are never sent twice (delete_in_time), so
+        # they go through a client that does not retry, made on first use so
+        # that other commands do not pay for it.
         self._client_options = (profile, config.merge(Config(retries={"total_max_attempts": 1})))
         self._single_try: Any = None
         self._single_try_lock = threading.Lock()
@@ -166,7 +167,7 @@ class S3Backend(CloudBackend):
         if isinstance(err, bexc.ConnectionClosedError):
             # Botocore retries a dropped connection too: what reaches us is its last.
             return BackendError(
-                f"S3 closed the connection for {where} before answering, every time: {err}",
+                f"S3 closed the connection for {where} before answering: {err}",
                 is_transient=True,
             )
         if isinstance(err, bexc.ReadTimeoutError | bexc.ConnectTimeoutError):
