@@ -306,16 +306,10 @@ class CloudBackend(Backend):
         if not in_time():
             return names
         try:
-            return self._delete_once(names, in_time)
+            return self._requesting(Request(), lambda: self._delete_once(names, in_time))
         except BackendError as err:
             if not err.is_transient:
                 raise
-        except self.sdk_errors as err:
-            try:
-                self._fail(err, Request())
-            except BackendError as mapped:
-                if not mapped.is_transient:
-                    raise
         return names
 
     def touch(self, key: str) -> None:

@@ -423,14 +423,14 @@ class Collector:
             return self._in_halves(keys)
         # Every request of the delete, retries included, goes out in time or
         # not at all: what a slow batch leaves unsent is read again.
-        unsent = set(
-            self.backend.delete_in_time(
-                [info.key for info in doomed],
-                lambda: self._may_delete(began, renewed, beat=False),
+        unsent: set[str] = set()
+        if doomed:
+            unsent.update(
+                self.backend.delete_in_time(
+                    [info.key for info in doomed],
+                    lambda: self._may_delete(began, renewed, beat=False),
+                )
             )
-            if doomed
-            else ()
-        )
         tally.deleted = len(doomed) - len(unsent)
         tally.deleted_bytes = sum(info.size for info in doomed if info.key not in unsent)
         tally.kept = len(kept)
